@@ -1,0 +1,429 @@
+"""The CNI protocol: environment, versions, results, error codes. The only module that knows CNI.
+
+Called by the daemon (to decode what the shim forwarded and to encode the answer) and by the
+delegate runners (to build a delegate's environment and to read its result). Nothing here touches
+the kernel beyond checking that CNI_NETNS names a network namespace, and nothing prints: callers
+hand in the environment and stdin and get plain data back.
+
+Versions: Plexus accepts configs of 0.3.0 through 1.1.0 and answers in the caller's version.
+Results are held in one canonical shape (1.1.0) and converted on the way in and out, the way
+libcni's converters do (0.3.x/0.4.0 carry `ips[].version`; 1.1.0 adds interface `mtu`,
+`socketPath`, `pciID` and route `mtu`, `advmss`, `priority`, `table`, `scope`).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import ipaddress
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from metaplugin.errors import (
+    DecodeFailure,
+    IncompatibleVersion,
+    InvalidConfig,
+    InvalidEnvironment,
+    PlexusError,
+)
+
+SUPPORTED_VERSIONS: Final = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+LATEST_VERSION: Final = "1.1.0"
+# Versions a delegate may speak; 0.1.0/0.2.0 results are read (converted up) but never produced.
+KNOWN_VERSIONS: Final = ("0.1.0", "0.2.0", *SUPPORTED_VERSIONS)
+
+ADD: Final = "ADD"
+DEL: Final = "DEL"
+CHECK: Final = "CHECK"
+STATUS: Final = "STATUS"
+VERSION: Final = "VERSION"
+GC: Final = "GC"
+COMMANDS: Final = (ADD, DEL, CHECK, STATUS, VERSION, GC)
+
+ENV_COMMAND: Final = "CNI_COMMAND"
+ENV_CONTAINERID: Final = "CNI_CONTAINERID"
+ENV_NETNS: Final = "CNI_NETNS"
+ENV_IFNAME: Final = "CNI_IFNAME"
+ENV_ARGS: Final = "CNI_ARGS"
+ENV_PATH: Final = "CNI_PATH"
+CNI_ENV_KEYS: Final = (ENV_COMMAND, ENV_CONTAINERID, ENV_NETNS, ENV_IFNAME, ENV_ARGS, ENV_PATH)
+
+# Keys the runtime puts into CNI_ARGS for Kubernetes pods.
+ARG_POD_NAMESPACE: Final = "K8S_POD_NAMESPACE"
+ARG_POD_NAME: Final = "K8S_POD_NAME"
+ARG_POD_UID: Final = "K8S_POD_UID"
+ARG_INFRA_CONTAINER_ID: Final = "K8S_POD_INFRA_CONTAINER_ID"
+
+VALID_ATTACHMENTS_KEY: Final = "cni.dev/valid-attachments"
+# libcni also injects this misspelled key (containernetworking/cni#1101); read both.
+LEGACY_ATTACHMENTS_KEY: Final = "cni.dev/attachments"
+
+_CONTAINER_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_NETWORK_NAME_RE: Final = _CONTAINER_ID_RE
+IFNAMSIZ: Final = 16  # kernel limit including the trailing NUL
+_NS_GET_NSTYPE: Final = 0xB703  # _IO(0xb7, 0x3), linux/nsfs.h
+_CLONE_NEWNET: Final = 0x40000000
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    """Order versions numerically; an unparsable version sorts first."""
+    try:
+        return tuple(int(part) for part in version.split("."))
+    except ValueError:
+        return (-1,)
+
+
+def at_least(version: str, minimum: str) -> bool:
+    return version_key(version) >= version_key(minimum)
+
+
+def require_supported(version: str, *, what: str = "config") -> str:
+    if version not in SUPPORTED_VERSIONS:
+        raise IncompatibleVersion(
+            f"{what} has cniVersion {version!r}; Plexus supports {', '.join(SUPPORTED_VERSIONS)}",
+        )
+    return version
+
+
+def pick_version(wanted: str, supported: list[str] | tuple[str, ...]) -> str | None:
+    """The version to speak to a delegate: `wanted` if it supports it, else the highest it
+    supports that is not newer than `wanted` (a 1.0.0 plugin under a 1.1.0 network)."""
+    if wanted in supported:
+        return wanted
+    older = [v for v in supported if version_key(v) <= version_key(wanted)]
+    return max(older, key=version_key) if older else None
+
+
+def valid_ifname(name: str) -> bool:
+    """The kernel's dev_valid_name(): 1..15 bytes, not '.'/'..', no '/', ':' or whitespace."""
+    if not name or len(name.encode()) >= IFNAMSIZ or name in (".", ".."):
+        return False
+    return not any(c in "/:" or c.isspace() for c in name)
+
+
+def valid_container_id(cid: str) -> bool:
+    return bool(_CONTAINER_ID_RE.match(cid))
+
+
+def valid_network_name(name: str) -> bool:
+    return bool(_NETWORK_NAME_RE.match(name))
+
+
+def is_netns(path: str) -> bool:
+    """True when `path` opens as a network namespace (nsfs, type CLONE_NEWNET)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return fcntl.ioctl(fd, _NS_GET_NSTYPE) == _CLONE_NEWNET
+    except OSError as exc:
+        if exc.errno in (errno.ENOTTY, errno.EINVAL):
+            return False
+        raise
+    finally:
+        os.close(fd)
+
+
+def parse_cni_args(raw: str) -> dict[str, str]:
+    """CNI_ARGS as an unordered set of K=V pairs (containerd sends them in random order)."""
+    out: dict[str, str] = {}
+    for raw_item in raw.split(";"):
+        item = raw_item.strip()
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidEnvironment(
+                f"CNI_ARGS item {item!r} is not of the form KEY=VALUE (CNI_ARGS={raw!r})",
+            )
+        out[key] = value
+    return out
+
+
+def format_cni_args(args: Mapping[str, str]) -> str:
+    return ";".join(f"{k}={v}" for k, v in args.items())
+
+
+@dataclass(frozen=True, slots=True)
+class CniRequest:
+    """One decoded CNI invocation, as the runtime made it."""
+
+    command: str
+    container_id: str = ""
+    netns: str = ""
+    ifname: str = ""
+    args: Mapping[str, str] = field(default_factory=dict)
+    raw_args: str = ""
+    path: tuple[str, ...] = ()
+    config: Mapping[str, Any] = field(default_factory=dict)
+    cni_version: str = LATEST_VERSION
+
+    @property
+    def pod_namespace(self) -> str:
+        return self.args.get(ARG_POD_NAMESPACE, "")
+
+    @property
+    def pod_name(self) -> str:
+        return self.args.get(ARG_POD_NAME, "")
+
+    @property
+    def pod_uid(self) -> str:
+        return self.args.get(ARG_POD_UID, "")
+
+    def env(self) -> dict[str, str]:
+        """The CNI_* environment this request came with (for the spool and for logs)."""
+        return {
+            ENV_COMMAND: self.command,
+            ENV_CONTAINERID: self.container_id,
+            ENV_NETNS: self.netns,
+            ENV_IFNAME: self.ifname,
+            ENV_ARGS: self.raw_args,
+            ENV_PATH: os.pathsep.join(self.path),
+        }
+
+
+def decode_config(stdin: bytes | str) -> dict[str, Any]:
+    try:
+        data = json.loads(stdin or b"{}")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DecodeFailure(f"network configuration on stdin is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise DecodeFailure("network configuration on stdin must be a JSON object")
+    return data
+
+
+def parse_request(
+    environ: Mapping[str, str], stdin: bytes | str, *, check_netns: bool = True
+) -> CniRequest:
+    """Decode and validate one invocation; raises a PlexusError with the spec's code."""
+    command = environ.get(ENV_COMMAND, "")
+    if command not in COMMANDS:
+        raise InvalidEnvironment(
+            f"CNI_COMMAND={command!r} is not one of {', '.join(COMMANDS)}",
+        )
+    config = decode_config(stdin)
+    version = config.get("cniVersion")
+    if command == VERSION:
+        return CniRequest(command=command, config=config, cni_version=str(version or ""))
+    if not isinstance(version, str):
+        raise IncompatibleVersion(
+            f"network configuration has no cniVersion; Plexus supports "
+            f"{', '.join(SUPPORTED_VERSIONS)}",
+        )
+    require_supported(version)
+    _require_verb_version(command, version)
+    raw_args = environ.get(ENV_ARGS, "")
+    req = CniRequest(
+        command=command,
+        container_id=environ.get(ENV_CONTAINERID, ""),
+        netns=environ.get(ENV_NETNS, ""),
+        ifname=environ.get(ENV_IFNAME, ""),
+        args=parse_cni_args(raw_args),
+        raw_args=raw_args,
+        path=tuple(p for p in environ.get(ENV_PATH, "").split(os.pathsep) if p),
+        config=config,
+        cni_version=version,
+    )
+    _validate_env(req, check_netns=check_netns)
+    return req
+
+
+def _require_verb_version(command: str, version: str) -> None:
+    minimum = {CHECK: "0.4.0", GC: "1.1.0", STATUS: "1.1.0"}.get(command)
+    if minimum and not at_least(version, minimum):
+        raise IncompatibleVersion(
+            f"{command} needs cniVersion {minimum} or later; the config says {version}",
+        )
+
+
+def _validate_env(req: CniRequest, *, check_netns: bool) -> None:
+    if req.command not in (ADD, DEL, CHECK):
+        return
+    if not req.container_id:
+        raise InvalidEnvironment("CNI_CONTAINERID is required for " + req.command)
+    if not valid_container_id(req.container_id):
+        raise InvalidEnvironment(
+            f"CNI_CONTAINERID={req.container_id!r} must start with a letter or digit and contain "
+            "only letters, digits, '_', '.' and '-'",
+        )
+    if not req.ifname:
+        raise InvalidEnvironment("CNI_IFNAME is required for " + req.command)
+    if not valid_ifname(req.ifname):
+        raise InvalidEnvironment(
+            f"CNI_IFNAME={req.ifname!r} is not a legal interface name: 1 to {IFNAMSIZ - 1} "
+            "bytes, not '.' or '..', without '/', ':' or whitespace",
+        )
+    if req.command == DEL:
+        return
+    if not req.netns:
+        raise InvalidEnvironment("CNI_NETNS is required for " + req.command)
+    if check_netns and not is_netns(req.netns):
+        raise InvalidEnvironment(
+            f"CNI_NETNS={req.netns!r} is not a network namespace (missing, or not an nsfs file "
+            "of type net)",
+        )
+
+
+# --- results ----------------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
+
+
+class Interface(_Model):
+    name: str
+    mac: str | None = None
+    mtu: int | None = None
+    sandbox: str | None = None
+    socket_path: str | None = Field(default=None, alias="socketPath")
+    pci_id: str | None = Field(default=None, alias="pciID")
+
+
+class IPConfig(_Model):
+    address: str
+    gateway: str | None = None
+    interface: int | None = None
+
+    @property
+    def ip(self) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
+        return ipaddress.ip_interface(self.address)
+
+
+class Route(_Model):
+    dst: str
+    gw: str | None = None
+    mtu: int | None = None
+    advmss: int | None = None
+    priority: int | None = None
+    table: int | None = None
+    scope: int | None = None
+
+
+class DNS(_Model):
+    nameservers: list[str] = Field(default_factory=list)
+    domain: str | None = None
+    search: list[str] = Field(default_factory=list)
+    options: list[str] = Field(default_factory=list)
+
+    def is_empty(self) -> bool:
+        return not (self.nameservers or self.domain or self.search or self.options)
+
+
+_V11_INTERFACE_KEYS: Final = ("mtu", "socketPath", "pciID")
+_V11_ROUTE_KEYS: Final = ("mtu", "advmss", "priority", "table", "scope")
+
+
+class Result(_Model):
+    """A CNI result in the canonical (1.1.0) shape."""
+
+    interfaces: list[Interface] = Field(default_factory=list)
+    ips: list[IPConfig] = Field(default_factory=list)
+    routes: list[Route] = Field(default_factory=list)
+    dns: DNS = Field(default_factory=DNS)
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> Result:
+        """Read a result of any known version (0.1.0 .. 1.1.0)."""
+        version = str(data.get("cniVersion", "0.1.0"))
+        if version not in KNOWN_VERSIONS:
+            raise IncompatibleVersion(f"result has unknown cniVersion {version!r}")
+        body = dict(data)
+        if not at_least(version, "0.3.0"):
+            body = _upgrade_020(body)
+        try:
+            return cls.model_validate(body)
+        except ValidationError as exc:
+            raise DecodeFailure(f"malformed CNI result: {_first_error(exc)}") from None
+
+    def to_wire(self, version: str) -> dict[str, Any]:
+        """Render for a caller speaking `version` (0.3.0 .. 1.1.0)."""
+        require_supported(version, what="result")
+        out: dict[str, Any] = {"cniVersion": version}
+        v11 = at_least(version, "1.1.0")
+        if self.interfaces:
+            out["interfaces"] = [
+                _strip(
+                    i.model_dump(by_alias=True, exclude_none=True),
+                    () if v11 else _V11_INTERFACE_KEYS,
+                )
+                for i in self.interfaces
+            ]
+        if self.ips:
+            ips = [ip.model_dump(exclude_none=True) for ip in self.ips]
+            if not at_least(version, "1.0.0"):
+                for rendered, ip in zip(ips, self.ips, strict=True):
+                    rendered["version"] = str(ip.ip.version)
+            out["ips"] = ips
+        if self.routes:
+            out["routes"] = [
+                _strip(r.model_dump(exclude_none=True), () if v11 else _V11_ROUTE_KEYS)
+                for r in self.routes
+            ]
+        if not self.dns.is_empty():
+            out["dns"] = self.dns.model_dump(exclude_none=True, exclude_defaults=True)
+        else:
+            out["dns"] = {}
+        return out
+
+    def sandbox_interfaces(self) -> list[tuple[int, Interface]]:
+        return [(i, itf) for i, itf in enumerate(self.interfaces) if itf.sandbox]
+
+
+def _strip(d: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    for key in keys:
+        d.pop(key, None)
+    return d
+
+
+def _upgrade_020(body: dict[str, Any]) -> dict[str, Any]:
+    """0.1.0/0.2.0 `ip4`/`ip6` blocks to `ips` + `routes` (libcni's 020 -> 040 converter)."""
+    ips: list[dict[str, Any]] = []
+    routes: list[dict[str, Any]] = []
+    for key in ("ip4", "ip6"):
+        block = body.pop(key, None)
+        if not block:
+            continue
+        ips.append({"address": block["ip"], "gateway": block.get("gateway")})
+        routes.extend(block.get("routes") or [])
+    body["ips"] = ips
+    body["routes"] = routes
+    return body
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    return f"{loc}: {err['msg']}" if loc else str(err["msg"])
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+def to_cni_error(exc: BaseException, version: str = LATEST_VERSION) -> dict[str, Any]:
+    """The one mapping from an exception to the CNI error JSON (internal errors become 999)."""
+    if isinstance(exc, PlexusError):
+        body = exc.to_dict()
+    else:
+        body = {"code": 999, "msg": f"internal error in Plexus: {type(exc).__name__}: {exc}"}
+    return {"cniVersion": version if version in KNOWN_VERSIONS else LATEST_VERSION, **body}
+
+
+def version_result(requested: str) -> dict[str, Any]:
+    return {
+        "cniVersion": requested if requested in SUPPORTED_VERSIONS else LATEST_VERSION,
+        "supportedVersions": list(SUPPORTED_VERSIONS),
+    }
+
+
+def require_object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidConfig(f"{what} must be a JSON object")
+    return value

@@ -1,0 +1,1 @@
+"""Cluster-side reconcilers: NAD validation, VF pool policies, multicast networks (to come)."""

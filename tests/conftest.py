@@ -1,0 +1,23 @@
+"""Test tiers (see pyproject markers): a test under tests/unit is `unit`, under tests/netns is
+`netns`, and so on, unless it says otherwise. Root-only tiers skip, with the reason, when the
+suite does not run as root."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+_TIER_BY_DIR = {"unit": "unit", "netns": "netns", "e2e": "e2e", "kernel": "kernel"}
+_ROOT_TIERS = {"netns", "e2e", "kernel"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        tier = next((_TIER_BY_DIR[p] for p in parts if p in _TIER_BY_DIR), "unit")
+        if not any(item.iter_markers(name=t) for t in _TIER_BY_DIR.values()):
+            item.add_marker(getattr(pytest.mark, tier))
+        if tier in _ROOT_TIERS and os.geteuid() != 0:
+            item.add_marker(pytest.mark.skip(reason=f"{tier} tests need root"))
