@@ -1,0 +1,163 @@
+"""The libcni-equivalent runner: injection, ordering, version negotiation, capability filter."""
+
+from __future__ import annotations
+
+import pytest
+
+from delegates.chain import ChainRunner, NetworkConfigList, NetworkInvocation
+from delegates.registry import PluginRegistry
+from metaplugin.errors import DelegateFailed, IncompatibleVersion, InvalidConfig, PluginNotFound
+from tests.support.fake_exec import FakeExec, FakePlugin
+
+CONFLIST = {
+    "cniVersion": "1.1.0",
+    "name": "chain",
+    "plugins": [
+        {"type": "first", "capabilities": {"mac": True}, "keep": {"nested": [1, 2]}},
+        {"type": "second", "capabilities": {"portMappings": True}},
+    ],
+}
+
+
+def runner(*plugins: FakePlugin) -> tuple[ChainRunner, FakeExec]:
+    fake = FakeExec(*plugins)
+    return ChainRunner(registry=PluginRegistry(exec_=fake)), fake
+
+
+def invocation(config: dict, **caps: object) -> NetworkInvocation:
+    return NetworkInvocation(
+        config=config,
+        container_id="c1",
+        netns="/run/netns/p1",
+        ifname="net1",
+        cni_args="IgnoreUnknown=1;K8S_POD_NAME=p",
+        capability_args=caps,
+        path=("/fake",),
+    )
+
+
+def test_add_runs_in_order_with_prev_result_and_filtered_runtime_config() -> None:
+    run, fake = runner(FakePlugin("first"), FakePlugin("second"))
+    result = run.add(invocation(CONFLIST, mac="0a:00:00:00:00:01", portMappings=[{"hostPort": 1}]))
+    adds = [c for c in fake.calls if c.command == "ADD"]
+    assert [c.plugin for c in adds] == ["first", "second"]
+    first, second = (c.config for c in adds)
+    assert first["name"] == "chain" and first["cniVersion"] == "1.1.0"
+    assert first["runtimeConfig"] == {"mac": "0a:00:00:00:00:01"}
+    assert "capabilities" not in first
+    assert first["keep"] == {"nested": [1, 2]}  # unknown keys pass through untouched
+    assert "prevResult" not in first
+    assert second["runtimeConfig"] == {"portMappings": [{"hostPort": 1}]}
+    assert second["prevResult"]["ips"][0]["address"] == "10.9.0.2/24"
+    assert result.ips[0].address == "10.9.0.2/24"
+    env = adds[0].env
+    assert env["CNI_CONTAINERID"] == "c1" and env["CNI_IFNAME"] == "net1"
+    assert env["CNI_ARGS"] == "IgnoreUnknown=1;K8S_POD_NAME=p"
+    assert env["CNI_NETNS"] == "/run/netns/p1" and env["CNI_PATH"] == "/fake"
+
+
+def test_no_runtime_config_without_declared_capability() -> None:
+    run, fake = runner(FakePlugin("first"), FakePlugin("second"))
+    run.add(invocation(CONFLIST, ips=["10.0.0.1"]))
+    assert all("runtimeConfig" not in c.config for c in fake.calls if c.command == "ADD")
+
+
+def test_delete_runs_in_reverse_with_the_recorded_result_and_tries_every_plugin() -> None:
+    first = FakePlugin("first", fail={"DEL"})
+    run, fake = runner(first, FakePlugin("second"))
+    prev = run.add(invocation(CONFLIST))
+    fake.calls.clear()
+    with pytest.raises(DelegateFailed, match="first says no"):
+        run.delete(invocation(CONFLIST), prev)
+    assert fake.commands("DEL") == [("second", "DEL", "net1"), ("first", "DEL", "net1")]
+    assert all(c.config["prevResult"]["ips"] for c in fake.calls if c.command == "DEL")
+
+
+def test_one_point_oh_plugin_under_one_point_one_network_is_spoken_to_in_1_0_0() -> None:
+    old = FakePlugin("first", versions=("0.3.1", "0.4.0", "1.0.0"))
+    run, fake = runner(old, FakePlugin("second"))
+    result = run.add(invocation(CONFLIST))
+    by_plugin = {c.plugin: c.config["cniVersion"] for c in fake.calls if c.command == "ADD"}
+    assert by_plugin == {"first": "1.0.0", "second": "1.1.0"}
+    assert result.ips  # the 1.0.0 result was read and converted
+
+
+def test_prev_result_is_rendered_in_each_plugins_version() -> None:
+    run, fake = runner(FakePlugin("first"), FakePlugin("second", versions=("0.3.1", "0.4.0")))
+    run.add(invocation(CONFLIST))
+    second = next(c for c in fake.calls if c.command == "ADD" and c.plugin == "second")
+    assert second.config["cniVersion"] == "0.4.0"
+    assert second.config["prevResult"]["cniVersion"] == "0.4.0"
+    assert second.config["prevResult"]["ips"][0]["version"] == "4"
+
+
+def test_plugin_with_no_usable_version_is_refused() -> None:
+    run, _ = runner(FakePlugin("first", versions=("0.1.0", "0.2.0")), FakePlugin("second"))
+    with pytest.raises(IncompatibleVersion, match="plugin first speaks 0.1.0, 0.2.0"):
+        run.add(invocation(CONFLIST))
+
+
+def test_check_skips_pre_0_4_0_plugins_and_disable_check() -> None:
+    run, fake = runner(FakePlugin("first", versions=("0.3.1",)), FakePlugin("second"))
+    conf = {**CONFLIST, "cniVersion": "1.0.0"}
+    prev = run.add(invocation(conf))
+    fake.calls.clear()
+    run.check(invocation(conf), prev)
+    assert fake.commands("CHECK") == [("second", "CHECK", "net1")]
+    fake.calls.clear()
+    run.check(invocation({**conf, "disableCheck": True}), prev)
+    assert fake.commands("CHECK") == []
+
+
+def test_gc_and_status_only_reach_1_1_0_plugins() -> None:
+    run, fake = runner(FakePlugin("first", versions=("1.0.0",)), FakePlugin("second"))
+    valid = [{"containerID": "c1", "ifname": "net1"}]
+    run.gc(CONFLIST, valid, ("/fake",))
+    run.status(CONFLIST, ("/fake",))
+    assert fake.commands() == [("second", "GC", ""), ("second", "STATUS", "")]
+    gc = next(c for c in fake.calls if c.command == "GC")
+    assert gc.config["cni.dev/valid-attachments"] == valid
+    assert gc.config["cni.dev/attachments"] == valid
+    assert "CNI_CONTAINERID" not in gc.env
+
+
+def test_single_plugin_config_is_a_one_element_list() -> None:
+    net = NetworkConfigList.parse({"cniVersion": "0.3.1", "name": "n", "type": "first"})
+    assert net.version == "0.3.1" and [p["type"] for p in net.plugins] == ["first"]
+
+
+def test_cni_versions_picks_the_highest_supported() -> None:
+    net = NetworkConfigList.parse(
+        {"cniVersions": ["0.4.0", "1.1.0", "9.9.9"], "name": "n", "plugins": [{"type": "x"}]}
+    )
+    assert net.version == "1.1.0"
+
+
+@pytest.mark.parametrize(
+    ("config", "fragment"),
+    [
+        ({"cniVersion": "1.0.0", "type": "x"}, "name"),
+        ({"cniVersion": "1.0.0", "name": "bad name", "type": "x"}, "name"),
+        ({"name": "n", "type": "x"}, "cniVersion is missing"),
+        ({"cniVersion": "1.0.0", "name": "n"}, "neither 'type' nor 'plugins'"),
+        ({"cniVersion": "1.0.0", "name": "n", "plugins": []}, "non-empty"),
+        ({"cniVersion": "1.0.0", "name": "n", "plugins": [{"ipam": {}}]}, "no string 'type'"),
+    ],
+)
+def test_bad_network_config(config: dict, fragment: str) -> None:
+    with pytest.raises(InvalidConfig, match=fragment):
+        NetworkConfigList.parse(config)
+
+
+def test_unknown_plugin_type_names_the_path() -> None:
+    run, _ = runner(FakePlugin("first"))
+    with pytest.raises(PluginNotFound):
+        run.add(invocation({"cniVersion": "1.0.0", "name": "n", "type": "nope"}))
+
+
+def test_delegate_error_json_is_kept_in_details() -> None:
+    run, _ = runner(FakePlugin("first", fail={"ADD"}, fail_code=11), FakePlugin("second"))
+    with pytest.raises(DelegateFailed) as err:
+        run.add(invocation(CONFLIST))
+    assert '"code":11' in err.value.details
+    assert "first says no" in err.value.msg
