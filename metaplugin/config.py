@@ -1,0 +1,281 @@
+"""The node daemon's configuration: one pydantic model, loaded from a YAML/JSON file and then
+overridden by command-line flags.
+
+Keys are camelCase and reuse Multus's names where they mean the same thing, so a Multus
+daemon-config translates key for key. Every path is overridable so tests never touch the
+machine's own /run, /var/lib or /etc/cni. `plexusd --help` is generated from the field
+descriptions below, so the help can never drift from the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from metaplugin.errors import InvalidConfig
+
+CONF_FILE_NAME = "00-plexus.conflist"
+NETWORK_NAME = "plexus"
+SOCKET_NAME = "plexus.sock"
+
+
+class DaemonConfig(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="forbid", frozen=True)
+
+    cluster_network: str | None = Field(
+        default=None,
+        alias="clusterNetwork",
+        description="The primary network every pod gets as CNI_IFNAME (eth0): a NAD name in "
+        "multusNamespace, 'ns/name', the name of a CNI conf in cniConfDir, or an absolute path to "
+        "a conf/conflist file or a directory (first file by name). Unset: the first conf in "
+        "cniConfDir other than Plexus's own.",
+    )
+    default_networks: list[str] = Field(
+        default_factory=list,
+        alias="defaultNetworks",
+        description="Networks attached to every pod outside systemNamespaces, before the ones "
+        "the pod asks for (resolved like clusterNetwork).",
+    )
+    system_namespaces: list[str] = Field(
+        default_factory=lambda: ["kube-system"],
+        alias="systemNamespaces",
+        description="Namespaces whose pods do not get defaultNetworks.",
+    )
+    multus_namespace: str = Field(
+        default="kube-system",
+        alias="multusNamespace",
+        description="Namespace of the NADs named by clusterNetwork, defaultNetworks and the "
+        "v1.multus-cni.io/default-network pod annotation.",
+    )
+    namespace_isolation: bool = Field(
+        default=False,
+        alias="namespaceIsolation",
+        description="Pods may only use NADs of their own namespace or of globalNamespaces.",
+    )
+    global_namespaces: list[str] = Field(
+        default_factory=list,
+        alias="globalNamespaces",
+        description="Namespaces whose NADs every pod may use when namespaceIsolation is on "
+        "(a list, or a comma-separated string as in Multus).",
+    )
+    readiness_indicator_file: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("readinessIndicatorFile", "readinessindicatorfile"),
+        serialization_alias="readinessIndicatorFile",
+        description="If set, STATUS reports 'not ready' and ADD waits until this file exists "
+        "(the primary CNI writes it when it is ready).",
+    )
+    kubeconfig: str | None = Field(
+        default=None,
+        description="Kubeconfig for the API. Unset: in-cluster credentials when running in a "
+        "pod, else no API (local mode needs none).",
+    )
+    local_dir: str | None = Field(
+        default=None,
+        alias="localDir",
+        description="Local mode: read NADs from the YAML manifests ('---'-separated) in this "
+        "directory instead of the API, and pod requests only from the runtime.",
+    )
+    node_name: str = Field(
+        default_factory=lambda: os.environ.get("NODE_NAME") or socket.gethostname(),
+        alias="nodeName",
+        description="This node's name (pods are watched with spec.nodeName=<it>). Default: "
+        "$NODE_NAME, else the host name.",
+    )
+    state_dir: str = Field(
+        default="/var/lib/plexus",
+        alias="stateDir",
+        description="Durable state: attachment records, quarantine.",
+    )
+    run_dir: str = Field(
+        default="/run/plexus",
+        alias="runDir",
+        description="Holds the daemon socket plexus.sock (directory 0700, socket 0600).",
+    )
+    spool_dir: str | None = Field(
+        default=None,
+        alias="spoolDir",
+        description="Where the shim spools DELs while the daemon is down. Default: "
+        "<stateDir>/spool.",
+    )
+    cni_bin_dir: str = Field(
+        default="/opt/cni/bin",
+        alias="cniBinDir",
+        description="Where the shim is installed as 'plexus'.",
+    )
+    cni_conf_dir: str = Field(
+        default="/etc/cni/net.d",
+        alias="cniConfDir",
+        description=f"Where {CONF_FILE_NAME} is written and where CNI confs named by "
+        "clusterNetwork or by NADs without spec.config are looked up.",
+    )
+    cni_path: list[str] = Field(
+        default_factory=lambda: ["/opt/cni/bin", "/usr/lib/cni"],
+        alias="cniPath",
+        description="Directories searched for external delegate plugins (before the runtime's "
+        "CNI_PATH).",
+    )
+    install: bool = Field(
+        default=True,
+        description=f"Install the shim and write {CONF_FILE_NAME} at start.",
+    )
+    shim_interpreter: str = Field(
+        default="/usr/bin/python3",
+        alias="shimInterpreter",
+        description="Interpreter named in the installed shim's shebang (run with -IS: isolated, "
+        "no site-packages; the shim needs only the standard library).",
+    )
+    shim_timeout: float = Field(
+        default=120.0,
+        alias="shimTimeout",
+        gt=0,
+        description="Seconds the shim waits for the daemon's answer before giving up.",
+    )
+    delegate_timeout: float = Field(
+        default=60.0,
+        alias="delegateTimeout",
+        gt=0,
+        description="Seconds an external delegate may run before it is killed.",
+    )
+    max_concurrent: int = Field(
+        default=8,
+        alias="maxConcurrent",
+        ge=1,
+        description="Containers handled at the same time (one operation per container at a time).",
+    )
+    max_queue: int = Field(
+        default=64,
+        alias="maxQueue",
+        ge=0,
+        description="Requests allowed to wait beyond maxConcurrent; more get CNI code 11.",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", alias="logLevel", description="Log level."
+    )
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto",
+        alias="logFormat",
+        description="json for production, console (key=value) for a terminal; auto picks by "
+        "whether stderr is a terminal.",
+    )
+
+    @field_validator("global_namespaces", "system_namespaces", "default_networks", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        # Multus writes globalNamespaces as "a,b"; accept both forms everywhere.
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @property
+    def local(self) -> bool:
+        return self.local_dir is not None
+
+    @property
+    def socket_path(self) -> str:
+        return str(Path(self.run_dir) / SOCKET_NAME)
+
+    @property
+    def spool_path(self) -> str:
+        return self.spool_dir or str(Path(self.state_dir) / "spool")
+
+    @property
+    def conf_file(self) -> str:
+        return str(Path(self.cni_conf_dir) / CONF_FILE_NAME)
+
+
+def load_file(path: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise InvalidConfig(f"cannot read daemon config {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)  # YAML is a superset of JSON: one loader for both
+    except yaml.YAMLError as exc:
+        raise InvalidConfig(f"daemon config {path} is neither YAML nor JSON: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InvalidConfig(f"daemon config {path} must be a mapping of keys to values")
+    return data
+
+
+def build(values: dict[str, Any], *, source: str = "daemon config") -> DaemonConfig:
+    try:
+        return DaemonConfig.model_validate(values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors()
+        )
+        raise InvalidConfig(f"{source} is invalid: {problems}") from None
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def _flag(alias: str) -> str:
+    out = "".join("-" + c.lower() if c.isupper() else c for c in alias)
+    return "--" + out
+
+
+def _key_of(name: str) -> str:
+    field = DaemonConfig.model_fields[name]
+    if field.alias:
+        return field.alias
+    if field.serialization_alias:
+        return field.serialization_alias
+    return name
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per config key (--state-dir for stateDir, ...); flags override the file."""
+    parser.add_argument("--config", metavar="FILE", help="daemon config file (YAML or JSON)")
+    parser.add_argument(
+        "--local", metavar="DIR", dest="localDir", help="local mode; shorthand for localDir"
+    )
+    for name, field in DaemonConfig.model_fields.items():
+        key = _key_of(name)
+        if key == "localDir":
+            continue
+        help_text = f"{field.description} [config key: {key}]"
+        annotation = field.annotation
+        if annotation is bool:
+            parser.add_argument(
+                _flag(key), dest=key, action=argparse.BooleanOptionalAction, help=help_text
+            )
+        elif annotation == list[str]:
+            parser.add_argument(
+                _flag(key),
+                dest=key,
+                metavar="A,B",
+                help=help_text,
+                type=lambda s: [v for v in s.replace(os.pathsep, ",").split(",") if v],
+            )
+        else:
+            parser.add_argument(_flag(key), dest=key, metavar="VALUE", help=help_text)
+
+
+def from_args(ns: argparse.Namespace) -> DaemonConfig:
+    values: dict[str, Any] = load_file(ns.config) if ns.config else {}
+    for name in DaemonConfig.model_fields:
+        key = _key_of(name)
+        override = getattr(ns, key, None)
+        if override is not None:
+            # A flag replaces the file's key, whichever alias the file used.
+            for alias in (key, name, key.lower()):
+                values.pop(alias, None)
+            values[key] = override
+    return build(values, source=f"daemon config {ns.config}" if ns.config else "daemon flags")
+
+
+def keys_help() -> str:
+    lines = ["config keys (file, camelCase; each also a --kebab-case flag):"]
+    for name, field in DaemonConfig.model_fields.items():
+        lines.append(f"  {_key_of(name)}: {field.description}")
+    return "\n".join(lines)

@@ -1,0 +1,105 @@
+"""A local-mode world in a temp dir: NAD manifests, a CNI conf dir with a cluster network, a
+daemon config pointing every path inside the temp dir, and an orchestrator over a FakeExec."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from delegates.chain import ChainRunner
+from delegates.registry import PluginRegistry
+from metaplugin.config import DaemonConfig
+from metaplugin.nad import LocalNadSource
+from metaplugin.orchestrator import Orchestrator
+from metaplugin.resolve import PodInfo, Resolver
+from metaplugin.store import AttachmentStore
+from tests.support.fake_exec import FakeExec, FakePlugin
+
+
+def nad_manifest(name: str, config: dict[str, Any] | None, namespace: str = "default",
+                 annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": namespace}
+    if annotations:
+        meta["annotations"] = annotations
+    doc: dict[str, Any] = {
+        "apiVersion": "k8s.cni.cncf.io/v1",
+        "kind": "NetworkAttachmentDefinition",
+        "metadata": meta,
+    }
+    if config is not None:
+        doc["spec"] = {"config": json.dumps(config)}
+    return doc
+
+
+def simple_net(name: str, plugin: str = "macvlan", **extra: Any) -> dict[str, Any]:
+    return {"cniVersion": "1.0.0", "name": name, "type": plugin, **extra}
+
+
+@dataclass
+class RecordingSink:
+    attached_calls: list[tuple[PodInfo, list[dict[str, Any]], list[str]]] = field(
+        default_factory=list
+    )
+    not_found: list[tuple[PodInfo, str]] = field(default_factory=list)
+
+    def attached(self, pod: PodInfo, status: list[dict[str, Any]], messages: list[str]) -> None:
+        self.attached_calls.append((pod, status, messages))
+
+    def network_not_found(self, pod: PodInfo, message: str) -> None:
+        self.not_found.append((pod, message))
+
+
+class World:
+    def __init__(self, root: Path, **config: Any) -> None:
+        self.root = root
+        self.nad_dir = root / "nads"
+        self.conf_dir = root / "net.d"
+        self.state = root / "state"
+        for d in (self.nad_dir, self.conf_dir, self.state):
+            d.mkdir(parents=True, exist_ok=True)
+        self.write_conf("10-cluster.conflist", {
+            "cniVersion": "1.1.0", "name": "cluster",
+            "plugins": [{"type": "cluster", "capabilities": {"portMappings": True}}],
+        })
+        self.config = DaemonConfig.model_validate({
+            "localDir": str(self.nad_dir),
+            "stateDir": str(self.state),
+            "runDir": str(root / "run"),
+            "cniConfDir": str(self.conf_dir),
+            "cniBinDir": str(root / "bin"),
+            "cniPath": ["/fake"],
+            **config,
+        })
+        self.exec = FakeExec(
+            FakePlugin("cluster", subnet="10.0.0"),
+            FakePlugin("macvlan", subnet="10.1.0"),
+            FakePlugin("ipvlan", subnet="10.2.0"),
+            FakePlugin("tuning"),
+            FakePlugin("broken", fail={"ADD"}),
+        )
+        self.sink = RecordingSink()
+        self.nads = LocalNadSource(str(self.nad_dir))
+        self.store = AttachmentStore(str(self.state))
+        self.resolver = Resolver(config=self.config, nads=self.nads)
+        self.existing_interfaces: set[tuple[str, str]] = set()
+        self.orchestrator = Orchestrator(
+            config=self.config,
+            resolver=self.resolver,
+            store=self.store,
+            runner=ChainRunner(registry=PluginRegistry(exec_=self.exec)),
+            sink=self.sink,
+            netns_has_interface=lambda netns, ifname: (netns, ifname)
+            in self.existing_interfaces,
+        )
+
+    def write_conf(self, name: str, config: dict[str, Any]) -> Path:
+        path = self.conf_dir / name
+        path.write_text(json.dumps(config))
+        return path
+
+    def add_nads(self, *docs: dict[str, Any], file: str = "nads.yaml") -> None:
+        (self.nad_dir / file).write_text(yaml.safe_dump_all(docs))
