@@ -1,0 +1,451 @@
+"""ADD, DEL, CHECK, GC and STATUS for one pod, as named steps.
+
+ADD: find the pod's requests → plan the attachments → record the plan durably → attach each
+(rolling back in reverse on failure) → publish network-status → answer with the cluster
+network's result in the caller's version. DEL replays what ADD recorded, in reverse, and needs
+neither the API, the netns nor prevResult. The daemon serialises calls per container, so nothing
+here locks.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+import structlog
+
+from delegates.chain import ChainRunner, NetworkConfigList, NetworkInvocation
+from delegates.netns import interface_exists
+from metaplugin import cni
+from metaplugin.cni import CniRequest
+from metaplugin.config import DaemonConfig
+from metaplugin.errors import (
+    AttachmentConflict,
+    InternalError,
+    InvalidConfig,
+    NetworkNotFound,
+    NotReady,
+    PlexusError,
+    PodNotFound,
+    TeardownIncomplete,
+    TryAgainLater,
+    UnknownContainer,
+)
+from metaplugin.resolve import PlannedAttachment, PodInfo, Resolver
+from metaplugin.status import StatusSink, added_interface_message, network_status
+from metaplugin.store import AttachmentRecord, AttachmentStore, ContainerRecords
+
+POD_ANNOTATIONS_KEY: Final = "io.kubernetes.cri.pod-annotations"
+READINESS_WAIT: Final = 10.0
+
+log = structlog.get_logger(__name__)
+
+
+class PodSource(Protocol):
+    """Cluster mode: a pod's identity and annotations from the API (watch-fed cache)."""
+
+    def get(self, namespace: str, name: str, uid: str) -> PodInfo | None: ...
+
+
+class Orchestrator:
+    def __init__(
+        self,
+        *,
+        config: DaemonConfig,
+        resolver: Resolver,
+        store: AttachmentStore,
+        runner: ChainRunner,
+        sink: StatusSink,
+        pods: PodSource | None = None,
+        netns_has_interface: Callable[[str, str], bool] = interface_exists,
+        lock_container: Callable[[str], AbstractContextManager[None]] = lambda _: nullcontext(),
+    ) -> None:
+        self._cfg = config
+        self._resolver = resolver
+        self._store = store
+        self._runner = runner
+        self._sink = sink
+        self._pods = pods
+        self._has_interface = netns_has_interface
+        self._lock_container = lock_container
+
+    def handle(self, req: CniRequest) -> dict[str, Any] | None:
+        if req.command == cni.ADD:
+            return self.add(req)
+        if req.command == cni.DEL:
+            self.delete(req)
+        elif req.command == cni.CHECK:
+            self.check(req)
+        elif req.command == cni.GC:
+            self.gc(req)
+        elif req.command == cni.STATUS:
+            self.status(req)
+        elif req.command == cni.VERSION:
+            return cni.version_result(req.cni_version)
+        return None
+
+    # --- ADD ----------------------------------------------------------------------------------
+
+    def add(self, req: CniRequest) -> dict[str, Any]:
+        runtime_config = _runtime_config(req)
+        pod = self._pod(req, runtime_config)
+        self._wait_ready()
+        plan = self._plan(req, pod, runtime_config)
+        self._refuse_leftovers(req)
+        self._refuse_foreign_interfaces(req, plan)
+        records = self._record_plan(req, pod, plan)
+        added = self._attach_all(req, records)
+        if pod is not None:
+            self._sink.attached(
+                pod, network_status(added), [added_interface_message(r) for r in added]
+            )
+        primary = added[0].parsed_result()
+        assert primary is not None
+        return primary.to_wire(req.cni_version)
+
+    def _pod(self, req: CniRequest, runtime_config: Mapping[str, Any]) -> PodInfo | None:
+        annotations = runtime_config.get(POD_ANNOTATIONS_KEY)
+        if isinstance(annotations, dict):
+            return PodInfo(
+                namespace=req.pod_namespace or "default",
+                name=req.pod_name or req.container_id,
+                uid=req.pod_uid,
+                annotations={str(k): str(v) for k, v in annotations.items()},
+            )
+        if not (req.pod_namespace and req.pod_name):
+            return None  # not a Kubernetes pod (e.g. `ctr run --cni`): cluster network only
+        if self._pods is None:
+            # Local mode: requests come only from the runtime, and it sent none.
+            return PodInfo(req.pod_namespace, req.pod_name, req.pod_uid)
+        pod = self._pods.get(req.pod_namespace, req.pod_name, req.pod_uid)
+        if pod is None:
+            raise PodNotFound(
+                f"pod {req.pod_namespace}/{req.pod_name} (uid {req.pod_uid or '?'}) is not known "
+                "to the API server",
+            )
+        return pod
+
+    def _wait_ready(self) -> None:
+        indicator = self._cfg.readiness_indicator_file
+        if not indicator:
+            return
+        deadline = time.monotonic() + READINESS_WAIT
+        while not Path(indicator).exists():
+            if time.monotonic() > deadline:
+                raise TryAgainLater(
+                    f"the primary network is not ready: readiness indicator file {indicator} "
+                    "does not exist yet",
+                )
+            time.sleep(0.25)
+
+    def _plan(
+        self, req: CniRequest, pod: PodInfo | None, runtime_config: Mapping[str, Any]
+    ) -> list[PlannedAttachment]:
+        try:
+            return self._resolver.plan(ifname=req.ifname, pod=pod, runtime_config=runtime_config)
+        except NetworkNotFound as exc:
+            if pod is not None:
+                self._sink.network_not_found(pod, exc.msg)
+            raise
+
+    def _refuse_leftovers(self, req: CniRequest) -> None:
+        existing = self._store.load(req.container_id)
+        if existing:
+            names = ", ".join(f"{r.ifname} ({r.network})" for r in existing.records)
+            raise AttachmentConflict(
+                f"container {req.container_id} already has attachments {names} from an earlier "
+                "ADD; the runtime must DEL it before adding again",
+            )
+
+    def _record_plan(
+        self, req: CniRequest, pod: PodInfo | None, plan: list[PlannedAttachment]
+    ) -> list[AttachmentRecord]:
+        cni_args = _delegate_cni_args(req)
+        records = [
+            AttachmentRecord(
+                container_id=req.container_id,
+                index=index,
+                network=att.network,
+                ifname=att.ifname,
+                is_default=att.is_default,
+                runtime_ifname=req.ifname,
+                netns=req.netns,
+                pod_namespace=pod.namespace if pod else "",
+                pod_name=pod.name if pod else "",
+                pod_uid=pod.uid if pod else req.pod_uid,
+                cni_args=cni_args,
+                cni_path=list(self._path(req.path)),
+                config=json.dumps(att.config, separators=(",", ":")),
+                capability_args=att.capability_args,
+                default_route=list(att.default_route) if att.default_route is not None else None,
+            )
+            for index, att in enumerate(plan)
+        ]
+        self._store.plan(records)
+        return records
+
+    def _refuse_foreign_interfaces(self, req: CniRequest, plan: list[PlannedAttachment]) -> None:
+        # Checked before anything runs: a rollback DEL must never remove an interface that
+        # someone else created under a name we planned to use.
+        for att in plan:
+            if self._has_interface(req.netns, att.ifname):
+                raise InvalidConfig(
+                    f"interface {att.ifname} already exists in {req.netns}; Plexus will not "
+                    "take over an interface it did not create",
+                )
+
+    def _attach_all(
+        self, req: CniRequest, records: list[AttachmentRecord]
+    ) -> list[AttachmentRecord]:
+        added: list[AttachmentRecord] = []
+        for position, record in enumerate(records):
+            bound = log.bind(network=record.network, attachment=record.ifname)
+            try:
+                result = self._runner.add(self._invocation(record, req.netns))
+            except Exception as exc:  # noqa: BLE001 - every failure rolls back, then re-raises
+                bound.warning("attachment_add_failed", error=_msg(exc))
+                raise self._rollback(records, added, position, exc) from None
+            added.append(self._store.mark_added(record, result))
+            bound.info("attachment_added", ips=[ip.address for ip in result.ips])
+        return added
+
+    def _rollback(
+        self,
+        records: list[AttachmentRecord],
+        added: list[AttachmentRecord],
+        failed_at: int,
+        cause: Exception,
+    ) -> PlexusError:
+        """Undo an ADD that failed at `failed_at`: DEL it and every earlier attachment once, in
+        reverse. The failed attachment's record goes either way; an earlier one whose DEL fails
+        stays recorded so a later DEL or GC retries it."""
+        failures: list[str] = []
+        failed = records[failed_at]
+        try:
+            self._runner.delete(self._invocation(failed, failed.netns), prev=None)
+        except PlexusError as exc:
+            failures.append(f"{failed.network} ({failed.ifname}): {exc.msg}")
+        for record in records[failed_at:]:
+            self._store.remove(record)
+        for record in reversed(added):
+            try:
+                self._runner.delete(self._invocation(record, record.netns), record.parsed_result())
+                self._store.remove(record)
+            except PlexusError as exc:
+                failures.append(f"{record.network} ({record.ifname}): {exc.msg}")
+        if failures:
+            log.error("rollback_incomplete", failures=failures)
+        self._store.remove_container(failed.container_id)
+        return _attachment_error(failed, cause, failures)
+
+    # --- DEL ----------------------------------------------------------------------------------
+
+    def delete(self, req: CniRequest, *, prefer_recorded_netns: bool = False) -> None:
+        loaded = self._store.load(req.container_id)
+        if loaded.quarantined:
+            log.error("attachment_records_quarantined", files=list(loaded.quarantined))
+        if not loaded:
+            self._store.remove_container(req.container_id)
+            return
+        if loaded.runtime_ifname != req.ifname:
+            log.info("del_for_other_interface", recorded=loaded.runtime_ifname)
+            return
+        netns = req.netns or (loaded.netns if prefer_recorded_netns else "")
+        self._teardown(loaded, netns)
+
+    def _teardown(self, loaded: ContainerRecords, netns: str) -> None:
+        # A vanished netns is passed as "": plugins then clean up what lives outside it.
+        usable = netns if netns and cni.is_netns(netns) else ""
+        failures: list[str] = []
+        for record in reversed(loaded.records):
+            try:
+                self._runner.delete(self._invocation(record, usable), record.parsed_result())
+            except PlexusError as exc:
+                failures.append(f"{record.network} ({record.ifname}): {exc.msg}")
+                continue
+            self._store.remove(record)
+        if failures:
+            raise TeardownIncomplete(
+                f"container {loaded.container_id}: DEL failed for {len(failures)} attachment(s); "
+                "they stay recorded and the next DEL or GC retries them: " + "; ".join(failures),
+            )
+        self._store.remove_container(loaded.container_id)
+        log.info("attachments_deleted", count=len(loaded.records))
+
+    # --- CHECK --------------------------------------------------------------------------------
+
+    def check(self, req: CniRequest) -> None:
+        loaded = self._store.load(req.container_id)
+        if not loaded or loaded.runtime_ifname != req.ifname:
+            raise UnknownContainer(
+                f"no attachments recorded for container {req.container_id} ({req.ifname})",
+            )
+        for record in loaded.records:
+            prev = record.parsed_result()
+            if record.state != "added" or prev is None:
+                raise InvalidConfig(
+                    f"network {record.network} ({record.ifname}): its ADD never completed",
+                )
+            try:
+                self._runner.check(self._invocation(record, req.netns), prev)
+            except PlexusError as exc:
+                raise _attachment_error(record, exc, []) from None
+
+    # --- GC -----------------------------------------------------------------------------------
+
+    def gc(self, req: CniRequest) -> None:
+        valid = _valid_attachments(req.config)
+        failures: list[str] = []
+        networks: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {}
+        for container_id in self._store.container_ids():
+            # GC runs beside requests for other containers: take each one's lock in turn.
+            with self._lock_container(container_id):
+                loaded = self._store.load(container_id)
+                for record in loaded.records:
+                    networks[_network_name(record)] = (record.config_dict(), tuple(record.cni_path))
+                if not loaded or (container_id, loaded.runtime_ifname) in valid:
+                    continue
+                log.info("gc_stale_container", stale_container=container_id)
+                try:
+                    self._teardown(loaded, loaded.netns)
+                except PlexusError as exc:
+                    failures.append(exc.msg)
+        self._current_networks(networks, req.path)
+        failures.extend(self._gc_delegates(networks))
+        if failures:
+            raise TeardownIncomplete("GC incomplete: " + "; ".join(failures))
+
+    def _current_networks(
+        self, networks: dict[str, tuple[dict[str, Any], tuple[str, ...]]], path: tuple[str, ...]
+    ) -> None:
+        refs = [self._cfg.cluster_network, *self._cfg.default_networks]
+        for ref in refs:
+            try:
+                net = (
+                    self._resolver.resolve_reference(ref, what="GC")
+                    if ref
+                    else self._resolver.cluster_network()
+                )
+            except PlexusError:
+                continue
+            networks[str(net.config.get("name"))] = (net.config, self._path(path))
+
+    def _gc_delegates(
+        self, networks: dict[str, tuple[dict[str, Any], tuple[str, ...]]]
+    ) -> list[str]:
+        remaining = [r for loaded in self._store.all() for r in loaded.records]
+        failures = []
+        for name, (config, path) in networks.items():
+            valid = [
+                {"containerID": r.container_id, "ifname": r.ifname}
+                for r in remaining
+                if _network_name(r) == name
+            ]
+            try:
+                self._runner.gc(config, valid, self._path(path))
+            except PlexusError as exc:
+                failures.append(f"network {name}: {exc.msg}")
+        return failures
+
+    # --- STATUS -------------------------------------------------------------------------------
+
+    def status(self, req: CniRequest) -> None:
+        indicator = self._cfg.readiness_indicator_file
+        if indicator and not Path(indicator).exists():
+            raise NotReady(f"readiness indicator file {indicator} does not exist yet")
+        try:
+            net = self._resolver.cluster_network()
+            self._runner.status(net.config, self._path(req.path))
+        except NotReady:
+            raise
+        except PlexusError as exc:
+            if exc.code in (50, 51):
+                raise
+            raise NotReady(f"cluster network is not usable: {exc.msg}") from None
+
+    # --- queries (plexusctl) ------------------------------------------------------------------
+
+    def pod_network_status(self, namespace: str, name: str) -> list[dict[str, Any]] | None:
+        newest: ContainerRecords | None = None
+        for loaded in self._store.all():
+            first = loaded.records[0] if loaded.records else None
+            if first is None or (first.pod_namespace, first.pod_name) != (namespace, name):
+                continue
+            if newest is None or first.created_at > newest.records[0].created_at:
+                newest = loaded
+        return network_status(newest.records) if newest else None
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _path(self, request_path: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys([*self._cfg.cni_path, *request_path]))
+
+    def _invocation(self, record: AttachmentRecord, netns: str) -> NetworkInvocation:
+        return NetworkInvocation(
+            config=record.config_dict(),
+            container_id=record.container_id,
+            netns=netns,
+            ifname=record.ifname,
+            cni_args=record.cni_args,
+            capability_args=record.capability_args,
+            path=self._path(tuple(record.cni_path)),
+        )
+
+
+def _runtime_config(req: CniRequest) -> dict[str, Any]:
+    rc = req.config.get("runtimeConfig")
+    return dict(rc) if isinstance(rc, dict) else {}
+
+
+def _delegate_cni_args(req: CniRequest) -> str:
+    # Reference plugins reject unknown CNI_ARGS keys unless IgnoreUnknown is set (Multus does
+    # the same); the runtime's own pairs pass through unchanged.
+    return cni.format_cni_args({"IgnoreUnknown": "1", **req.args})
+
+
+def _network_name(record: AttachmentRecord) -> str:
+    try:
+        return NetworkConfigList.parse(record.config_dict()).name
+    except PlexusError:
+        return record.network
+
+
+def _valid_attachments(config: Mapping[str, Any]) -> set[tuple[str, str]]:
+    raw = config.get(cni.VALID_ATTACHMENTS_KEY, config.get(cni.LEGACY_ATTACHMENTS_KEY))
+    if raw is None:
+        raise InvalidConfig(f"GC needs '{cni.VALID_ATTACHMENTS_KEY}' in the config")
+    if not isinstance(raw, list):
+        raise InvalidConfig(f"'{cni.VALID_ATTACHMENTS_KEY}' must be a list")
+    out = set()
+    for item in raw:
+        if not isinstance(item, dict) or "containerID" not in item or "ifname" not in item:
+            raise InvalidConfig(
+                f"'{cni.VALID_ATTACHMENTS_KEY}' entries need containerID and ifname: {item!r}",
+            )
+        out.add((str(item["containerID"]), str(item["ifname"])))
+    return out
+
+
+def _msg(exc: BaseException) -> str:
+    return exc.msg if isinstance(exc, PlexusError) else f"{type(exc).__name__}: {exc}"
+
+
+def _attachment_error(
+    record: AttachmentRecord, cause: BaseException, rollback_failures: list[str]
+) -> PlexusError:
+    """Our error for a failed attachment: msg names the network, details carry the delegate's
+    own error JSON first, then any rollback DEL that failed."""
+    if isinstance(cause, PlexusError):
+        msg, details, code, cls = cause.msg, cause.details, cause.code, type(cause)
+    else:
+        msg, details, code, cls = _msg(cause), "", InternalError.cni_code, InternalError
+    text = f"network {record.network} ({record.ifname}): {msg}"
+    if rollback_failures:
+        note = "rollback DEL failed for " + "; ".join(rollback_failures)
+        text = f"{text}; {note}"
+        details = f"{details}; {note}" if details else note
+    return cls(text, details, code=code)

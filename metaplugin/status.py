@@ -1,0 +1,84 @@
+"""`k8s.v1.cni.cncf.io/network-status` (NPWG v1.3 §5) and where it goes.
+
+`network_status()` builds the annotation value from attachment records: one entry per
+attachment, taken from the first sandbox interface of its result (the one named like the
+attachment when there is one), `default: true` on the cluster network only. A `StatusSink`
+publishes it: to the pod through the API in cluster mode (`metaplugin.k8s`), nowhere in local
+mode, where `plexusctl` reads the same JSON from the daemon.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from typing import Any, Final, Protocol
+
+from metaplugin.cni import Interface, Result
+from metaplugin.resolve import PodInfo
+from metaplugin.store import AttachmentRecord
+
+DEVICE_INFO_VERSION: Final = "1.1.0"
+
+
+def _pick_interface(result: Result, ifname: str) -> tuple[int, Interface] | None:
+    sandbox = result.sandbox_interfaces()
+    for index, itf in sandbox:
+        if itf.name == ifname:
+            return index, itf
+    return sandbox[0] if sandbox else None
+
+
+def entry(record: AttachmentRecord) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": record.network, "interface": record.ifname}
+    result = record.parsed_result()
+    if result is not None:
+        picked = _pick_interface(result, record.ifname)
+        index = picked[0] if picked else None
+        ips = [ip for ip in result.ips if ip.interface == index]
+        if not ips:
+            ips = [ip for ip in result.ips if ip.interface is None]
+        if ips:
+            out["ips"] = [str(ipaddress.ip_interface(ip.address).ip) for ip in ips]
+        if picked and picked[1].mac:
+            out["interface"] = picked[1].name
+            out["mac"] = picked[1].mac
+        if picked and picked[1].pci_id:
+            out["device-info"] = {
+                "type": "pci",
+                "version": DEVICE_INFO_VERSION,
+                "pci": {"pci-address": picked[1].pci_id},
+            }
+        if not result.dns.is_empty():
+            out["dns"] = result.dns.model_dump(exclude_none=True, exclude_defaults=True)
+    out["default"] = record.is_default
+    if record.default_route:
+        out["default-route"] = list(record.default_route)
+    return out
+
+
+def network_status(records: Iterable[AttachmentRecord]) -> list[dict[str, Any]]:
+    return [entry(r) for r in records if r.state == "added"]
+
+
+def added_interface_message(record: AttachmentRecord) -> str:
+    result = record.parsed_result()
+    ips = [ip.address for ip in result.ips] if result else []
+    return f"Add {record.ifname} [{', '.join(ips)}] from {record.network}"
+
+
+class StatusSink(Protocol):
+    """Where network-status and pod events go."""
+
+    def attached(self, pod: PodInfo, status: list[dict[str, Any]], messages: list[str]) -> None: ...
+
+    def network_not_found(self, pod: PodInfo, message: str) -> None: ...
+
+
+class NullSink:
+    """Local mode: nothing to publish; plexusctl reads status from the daemon."""
+
+    def attached(self, pod: PodInfo, status: list[dict[str, Any]], messages: list[str]) -> None:
+        return None
+
+    def network_not_found(self, pod: PodInfo, message: str) -> None:
+        return None
