@@ -53,6 +53,10 @@ class Exec(Protocol):
         self, path: str, env: Mapping[str, str], stdin: bytes, timeout: float
     ) -> ExecOutput: ...
 
+    def decode_version(self, path: str, timeout: float) -> tuple[str, ...]:
+        """The versions the plugin at `path` answers to VERSION."""
+        ...
+
 
 def find_plugin(plugin_type: str, dirs: Sequence[str]) -> str:
     if not _SAFE_TYPE.match(plugin_type):

@@ -40,7 +40,7 @@ def run_in_netns(path: str, fn: Callable[[], T]) -> T:
             finally:
                 os.close(fd)
             box["value"] = fn()
-        except BaseException as exc:
+        except Exception as exc:  # noqa: BLE001 - re-raised in the caller thread
             box["error"] = exc
 
     thread = threading.Thread(target=worker, name="netns-worker", daemon=True)

@@ -38,8 +38,12 @@ class FakePlugin:
             body = {"cniVersion": version, "supportedVersions": list(self.versions)}
             return ExecOutput(0, json.dumps(body).encode(), b"")
         if command in self.fail:
-            err = {"cniVersion": version, "code": self.fail_code, "msg": f"{self.name} says no",
-                   "details": f"{command} refused"}
+            err = {
+                "cniVersion": version,
+                "code": self.fail_code,
+                "msg": f"{self.name} says no",
+                "details": f"{command} refused",
+            }
             return ExecOutput(1, json.dumps(err).encode(), b"some stderr")
         key = (env.get("CNI_CONTAINERID", ""), env.get("CNI_IFNAME", ""))
         if command == "ADD":
@@ -51,8 +55,13 @@ class FakePlugin:
             self.live[key] = address
             result: dict[str, Any] = {
                 "cniVersion": version,
-                "interfaces": [{"name": key[1], "mac": "0a:58:00:00:00:01",
-                                "sandbox": env.get("CNI_NETNS", "")}],
+                "interfaces": [
+                    {
+                        "name": key[1],
+                        "mac": "0a:58:00:00:00:01",
+                        "sandbox": env.get("CNI_NETNS", ""),
+                    }
+                ],
                 "ips": [{"address": address, "gateway": f"{self.subnet}.1", "interface": 0}],
             }
             if version.startswith("0."):

@@ -20,8 +20,12 @@ from metaplugin.store import AttachmentStore
 from tests.support.fake_exec import FakeExec, FakePlugin
 
 
-def nad_manifest(name: str, config: dict[str, Any] | None, namespace: str = "default",
-                 annotations: dict[str, str] | None = None) -> dict[str, Any]:
+def nad_manifest(
+    name: str,
+    config: dict[str, Any] | None,
+    namespace: str = "default",
+    annotations: dict[str, str] | None = None,
+) -> dict[str, Any]:
     meta: dict[str, Any] = {"name": name, "namespace": namespace}
     if annotations:
         meta["annotations"] = annotations
@@ -61,19 +65,25 @@ class World:
         self.state = root / "state"
         for d in (self.nad_dir, self.conf_dir, self.state):
             d.mkdir(parents=True, exist_ok=True)
-        self.write_conf("10-cluster.conflist", {
-            "cniVersion": "1.1.0", "name": "cluster",
-            "plugins": [{"type": "cluster", "capabilities": {"portMappings": True}}],
-        })
-        self.config = DaemonConfig.model_validate({
-            "localDir": str(self.nad_dir),
-            "stateDir": str(self.state),
-            "runDir": str(root / "run"),
-            "cniConfDir": str(self.conf_dir),
-            "cniBinDir": str(root / "bin"),
-            "cniPath": ["/fake"],
-            **config,
-        })
+        self.write_conf(
+            "10-cluster.conflist",
+            {
+                "cniVersion": "1.1.0",
+                "name": "cluster",
+                "plugins": [{"type": "cluster", "capabilities": {"portMappings": True}}],
+            },
+        )
+        self.config = DaemonConfig.model_validate(
+            {
+                "localDir": str(self.nad_dir),
+                "stateDir": str(self.state),
+                "runDir": str(root / "run"),
+                "cniConfDir": str(self.conf_dir),
+                "cniBinDir": str(root / "bin"),
+                "cniPath": ["/fake"],
+                **config,
+            }
+        )
         self.exec = FakeExec(
             FakePlugin("cluster", subnet="10.0.0"),
             FakePlugin("macvlan", subnet="10.1.0"),
@@ -92,8 +102,7 @@ class World:
             store=self.store,
             runner=ChainRunner(registry=PluginRegistry(exec_=self.exec)),
             sink=self.sink,
-            netns_has_interface=lambda netns, ifname: (netns, ifname)
-            in self.existing_interfaces,
+            netns_has_interface=lambda netns, ifname: (netns, ifname) in self.existing_interfaces,
         )
 
     def write_conf(self, name: str, config: dict[str, Any]) -> Path:

@@ -93,8 +93,13 @@ def test_json_form_every_key() -> None:
         ({"name": "n", "mac": "0a:58:0a"}, "6-byte MAC"),
         ({"name": "n", "default-route": ["nope"]}, "IPv4/IPv6"),
         ({"name": "n", "portMappings": [{"hostPort": 0, "containerPort": 80}]}, "hostPort"),
-        ({"name": "n", "portMappings": [{"hostPort": 1, "containerPort": 80, "protocol": "ICMP"}]},
-         "protocol"),
+        (
+            {
+                "name": "n",
+                "portMappings": [{"hostPort": 1, "containerPort": 80, "protocol": "ICMP"}],
+            },
+            "protocol",
+        ),
         ({"name": "n", "bandwidth": {"egressBurst": 10}}, "egressBurst needs egressRate"),
         ({"name": "n", "infiniband-guid": "c2:11"}, "8-byte GUID"),
         ({"name": "n", "ips": ["10.0.0.1"], "ipam-claim-reference": "c"}, "cannot be combined"),

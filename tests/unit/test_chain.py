@@ -93,7 +93,7 @@ def test_prev_result_is_rendered_in_each_plugins_version() -> None:
 
 def test_plugin_with_no_usable_version_is_refused() -> None:
     run, _ = runner(FakePlugin("first", versions=("0.1.0", "0.2.0")), FakePlugin("second"))
-    with pytest.raises(IncompatibleVersion, match="plugin first speaks 0.1.0, 0.2.0"):
+    with pytest.raises(IncompatibleVersion, match=r"plugin first speaks 0\.1\.0, 0\.2\.0"):
         run.add(invocation(CONFLIST))
 
 

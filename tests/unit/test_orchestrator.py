@@ -39,12 +39,22 @@ def request(
             "io.kubernetes.cri.pod-annotations": {"k8s.v1.cni.cncf.io/networks": networks}
         }
     config.update(extra_config or {})
-    args = {"IgnoreUnknown": "1", "K8S_POD_NAMESPACE": "default", "K8S_POD_NAME": "pod-" + cid,
-            "K8S_POD_UID": "uid-" + cid}
+    args = {
+        "IgnoreUnknown": "1",
+        "K8S_POD_NAMESPACE": "default",
+        "K8S_POD_NAME": "pod-" + cid,
+        "K8S_POD_UID": "uid-" + cid,
+    }
     return CniRequest(
-        command=command, container_id=cid, netns=netns, ifname=ifname, args=args,
-        raw_args=";".join(f"{k}={v}" for k, v in args.items()), path=("/fake",),
-        config=config, cni_version=version,
+        command=command,
+        container_id=cid,
+        netns=netns,
+        ifname=ifname,
+        args=args,
+        raw_args=";".join(f"{k}={v}" for k, v in args.items()),
+        path=("/fake",),
+        config=config,
+        cni_version=version,
     )
 
 
@@ -55,8 +65,14 @@ def world(tmp_path: Path) -> World:
         nad_manifest("net-a", simple_net("net-a")),
         nad_manifest("net-b", simple_net("net-b")),
         nad_manifest("net-x", simple_net("net-x", "broken")),
-        nad_manifest("chained", {"cniVersion": "1.1.0", "name": "chained",
-                                 "plugins": [{"type": "ipvlan"}, {"type": "tuning"}]}),
+        nad_manifest(
+            "chained",
+            {
+                "cniVersion": "1.1.0",
+                "name": "chained",
+                "plugins": [{"type": "ipvlan"}, {"type": "tuning"}],
+            },
+        ),
     )
     return w
 
@@ -70,13 +86,16 @@ def test_add_attaches_everything_and_answers_with_the_primary_result(world: Worl
     assert out["cniVersion"] == "1.0.0"
     assert out["ips"][0]["address"].startswith("10.0.0.")
     assert world.exec.commands("ADD") == [
-        ("cluster", "ADD", "eth0"), ("macvlan", "ADD", "net1"), ("macvlan", "ADD", "data0"),
+        ("cluster", "ADD", "eth0"),
+        ("macvlan", "ADD", "net1"),
+        ("macvlan", "ADD", "data0"),
     ]
     assert records(world) == [("eth0", "added"), ("net1", "added"), ("data0", "added")]
-    (pod, status, messages), = world.sink.attached_calls
+    ((pod, status, messages),) = world.sink.attached_calls
     assert pod.ref == "default/pod-c1"
     assert [(e["name"], e["interface"], e["default"]) for e in status] == [
-        ("cluster", "eth0", True), ("default/net-a", "net1", False),
+        ("cluster", "eth0", True),
+        ("default/net-a", "net1", False),
         ("default/net-b", "data0", False),
     ]
     assert status[1]["ips"] == ["10.1.0.2"] and status[1]["mac"] == "0a:58:00:00:00:01"
@@ -107,8 +126,12 @@ def test_failure_of_the_third_delegate_rolls_back_in_reverse_and_leaves_nothing(
     assert "network default/net-x (net2)" in err.value.msg
     assert '"code":7' in err.value.details  # the delegate's own error JSON
     assert world.exec.commands() == [
-        ("cluster", "ADD", "eth0"), ("macvlan", "ADD", "net1"), ("broken", "ADD", "net2"),
-        ("broken", "DEL", "net2"), ("macvlan", "DEL", "net1"), ("cluster", "DEL", "eth0"),
+        ("cluster", "ADD", "eth0"),
+        ("macvlan", "ADD", "net1"),
+        ("broken", "ADD", "net2"),
+        ("broken", "DEL", "net2"),
+        ("macvlan", "DEL", "net1"),
+        ("cluster", "DEL", "eth0"),
     ]
     assert world.exec.live() == {}
     assert not world.store.load("c1")
@@ -150,8 +173,10 @@ def test_del_replays_recorded_configs_in_reverse_with_results_and_twice_is_fine(
     world.exec.calls.clear()
     world.orchestrator.delete(request("DEL"))
     assert world.exec.commands() == [
-        ("tuning", "DEL", "net2"), ("ipvlan", "DEL", "net2"),
-        ("macvlan", "DEL", "net1"), ("cluster", "DEL", "eth0"),
+        ("tuning", "DEL", "net2"),
+        ("ipvlan", "DEL", "net2"),
+        ("macvlan", "DEL", "net1"),
+        ("cluster", "DEL", "eth0"),
     ]
     dels = [c for c in world.exec.calls if c.command == "DEL"]
     assert all("prevResult" in c.config for c in dels)
@@ -215,7 +240,7 @@ def test_check_runs_check_on_every_delegate(world: World) -> None:
     world.orchestrator.check(request("CHECK"))
     assert world.exec.commands() == [("cluster", "CHECK", "eth0"), ("macvlan", "CHECK", "net1")]
     world.exec.plugins["macvlan"].live.clear()  # someone deleted net1 behind our back
-    with pytest.raises(DelegateFailed, match="network default/net-a .net1.: .*net1 missing"):
+    with pytest.raises(DelegateFailed, match=r"network default/net-a \(net1\): .*net1 missing"):
         world.orchestrator.check(request("CHECK"))
 
 
@@ -230,13 +255,17 @@ def test_gc_removes_stale_attachments_on_every_network(world: World) -> None:
     world.orchestrator.add(request("ADD", "stale", networks="net-a, chained"))
     world.exec.calls.clear()
     valid = [{"containerID": "keep", "ifname": "eth0"}]
-    world.orchestrator.gc(request("GC", "", version="1.1.0",
-                                  extra_config={"cni.dev/valid-attachments": valid}))
+    world.orchestrator.gc(
+        request("GC", "", version="1.1.0", extra_config={"cni.dev/valid-attachments": valid})
+    )
     assert sorted(world.store.container_ids()) == ["keep"]
     assert ("macvlan", "DEL", "net1") in world.exec.commands()
     assert world.exec.live().get("macvlan") is None
-    gcs = {c.config["name"]: c.config["cni.dev/valid-attachments"]
-           for c in world.exec.calls if c.command == "GC"}
+    gcs = {
+        c.config["name"]: c.config["cni.dev/valid-attachments"]
+        for c in world.exec.calls
+        if c.command == "GC"
+    }
     # GC reached every 1.1.0 plugin of every network seen, with that network's valid list
     assert gcs["chained"] == [{"containerID": "keep", "ifname": "net1"}]
     assert "net-a" not in gcs  # a 1.0.0 network never gets GC

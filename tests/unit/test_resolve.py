@@ -62,10 +62,14 @@ def test_runtime_config_goes_to_the_cluster_network_only(world: World) -> None:
 
 def test_default_networks_come_first_and_skip_system_namespaces(tmp_path: Path) -> None:
     w = World(tmp_path, defaultNetworks=["net-a"], multusNamespace="default")
-    w.add_nads(nad_manifest("net-a", simple_net("net-a")), nad_manifest("net-b", simple_net("net-b")))
+    w.add_nads(
+        nad_manifest("net-a", simple_net("net-a")), nad_manifest("net-b", simple_net("net-b"))
+    )
     plan = w.resolver.plan(ifname="eth0", pod=pod("net-b"), runtime_config={})
     assert [(a.network, a.ifname) for a in plan] == [
-        ("cluster", "eth0"), ("default/net-a", "net1"), ("default/net-b", "net2"),
+        ("cluster", "eth0"),
+        ("default/net-a", "net1"),
+        ("default/net-b", "net2"),
     ]
     system_pod = PodInfo("kube-system", "p", "u", {})
     plan = w.resolver.plan(ifname="eth0", pod=system_pod, runtime_config={})
@@ -76,7 +80,10 @@ def test_default_network_override(world: World) -> None:
     p = pod(**{"v1.multus-cni.io/default-network": "alt-primary"})
     plan = world.resolver.plan(ifname="eth0", pod=p, runtime_config={})
     assert (plan[0].network, plan[0].ifname, plan[0].is_default) == (
-        "kube-system/alt-primary", "eth0", True)
+        "kube-system/alt-primary",
+        "eth0",
+        True,
+    )
 
 
 def test_cluster_network_by_nad_name_conf_name_and_path(tmp_path: Path) -> None:
@@ -123,7 +130,8 @@ def test_capability_arguments_need_a_declared_capability(world: World) -> None:
     assert plan[1].capability_args == {"ips": ["10.5.0.9/24"], "mac": "0a:00:00:00:00:09"}
     with pytest.raises(InvalidConfig, match="declares the capability 'ips'"):
         world.resolver.plan(
-            ifname="eth0", pod=pod(json.dumps([{"name": "net-a", "ips": ["10.5.0.9"]}])),
+            ifname="eth0",
+            pod=pod(json.dumps([{"name": "net-a", "ips": ["10.5.0.9"]}])),
             runtime_config={},
         )
     with pytest.raises(InvalidConfig, match="'infinibandGUID'"):
@@ -135,10 +143,20 @@ def test_capability_arguments_need_a_declared_capability(world: World) -> None:
 
 
 def test_cni_args_merge_into_every_plugin_and_win(world: World) -> None:
-    world.add_nads(nad_manifest("chained", {
-        "cniVersion": "1.0.0", "name": "chained",
-        "plugins": [{"type": "macvlan", "args": {"cni": {"a": 1, "b": 1}}}, {"type": "tuning"}],
-    }), file="more.yaml")
+    world.add_nads(
+        nad_manifest(
+            "chained",
+            {
+                "cniVersion": "1.0.0",
+                "name": "chained",
+                "plugins": [
+                    {"type": "macvlan", "args": {"cni": {"a": 1, "b": 1}}},
+                    {"type": "tuning"},
+                ],
+            },
+        ),
+        file="more.yaml",
+    )
     sel = json.dumps([{"name": "chained", "cni-args": {"b": 2, "c": 3}}])
     plan = world.resolver.plan(ifname="eth0", pod=pod(sel), runtime_config={})
     plugins = plan[1].config["plugins"]
@@ -154,16 +172,20 @@ def test_duplicate_interface_names_are_refused(world: World) -> None:
 
 
 def test_one_default_route_per_family(world: World) -> None:
-    ok = json.dumps([
-        {"name": "net-a", "default-route": ["10.1.0.1"]},
-        {"name": "net-b", "default-route": ["fd00::1"]},
-    ])
+    ok = json.dumps(
+        [
+            {"name": "net-a", "default-route": ["10.1.0.1"]},
+            {"name": "net-b", "default-route": ["fd00::1"]},
+        ]
+    )
     plan = world.resolver.plan(ifname="eth0", pod=pod(ok), runtime_config={})
     assert plan[1].default_route == ("10.1.0.1",)
-    bad = json.dumps([
-        {"name": "net-a", "default-route": ["10.1.0.1"]},
-        {"name": "net-b", "default-route": ["10.2.0.1"]},
-    ])
+    bad = json.dumps(
+        [
+            {"name": "net-a", "default-route": ["10.1.0.1"]},
+            {"name": "net-b", "default-route": ["10.2.0.1"]},
+        ]
+    )
     with pytest.raises(InvalidConfig, match="IPv4 is requested by both"):
         world.resolver.plan(ifname="eth0", pod=pod(bad), runtime_config={})
 
@@ -178,8 +200,9 @@ def test_namespace_isolation(tmp_path: Path) -> None:
     p = pod("mine, global-ns/shared", namespace="team-a")
     assert len(w.resolver.plan(ifname="eth0", pod=p, runtime_config={})) == 3
     with pytest.raises(NetworkNotPermitted) as err:
-        w.resolver.plan(ifname="eth0", pod=pod("team-b/other", namespace="team-a"),
-                        runtime_config={})
+        w.resolver.plan(
+            ifname="eth0", pod=pod("team-b/other", namespace="team-a"), runtime_config={}
+        )
     assert err.value.code == 103
     assert "team-a/p1 may not use network team-b/other" in err.value.msg
 

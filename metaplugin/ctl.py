@@ -1,0 +1,166 @@
+"""plexusctl: the admin's CLI.
+
+    plexusctl version                       CNI versions Plexus speaks
+    plexusctl attachments [--json]          what the node daemon has attached, per container
+    plexusctl network-status NS/POD         the pod's network-status JSON (local mode's source)
+    plexusctl validate FILE...              check NAD manifests without a cluster
+    plexusctl health                        the daemon's /readyz
+
+It talks to plexusd over the same unix socket as the shim (`--socket`, or `--config` to take
+runDir from the daemon config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from delegates.chain import NetworkConfigList
+from metaplugin import cni
+from metaplugin import config as daemon_config
+from metaplugin.errors import PlexusError
+from metaplugin.nad import network_config, parse_manifests
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        super().__init__("plexusd", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+def _get(sock_path: str, url: str) -> tuple[int, bytes]:
+    conn = _UnixConnection(sock_path)
+    try:
+        conn.request("GET", url)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    except OSError as exc:
+        raise SystemExit(f"plexusctl: cannot reach plexusd at {sock_path}: {exc}") from None
+    finally:
+        conn.close()
+
+
+def _socket_path(args: argparse.Namespace) -> str:
+    if args.socket:
+        return str(args.socket)
+    if args.config:
+        values = daemon_config.load_file(args.config)
+        return daemon_config.build(values).socket_path
+    return str(Path("/run/plexus") / daemon_config.SOCKET_NAME)
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(json.dumps(cni.version_result(cni.LATEST_VERSION)))
+    return 0
+
+
+def cmd_attachments(args: argparse.Namespace) -> int:
+    _, body = _get(_socket_path(args), "/v1/attachments")
+    data: list[dict[str, Any]] = json.loads(body)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    rows: list[tuple[str, ...]] = [("CONTAINER", "POD", "IFNAME", "NETWORK", "STATE", "IPS")]
+    for container in data:
+        for att in container["attachments"]:
+            ips = [ip["address"] for ip in (att.get("result") or {}).get("ips", [])]
+            pod = f"{att['pod_namespace']}/{att['pod_name']}" if att["pod_name"] else "-"
+            rows.append(
+                (
+                    container["containerID"][:12],
+                    pod,
+                    att["ifname"],
+                    att["network"],
+                    att["state"],
+                    ",".join(ips) or "-",
+                )
+            )
+        for q in container.get("quarantined", []):
+            rows.append((container["containerID"][:12], "-", "-", "-", "quarantined", q))
+    _table(rows)
+    return 0
+
+
+def cmd_network_status(args: argparse.Namespace) -> int:
+    namespace, _, name = args.pod.rpartition("/")
+    status, body = _get(
+        _socket_path(args), f"/v1/network-status?namespace={namespace or 'default'}&name={name}"
+    )
+    if status != 200:
+        print(
+            f"plexusctl: no attachments recorded for pod {namespace or 'default'}/{name}",
+            file=sys.stderr,
+        )
+        return 1
+    print(json.dumps(json.loads(body), indent=2))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    failed = 0
+    for file in args.files:
+        try:
+            nads = parse_manifests(Path(file).read_text(), file)
+            if not nads:
+                raise PlexusError(f"{file}: no NetworkAttachmentDefinition found")
+            for nad in nads:
+                net = NetworkConfigList.parse(network_config(nad, args.cni_conf_dir))
+                types = ", ".join(str(p["type"]) for p in net.plugins)
+                print(f"ok   {file}: {nad.key} (cniVersion {net.version}; plugins: {types})")
+        except (PlexusError, OSError) as exc:
+            failed += 1
+            print(f"FAIL {file}: {getattr(exc, 'msg', exc)}")
+    return 1 if failed else 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    status, body = _get(_socket_path(args), "/readyz")
+    print(body.decode().strip())
+    return 0 if status == 200 else 1
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="plexusctl", description="Plexus admin CLI")
+    parser.add_argument("--socket", help="plexusd socket (default /run/plexus/plexus.sock)")
+    parser.add_argument("--config", help="daemon config file (to find the socket)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("version", help="CNI versions Plexus speaks").set_defaults(fn=cmd_version)
+    p = sub.add_parser("attachments", help="attachments recorded on this node")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_attachments)
+    p = sub.add_parser("network-status", help="a pod's network-status JSON")
+    p.add_argument("pod", metavar="NAMESPACE/NAME")
+    p.set_defaults(fn=cmd_network_status)
+    p = sub.add_parser("validate", help="validate NAD manifest files")
+    p.add_argument("files", nargs="+")
+    p.add_argument(
+        "--cni-conf-dir",
+        default="/etc/cni/net.d",
+        help="where NADs without spec.config find their conf",
+    )
+    p.set_defaults(fn=cmd_validate)
+    sub.add_parser("health", help="is plexusd ready").set_defaults(fn=cmd_health)
+    args = parser.parse_args(argv)
+    result: int = args.fn(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""The node install step: put the shim into the CNI bin dir and Plexus's conflist into the CNI
+conf dir, as the DaemonSet's plexusd does at start.
+
+The shim is copied to a temp file in the same directory and renamed over the old one, so a
+runtime exec'ing it never sees a half-written file ("text file busy" cannot happen: the old inode
+stays intact for whoever runs it). The conflist is written in place rather than renamed, because
+containerd 1.6 ignores a conf that appears through rename (containerd#11715).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Final
+
+from metaplugin.config import NETWORK_NAME, DaemonConfig
+
+SHIM_NAME: Final = "plexus"
+SHIM_SOURCE: Final = Path(__file__).with_name("shim.py")
+CONF_VERSION: Final = "1.0.0"  # containerd 1.6's libcni rejects 1.1.0 results
+CONF_VERSIONS: Final = ["0.3.1", "0.4.0", "1.0.0", "1.1.0"]
+CAPABILITIES: Final = {
+    "io.kubernetes.cri.pod-annotations": True,
+    "portMappings": True,
+    "bandwidth": True,
+    "ips": True,
+    "mac": True,
+    "deviceID": True,
+}
+
+
+def shim_text(interpreter: str) -> str:
+    lines = SHIM_SOURCE.read_text().splitlines(keepends=True)
+    # One shebang argument only: "-I -S" as two would reach python as the single option "-I -S".
+    shebang = f"#!{interpreter} -IS\n"
+    if lines and lines[0].startswith("#!"):
+        lines[0] = shebang
+    else:
+        lines.insert(0, shebang)
+    return "".join(lines)
+
+
+def install_shim(cfg: DaemonConfig) -> Path:
+    bin_dir = Path(cfg.cni_bin_dir)
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    target = bin_dir / SHIM_NAME
+    data = shim_text(cfg.shim_interpreter).encode()
+    if target.is_file() and target.read_bytes() == data and os.access(target, os.X_OK):
+        return target
+    fd, tmp = tempfile.mkstemp(prefix=f".{SHIM_NAME}.", dir=bin_dir)
+    try:
+        os.write(fd, data)
+        os.fchmod(fd, 0o755)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        os.unlink(tmp)
+        raise
+    return target
+
+
+def conflist(cfg: DaemonConfig) -> dict[str, Any]:
+    return {
+        "cniVersion": CONF_VERSION,
+        "cniVersions": CONF_VERSIONS,
+        "name": NETWORK_NAME,
+        "plugins": [
+            {
+                "type": SHIM_NAME,
+                "socketPath": cfg.socket_path,
+                "spoolDir": cfg.spool_path,
+                "shimTimeout": cfg.shim_timeout,
+                "capabilities": CAPABILITIES,
+            }
+        ],
+    }
+
+
+def write_conf(cfg: DaemonConfig) -> bool:
+    """Write 00-plexus.conflist in place; returns False when it was already up to date."""
+    path = Path(cfg.conf_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = (json.dumps(conflist(cfg), indent=2) + "\n").encode()
+    if path.is_file() and path.read_bytes() == data:
+        return False
+    # NOTE: in place on purpose (containerd#11715): a rename raises only CREATE, which
+    # containerd 1.6 ignores; a write raises WRITE, which it reloads on.
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return True
+
+
+def uninstall(cfg: DaemonConfig) -> None:
+    """Remove the conflist so the runtime stops sending new pods to Plexus. The shim stays:
+    pods that still run must be able to DEL (spooled until a daemon replays them)."""
+    Path(cfg.conf_file).unlink(missing_ok=True)

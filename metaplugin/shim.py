@@ -1,0 +1,157 @@
+#!/usr/bin/python3 -IS
+"""plexus: the CNI plugin binary the runtime execs. Standard library only, by design.
+
+It forwards the CNI_* environment and stdin to plexusd over its unix socket as one HTTP request
+and prints the daemon's reply as is. It imports nothing of Plexus (it is installed as a single
+file) and nothing heavy, so it starts in milliseconds. When the daemon cannot be reached:
+ADD/CHECK/GC answer CNI code 11, STATUS code 50, and DEL is written to a durable spool directory
+and reported as done: the daemon replays the spool before it serves anything else, so the DEL
+is late but never lost.
+"""
+
+import json
+import os
+import socket
+import sys
+import time
+
+SUPPORTED_VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]  # = metaplugin.cni
+CNI_KEYS = ("CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH")
+DEFAULT_SOCKET = "/run/plexus/plexus.sock"
+DEFAULT_SPOOL = "/var/lib/plexus/spool"
+DEFAULT_TIMEOUT = 120.0
+DECODE_FAILURE = 6
+TRY_AGAIN_LATER = 11
+NOT_AVAILABLE = 50
+
+
+class Unreachable(Exception):
+    """The daemon could not be reached, or went away before it answered."""
+
+
+def emit(body: dict[str, object]) -> None:
+    sys.stdout.write(json.dumps(body) + "\n")
+    sys.stdout.flush()
+
+
+def fail(version: str, code: int, msg: str, details: str = "") -> int:
+    emit({"cniVersion": version, "code": code, "msg": msg, "details": details})
+    return 1
+
+
+def request(sock_path: str, body: bytes, timeout: float) -> tuple[int, bytes]:
+    """POST /cni over the unix socket; returns (status, reply body). Raises Unreachable."""
+    deadline = time.monotonic() + timeout
+    head = "POST /cni HTTP/1.0\r\nHost: plexusd\r\nContent-Type: application/json\r\n"
+    head += f"Content-Length: {len(body)}\r\n\r\n"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(sock_path)
+        sock.sendall(head.encode() + body)
+        chunks = []
+        while True:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except OSError as exc:  # refused, missing socket, reset, timeout
+        raise Unreachable(exc.strerror or str(exc)) from None
+    finally:
+        sock.close()
+    reply = b"".join(chunks)
+    header, sep, payload = reply.partition(b"\r\n\r\n")
+    parts = header.split(b" ", 2)
+    if not sep or len(parts) < 2 or not parts[1].isdigit():
+        raise Unreachable("the connection closed before a complete answer")
+    return int(parts[1]), payload
+
+
+def spool(spool_dir: str, env: dict[str, str], stdin: str) -> None:
+    """Durably record a DEL for the daemon to replay (temp file + fsync + rename)."""
+    os.makedirs(spool_dir, mode=0o700, exist_ok=True)
+    cid = "".join(c if c.isalnum() or c in "-_." else "_" for c in env.get("CNI_CONTAINERID", ""))
+    name = f"{time.time_ns()}-{cid[:80]}-{env.get('CNI_IFNAME', '')[:15]}.json"
+    entry = {"env": env, "config": stdin, "spooledAt": time.time()}
+    tmp = os.path.join(spool_dir, "." + name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, json.dumps(entry).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, os.path.join(spool_dir, name))
+    dfd = os.open(spool_dir, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def unreachable(
+    command: str,
+    conf: dict[str, object],
+    *,
+    version: str,
+    env: dict[str, str],
+    stdin: str,
+    why: str,
+) -> int:
+    """The daemon is down: spool a DEL (success), refuse everything else with a clear code."""
+    if command == "DEL":
+        try:
+            spool(str(conf.get("spoolDir") or DEFAULT_SPOOL), env, stdin)
+        except OSError as err:
+            return fail(
+                version, TRY_AGAIN_LATER, f"{why}; spooling the DEL failed too: {err.strerror}"
+            )
+        return 0
+    if command == "STATUS":
+        return fail(version, NOT_AVAILABLE, why)
+    return fail(
+        version,
+        TRY_AGAIN_LATER,
+        why + "; retry once the plexusd pod is running",
+        "check the plexusd DaemonSet pod on this node and its logs",
+    )
+
+
+def main() -> int:
+    env = {k: os.environ[k] for k in CNI_KEYS if k in os.environ}
+    command = env.get("CNI_COMMAND", "")
+    stdin = sys.stdin.buffer.read().decode("utf-8", "replace")
+    try:
+        conf = json.loads(stdin or "{}")
+    except ValueError as exc:
+        conf = exc
+    if not isinstance(conf, dict):
+        # Without a config there is no socketPath to forward to: answer here.
+        return fail(
+            "1.0.0", DECODE_FAILURE, f"network configuration on stdin is not a JSON object: {conf}"
+        )
+    version = conf.get("cniVersion")
+    if not isinstance(version, str):
+        version = "1.0.0"
+    if command == "VERSION":
+        emit({"cniVersion": version, "supportedVersions": SUPPORTED_VERSIONS})
+        return 0
+    sock_path = conf.get("socketPath") or DEFAULT_SOCKET
+    try:
+        timeout = float(conf.get("shimTimeout") or DEFAULT_TIMEOUT)
+    except (TypeError, ValueError):
+        timeout = DEFAULT_TIMEOUT
+    body = json.dumps({"env": env, "config": stdin}).encode()
+    try:
+        status, reply = request(sock_path, body, timeout)
+    except Unreachable as exc:
+        why = f"plexusd is not reachable at {sock_path} ({exc})"
+        return unreachable(command, conf, version=version, env=env, stdin=stdin, why=why)
+    if reply:
+        sys.stdout.buffer.write(reply if reply.endswith(b"\n") else reply + b"\n")
+        sys.stdout.flush()
+    return 0 if status == 200 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

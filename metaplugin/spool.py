@@ -1,0 +1,84 @@
+"""Replaying DELs the shim spooled while the daemon was unreachable.
+
+The shim writes one file per DEL (`<ns timestamp>-<container>-<ifname>.json` holding
+`{"env", "config", "spooledAt"}`, atomically). The daemon replays them in order on start, before
+it serves anything, and retries the ones that fail on a timer, so a DEL is never lost. A file
+that cannot be decoded is moved to `<spool>/bad/` and logged, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import structlog
+
+from metaplugin import cni
+from metaplugin.errors import PlexusError
+from metaplugin.orchestrator import Orchestrator
+from metaplugin.scheduler import Scheduler
+
+log = structlog.get_logger(__name__)
+
+
+class SpoolReplayer:
+    def __init__(self, spool_dir: str, *, orchestrator: Orchestrator, scheduler: Scheduler) -> None:
+        self._dir = Path(spool_dir)
+        self._orchestrator = orchestrator
+        self._scheduler = scheduler
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def pending(self) -> list[Path]:
+        try:
+            return sorted(p for p in self._dir.iterdir() if p.suffix == ".json" and p.is_file())
+        except FileNotFoundError:
+            return []
+
+    def replay(self) -> int:
+        """Replay every spooled DEL; returns how many are still pending (failed ones)."""
+        remaining = 0
+        for path in self.pending():
+            if not self._replay_one(path):
+                remaining += 1
+        return remaining
+
+    def _replay_one(self, path: Path) -> bool:
+        try:
+            data = json.loads(path.read_bytes())
+            req = cni.parse_request(data["env"], data["config"], check_netns=False)
+            if req.command != cni.DEL:
+                raise ValueError(f"spooled command is {req.command}, only DEL is spooled")
+        except (ValueError, KeyError, TypeError, PlexusError) as exc:
+            self._quarantine(path, str(exc))
+            return True
+        bound = log.bind(container_id=req.container_id, ifname=req.ifname, spool_file=path.name)
+        try:
+            with self._scheduler.container_lock(req.container_id):
+                self._orchestrator.delete(req, prefer_recorded_netns=True)
+        except PlexusError as exc:
+            bound.warning("spooled_del_failed", error=exc.msg)
+            return False
+        path.unlink(missing_ok=True)
+        bound.info("spooled_del_replayed")
+        return True
+
+    def _quarantine(self, path: Path, why: str) -> None:
+        bad = self._dir / "bad"
+        bad.mkdir(exist_ok=True, mode=0o700)
+        shutil.move(str(path), bad / path.name)
+        log.error("spool_file_unreadable", spool_file=path.name, error=why[:300])
+
+    def start_retries(self, interval: float = 30.0) -> None:
+        def loop() -> None:
+            while not self._stop.wait(interval):
+                if self.pending():
+                    self.replay()
+
+        self._thread = threading.Thread(target=loop, name="spool-retry", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
