@@ -1,0 +1,459 @@
+"""The daemon's one adaptor to the Kubernetes API (the only metaplugin module that imports
+`kubernetes`).
+
+It keeps two watch-fed caches — every NetworkAttachmentDefinition, and the pods of this node
+(`spec.nodeName=<node>`, trimmed to identity and annotations) — and publishes network-status and
+pod Events from a background worker so the CNI path never waits on the API. ApiException statuses
+are translated here, once: 404 → "not there", 409 → retry, anything else → TryAgainLater.
+
+Informer loop: list (records resourceVersion) → watch from it with bookmarks → on 410 Gone relist
+→ on any other failure back off and re-watch from the last resourceVersion.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final, Generic, TypeVar
+
+import structlog
+from kubernetes import client as kclient
+from kubernetes import config as kconfig
+from kubernetes.client.exceptions import ApiException
+from kubernetes.watch.watch import iter_resp_lines
+from urllib3.exceptions import HTTPError
+
+from metaplugin import nad as nadmod
+from metaplugin.annotations import NETWORK_STATUS_ANNOTATION
+from metaplugin.config import DaemonConfig
+from metaplugin.errors import InvalidConfig, TryAgainLater
+from metaplugin.nad import NetworkAttachmentDefinition
+from metaplugin.resolve import PodInfo
+
+log = structlog.get_logger(__name__)
+
+WATCH_TIMEOUT: Final = 300
+REQUEST_TIMEOUT: Final = (5.0, 15.0)
+CACHE_WAIT: Final = 2.0
+STATUS_RETRIES: Final = 5
+EVENT_COMPONENT: Final = "plexus"
+
+V = TypeVar("V")
+
+
+class Gone(Exception):
+    """The watch's resourceVersion is too old (410): relist."""
+
+
+class _TransientApiError(Exception):
+    """A watch ERROR event other than 410."""
+
+
+def _api_error(exc: Exception) -> TryAgainLater:
+    if isinstance(exc, ApiException):
+        return TryAgainLater(f"Kubernetes API error {exc.status} {exc.reason}")
+    return TryAgainLater(f"Kubernetes API unreachable: {exc}")
+
+
+class Informer(Generic[V]):
+    """A list+watch cache of one resource, keyed by namespace/name."""
+
+    def __init__(
+        self,
+        name: str,
+        list_fn: Callable[..., Any],
+        convert: Callable[[Mapping[str, Any]], V],
+    ) -> None:
+        self._name = name
+        self._list = list_fn
+        self._convert = convert
+        self._items: dict[str, V] = {}
+        self._rv: str | None = None
+        self._cond = threading.Condition()
+        self.synced = threading.Event()
+        self._stop = threading.Event()
+        self._response: Any = None
+        self._thread = threading.Thread(target=self._run, name=f"informer-{name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        resp = self._response
+        if resp is not None:
+            # NOTE: closing the response would block on the reader's buffer lock; shutting the
+            # socket down makes the blocked read return at once.
+            sock = getattr(getattr(resp, "connection", None), "sock", None)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def get(self, key: str) -> V | None:
+        with self._cond:
+            return self._items.get(key)
+
+    def wait_for(self, key: str, accept: Callable[[V], bool], timeout: float) -> V | None:
+        """Wait up to `timeout` for an item at `key` that `accept`s (the watch may lag)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                item = self._items.get(key)
+                if item is not None and accept(item):
+                    return item
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+
+    def _run(self) -> None:
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                if self._rv is None:
+                    self._relist()
+                self._watch()
+                backoff = 0.5
+            except Gone:
+                log.info("watch_expired_relisting", resource=self._name)
+                self._rv = None
+            except Exception as exc:  # noqa: BLE001 - an informer must outlive any failure
+                if self._stop.is_set():
+                    return  # stop() closed the stream under us
+                log.warning(
+                    "watch_failed", resource=self._name, error=str(exc)[:200], retry_in=backoff
+                )
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+
+    def _relist(self) -> None:
+        resp = self._list(_preload_content=False, _request_timeout=REQUEST_TIMEOUT)
+        data = _json(resp)
+        items = {}
+        for obj in data.get("items") or []:
+            items[_key(obj)] = self._convert(obj)
+        with self._cond:
+            self._items = items
+            self._rv = str(data["metadata"]["resourceVersion"])
+            self._cond.notify_all()
+        self.synced.set()
+        log.info("informer_listed", resource=self._name, count=len(items), rv=self._rv)
+
+    def _watch(self) -> None:
+        resp = self._list(
+            watch=True,
+            resource_version=self._rv,
+            allow_watch_bookmarks=True,
+            timeout_seconds=WATCH_TIMEOUT,
+            _preload_content=False,
+            _request_timeout=(REQUEST_TIMEOUT[0], WATCH_TIMEOUT + 30),
+        )
+        self._response = resp
+        try:
+            for line in iter_resp_lines(resp):
+                if self._stop.is_set():
+                    return
+                self._apply(json.loads(line))
+        finally:
+            self._response = None
+            with contextlib.suppress(Exception):
+                resp.release_conn()
+
+    def _apply(self, event: Mapping[str, Any]) -> None:
+        kind = event.get("type")
+        obj = event.get("object") or {}
+        if kind == "ERROR":
+            if obj.get("code") == 410:
+                raise Gone()
+            raise _TransientApiError(f"watch error: {obj.get('message', obj)}")
+        rv = (obj.get("metadata") or {}).get("resourceVersion")
+        with self._cond:
+            if kind in ("ADDED", "MODIFIED"):
+                self._items[_key(obj)] = self._convert(obj)
+            elif kind == "DELETED":
+                self._items.pop(_key(obj), None)
+            if rv:
+                self._rv = str(rv)
+            self._cond.notify_all()
+
+
+def _json(resp: Any) -> dict[str, Any]:
+    """The body of a `_preload_content=False` call (raw JSON: no model round trip)."""
+    data = json.loads(resp.data)
+    if not isinstance(data, dict):
+        raise ValueError("API answered with something other than an object")
+    return data
+
+
+def _key(obj: Mapping[str, Any]) -> str:
+    meta = obj.get("metadata") or {}
+    return f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+
+
+def _pod_info(obj: Mapping[str, Any]) -> PodInfo:
+    meta = obj.get("metadata") or {}
+    return PodInfo(
+        namespace=str(meta.get("namespace", "")),
+        name=str(meta.get("name", "")),
+        uid=str(meta.get("uid", "")),
+        annotations={str(k): str(v) for k, v in (meta.get("annotations") or {}).items()},
+    )
+
+
+def _nad(obj: Mapping[str, Any]) -> NetworkAttachmentDefinition:
+    return NetworkAttachmentDefinition.from_object(obj)
+
+
+class ApiNadSource:
+    def __init__(
+        self, informer: Informer[NetworkAttachmentDefinition], custom: kclient.CustomObjectsApi
+    ) -> None:
+        self._informer = informer
+        self._custom = custom
+
+    def get(self, namespace: str, name: str) -> NetworkAttachmentDefinition | None:
+        found = self._informer.get(f"{namespace}/{name}")
+        if found is not None:
+            return found
+        # A NAD created a moment ago may not have reached the watch yet: ask once.
+        try:
+            resp = self._custom.get_namespaced_custom_object(
+                nadmod.GROUP,
+                nadmod.VERSION,
+                namespace,
+                nadmod.PLURAL,
+                name,
+                _preload_content=False,
+                _request_timeout=REQUEST_TIMEOUT,
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise _api_error(exc) from None
+        except (HTTPError, OSError) as exc:
+            raise _api_error(exc) from None
+        return NetworkAttachmentDefinition.from_object(_json(resp))
+
+    def synced(self) -> bool:
+        return self._informer.synced.is_set()
+
+
+class ApiPodSource:
+    def __init__(self, informer: Informer[PodInfo], core: kclient.CoreV1Api) -> None:
+        self._informer = informer
+        self._core = core
+
+    def get(self, namespace: str, name: str, uid: str) -> PodInfo | None:
+        def matches(pod: PodInfo) -> bool:
+            return not uid or pod.uid == uid
+
+        found = self._informer.wait_for(f"{namespace}/{name}", matches, CACHE_WAIT)
+        if found is not None:
+            return found
+        try:
+            resp = self._core.read_namespaced_pod(
+                name, namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise _api_error(exc) from None
+        except (HTTPError, OSError) as exc:
+            raise _api_error(exc) from None
+        pod = _pod_info(_json(resp))
+        return pod if matches(pod) else None
+
+
+@dataclass(frozen=True, slots=True)
+class _StatusJob:
+    pod: PodInfo
+    status: list[dict[str, Any]] | None = None
+    event: tuple[str, str, str] | None = None  # (type, reason, message)
+
+
+class ApiStatusSink:
+    """Publishes network-status and Events from a worker thread, never on the CNI path."""
+
+    def __init__(self, core: kclient.CoreV1Api, node: str, *, capacity: int = 1024) -> None:
+        self._core = core
+        self._node = node
+        self._jobs: queue.Queue[_StatusJob | None] = queue.Queue(maxsize=capacity)
+        self._thread = threading.Thread(target=self._run, name="status-publisher", daemon=True)
+        self._thread.start()
+
+    def attached(self, pod: PodInfo, status: list[dict[str, Any]], messages: list[str]) -> None:
+        self._put(_StatusJob(pod, status=status))
+        for message in messages:
+            self._put(_StatusJob(pod, event=("Normal", "AddedInterface", message)))
+
+    def network_not_found(self, pod: PodInfo, message: str) -> None:
+        self._put(_StatusJob(pod, event=("Warning", "NoNetworkFound", message)))
+
+    def _put(self, job: _StatusJob) -> None:
+        try:
+            self._jobs.put_nowait(job)
+        except queue.Full:
+            log.error("status_queue_full_dropped", pod=job.pod.ref)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every queued job was tried (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        while self._jobs.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return not self._jobs.unfinished_tasks
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is None:
+                    return
+                if job.status is not None:
+                    self._patch_status(job.pod, job.status)
+                if job.event is not None:
+                    self._event(job.pod, *job.event)
+            except Exception:
+                log.exception("status_publish_crashed")
+            finally:
+                self._jobs.task_done()
+
+    def _patch_status(self, pod: PodInfo, status: list[dict[str, Any]]) -> None:
+        value = json.dumps(status)
+        for attempt in range(STATUS_RETRIES):
+            try:
+                current = _json(
+                    self._core.read_namespaced_pod(
+                        pod.name,
+                        pod.namespace,
+                        _preload_content=False,
+                        _request_timeout=REQUEST_TIMEOUT,
+                    )
+                )
+                meta = current["metadata"]
+                if pod.uid and meta.get("uid") != pod.uid:
+                    log.info("network_status_pod_replaced", pod=pod.ref)
+                    return
+                body = {
+                    "metadata": {
+                        "uid": meta.get("uid"),
+                        "resourceVersion": meta["resourceVersion"],
+                        "annotations": {NETWORK_STATUS_ANNOTATION: value},
+                    }
+                }
+                self._core.patch_namespaced_pod_status(
+                    pod.name,
+                    pod.namespace,
+                    body,
+                    _content_type="application/merge-patch+json",
+                    _request_timeout=REQUEST_TIMEOUT,
+                )
+                log.info("network_status_published", pod=pod.ref)
+                return
+            except ApiException as exc:
+                if exc.status == 404:
+                    log.info("network_status_pod_gone", pod=pod.ref)
+                    return
+                if exc.status != 409:
+                    log.warning("network_status_patch_failed", pod=pod.ref, status=exc.status)
+                    time.sleep(min(0.2 * 2**attempt, 2.0))
+            except (HTTPError, OSError) as exc:
+                log.warning("network_status_patch_failed", pod=pod.ref, error=str(exc)[:200])
+                time.sleep(min(0.2 * 2**attempt, 2.0))
+        log.error("network_status_not_published", pod=pod.ref, attempts=STATUS_RETRIES)
+
+    def _event(self, pod: PodInfo, kind: str, reason: str, message: str) -> None:
+        now = datetime.now(UTC)
+        body = kclient.CoreV1Event(
+            metadata=kclient.V1ObjectMeta(generate_name=f"{pod.name}.", namespace=pod.namespace),
+            involved_object=kclient.V1ObjectReference(
+                api_version="v1",
+                kind="Pod",
+                namespace=pod.namespace,
+                name=pod.name,
+                uid=pod.uid or None,
+            ),
+            type=kind,
+            reason=reason,
+            message=message,
+            source=kclient.V1EventSource(component=EVENT_COMPONENT, host=self._node),
+            reporting_component=EVENT_COMPONENT,
+            reporting_instance=self._node,
+            first_timestamp=now,
+            last_timestamp=now,
+            count=1,
+        )
+        try:
+            self._core.create_namespaced_event(
+                pod.namespace, body, _request_timeout=REQUEST_TIMEOUT
+            )
+        except (ApiException, HTTPError, OSError) as exc:
+            log.warning("pod_event_failed", pod=pod.ref, reason=reason, error=str(exc)[:200])
+
+
+class Cluster:
+    """The API-backed sources the daemon uses in cluster mode."""
+
+    def __init__(self, api: kclient.ApiClient, node: str) -> None:
+        core = kclient.CoreV1Api(api)
+        custom = kclient.CustomObjectsApi(api)
+        self._nad_informer: Informer[NetworkAttachmentDefinition] = Informer(
+            "network-attachment-definitions",
+            lambda **kw: custom.list_cluster_custom_object(
+                nadmod.GROUP, nadmod.VERSION, nadmod.PLURAL, **kw
+            ),
+            _nad,
+        )
+        self._pod_informer: Informer[PodInfo] = Informer(
+            "pods",
+            lambda **kw: core.list_pod_for_all_namespaces(
+                field_selector=f"spec.nodeName={node}", **kw
+            ),
+            _pod_info,
+        )
+        self.nads = ApiNadSource(self._nad_informer, custom)
+        self.pods = ApiPodSource(self._pod_informer, core)
+        self.sink = ApiStatusSink(core, node)
+        self.synced = threading.Event()
+
+    @classmethod
+    def connect(cls, cfg: DaemonConfig) -> Cluster:
+        configuration = kclient.Configuration()
+        if cfg.kubeconfig:
+            kconfig.load_kube_config(config_file=cfg.kubeconfig, client_configuration=configuration)
+        elif os.environ.get("KUBERNETES_SERVICE_HOST"):
+            kconfig.load_incluster_config(client_configuration=configuration)
+        else:
+            raise InvalidConfig(
+                "no Kubernetes API configured: set kubeconfig, run in a pod, or use local "
+                "mode (--local DIR) on a machine without a cluster",
+            )
+        cluster = cls(kclient.ApiClient(configuration), cfg.node_name)
+        cluster.start()
+        return cluster
+
+    def start(self) -> None:
+        self._nad_informer.start()
+        self._pod_informer.start()
+
+        def mark_synced() -> None:
+            self._nad_informer.synced.wait()
+            self._pod_informer.synced.wait()
+            self.synced.set()
+
+        threading.Thread(target=mark_synced, name="informer-sync", daemon=True).start()
+
+    def stop(self) -> None:
+        self._nad_informer.stop()
+        self._pod_informer.stop()
+        self.sink.stop()
