@@ -1,0 +1,208 @@
+"""The netns test bed for the core: a "node" namespace running a real plexusd in local mode,
+pod namespaces, a veth in the node as macvlan master, Debian's reference plugins as delegates
+(bridge + host-local for eth0, macvlan + host-local for secondaries), and two test plugins:
+`failer` (ADD always fails) and `gate` (ADD waits for the test before running macvlan)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.support.daemon import DaemonProcess
+from tests.support.netns import Netns, namespaces
+from tests.support.runtime import CniRuntime
+
+REFERENCE_PLUGINS = Path("/usr/lib/cni")
+NETWORKS = "k8s.v1.cni.cncf.io/networks"
+
+FAILER = """#!/bin/sh
+cat >/dev/null
+case "$CNI_COMMAND" in
+VERSION) echo '{"cniVersion":"1.0.0","supportedVersions":["0.3.1","0.4.0","1.0.0"]}';;
+ADD) echo '{"cniVersion":"1.0.0","code":110,"msg":"deliberate failure","details":"failer refuses ADD"}'
+     exit 1;;
+*) exit 0;;
+esac
+"""
+
+GATE = """#!/usr/bin/python3 -IS
+import json, os, subprocess, sys, time
+data = sys.stdin.buffer.read()
+if os.environ.get("CNI_COMMAND") == "ADD":
+    gate = json.loads(data)["gateDir"]
+    open(os.path.join(gate, "reached"), "w").close()
+    parent = os.getppid()
+    while not os.path.exists(os.path.join(gate, "release")):
+        if os.getppid() != parent:
+            sys.exit(1)  # the daemon died under us
+        time.sleep(0.02)
+sys.exit(subprocess.run(["/usr/lib/cni/macvlan"], input=data).returncode)
+"""
+
+
+def nad(name: str, config: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "k8s.cni.cncf.io/v1",
+        "kind": "NetworkAttachmentDefinition",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"config": json.dumps(config)},
+    }
+
+
+@dataclass
+class Bed:
+    root: Path
+    node: Netns
+    daemon: DaemonProcess
+    runtime: CniRuntime
+    ipam_dir: Path
+    gate_dir: Path
+    made: list[Netns] = field(default_factory=list)
+
+    def pod(self, role: str) -> Netns:
+        ns = Netns(role)
+        self.made.append(ns)
+        return ns
+
+    def reservations(self) -> list[str]:
+        """host-local reservation files (address -> container id), none of its bookkeeping."""
+        if not self.ipam_dir.exists():
+            return []
+        return sorted(
+            f"{p.parent.name}/{p.name}"
+            for p in self.ipam_dir.rglob("*")
+            if p.is_file() and p.name != "lock" and not p.name.startswith("last_reserved_ip")
+        )
+
+    def records(self) -> list[str]:
+        root = Path(self.daemon.config["stateDir"]) / "attachments"
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
+
+    def node_veths(self) -> list[str]:
+        return [
+            n
+            for n, link in self.node.links().items()
+            if link.get("linkinfo", {}).get("info_kind") == "veth" and not n.startswith("pxm")
+        ]
+
+    def assert_nothing_left(self, *pods: Netns) -> None:
+        for pod in pods:
+            if pod.exists():
+                assert set(pod.links()) == {"lo"}, pod.links().keys()
+        assert self.reservations() == []
+        assert self.node_veths() == []
+        assert self.records() == []
+
+
+def _ipam(subnet: str, ipam_dir: Path, **extra: Any) -> dict[str, Any]:
+    return {
+        "type": "host-local",
+        "dataDir": str(ipam_dir),
+        "ranges": [[{"subnet": subnet}]],
+        **extra,
+    }
+
+
+def _write_plugins(testbin: Path) -> None:
+    testbin.mkdir()
+    for name, text in (("failer", FAILER), ("gate", GATE)):
+        path = testbin / name
+        path.write_text(text)
+        path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+
+
+@pytest.fixture
+def bed(tmp_path: Path) -> Iterator[Bed]:
+    if not REFERENCE_PLUGINS.is_dir():
+        pytest.skip("Debian's containernetworking-plugins are not installed (/usr/lib/cni)")
+    ipam_dir, gate_dir, testbin = tmp_path / "ipam", tmp_path / "gate", tmp_path / "testbin"
+    gate_dir.mkdir()
+    _write_plugins(testbin)
+    (tmp_path / "net.d").mkdir()
+    (tmp_path / "net.d" / "10-cluster.conflist").write_text(
+        json.dumps(
+            {
+                "cniVersion": "1.0.0",
+                "name": "cluster",
+                "plugins": [
+                    {
+                        "type": "bridge",
+                        "bridge": "pxbr0",
+                        "isGateway": True,
+                        "ipMasq": False,
+                        "ipam": _ipam("10.88.0.0/24", ipam_dir, routes=[{"dst": "0.0.0.0/0"}]),
+                    }
+                ],
+            }
+        )
+    )
+    macvlan = {"cniVersion": "1.0.0", "type": "macvlan", "master": "pxm0", "mode": "bridge"}
+    nads = [
+        nad("net-a", {**macvlan, "name": "net-a", "ipam": _ipam("10.89.0.0/24", ipam_dir)}),
+        nad(
+            "net-b",
+            {
+                **macvlan,
+                "name": "net-b",
+                "capabilities": {"ips": True, "mac": True},
+                "ipam": _ipam("10.90.0.0/24", ipam_dir),
+            },
+        ),
+        nad(
+            "net-fail",
+            {
+                "cniVersion": "1.0.0",
+                "name": "net-fail",
+                "plugins": [
+                    {"type": "macvlan", "master": "pxm0", "ipam": _ipam("10.91.0.0/24", ipam_dir)},
+                    {"type": "failer"},
+                ],
+            },
+        ),
+        nad(
+            "net-gate",
+            {
+                **macvlan,
+                "name": "net-gate",
+                "type": "gate",
+                "gateDir": str(gate_dir),
+                "ipam": _ipam("10.92.0.0/24", ipam_dir),
+            },
+        ),
+    ]
+    (tmp_path / "nads").mkdir()
+    (tmp_path / "nads" / "nads.yaml").write_text(yaml.safe_dump_all(nads))
+    with namespaces() as made:
+        node = Netns("node")
+        made.append(node)
+        node.run("ip", "link", "add", "pxm0", "type", "veth", "peer", "name", "pxm1")
+        node.run("ip", "link", "set", "pxm0", "up")
+        node.run("ip", "link", "set", "pxm1", "up")
+        daemon = DaemonProcess(
+            tmp_path,
+            {
+                "localDir": str(tmp_path / "nads"),
+                "clusterNetwork": "cluster",
+                "cniPath": [str(REFERENCE_PLUGINS), str(testbin)],
+            },
+            netns=node.name,
+        )
+        try:
+            daemon.start()
+            runtime = CniRuntime(daemon.conf_file, Path(daemon.config["cniBinDir"]))
+            b = Bed(tmp_path, node, daemon, runtime, ipam_dir, gate_dir, made)
+            yield b
+        finally:
+            daemon.stop()
+            (gate_dir / "release").touch()
+            if os.environ.get("PLEXUS_KEEP_LOGS"):
+                shutil.copy(daemon.log, os.environ["PLEXUS_KEEP_LOGS"])

@@ -1,0 +1,126 @@
+"""A real plexusd process for tests, running in a test-made "node" namespace with every path
+under a temp dir, plus a tiny client for its unix socket."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PLEXUSD = str(Path(sys.executable).with_name("plexusd"))
+
+
+class UnixHTTP(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        super().__init__("plexusd", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
+
+
+def get(sock: str, url: str) -> tuple[int, bytes]:
+    conn = UnixHTTP(sock)
+    try:
+        conn.request("GET", url)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+class DaemonProcess:
+    def __init__(self, root: Path, config: dict[str, Any], *, netns: str | None = None) -> None:
+        self.root = root
+        self.netns = netns
+        self.config = {
+            "stateDir": str(root / "state"),
+            "runDir": str(root / "run"),
+            "cniBinDir": str(root / "bin"),
+            "cniConfDir": str(root / "net.d"),
+            "cniPath": ["/usr/lib/cni"],
+            "shimInterpreter": "/usr/bin/python3"
+            if Path("/usr/bin/python3").exists()
+            else sys.executable,
+            "logFormat": "json",
+            "logLevel": "debug",
+            **config,
+        }
+        self.config_file = root / "plexusd.yaml"
+        self.config_file.write_text(yaml.safe_dump(self.config))
+        self.log = root / "plexusd.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket(self) -> str:
+        return str(Path(self.config["runDir"]) / "plexus.sock")
+
+    @property
+    def conf_file(self) -> Path:
+        return Path(self.config["cniConfDir"]) / "00-plexus.conflist"
+
+    def start(self, *, wait_conf: bool = True, timeout: float = 20.0) -> DaemonProcess:
+        argv = [PLEXUSD, "--config", str(self.config_file)]
+        if self.netns:
+            argv = ["ip", "netns", "exec", self.netns, *argv]
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"plexusd exited with {self.proc.returncode}:\n{self.logs()}")
+            if self.ready() and (not wait_conf or self.conf_file.exists()):
+                return self
+            time.sleep(0.05)
+        raise RuntimeError(f"plexusd not ready after {timeout}s:\n{self.logs()}")
+
+    def ready(self) -> bool:
+        try:
+            return get(self.socket, "/readyz")[0] == 200
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        out = []
+        for line in self.logs().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("event") == name:
+                out.append(entry)
+        return out
+
+    def attachments(self) -> list[dict[str, Any]]:
+        status, body = get(self.socket, "/v1/attachments")
+        assert status == 200
+        data: list[dict[str, Any]] = json.loads(body)
+        return data
