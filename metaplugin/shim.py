@@ -9,9 +9,12 @@ and reported as done: the daemon replays the spool before it serves anything els
 is late but never lost.
 """
 
-import json
+# NOTE: `import json` and `import socket` cost ~11 ms of a ~22 ms exec here (they pull in re,
+# enum and selectors); their C cores, part of every CPython, do all the shim needs (measured with
+# bench/shim_cost.py; `-X importtime` shows the split).
+import _json
+import _socket as socket
 import os
-import socket
 import sys
 import time
 
@@ -29,8 +32,40 @@ class Unreachable(Exception):
     """The daemon could not be reached, or went away before it answered."""
 
 
+class _Decoding:  # the attributes _json's scanner reads from a json.JSONDecoder
+    strict, object_hook, object_pairs_hook = True, None, None
+    parse_float, parse_int, parse_constant = float, int, float
+
+
+def loads(text: str) -> object:
+    start = len(text) - len(text.lstrip())
+    try:
+        value, end = _json.make_scanner(_Decoding())(text, start)  # type: ignore[arg-type]
+        if not text[end:].strip():
+            return value
+    except (StopIteration, SystemError, ValueError):
+        # NOTE: on malformed input the C scanner wants json.decoder already imported (it raises
+        # SystemError otherwise); only this error path pays for the full module.
+        pass
+    import json
+
+    return json.loads(text)
+
+
+def dumps(value: object) -> str:
+    if isinstance(value, str):
+        return _json.encode_basestring_ascii(value)
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{dumps(str(k))}:{dumps(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(dumps(v) for v in value) + "]"
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return repr(value)  # int or float
+
+
 def emit(body: dict[str, object]) -> None:
-    sys.stdout.write(json.dumps(body) + "\n")
+    sys.stdout.write(dumps(body) + "\n")
     sys.stdout.flush()
 
 
@@ -77,7 +112,7 @@ def spool(spool_dir: str, env: dict[str, str], stdin: str) -> None:
     tmp = os.path.join(spool_dir, "." + name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, json.dumps(entry).encode())
+        os.write(fd, dumps(entry).encode())
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -122,7 +157,7 @@ def main() -> int:
     command = env.get("CNI_COMMAND", "")
     stdin = sys.stdin.buffer.read().decode("utf-8", "replace")
     try:
-        conf = json.loads(stdin or "{}")
+        conf = loads(stdin or "{}")
     except ValueError as exc:
         conf = exc
     if not isinstance(conf, dict):
@@ -141,7 +176,7 @@ def main() -> int:
         timeout = float(conf.get("shimTimeout") or DEFAULT_TIMEOUT)
     except (TypeError, ValueError):
         timeout = DEFAULT_TIMEOUT
-    body = json.dumps({"env": env, "config": stdin}).encode()
+    body = dumps({"env": env, "config": stdin}).encode()
     try:
         status, reply = request(sock_path, body, timeout)
     except Unreachable as exc:

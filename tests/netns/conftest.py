@@ -9,7 +9,8 @@ import json
 import os
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,33 +121,9 @@ def _write_plugins(testbin: Path) -> None:
         path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
 
 
-@pytest.fixture
-def bed(tmp_path: Path) -> Iterator[Bed]:
-    if not REFERENCE_PLUGINS.is_dir():
-        pytest.skip("Debian's containernetworking-plugins are not installed (/usr/lib/cni)")
-    ipam_dir, gate_dir, testbin = tmp_path / "ipam", tmp_path / "gate", tmp_path / "testbin"
-    gate_dir.mkdir()
-    _write_plugins(testbin)
-    (tmp_path / "net.d").mkdir()
-    (tmp_path / "net.d" / "10-cluster.conflist").write_text(
-        json.dumps(
-            {
-                "cniVersion": "1.0.0",
-                "name": "cluster",
-                "plugins": [
-                    {
-                        "type": "bridge",
-                        "bridge": "pxbr0",
-                        "isGateway": True,
-                        "ipMasq": False,
-                        "ipam": _ipam("10.88.0.0/24", ipam_dir, routes=[{"dst": "0.0.0.0/0"}]),
-                    }
-                ],
-            }
-        )
-    )
+def write_nads(tmp_path: Path, ipam_dir: Path, gate_dir: Path) -> list[dict[str, Any]]:
     macvlan = {"cniVersion": "1.0.0", "type": "macvlan", "master": "pxm0", "mode": "bridge"}
-    nads = [
+    return [
         nad("net-a", {**macvlan, "name": "net-a", "ipam": _ipam("10.89.0.0/24", ipam_dir)}),
         nad(
             "net-b",
@@ -179,30 +156,72 @@ def bed(tmp_path: Path) -> Iterator[Bed]:
             },
         ),
     ]
-    (tmp_path / "nads").mkdir()
-    (tmp_path / "nads" / "nads.yaml").write_text(yaml.safe_dump_all(nads))
+
+
+@contextmanager
+def make_bed(
+    tmp_path: Path, configure: Callable[[Netns, list[dict[str, Any]]], dict[str, Any]]
+) -> Iterator[Bed]:
+    """Build the bed; `configure(node, nads)` returns the daemon config keys of the mode."""
+    if not REFERENCE_PLUGINS.is_dir():
+        pytest.skip("Debian's containernetworking-plugins are not installed (/usr/lib/cni)")
+    ipam_dir, gate_dir, testbin = tmp_path / "ipam", tmp_path / "gate", tmp_path / "testbin"
+    gate_dir.mkdir()
+    _write_plugins(testbin)
+    (tmp_path / "net.d").mkdir()
+    (tmp_path / "net.d" / "10-cluster.conflist").write_text(
+        json.dumps(
+            {
+                "cniVersion": "1.0.0",
+                "name": "cluster",
+                "plugins": [
+                    {
+                        "type": "bridge",
+                        "bridge": "pxbr0",
+                        "isGateway": True,
+                        "ipMasq": False,
+                        "ipam": _ipam("10.88.0.0/24", ipam_dir, routes=[{"dst": "0.0.0.0/0"}]),
+                    }
+                ],
+            }
+        )
+    )
+    nads = write_nads(tmp_path, ipam_dir, gate_dir)
     with namespaces() as made:
         node = Netns("node")
         made.append(node)
         node.run("ip", "link", "add", "pxm0", "type", "veth", "peer", "name", "pxm1")
         node.run("ip", "link", "set", "pxm0", "up")
         node.run("ip", "link", "set", "pxm1", "up")
+        mode = configure(node, nads)
         daemon = DaemonProcess(
             tmp_path,
             {
-                "localDir": str(tmp_path / "nads"),
                 "clusterNetwork": "cluster",
                 "cniPath": [str(REFERENCE_PLUGINS), str(testbin)],
+                **mode,
             },
             netns=node.name,
         )
         try:
             daemon.start()
             runtime = CniRuntime(daemon.conf_file, Path(daemon.config["cniBinDir"]))
-            b = Bed(tmp_path, node, daemon, runtime, ipam_dir, gate_dir, made)
-            yield b
+            yield Bed(tmp_path, node, daemon, runtime, ipam_dir, gate_dir, made)
         finally:
             daemon.stop()
             (gate_dir / "release").touch()
             if os.environ.get("PLEXUS_KEEP_LOGS"):
                 shutil.copy(daemon.log, os.environ["PLEXUS_KEEP_LOGS"])
+
+
+@pytest.fixture
+def bed(tmp_path: Path) -> Iterator[Bed]:
+    """Local mode: NADs from a directory, pod requests from the runtime."""
+
+    def local(node: Netns, nads: list[dict[str, Any]]) -> dict[str, Any]:
+        (tmp_path / "nads").mkdir()
+        (tmp_path / "nads" / "nads.yaml").write_text(yaml.safe_dump_all(nads))
+        return {"localDir": str(tmp_path / "nads")}
+
+    with make_bed(tmp_path, local) as b:
+        yield b

@@ -98,6 +98,7 @@ class CniRuntime:
         *,
         annotations: dict[str, str] | None = None,
         pod: tuple[str, str] = ("default", "pod"),
+        uid: str = "",
         **kw: Any,
     ) -> Outcome:
         caps = dict(kw.pop("capability_args", {}) or {})
@@ -105,7 +106,7 @@ class CniRuntime:
             caps["io.kubernetes.cri.pod-annotations"] = annotations
         args = (
             f"IgnoreUnknown=1;K8S_POD_NAMESPACE={pod[0]};K8S_POD_NAME={pod[1]};"
-            f"K8S_POD_INFRA_CONTAINER_ID={cid};K8S_POD_UID=uid-{cid}"
+            f"K8S_POD_INFRA_CONTAINER_ID={cid};K8S_POD_UID={uid or 'uid-' + cid}"
         )
         out = self.invoke("ADD", cid, netns=netns, args=args, capability_args=caps, **kw)
         if out.returncode == 0:

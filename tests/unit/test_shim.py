@@ -233,3 +233,35 @@ def test_shim_deadline(installed: Path, tmp_path: Path, daemon_path: Path) -> No
     finally:
         silent.close()
     assert out.returncode == 1 and json.loads(out.stdout)["code"] == 11
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {
+            "cniVersion": "1.0.0",
+            "socketPath": "/run/p.sock",
+            "shimTimeout": 2.5,
+            "n": 0,
+            "t": True,
+            "f": False,
+            "z": None,
+            "list": [1, "two", {"three": [3.25]}],
+        },
+        {"unicode": 'gr\u00fc\u00df \u2603 "quoted" back\\slash\nnewline\ttab'},
+        [],
+        "plain",
+    ],
+)
+def test_the_shims_json_matches_the_json_module(value: object) -> None:
+    assert json.loads(shim.dumps(value)) == value
+    assert shim.loads(json.dumps(value)) == value
+    assert shim.loads("  \n" + json.dumps(value, indent=2) + "\n ") == value
+
+
+@pytest.mark.parametrize("text", ["{nope", "", "{} extra", '{"a": }', "[1,]"])
+def test_the_shims_json_rejects_what_json_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        json.loads(text)
+    with pytest.raises(ValueError):
+        shim.loads(text)

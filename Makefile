@@ -1,0 +1,48 @@
+# Plexus developer entry points. Both main commands install what they need on a fresh Debian
+# machine (as root): `sudo make test` runs every test tier, `sudo make demo` the local demo.
+
+PYTHON   ?= python3
+VENV     ?= .venv
+BIN      := $(VENV)/bin
+APT_PKGS := containernetworking-plugins iproute2 python3 python3-venv
+STAMP    := $(VENV)/.installed
+
+.PHONY: deps apt venv lint test unit netns bench clean
+
+deps: apt venv
+
+apt:
+	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq || echo "apt-get update failed; trying the install with the current lists"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+test: deps lint
+	$(BIN)/python -m pytest
+
+unit: venv
+	$(BIN)/python -m pytest -m unit
+
+netns: deps
+	$(BIN)/python -m pytest -m netns
+
+bench: deps
+	$(BIN)/python bench/shim_cost.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache build *.egg-info

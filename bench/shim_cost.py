@@ -1,0 +1,97 @@
+"""What one exec of the plexus shim costs, next to a Go reference plugin on the same machine.
+
+Rows (each `subprocess.run` wall time, median and p90 over N calls after a warm-up):
+  /bin/true                        the harness floor
+  Go host-local VERSION            a reference plugin's exec cost (what every delegate exec costs)
+  plexus VERSION                   the shim's own start-up (answered without the daemon)
+  plexus STATUS via plexusd        shim + unix socket + daemon round trip (no delegate exec)
+
+Run as root: `sudo make bench` (or `.venv/bin/python bench/shim_cost.py [N]`). Everything lives in
+a temp dir; the daemon runs in local mode with a cluster network that STATUS does not exec.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.support.daemon import DaemonProcess  # noqa: E402
+
+GO_PLUGIN = Path("/usr/lib/cni/host-local")
+
+
+def measure(run: Callable[[], None], n: int, warmup: int = 5) -> list[float]:
+    for _ in range(warmup):
+        run()
+    out = []
+    for _ in range(n):
+        started = time.perf_counter()
+        run()
+        out.append((time.perf_counter() - started) * 1000)
+    return out
+
+
+def exec_fn(argv: list[str], env: dict[str, str], stdin: bytes) -> Callable[[], None]:
+    def run() -> None:
+        proc = subprocess.run(argv, input=stdin, env=env, capture_output=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{argv[0]} failed: {proc.stdout!r} {proc.stderr!r}")
+
+    return run
+
+
+def p90(values: list[float]) -> float:
+    return statistics.quantiles(values, n=10)[-1]
+
+
+def main() -> int:
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 100
+    with tempfile.TemporaryDirectory(prefix="plexus-bench-") as tmp:
+        root = Path(tmp)
+        (root / "net.d").mkdir()
+        (root / "nads").mkdir()
+        (root / "net.d" / "10-cluster.conflist").write_text(
+            json.dumps({"cniVersion": "1.0.0", "name": "cluster", "plugins": [{"type": "bridge"}]})
+        )
+        daemon = DaemonProcess(root, {"localDir": str(root / "nads"), "logLevel": "warning"})
+        daemon.start()
+        try:
+            shim = str(Path(daemon.config["cniBinDir"]) / "plexus")
+            conf = json.loads(daemon.conf_file.read_text())
+            plugin = {**conf["plugins"][0], "name": conf["name"], "cniVersion": "1.1.0"}
+            version_in = json.dumps({"cniVersion": "1.0.0"}).encode()
+            rows = [
+                ("/bin/true", exec_fn(["/bin/true"], {}, b"")),
+                (
+                    "Go host-local VERSION",
+                    exec_fn([str(GO_PLUGIN)], {"CNI_COMMAND": "VERSION"}, version_in),
+                ),
+                ("plexus shim VERSION", exec_fn([shim], {"CNI_COMMAND": "VERSION"}, version_in)),
+                (
+                    "plexus shim STATUS via plexusd",
+                    exec_fn([shim], {"CNI_COMMAND": "STATUS"}, json.dumps(plugin).encode()),
+                ),
+            ]
+            results = [(name, measure(fn, n)) for name, fn in rows]
+        finally:
+            daemon.stop()
+    base = statistics.median(results[1][1])
+    print(f"shim cost per exec, n={n} (ms; ratio = median / Go host-local VERSION median)")
+    print(f"{'call':34} {'median':>8} {'p90':>8} {'ratio':>7}")
+    for name, values in results:
+        median = statistics.median(values)
+        print(f"{name:34} {median:8.2f} {p90(values):8.2f} {median / base:7.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
