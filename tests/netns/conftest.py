@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,34 +19,11 @@ import yaml
 
 from tests.support.daemon import DaemonProcess
 from tests.support.netns import Netns, namespaces
+from tests.support.plugins import write_test_plugins
 from tests.support.runtime import CniRuntime
 
 REFERENCE_PLUGINS = Path("/usr/lib/cni")
 NETWORKS = "k8s.v1.cni.cncf.io/networks"
-
-FAILER = """#!/bin/sh
-cat >/dev/null
-case "$CNI_COMMAND" in
-VERSION) echo '{"cniVersion":"1.0.0","supportedVersions":["0.3.1","0.4.0","1.0.0"]}';;
-ADD) echo '{"cniVersion":"1.0.0","code":110,"msg":"deliberate failure","details":"failer refuses ADD"}'
-     exit 1;;
-*) exit 0;;
-esac
-"""
-
-GATE = """#!/usr/bin/python3 -IS
-import json, os, subprocess, sys, time
-data = sys.stdin.buffer.read()
-if os.environ.get("CNI_COMMAND") == "ADD":
-    gate = json.loads(data)["gateDir"]
-    open(os.path.join(gate, "reached"), "w").close()
-    parent = os.getppid()
-    while not os.path.exists(os.path.join(gate, "release")):
-        if os.getppid() != parent:
-            sys.exit(1)  # the daemon died under us
-        time.sleep(0.02)
-sys.exit(subprocess.run(["/usr/lib/cni/macvlan"], input=data).returncode)
-"""
 
 
 def nad(name: str, config: dict[str, Any]) -> dict[str, Any]:
@@ -113,14 +89,6 @@ def _ipam(subnet: str, ipam_dir: Path, **extra: Any) -> dict[str, Any]:
     }
 
 
-def _write_plugins(testbin: Path) -> None:
-    testbin.mkdir()
-    for name, text in (("failer", FAILER), ("gate", GATE)):
-        path = testbin / name
-        path.write_text(text)
-        path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-
-
 def write_nads(tmp_path: Path, ipam_dir: Path, gate_dir: Path) -> list[dict[str, Any]]:
     macvlan = {"cniVersion": "1.0.0", "type": "macvlan", "master": "pxm0", "mode": "bridge"}
     return [
@@ -167,7 +135,7 @@ def make_bed(
         pytest.skip("Debian's containernetworking-plugins are not installed (/usr/lib/cni)")
     ipam_dir, gate_dir, testbin = tmp_path / "ipam", tmp_path / "gate", tmp_path / "testbin"
     gate_dir.mkdir()
-    _write_plugins(testbin)
+    write_test_plugins(testbin)
     (tmp_path / "net.d").mkdir()
     (tmp_path / "net.d" / "10-cluster.conflist").write_text(
         json.dumps(

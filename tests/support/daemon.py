@@ -40,9 +40,17 @@ def get(sock: str, url: str) -> tuple[int, bytes]:
 
 
 class DaemonProcess:
-    def __init__(self, root: Path, config: dict[str, Any], *, netns: str | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        config: dict[str, Any],
+        *,
+        netns: str | None = None,
+        launcher: list[str] | None = None,
+    ) -> None:
         self.root = root
-        self.netns = netns
+        # How to enter the daemon's namespaces: `ip netns exec NS`, or nsenter for containerd's.
+        self.launcher = launcher or (["ip", "netns", "exec", netns] if netns else [])
         self.config = {
             "stateDir": str(root / "state"),
             "runDir": str(root / "run"),
@@ -56,6 +64,7 @@ class DaemonProcess:
             "logLevel": "debug",
             **config,
         }
+        root.mkdir(parents=True, exist_ok=True)
         self.config_file = root / "plexusd.yaml"
         self.config_file.write_text(yaml.safe_dump(self.config))
         self.log = root / "plexusd.log"
@@ -70,9 +79,7 @@ class DaemonProcess:
         return Path(self.config["cniConfDir"]) / "00-plexus.conflist"
 
     def start(self, *, wait_conf: bool = True, timeout: float = 20.0) -> DaemonProcess:
-        argv = [PLEXUSD, "--config", str(self.config_file)]
-        if self.netns:
-            argv = ["ip", "netns", "exec", self.netns, *argv]
+        argv = [*self.launcher, PLEXUSD, "--config", str(self.config_file)]
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + timeout

@@ -36,8 +36,11 @@ def test_kustomization_lists_existing_files() -> None:
 
 
 def test_example_nads_validate() -> None:
-    nads = [n for p in sorted((DEPLOY / "examples").glob("*.yaml"))
-            for n in parse_manifests(p.read_text(), str(p))]
+    nads = [
+        n
+        for p in sorted((DEPLOY / "examples").glob("*.yaml"))
+        for n in parse_manifests(p.read_text(), str(p))
+    ]
     assert nads
     for nad in nads:
         NetworkConfigList.parse(network_config(nad, "/nonexistent"))

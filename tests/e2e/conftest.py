@@ -1,0 +1,142 @@
+"""The real-runtime bed for end-to-end tests: containerd's CRI drives Plexus (local mode).
+
+`cri` gives a started containerd with a macvlan master (veth) in its network namespace, NAD
+manifests in a temp dir and the reference plugins plus the test plugins on plexusd's cniPath;
+the test starts plexusd with `cri.start_plexus(**config)` so each test picks its own daemon
+config (namespace isolation, ...).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.support.cri import ContainerdBed, Pod, containerd_bed
+from tests.support.daemon import DaemonProcess
+from tests.support.plugins import write_test_plugins
+
+NETWORKS = "k8s.v1.cni.cncf.io/networks"
+
+
+def _ipam(subnet: str, data: Path, **extra: Any) -> dict[str, Any]:
+    return {"type": "host-local", "dataDir": str(data), "ranges": [[{"subnet": subnet}]], **extra}
+
+
+def _nad(name: str, namespace: str, config: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "k8s.cni.cncf.io/v1",
+        "kind": "NetworkAttachmentDefinition",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"config": json.dumps({"name": name, **config})},
+    }
+
+
+@dataclass
+class CriBed:
+    root: Path
+    containerd: ContainerdBed
+    ipam: Path
+    nad_dir: Path
+    cluster_conf: Path
+    testbin: Path
+    daemon: DaemonProcess | None = None
+
+    def start_plexus(self, **config: Any) -> DaemonProcess:
+        self.daemon = self.containerd.start_plexusd(
+            {
+                "localDir": str(self.nad_dir),
+                "clusterNetwork": str(self.cluster_conf),
+                "cniPath": ["/usr/lib/cni", str(self.testbin)],
+                "stateDir": str(self.root / "plexus-state"),
+                "runDir": str(self.root / "plexus-run"),
+                **config,
+            }
+        )
+        return self.daemon
+
+    def reservations(self) -> list[str]:
+        return sorted(
+            str(p.relative_to(self.ipam))
+            for p in self.ipam.rglob("*")
+            if p.is_file() and p.name != "lock" and not p.name.startswith("last_reserved_ip")
+        )
+
+    def records(self) -> list[str]:
+        root = self.root / "plexus-state" / "attachments"
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
+
+    def runtime_veths(self) -> list[str]:
+        links = self.containerd.links("")
+        return [
+            n
+            for n, link in links.items()
+            if link.get("linkinfo", {}).get("info_kind") == "veth" and not n.startswith("pxm")
+        ]
+
+    def interfaces(self, pod: Pod) -> dict[str, list[str]]:
+        links = self.containerd.links(pod.netns)
+        return {name: self.containerd.addresses(pod.netns, name) for name in links if name != "lo"}
+
+    def assert_nothing_left(self) -> None:
+        assert self.containerd.sandboxes() == []
+        assert self.runtime_veths() == []
+        assert self.reservations() == []
+        assert self.records() == []
+        spool = self.root / "plexus-state" / "spool"
+        assert not spool.exists() or not list(spool.glob("*.json"))
+
+
+@pytest.fixture
+def cri(tmp_path: Path) -> Iterator[CriBed]:
+    ipam = tmp_path / "ipam"
+    nad_dir = tmp_path / "nads"
+    nad_dir.mkdir()
+    testbin = write_test_plugins(tmp_path / "testbin")
+    cluster_conf = tmp_path / "cluster.conflist"
+    cluster_conf.write_text(
+        json.dumps(
+            {
+                "cniVersion": "1.0.0",
+                "name": "cluster",
+                "plugins": [
+                    {
+                        "type": "bridge",
+                        "bridge": "pxbr0",
+                        "isGateway": True,
+                        "ipMasq": False,
+                        "ipam": _ipam("10.88.0.0/16", ipam, routes=[{"dst": "0.0.0.0/0"}]),
+                    },
+                    {"type": "portmap", "capabilities": {"portMappings": True}, "snat": False},
+                ],
+            }
+        )
+    )
+    macvlan = {"cniVersion": "1.0.0", "type": "macvlan", "master": "pxm0", "mode": "bridge"}
+    nads = [
+        _nad("net-a", "default", {**macvlan, "ipam": _ipam("10.89.0.0/16", ipam)}),
+        _nad("net-b", "default", {**macvlan, "ipam": _ipam("10.90.0.0/16", ipam)}),
+        _nad(
+            "net-fail",
+            "default",
+            {
+                "cniVersion": "1.0.0",
+                "plugins": [
+                    {"type": "macvlan", "master": "pxm0", "ipam": _ipam("10.91.0.0/16", ipam)},
+                    {"type": "failer"},
+                ],
+            },
+        ),
+        _nad("private", "team-b", {**macvlan, "ipam": _ipam("10.93.0.0/16", ipam)}),
+    ]
+    (nad_dir / "nads.yaml").write_text(yaml.safe_dump_all(nads))
+    with containerd_bed(tmp_path / "rt") as containerd:
+        containerd.in_netns("", "ip", "link", "add", "pxm0", "type", "veth", "peer", "name", "pxm1")
+        containerd.in_netns("", "ip", "link", "set", "pxm0", "up")
+        containerd.in_netns("", "ip", "link", "set", "pxm1", "up")
+        yield CriBed(tmp_path, containerd, ipam, nad_dir, cluster_conf, testbin)
