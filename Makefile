@@ -8,7 +8,7 @@ APT_PKGS := containernetworking-plugins iproute2 iptables containerd runc busybo
             util-linux python3 python3-venv
 STAMP    := $(VENV)/.installed
 
-.PHONY: deps apt venv lint test unit netns bench clean
+.PHONY: deps apt venv lint test unit netns bench clean demo
 
 deps: apt venv
 
@@ -47,3 +47,6 @@ bench: deps
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache build *.egg-info
+
+demo: deps
+	$(BIN)/python demo/local_demo.py
