@@ -8,7 +8,7 @@ APT_PKGS := containernetworking-plugins iproute2 iptables containerd runc busybo
             util-linux python3 python3-venv
 STAMP    := $(VENV)/.installed
 
-.PHONY: deps apt venv lint test unit netns bench clean demo
+.PHONY: deps apt venv lint test unit netns bench bench-cri clean demo
 
 deps: apt venv
 
@@ -50,3 +50,6 @@ clean:
 
 demo: deps
 	$(BIN)/python demo/local_demo.py
+
+bench-cri: deps
+	$(BIN)/python bench/cri_pods.py 25

@@ -29,21 +29,35 @@ NETWORKS = "k8s.v1.cni.cncf.io/networks"
 
 PODS: list[tuple[str, str]] = [
     ("frontend", "blue"),
-    ("backend", json.dumps([
-        {"name": "blue", "interface": "blue0"},
-        {"name": "red", "ips": ["10.20.0.10/24"], "mac": "0a:58:0a:14:00:0a"},
-    ])),
+    (
+        "backend",
+        json.dumps(
+            [
+                {"name": "blue", "interface": "blue0"},
+                {"name": "red", "ips": ["10.20.0.10/24"], "mac": "0a:58:0a:14:00:0a"},
+            ]
+        ),
+    ),
     ("db", "red@data0"),
 ]
 
 
 def nad(name: str, subnet: str, ipam_dir: Path, **extra: Any) -> dict[str, Any]:
-    config = {"cniVersion": "1.0.0", "name": name, "type": "macvlan", "master": "demo0",
-              "mode": "bridge", "ipam": {"type": "host-local", "dataDir": str(ipam_dir),
-                                         "ranges": [[{"subnet": subnet}]]}, **extra}
-    return {"apiVersion": "k8s.cni.cncf.io/v1", "kind": "NetworkAttachmentDefinition",
-            "metadata": {"name": name, "namespace": "default"},
-            "spec": {"config": json.dumps(config)}}
+    config = {
+        "cniVersion": "1.0.0",
+        "name": name,
+        "type": "macvlan",
+        "master": "demo0",
+        "mode": "bridge",
+        "ipam": {"type": "host-local", "dataDir": str(ipam_dir), "ranges": [[{"subnet": subnet}]]},
+        **extra,
+    }
+    return {
+        "apiVersion": "k8s.cni.cncf.io/v1",
+        "kind": "NetworkAttachmentDefinition",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"config": json.dumps(config)},
+    }
 
 
 def table(rows: list[tuple[str, ...]]) -> None:
@@ -57,16 +71,37 @@ def table(rows: list[tuple[str, ...]]) -> None:
 def setup(root: Path) -> tuple[Path, Path]:
     ipam_dir = root / "ipam"
     (root / "nads").mkdir()
-    (root / "nads" / "networks.yaml").write_text(yaml.safe_dump_all([
-        nad("blue", "10.10.0.0/24", ipam_dir),
-        nad("red", "10.20.0.0/24", ipam_dir, capabilities={"ips": True, "mac": True}),
-    ]))
+    (root / "nads" / "networks.yaml").write_text(
+        yaml.safe_dump_all(
+            [
+                nad("blue", "10.10.0.0/24", ipam_dir),
+                nad("red", "10.20.0.0/24", ipam_dir, capabilities={"ips": True, "mac": True}),
+            ]
+        )
+    )
     cluster = root / "cluster.conflist"
-    cluster.write_text(json.dumps({"cniVersion": "1.0.0", "name": "cluster", "plugins": [
-        {"type": "bridge", "bridge": "demobr0", "isGateway": True, "ipMasq": False,
-         "ipam": {"type": "host-local", "dataDir": str(ipam_dir),
-                  "ranges": [[{"subnet": "10.88.0.0/24"}]], "routes": [{"dst": "0.0.0.0/0"}]}},
-    ]}))
+    cluster.write_text(
+        json.dumps(
+            {
+                "cniVersion": "1.0.0",
+                "name": "cluster",
+                "plugins": [
+                    {
+                        "type": "bridge",
+                        "bridge": "demobr0",
+                        "isGateway": True,
+                        "ipMasq": False,
+                        "ipam": {
+                            "type": "host-local",
+                            "dataDir": str(ipam_dir),
+                            "ranges": [[{"subnet": "10.88.0.0/24"}]],
+                            "routes": [{"dst": "0.0.0.0/0"}],
+                        },
+                    },
+                ],
+            }
+        )
+    )
     return root / "nads", cluster
 
 
@@ -83,9 +118,12 @@ def show(rt: ContainerdBed, pods: list[Pod], socket: str) -> None:
     table(rows)
     print("\nk8s.v1.cni.cncf.io/network-status (from `plexusctl network-status`):")
     for pod in pods:
-        out = subprocess.run([PLEXUSCTL, "--socket", socket, "network-status",
-                              f"{pod.namespace}/{pod.name}"], capture_output=True, text=True,
-                             check=True).stdout
+        out = subprocess.run(
+            [PLEXUSCTL, "--socket", socket, "network-status", f"{pod.namespace}/{pod.name}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         entries = json.loads(out)
         print(f"  {pod.namespace}/{pod.name}:")
         for e in entries:
@@ -94,12 +132,15 @@ def show(rt: ContainerdBed, pods: list[Pod], socket: str) -> None:
 
 def ping(rt: ContainerdBed, src: Pod, dst: Pod, dst_if: str, via: str) -> bool:
     target = rt.addresses(dst.netns, dst_if)[0].split("/")[0]
-    out = rt.in_netns(src.netns, "/bin/busybox", "ping", "-c", "3", "-W", "2", "-I", via, target,
-                      check=False)
+    out = rt.in_netns(
+        src.netns, "/bin/busybox", "ping", "-c", "3", "-W", "2", "-I", via, target, check=False
+    )
     ok = out.returncode == 0
     summary = next((line for line in out.stdout.splitlines() if "packets" in line), out.stderr)
-    print(f"  {src.name}:{via} -> {dst.name}:{dst_if} ({target}): "
-          f"{'OK' if ok else 'FAILED'}  [{summary.strip()}]")
+    print(
+        f"  {src.name}:{via} -> {dst.name}:{dst_if} ({target}): "
+        f"{'OK' if ok else 'FAILED'}  [{summary.strip()}]"
+    )
     return ok
 
 
@@ -112,14 +153,22 @@ def main() -> int:
             rt.in_netns("", "ip", "link", "add", "demo0", "type", "veth", "peer", "name", "demo1")
             rt.in_netns("", "ip", "link", "set", "demo0", "up")
             rt.in_netns("", "ip", "link", "set", "demo1", "up")
-            daemon = rt.start_plexusd({"localDir": str(nads), "clusterNetwork": str(cluster),
-                                       "stateDir": str(root / "state"),
-                                       "runDir": str(root / "run"), "logLevel": "info"})
+            daemon = rt.start_plexusd(
+                {
+                    "localDir": str(nads),
+                    "clusterNetwork": str(cluster),
+                    "stateDir": str(root / "state"),
+                    "runDir": str(root / "run"),
+                    "logLevel": "info",
+                }
+            )
             pods = []
             for name, networks in PODS:
                 pod = rt.run_pod(name, annotations={NETWORKS: networks})
-                print(f"  RunPodSandbox {name:9} {NETWORKS}: {networks}"
-                      f"   ({pod.seconds * 1000:.0f} ms)")
+                print(
+                    f"  RunPodSandbox {name:9} {NETWORKS}: {networks}"
+                    f"   ({pod.seconds * 1000:.0f} ms)"
+                )
                 pods.append(pod)
             show(rt, pods, daemon.socket)
             print("\nConnectivity over the secondary networks:")

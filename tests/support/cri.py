@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -374,30 +375,31 @@ class ContainerdBed:
     def netns_exists(self, netns: str) -> bool:
         return self.in_netns("", "test", "-e", netns, check=False).returncode == 0
 
-    def cni_phase_ms(self) -> list[float]:
-        """containerd's own timing of each sandbox's CNI setup (debug log: 'begin cni setup'
-        to 'cni result'), in milliseconds, in log order."""
-        return _cni_phases(self.log.read_text(errors="replace"))
+    def cni_phase_ms(self) -> dict[str, float]:
+        """containerd's own timing of each sandbox's CNI setup, from its debug log ('begin cni
+        setup' to 'cni result': loopback + the CNI plugin + libcni's cache), per sandbox id."""
+        return cni_phases(self.log.read_text(errors="replace"))
 
 
-def _cni_phases(log: str) -> list[float]:
-    from datetime import datetime
+def _stamp(line: str) -> float:
+    # time="2026-11-22T18:17:18.775019403Z": whole seconds and the fraction, separately.
+    text = line.split('time="', 1)[1].split('"', 1)[0].rstrip("Z")
+    whole, _, fraction = text.partition(".")
+    return datetime.fromisoformat(whole).timestamp() + float(f"0.{fraction or 0}")
 
-    begins: dict[str, datetime] = {}
-    out = []
+
+def cni_phases(log: str) -> dict[str, float]:
+    begins: dict[str, float] = {}
+    out: dict[str, float] = {}
     for line in log.splitlines():
-        if "begin cni setup" not in line and "cni result" not in line:
+        begin = 'msg="begin cni setup"' in line
+        if not begin and 'msg="cni result' not in line:
             continue
-        try:
-            stamp = line.split('time="', 1)[1].split('"', 1)[0]
-            sandbox = line.split("podsandboxid=", 1)[1].split()[0].strip('"')
-        except IndexError:
-            continue
-        when = datetime.fromisoformat(stamp[:26] + stamp[-6:] if "+" in stamp[-6:] else stamp)
-        if "begin cni setup" in line:
-            begins[sandbox] = when
+        sandbox = line.rsplit("podsandboxid=", 1)[-1].strip().strip('"')
+        if begin:
+            begins[sandbox] = _stamp(line)
         elif sandbox in begins:
-            out.append((when - begins.pop(sandbox)).total_seconds() * 1000)
+            out[sandbox] = (_stamp(line) - begins.pop(sandbox)) * 1000
     return out
 
 

@@ -1,0 +1,151 @@
+"""Pod setup through containerd's CRI, as kubelet drives it, with and without Plexus.
+
+Rows, all measured in the same run on the same containerd:
+  (c) containerd + a plain conflist of Debian's bridge + host-local (no meta-plugin)
+  (b) Plexus, eth0 only (the same bridge + host-local as its cluster network)
+  (a) Plexus, eth0 + 2 macvlan secondaries (host-local each)
+Columns: RunPodSandbox wall time and the CNI phase containerd itself logs ('begin cni setup' ->
+'cni result': loopback, the plugin, libcni's cache write), medians and p90 over N pods each, and
+the ratio of medians to (c). (b) and (a) alternate pod by pod so drift hits both alike.
+
+Run as root: `sudo make bench-cri` (or `.venv/bin/python bench/cri_pods.py [N]`, N >= 20).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import yaml  # noqa: E402
+
+from tests.support.cri import ContainerdBed, containerd_bed  # noqa: E402
+
+NETWORKS = "k8s.v1.cni.cncf.io/networks"
+WARMUP = 3
+
+
+def bridge(ipam_dir: Path, name: str) -> dict[str, Any]:
+    return {
+        "cniVersion": "1.0.0",
+        "name": name,
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": "benchbr0",
+                "isGateway": True,
+                "ipMasq": False,
+                "ipam": {
+                    "type": "host-local",
+                    "dataDir": str(ipam_dir),
+                    "ranges": [[{"subnet": "10.88.0.0/16"}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                },
+            }
+        ],
+    }
+
+
+def macvlan_nad(name: str, subnet: str, ipam_dir: Path) -> dict[str, Any]:
+    config = {
+        "cniVersion": "1.0.0",
+        "name": name,
+        "type": "macvlan",
+        "master": "bench0",
+        "mode": "bridge",
+        "ipam": {"type": "host-local", "dataDir": str(ipam_dir), "ranges": [[{"subnet": subnet}]]},
+    }
+    return {
+        "apiVersion": "k8s.cni.cncf.io/v1",
+        "kind": "NetworkAttachmentDefinition",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"config": json.dumps(config)},
+    }
+
+
+def cycle(rt: ContainerdBed, name: str, annotations: dict[str, str]) -> tuple[str, float]:
+    pod = rt.run_pod(name, annotations=annotations)
+    rt.stop_pod(pod)
+    rt.remove_pod(pod)
+    return pod.sandbox_id, pod.seconds * 1000
+
+
+def stats(values: list[float]) -> tuple[float, float]:
+    return statistics.median(values), statistics.quantiles(values, n=10)[-1]
+
+
+def main() -> int:
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 25
+    runs: dict[str, list[tuple[str, float]]] = {"a": [], "b": [], "c": []}
+    with tempfile.TemporaryDirectory(prefix="plexus-bench-cri-") as tmp:
+        root = Path(tmp)
+        ipam = root / "ipam"
+        (root / "nads").mkdir()
+        (root / "nads" / "nads.yaml").write_text(
+            yaml.safe_dump_all(
+                [
+                    macvlan_nad("net-a", "10.89.0.0/16", ipam),
+                    macvlan_nad("net-b", "10.90.0.0/16", ipam),
+                ]
+            )
+        )
+        cluster = root / "cluster.conflist"
+        cluster.write_text(json.dumps(bridge(ipam, "cluster")))
+        with containerd_bed(root / "rt") as rt:
+            for argv in (
+                ("ip", "link", "add", "bench0", "type", "veth", "peer", "name", "bench1"),
+                ("ip", "link", "set", "bench0", "up"),
+                ("ip", "link", "set", "bench1", "up"),
+            ):
+                rt.in_netns("", *argv)
+            rt.use_conflist("10-plain.conflist", bridge(ipam, "plain"))
+            for i in range(WARMUP + n):
+                sample = cycle(rt, f"plain-{i}", {})
+                if i >= WARMUP:
+                    runs["c"].append(sample)
+            for old in rt.cni_conf.iterdir():
+                old.unlink()
+            rt.start_plexusd(
+                {
+                    "localDir": str(root / "nads"),
+                    "clusterNetwork": str(cluster),
+                    "stateDir": str(root / "state"),
+                    "runDir": str(root / "run"),
+                    "logLevel": "warning",
+                }
+            )
+            for i in range(WARMUP + n):
+                a = cycle(rt, f"three-{i}", {NETWORKS: "net-a, net-b"})
+                b = cycle(rt, f"one-{i}", {})
+                if i >= WARMUP:
+                    runs["a"].append(a)
+                    runs["b"].append(b)
+            phases = rt.cni_phase_ms()
+    labels = {
+        "c": "(c) containerd + bridge/host-local, no Plexus",
+        "b": "(b) Plexus, eth0 only",
+        "a": "(a) Plexus, eth0 + 2 macvlan secondaries",
+    }
+    base_run = stats([ms for _, ms in runs["c"]])[0]
+    base_cni = stats([phases[s] for s, _ in runs["c"]])[0]
+    print(f"pod setup through containerd 1.6 CRI, n={n} pods per row, medians and p90 in ms")
+    print(f"{'':48} {'RunPodSandbox':>22} {'CNI phase':>22}")
+    print(f"{'':48} {'median':>7} {'p90':>7} {'ratio':>6} {'median':>7} {'p90':>7} {'ratio':>6}")
+    for key in ("c", "b", "a"):
+        run_med, run_p90 = stats([ms for _, ms in runs[key]])
+        cni_med, cni_p90 = stats([phases[s] for s, _ in runs[key]])
+        print(
+            f"{labels[key]:48} {run_med:7.1f} {run_p90:7.1f} {run_med / base_run:6.2f} "
+            f"{cni_med:7.1f} {cni_p90:7.1f} {cni_med / base_cni:6.2f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
