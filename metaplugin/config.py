@@ -23,6 +23,7 @@ from metaplugin.errors import InvalidConfig
 CONF_FILE_NAME = "00-plexus.conflist"
 NETWORK_NAME = "plexus"
 SOCKET_NAME = "plexus.sock"
+_SHARED_DIRS = frozenset({"/", "/run", "/var/run", "/tmp", "/var/tmp", "/var/lib", "/var"})
 
 
 class DaemonConfig(BaseModel):
@@ -171,6 +172,17 @@ class DaemonConfig(BaseModel):
         # Multus writes globalNamespaces as "a,b"; accept both forms everywhere.
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("run_dir")
+    @classmethod
+    def _own_run_dir(cls, value: str) -> str:
+        # runDir is chmod'ed 0700 to keep the socket private: never a directory others share.
+        if str(Path(value).resolve()) in _SHARED_DIRS:
+            raise ValueError(
+                f"runDir {value} is shared with others; give plexusd its own "
+                "directory such as /run/plexus"
+            )
         return value
 
     @property

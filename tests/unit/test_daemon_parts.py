@@ -71,6 +71,11 @@ def test_unknown_or_mistyped_keys_are_rejected(tmp_path: Path) -> None:
     assert "clusterNetwrok" in err.value.msg and "maxQueue" in err.value.msg
 
 
+def test_run_dir_is_never_a_shared_directory() -> None:
+    with pytest.raises(InvalidConfig, match="runDir /run is shared"):
+        parse(["--run-dir", "/run"])
+
+
 def test_help_documents_every_key(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         plexusd_main(["--help"])

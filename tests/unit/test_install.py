@@ -1,0 +1,103 @@
+"""The node install step, with a real plexusd process (local mode, temp dirs, no kernel work):
+the shim is replaced atomically, the conflist appears only once the cluster network is ready, is
+written in place, and goes away on --uninstall."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from metaplugin.config import DaemonConfig
+from metaplugin.install import install_shim, write_conf
+from tests.support.daemon import PLEXUSD, DaemonProcess
+from tests.support.runtime import CniRuntime
+
+CLUSTER = {"cniVersion": "1.0.0", "name": "cluster", "plugins": [{"type": "bridge"}]}
+
+
+def wait_for(check: Callable[[], object], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_conf_waits_for_the_cluster_network_and_the_readiness_file(tmp_path: Path) -> None:
+    (tmp_path / "nads").mkdir()
+    cluster = tmp_path / "later" / "cluster.conflist"
+    ready = tmp_path / "primary-ready"
+    daemon = DaemonProcess(
+        tmp_path,
+        {
+            "localDir": str(tmp_path / "nads"),
+            "clusterNetwork": str(cluster),
+            "readinessIndicatorFile": str(ready),
+        },
+    )
+    daemon.start(wait_conf=False)
+    try:
+        shim = Path(daemon.config["cniBinDir"]) / "plexus"
+        assert shim.exists()  # the shim is installed at once...
+        time.sleep(1.5)
+        assert not daemon.conf_file.exists()  # ...the conf only when the primary is ready
+        cluster.parent.mkdir()
+        cluster.write_text(json.dumps(CLUSTER))
+        time.sleep(1.5)
+        assert not daemon.conf_file.exists()  # the readiness indicator is still missing
+        status = {"CNI_COMMAND": "STATUS"}
+        conf = {
+            "cniVersion": "1.1.0",
+            "name": "plexus",
+            "type": "plexus",
+            "socketPath": daemon.socket,
+        }
+        out = subprocess.run(
+            [str(shim)],
+            input=json.dumps(conf),
+            env=status,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert out.returncode == 1 and json.loads(out.stdout)["code"] == 50
+        ready.touch()
+        wait_for(daemon.conf_file.exists)
+        runtime = CniRuntime(daemon.conf_file, shim.parent)
+        assert runtime.invoke("STATUS", version="1.1.0").returncode == 0
+    finally:
+        daemon.stop()
+    subprocess.run([PLEXUSD, "--config", str(daemon.config_file), "--uninstall"], check=True)
+    assert not daemon.conf_file.exists()
+    assert shim.exists()  # pods that still run must be able to DEL
+
+
+def test_conf_is_rewritten_in_place_and_the_shim_by_rename(tmp_path: Path) -> None:
+    cfg = DaemonConfig.model_validate(
+        {
+            "cniConfDir": str(tmp_path / "net.d"),
+            "cniBinDir": str(tmp_path / "bin"),
+            "shimInterpreter": sys.executable,
+            "stateDir": str(tmp_path / "s"),
+        }
+    )
+    assert write_conf(cfg)
+    conf = Path(cfg.conf_file)
+    inode = conf.stat().st_ino
+    conf.write_text("{}")  # someone edited it
+    assert write_conf(cfg)
+    assert conf.stat().st_ino == inode  # in place: containerd 1.6 sees a WRITE event
+    assert not write_conf(cfg)  # unchanged: no write at all
+
+    shim = install_shim(cfg)
+    old = shim.stat().st_ino
+    with shim.open("rb"):  # a runtime exec'ing the old shim keeps its inode
+        shim.write_text(shim.read_text() + "\n# stale\n")
+        install_shim(cfg)
+    assert shim.stat().st_ino != old
+    assert os.access(shim, os.X_OK)
+    assert not [p for p in shim.parent.iterdir() if p.name.startswith(".plexus")]
