@@ -18,7 +18,6 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -26,47 +25,10 @@ sys.path.insert(0, str(ROOT))
 import yaml  # noqa: E402
 
 from tests.support.cri import ContainerdBed, containerd_bed  # noqa: E402
+from tests.support.manifests import bridge_conflist, macvlan, nad  # noqa: E402
 
 NETWORKS = "k8s.v1.cni.cncf.io/networks"
 WARMUP = 3
-
-
-def bridge(ipam_dir: Path, name: str) -> dict[str, Any]:
-    return {
-        "cniVersion": "1.0.0",
-        "name": name,
-        "plugins": [
-            {
-                "type": "bridge",
-                "bridge": "benchbr0",
-                "isGateway": True,
-                "ipMasq": False,
-                "ipam": {
-                    "type": "host-local",
-                    "dataDir": str(ipam_dir),
-                    "ranges": [[{"subnet": "10.88.0.0/16"}]],
-                    "routes": [{"dst": "0.0.0.0/0"}],
-                },
-            }
-        ],
-    }
-
-
-def macvlan_nad(name: str, subnet: str, ipam_dir: Path) -> dict[str, Any]:
-    config = {
-        "cniVersion": "1.0.0",
-        "name": name,
-        "type": "macvlan",
-        "master": "bench0",
-        "mode": "bridge",
-        "ipam": {"type": "host-local", "dataDir": str(ipam_dir), "ranges": [[{"subnet": subnet}]]},
-    }
-    return {
-        "apiVersion": "k8s.cni.cncf.io/v1",
-        "kind": "NetworkAttachmentDefinition",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {"config": json.dumps(config)},
-    }
 
 
 def cycle(rt: ContainerdBed, name: str, annotations: dict[str, str]) -> tuple[str, float]:
@@ -90,13 +52,13 @@ def main() -> int:
         (root / "nads" / "nads.yaml").write_text(
             yaml.safe_dump_all(
                 [
-                    macvlan_nad("net-a", "10.89.0.0/16", ipam),
-                    macvlan_nad("net-b", "10.90.0.0/16", ipam),
+                    nad("net-a", macvlan("bench0", "10.89.0.0/16", ipam)),
+                    nad("net-b", macvlan("bench0", "10.90.0.0/16", ipam)),
                 ]
             )
         )
         cluster = root / "cluster.conflist"
-        cluster.write_text(json.dumps(bridge(ipam, "cluster")))
+        cluster.write_text(json.dumps(bridge_conflist("cluster", "benchbr0", "10.88.0.0/16", ipam)))
         with containerd_bed(root / "rt") as rt:
             for argv in (
                 ("ip", "link", "add", "bench0", "type", "veth", "peer", "name", "bench1"),
@@ -104,7 +66,9 @@ def main() -> int:
                 ("ip", "link", "set", "bench1", "up"),
             ):
                 rt.in_netns("", *argv)
-            rt.use_conflist("10-plain.conflist", bridge(ipam, "plain"))
+            rt.use_conflist(
+                "10-plain.conflist", bridge_conflist("plain", "benchbr0", "10.88.0.0/16", ipam)
+            )
             for i in range(WARMUP + n):
                 sample = cycle(rt, f"plain-{i}", {})
                 if i >= WARMUP:

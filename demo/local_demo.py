@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -23,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 import yaml  # noqa: E402
 
 from tests.support.cri import ContainerdBed, Pod, containerd_bed  # noqa: E402
+from tests.support.manifests import bridge_conflist, nad  # noqa: E402
 
 PLEXUSCTL = str(Path(sys.executable).with_name("plexusctl"))
 NETWORKS = "k8s.v1.cni.cncf.io/networks"
@@ -40,24 +40,6 @@ PODS: list[tuple[str, str]] = [
     ),
     ("db", "red@data0"),
 ]
-
-
-def nad(name: str, subnet: str, ipam_dir: Path, **extra: Any) -> dict[str, Any]:
-    config = {
-        "cniVersion": "1.0.0",
-        "name": name,
-        "type": "macvlan",
-        "master": "demo0",
-        "mode": "bridge",
-        "ipam": {"type": "host-local", "dataDir": str(ipam_dir), "ranges": [[{"subnet": subnet}]]},
-        **extra,
-    }
-    return {
-        "apiVersion": "k8s.cni.cncf.io/v1",
-        "kind": "NetworkAttachmentDefinition",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {"config": json.dumps(config)},
-    }
 
 
 def table(rows: list[tuple[str, ...]]) -> None:
@@ -80,28 +62,7 @@ def setup(root: Path) -> tuple[Path, Path]:
         )
     )
     cluster = root / "cluster.conflist"
-    cluster.write_text(
-        json.dumps(
-            {
-                "cniVersion": "1.0.0",
-                "name": "cluster",
-                "plugins": [
-                    {
-                        "type": "bridge",
-                        "bridge": "demobr0",
-                        "isGateway": True,
-                        "ipMasq": False,
-                        "ipam": {
-                            "type": "host-local",
-                            "dataDir": str(ipam_dir),
-                            "ranges": [[{"subnet": "10.88.0.0/24"}]],
-                            "routes": [{"dst": "0.0.0.0/0"}],
-                        },
-                    },
-                ],
-            }
-        )
-    )
+    cluster.write_text(json.dumps(bridge_conflist("cluster", "demobr0", "10.88.0.0/24", ipam_dir)))
     return root / "nads", cluster
 
 

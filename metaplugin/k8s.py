@@ -193,6 +193,19 @@ def _json(resp: Any) -> dict[str, Any]:
     return data
 
 
+def _get_or_none(call: Callable[[], Any]) -> dict[str, Any] | None:
+    """One live GET on the CNI path: the object, None when it does not exist (404), and
+    TryAgainLater (code 11) when the API cannot answer."""
+    try:
+        return _json(call())
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise _api_error(exc) from None
+    except (HTTPError, OSError) as exc:
+        raise _api_error(exc) from None
+
+
 def _key(obj: Mapping[str, Any]) -> str:
     meta = obj.get("metadata") or {}
     return f"{meta.get('namespace', '')}/{meta.get('name', '')}"
@@ -224,8 +237,8 @@ class ApiNadSource:
         if found is not None:
             return found
         # A NAD created a moment ago may not have reached the watch yet: ask once.
-        try:
-            resp = self._custom.get_namespaced_custom_object(
+        obj = _get_or_none(
+            lambda: self._custom.get_namespaced_custom_object(
                 nadmod.GROUP,
                 nadmod.VERSION,
                 namespace,
@@ -234,13 +247,8 @@ class ApiNadSource:
                 _preload_content=False,
                 _request_timeout=REQUEST_TIMEOUT,
             )
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise _api_error(exc) from None
-        except (HTTPError, OSError) as exc:
-            raise _api_error(exc) from None
-        return NetworkAttachmentDefinition.from_object(_json(resp))
+        )
+        return NetworkAttachmentDefinition.from_object(obj) if obj is not None else None
 
     def synced(self) -> bool:
         return self._informer.synced.is_set()
@@ -258,18 +266,13 @@ class ApiPodSource:
         found = self._informer.wait_for(f"{namespace}/{name}", matches, CACHE_WAIT)
         if found is not None:
             return found
-        try:
-            resp = self._core.read_namespaced_pod(
+        obj = _get_or_none(
+            lambda: self._core.read_namespaced_pod(
                 name, namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
             )
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise _api_error(exc) from None
-        except (HTTPError, OSError) as exc:
-            raise _api_error(exc) from None
-        pod = _pod_info(_json(resp))
-        return pod if matches(pod) else None
+        )
+        pod = _pod_info(obj) if obj is not None else None
+        return pod if pod is not None and matches(pod) else None
 
 
 @dataclass(frozen=True, slots=True)

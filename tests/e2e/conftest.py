@@ -19,22 +19,10 @@ import yaml
 
 from tests.support.cri import ContainerdBed, Pod, containerd_bed
 from tests.support.daemon import DaemonProcess
+from tests.support.manifests import bridge_conflist, macvlan, nad, reservations
 from tests.support.plugins import write_test_plugins
 
 NETWORKS = "k8s.v1.cni.cncf.io/networks"
-
-
-def _ipam(subnet: str, data: Path, **extra: Any) -> dict[str, Any]:
-    return {"type": "host-local", "dataDir": str(data), "ranges": [[{"subnet": subnet}]], **extra}
-
-
-def _nad(name: str, namespace: str, config: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": "k8s.cni.cncf.io/v1",
-        "kind": "NetworkAttachmentDefinition",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {"config": json.dumps({"name": name, **config})},
-    }
 
 
 @dataclass
@@ -61,11 +49,7 @@ class CriBed:
         return self.daemon
 
     def reservations(self) -> list[str]:
-        return sorted(
-            str(p.relative_to(self.ipam))
-            for p in self.ipam.rglob("*")
-            if p.is_file() and p.name != "lock" and not p.name.startswith("last_reserved_ip")
-        )
+        return reservations(self.ipam)
 
     def records(self) -> list[str]:
         root = self.root / "plexus-state" / "attachments"
@@ -99,40 +83,22 @@ def cri(tmp_path: Path) -> Iterator[CriBed]:
     nad_dir.mkdir()
     testbin = write_test_plugins(tmp_path / "testbin")
     cluster_conf = tmp_path / "cluster.conflist"
-    cluster_conf.write_text(
-        json.dumps(
-            {
-                "cniVersion": "1.0.0",
-                "name": "cluster",
-                "plugins": [
-                    {
-                        "type": "bridge",
-                        "bridge": "pxbr0",
-                        "isGateway": True,
-                        "ipMasq": False,
-                        "ipam": _ipam("10.88.0.0/16", ipam, routes=[{"dst": "0.0.0.0/0"}]),
-                    },
-                    {"type": "portmap", "capabilities": {"portMappings": True}, "snat": False},
-                ],
-            }
-        )
+    cluster = bridge_conflist("cluster", "pxbr0", "10.88.0.0/16", ipam)
+    cluster["plugins"].append(
+        {"type": "portmap", "capabilities": {"portMappings": True}, "snat": False}
     )
-    macvlan = {"cniVersion": "1.0.0", "type": "macvlan", "master": "pxm0", "mode": "bridge"}
+    cluster_conf.write_text(json.dumps(cluster))
     nads = [
-        _nad("net-a", "default", {**macvlan, "ipam": _ipam("10.89.0.0/16", ipam)}),
-        _nad("net-b", "default", {**macvlan, "ipam": _ipam("10.90.0.0/16", ipam)}),
-        _nad(
+        nad("net-a", macvlan("pxm0", "10.89.0.0/16", ipam)),
+        nad("net-b", macvlan("pxm0", "10.90.0.0/16", ipam)),
+        nad(
             "net-fail",
-            "default",
             {
                 "cniVersion": "1.0.0",
-                "plugins": [
-                    {"type": "macvlan", "master": "pxm0", "ipam": _ipam("10.91.0.0/16", ipam)},
-                    {"type": "failer"},
-                ],
+                "plugins": [macvlan("pxm0", "10.91.0.0/16", ipam), {"type": "failer"}],
             },
         ),
-        _nad("private", "team-b", {**macvlan, "ipam": _ipam("10.93.0.0/16", ipam)}),
+        nad("private", macvlan("pxm0", "10.93.0.0/16", ipam), namespace="team-b"),
     ]
     (nad_dir / "nads.yaml").write_text(yaml.safe_dump_all(nads))
     with containerd_bed(tmp_path / "rt") as containerd:

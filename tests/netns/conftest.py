@@ -18,21 +18,13 @@ import pytest
 import yaml
 
 from tests.support.daemon import DaemonProcess
+from tests.support.manifests import bridge_conflist, macvlan, nad, reservations
 from tests.support.netns import Netns, namespaces
 from tests.support.plugins import write_test_plugins
 from tests.support.runtime import CniRuntime
 
 REFERENCE_PLUGINS = Path("/usr/lib/cni")
 NETWORKS = "k8s.v1.cni.cncf.io/networks"
-
-
-def nad(name: str, config: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": "k8s.cni.cncf.io/v1",
-        "kind": "NetworkAttachmentDefinition",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {"config": json.dumps(config)},
-    }
 
 
 @dataclass
@@ -51,14 +43,7 @@ class Bed:
         return ns
 
     def reservations(self) -> list[str]:
-        """host-local reservation files (address -> container id), none of its bookkeeping."""
-        if not self.ipam_dir.exists():
-            return []
-        return sorted(
-            f"{p.parent.name}/{p.name}"
-            for p in self.ipam_dir.rglob("*")
-            if p.is_file() and p.name != "lock" and not p.name.startswith("last_reserved_ip")
-        )
+        return reservations(self.ipam_dir)
 
     def records(self) -> list[str]:
         root = Path(self.daemon.config["stateDir"]) / "attachments"
@@ -80,48 +65,23 @@ class Bed:
         assert self.records() == []
 
 
-def _ipam(subnet: str, ipam_dir: Path, **extra: Any) -> dict[str, Any]:
-    return {
-        "type": "host-local",
-        "dataDir": str(ipam_dir),
-        "ranges": [[{"subnet": subnet}]],
-        **extra,
-    }
-
-
-def write_nads(tmp_path: Path, ipam_dir: Path, gate_dir: Path) -> list[dict[str, Any]]:
-    macvlan = {"cniVersion": "1.0.0", "type": "macvlan", "master": "pxm0", "mode": "bridge"}
+def test_nads(ipam_dir: Path, gate_dir: Path) -> list[dict[str, Any]]:
     return [
-        nad("net-a", {**macvlan, "name": "net-a", "ipam": _ipam("10.89.0.0/24", ipam_dir)}),
+        nad("net-a", macvlan("pxm0", "10.89.0.0/24", ipam_dir)),
         nad(
             "net-b",
-            {
-                **macvlan,
-                "name": "net-b",
-                "capabilities": {"ips": True, "mac": True},
-                "ipam": _ipam("10.90.0.0/24", ipam_dir),
-            },
+            macvlan("pxm0", "10.90.0.0/24", ipam_dir, capabilities={"ips": True, "mac": True}),
         ),
         nad(
             "net-fail",
             {
                 "cniVersion": "1.0.0",
-                "name": "net-fail",
-                "plugins": [
-                    {"type": "macvlan", "master": "pxm0", "ipam": _ipam("10.91.0.0/24", ipam_dir)},
-                    {"type": "failer"},
-                ],
+                "plugins": [macvlan("pxm0", "10.91.0.0/24", ipam_dir), {"type": "failer"}],
             },
         ),
         nad(
             "net-gate",
-            {
-                **macvlan,
-                "name": "net-gate",
-                "type": "gate",
-                "gateDir": str(gate_dir),
-                "ipam": _ipam("10.92.0.0/24", ipam_dir),
-            },
+            macvlan("pxm0", "10.92.0.0/24", ipam_dir, type="gate", gateDir=str(gate_dir)),
         ),
     ]
 
@@ -138,23 +98,9 @@ def make_bed(
     write_test_plugins(testbin)
     (tmp_path / "net.d").mkdir()
     (tmp_path / "net.d" / "10-cluster.conflist").write_text(
-        json.dumps(
-            {
-                "cniVersion": "1.0.0",
-                "name": "cluster",
-                "plugins": [
-                    {
-                        "type": "bridge",
-                        "bridge": "pxbr0",
-                        "isGateway": True,
-                        "ipMasq": False,
-                        "ipam": _ipam("10.88.0.0/24", ipam_dir, routes=[{"dst": "0.0.0.0/0"}]),
-                    }
-                ],
-            }
-        )
+        json.dumps(bridge_conflist("cluster", "pxbr0", "10.88.0.0/24", ipam_dir))
     )
-    nads = write_nads(tmp_path, ipam_dir, gate_dir)
+    nads = test_nads(ipam_dir, gate_dir)
     with namespaces() as made:
         node = Netns("node")
         made.append(node)

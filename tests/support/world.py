@@ -18,6 +18,7 @@ from metaplugin.orchestrator import Orchestrator
 from metaplugin.resolve import PodInfo, Resolver
 from metaplugin.store import AttachmentStore
 from tests.support.fake_exec import FakeExec, FakePlugin
+from tests.support.manifests import nad
 
 
 def nad_manifest(
@@ -26,17 +27,7 @@ def nad_manifest(
     namespace: str = "default",
     annotations: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name, "namespace": namespace}
-    if annotations:
-        meta["annotations"] = annotations
-    doc: dict[str, Any] = {
-        "apiVersion": "k8s.cni.cncf.io/v1",
-        "kind": "NetworkAttachmentDefinition",
-        "metadata": meta,
-    }
-    if config is not None:
-        doc["spec"] = {"config": json.dumps(config)}
-    return doc
+    return nad(name, config, namespace, annotations)
 
 
 def simple_net(name: str, plugin: str = "macvlan", **extra: Any) -> dict[str, Any]:
