@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from metaplugin.errors import (
     DecodeFailure,
@@ -291,6 +291,19 @@ class IPConfig(_Model):
     address: str
     gateway: str | None = None
     interface: int | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _cidr(cls, value: str) -> str:
+        ipaddress.ip_interface(value)  # ValueError -> a malformed result, rejected at the door
+        return value
+
+    @field_validator("gateway")
+    @classmethod
+    def _ip(cls, value: str | None) -> str | None:
+        if value:
+            ipaddress.ip_address(value)
+        return value
 
     @property
     def ip(self) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:

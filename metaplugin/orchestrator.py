@@ -100,9 +100,7 @@ class Orchestrator:
         records = self._record_plan(req, pod, plan)
         added = self._attach_all(req, records)
         if pod is not None:
-            self._sink.attached(
-                pod, network_status(added), [added_interface_message(r) for r in added]
-            )
+            self._publish(pod, added)
         primary = added[0].parsed_result()
         assert primary is not None
         return primary.to_wire(req.cni_version)
@@ -151,6 +149,16 @@ class Orchestrator:
             if pod is not None:
                 self._sink.network_not_found(pod, exc.msg)
             raise
+
+    def _publish(self, pod: PodInfo, added: list[AttachmentRecord]) -> None:
+        # network-status is informational (NPWG §5): a failure to publish it must never fail,
+        # or half-undo, a pod whose interfaces are all in place.
+        try:
+            self._sink.attached(
+                pod, network_status(added), [added_interface_message(r) for r in added]
+            )
+        except Exception:
+            log.exception("network_status_not_published")
 
     def _refuse_leftovers(self, req: CniRequest) -> None:
         existing = self._store.load(req.container_id)

@@ -96,8 +96,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
-    """Write `data` to `path` so that a crash leaves the old or the new content, never a mix."""
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o600, sync_dir: bool = True) -> None:
+    """Write `data` to `path` so that a crash leaves the old or the new content, never a mix.
+    `sync_dir=False` leaves the directory fsync to the caller (one for a batch of files)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
@@ -106,7 +107,8 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    if sync_dir:
+        _fsync_dir(path.parent)
 
 
 class AttachmentStore:
@@ -120,26 +122,33 @@ class AttachmentStore:
             raise ValueError(f"unsafe container id {container_id!r}")
         return self._root / container_id
 
-    def save(self, record: AttachmentRecord) -> None:
+    def save(self, record: AttachmentRecord, *, sync_dir: bool = True) -> None:
         directory = self._dir(record.container_id)
         created = not directory.exists()
         directory.mkdir(exist_ok=True, mode=0o700)
         if created:
             _fsync_dir(self._root)
         try:
-            atomic_write(directory / record.file_name, record.model_dump_json().encode())
+            atomic_write(
+                directory / record.file_name, record.model_dump_json().encode(), sync_dir=sync_dir
+            )
         except OSError as exc:
             raise IOFailure(f"cannot write attachment record in {directory}: {exc}") from None
 
     def plan(self, records: list[AttachmentRecord]) -> None:
+        """Durably record every planned attachment (before any delegate runs)."""
         for record in records:
-            self.save(record)
+            self.save(record, sync_dir=False)
+        if records:
+            _fsync_dir(self._dir(records[0].container_id))
 
     def mark_added(self, record: AttachmentRecord, result: Result) -> AttachmentRecord:
         updated = record.model_copy(
             update={"state": "added", "result": result.to_wire(cni.LATEST_VERSION)}
         )
-        self.save(updated)
+        # No directory fsync: if a crash loses this rename, the planned record (same name) is
+        # still there, and DEL of a planned attachment needs no result.
+        self.save(updated, sync_dir=False)
         return updated
 
     def remove(self, record: AttachmentRecord) -> None:

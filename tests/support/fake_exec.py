@@ -51,7 +51,7 @@ class FakePlugin:
                 self.live[key] = "chained"
                 return ExecOutput(0, json.dumps(config["prevResult"]).encode(), b"")
             address = f"{self.subnet}.{self.next_host}/24"
-            self.next_host += 1
+            self.next_host = self.next_host + 1 if self.next_host < 250 else 2
             self.live[key] = address
             result: dict[str, Any] = {
                 "cniVersion": version,

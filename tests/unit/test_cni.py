@@ -213,9 +213,17 @@ def test_0_2_0_result_is_converted_up() -> None:
     assert out["routes"] == [{"dst": "0.0.0.0/0"}]
 
 
-def test_malformed_result_is_a_decode_failure() -> None:
+@pytest.mark.parametrize(
+    "ips",
+    [
+        [{"gateway": "1.2.3.4"}],
+        [{"address": "10.1.0.256/24"}],
+        [{"address": "10.1.0.2/24", "gateway": "nope"}],
+    ],
+)
+def test_malformed_result_is_a_decode_failure(ips: list[dict[str, str]]) -> None:
     with pytest.raises(DecodeFailure):
-        Result.from_wire({"cniVersion": "1.0.0", "ips": [{"gateway": "1.2.3.4"}]})
+        Result.from_wire({"cniVersion": "1.0.0", "ips": ips})
 
 
 def test_to_cni_error_keeps_code_msg_details() -> None:

@@ -11,6 +11,7 @@ import pytest
 from metaplugin.cni import CniRequest
 from metaplugin.errors import (
     AttachmentConflict,
+    DecodeFailure,
     DelegateFailed,
     InvalidConfig,
     NetworkNotFound,
@@ -322,3 +323,29 @@ def test_record_holds_the_exact_config_that_ran(world: World) -> None:
     assert {k: v for k, v in ran.items() if k != "cniVersion"} == {
         k: v for k, v in recorded.items() if k != "cniVersion"
     }
+
+
+def test_a_malformed_delegate_result_rolls_back(world: World) -> None:
+    real = world.exec.plugins["macvlan"].respond
+
+    def bad_result(command: str, env: Any, config: dict[str, Any]) -> Any:
+        out = real(command, env, config)
+        if command == "ADD":
+            return type(out)(0, out.stdout.replace(b"/24", b"/99"), b"")
+        return out
+
+    world.exec.plugins["macvlan"].respond = bad_result  # type: ignore[method-assign]
+    with pytest.raises(DecodeFailure):
+        world.orchestrator.add(request("ADD", networks="net-a"))
+    assert world.exec.live() == {}
+    assert world.store.container_ids() == []
+
+
+def test_a_status_sink_failure_never_fails_the_pod(world: World) -> None:
+    def broken(*_: Any) -> None:
+        raise RuntimeError("API client bug")
+
+    world.sink.attached = broken  # type: ignore[method-assign]
+    out = world.orchestrator.add(request("ADD", networks="net-a"))
+    assert out["ips"]
+    assert records(world) == [("eth0", "added"), ("net1", "added")]
