@@ -11,14 +11,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from delegates.external import ExecPlugin
 from delegates.plugin import Plugin, PluginRequest
 from delegates.registry import PluginRegistry
 from metaplugin import cni
 from metaplugin.cni import SUPPORTED_VERSIONS, Result
-from metaplugin.errors import DelegateFailed, IncompatibleVersion, InvalidConfig, PlexusError
+from metaplugin.errors import (
+    DelegateFailed,
+    IncompatibleVersion,
+    InternalError,
+    InvalidConfig,
+    PlexusError,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,15 +95,74 @@ def _network_version(name: str, config: Mapping[str, Any]) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class NetworkInvocation:
-    """Everything needed to run one network for one container."""
+class PreparedPlugin:
+    """One plugin of a network, ready to run: its binary (empty for a built-in), the version
+    negotiated with it, and its exact config (name, cniVersion and runtimeConfig injected,
+    capabilities removed) without prevResult, which each call adds."""
 
+    type: str
+    path: str
+    version: str
     config: Mapping[str, Any]
-    container_id: str
-    netns: str
-    ifname: str
+
+    def request(self, env: CallEnv, prev: Result | None = None) -> PluginRequest:
+        body = dict(self.config)
+        if prev is not None:
+            body["prevResult"] = prev.to_wire(self.version)
+        return PluginRequest(
+            container_id=env.container_id,
+            netns=env.netns,
+            ifname=env.ifname,
+            cni_args=env.cni_args,
+            path=env.path,
+            config=body,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "path": self.path,
+            "version": self.version,
+            "config": dict(self.config),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PreparedPlugin:
+        return cls(str(data["type"]), str(data["path"]), str(data["version"]), dict(data["config"]))
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedNetwork:
+    """A network config resolved to what will run: recorded before ADD, replayed by DEL."""
+
+    name: str
+    plugins: tuple[PreparedPlugin, ...]
+    disable_check: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "disableCheck": self.disable_check,
+            "plugins": [p.to_dict() for p in self.plugins],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PreparedNetwork:
+        return cls(
+            name=str(data["name"]),
+            plugins=tuple(PreparedPlugin.from_dict(p) for p in data["plugins"]),
+            disable_check=bool(data.get("disableCheck", False)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CallEnv:
+    """The CNI environment of one attachment's calls."""
+
+    container_id: str = ""
+    netns: str = ""
+    ifname: str = ""
     cni_args: str = ""
-    capability_args: Mapping[str, Any] = field(default_factory=dict)
     path: tuple[str, ...] = ()
 
 
@@ -104,67 +170,87 @@ class ChainRunner:
     def __init__(self, *, registry: PluginRegistry) -> None:
         self._registry = registry
 
-    def add(self, inv: NetworkInvocation) -> Result:
-        net = NetworkConfigList.parse(inv.config)
-        prev: Result | None = None
+    def prepare(
+        self,
+        config: Mapping[str, Any],
+        capability_args: Mapping[str, Any],
+        path: tuple[str, ...],
+    ) -> PreparedNetwork:
+        """Resolve every plugin, negotiate its version and derive its exact config, before
+        anything runs (a missing binary or unusable version fails here, with nothing done)."""
+        net = NetworkConfigList.parse(config)
+        plugins = []
         for conf in net.plugins:
-            plugin, version = self._plugin(net, conf, inv.path)
-            prev = plugin.add(self._request(inv, net, conf, version, prev))
-        assert prev is not None  # parse() guarantees at least one plugin
+            plugin, version = self._negotiate(net, conf, path)
+            body = dict(conf)
+            body["name"] = net.name
+            body["cniVersion"] = version
+            body.pop("cniVersions", None)
+            declared = body.pop("capabilities", None)
+            if isinstance(declared, dict):
+                runtime = {k: v for k, v in capability_args.items() if declared.get(k)}
+                if runtime:
+                    body["runtimeConfig"] = runtime
+            binary = plugin.path if isinstance(plugin, ExecPlugin) else ""
+            plugins.append(PreparedPlugin(plugin.type, binary, version, body))
+        return PreparedNetwork(net.name, tuple(plugins), net.disable_check)
+
+    def add(self, net: PreparedNetwork, env: CallEnv) -> Result:
+        prev: Result | None = None
+        for prepared in net.plugins:
+            prev = self._plugin(prepared, env.path).add(prepared.request(env, prev))
+        assert prev is not None  # a network has at least one plugin
         return prev
 
-    def delete(self, inv: NetworkInvocation, prev: Result | None) -> None:
+    def delete(self, net: PreparedNetwork, env: CallEnv, prev: Result | None) -> None:
         """Best effort: every plugin is tried (in reverse); failures are reported together."""
-        net = NetworkConfigList.parse(inv.config)
         failures: list[PlexusError] = []
-        for conf in reversed(net.plugins):
+        for prepared in reversed(net.plugins):
+            carried = prev if cni.at_least(prepared.version, "0.4.0") else None
             try:
-                plugin, version = self._plugin(net, conf, inv.path)
-                carried = prev if prev is not None and cni.at_least(version, "0.4.0") else None
-                plugin.delete(self._request(inv, net, conf, version, carried))
+                self._plugin(prepared, env.path).delete(prepared.request(env, carried))
             except PlexusError as exc:
                 failures.append(exc)
+            except Exception as exc:  # noqa: BLE001 - the next plugin still gets its DEL
+                failures.append(InternalError(f"plugin {prepared.type}: {exc!r}"))
         _raise_collected(net.name, "DEL", failures)
 
-    def check(self, inv: NetworkInvocation, prev: Result) -> None:
-        net = NetworkConfigList.parse(inv.config)
+    def check(self, net: PreparedNetwork, env: CallEnv, prev: Result) -> None:
         if net.disable_check:
             return
-        for conf in net.plugins:
-            plugin, version = self._plugin(net, conf, inv.path)
-            if cni.at_least(version, "0.4.0"):
-                plugin.check(self._request(inv, net, conf, version, prev), prev)
+        for prepared in net.plugins:
+            if cni.at_least(prepared.version, "0.4.0"):
+                self._plugin(prepared, env.path).check(prepared.request(env, prev), prev)
 
     def gc(
         self, config: Mapping[str, Any], valid: Sequence[Mapping[str, str]], path: tuple[str, ...]
     ) -> None:
-        net = NetworkConfigList.parse(config)
-        if net.disable_gc:
+        if NetworkConfigList.parse(config).disable_gc:
             return
+        net = self.prepare(config, {}, path)
         failures: list[PlexusError] = []
-        inv = NetworkInvocation(config=config, container_id="", netns="", ifname="", path=path)
-        for conf in net.plugins:
+        for prepared in net.plugins:
+            if not cni.at_least(prepared.version, "1.1.0"):
+                continue
+            body = dict(prepared.config)
+            body[cni.VALID_ATTACHMENTS_KEY] = list(valid)
+            body[cni.LEGACY_ATTACHMENTS_KEY] = list(valid)
             try:
-                plugin, version = self._plugin(net, conf, path)
-                if cni.at_least(version, "1.1.0"):
-                    req = self._request(inv, net, conf, version, None)
-                    body = dict(req.config)
-                    body[cni.VALID_ATTACHMENTS_KEY] = list(valid)
-                    body[cni.LEGACY_ATTACHMENTS_KEY] = list(valid)
-                    plugin.gc(PluginRequest(path=path, config=body))
+                self._plugin(prepared, path).gc(PluginRequest(path=path, config=body))
             except PlexusError as exc:
                 failures.append(exc)
         _raise_collected(net.name, "GC", failures)
 
     def status(self, config: Mapping[str, Any], path: tuple[str, ...]) -> None:
-        net = NetworkConfigList.parse(config)
-        inv = NetworkInvocation(config=config, container_id="", netns="", ifname="", path=path)
-        for conf in net.plugins:
-            plugin, version = self._plugin(net, conf, path)
-            if cni.at_least(version, "1.1.0"):
-                plugin.status(self._request(inv, net, conf, version, None))
+        net = self.prepare(config, {}, path)
+        for prepared in net.plugins:
+            if cni.at_least(prepared.version, "1.1.0"):
+                self._plugin(prepared, path).status(prepared.request(CallEnv(path=path)))
 
-    def _plugin(
+    def _plugin(self, prepared: PreparedPlugin, path: tuple[str, ...]) -> Plugin:
+        return self._registry.recorded(prepared.type, prepared.path, path)
+
+    def _negotiate(
         self, net: NetworkConfigList, conf: Mapping[str, Any], path: tuple[str, ...]
     ) -> tuple[Plugin, str]:
         plugin = self._registry.resolve(str(conf["type"]), path)
@@ -177,34 +263,6 @@ class ChainRunner:
                 f"{net.version} network (Plexus needs 0.3.0 or later)",
             )
         return plugin, version
-
-    @staticmethod
-    def _request(
-        inv: NetworkInvocation,
-        net: NetworkConfigList,
-        conf: Mapping[str, Any],
-        version: str,
-        prev: Result | None,
-    ) -> PluginRequest:
-        body = dict(conf)
-        body["name"] = net.name
-        body["cniVersion"] = version
-        body.pop("cniVersions", None)
-        declared = body.pop("capabilities", None)
-        if isinstance(declared, dict):
-            runtime = {k: v for k, v in inv.capability_args.items() if declared.get(k)}
-            if runtime:
-                body["runtimeConfig"] = runtime
-        if prev is not None:
-            body["prevResult"] = prev.to_wire(version)
-        return PluginRequest(
-            container_id=inv.container_id,
-            netns=inv.netns,
-            ifname=inv.ifname,
-            cni_args=inv.cni_args,
-            path=inv.path,
-            config=body,
-        )
 
 
 def _raise_collected(network: str, verb: str, failures: list[PlexusError]) -> None:

@@ -9,10 +9,12 @@ binary (path, inode, size, mtime).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -57,6 +59,8 @@ class Exec(Protocol):
         """The versions the plugin at `path` answers to VERSION."""
         ...
 
+    def is_executable(self, path: str) -> bool: ...
+
 
 def find_plugin(plugin_type: str, dirs: Sequence[str]) -> str:
     if not _SAFE_TYPE.match(plugin_type):
@@ -71,12 +75,56 @@ def find_plugin(plugin_type: str, dirs: Sequence[str]) -> str:
     )
 
 
-class RawExec:
-    """The real runner: subprocess with a clean environment and a deadline. VERSION answers are
-    cached per binary and re-asked when the file changes (an upgraded plugin)."""
+class ChildTracker:
+    """Remembers the delegate processes in flight (one file per process group under `root`),
+    so that a daemon restarted after a crash can kill the ones its predecessor left running
+    before it replays any DEL: an orphaned ADD must not finish after the DEL that undoes it."""
 
-    def __init__(self) -> None:
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self._root = os.fspath(root)
+        os.makedirs(self._root, mode=0o700, exist_ok=True)
+
+    def started(self, pid: int) -> None:
+        with open(os.path.join(self._root, str(pid)), "w") as f:
+            f.write(_start_time(pid))
+
+    def finished(self, pid: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self._root, str(pid)))
+
+    def kill_orphans(self) -> list[int]:
+        """Kill every recorded process group that is still the one recorded; returns them."""
+        killed = []
+        for name in os.listdir(self._root):
+            path = os.path.join(self._root, name)
+            with open(path) as f:
+                recorded = f.read().strip()
+            pid = int(name)
+            if recorded and _start_time(pid) == recorded:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+                    killed.append(pid)
+            os.unlink(path)
+        return killed
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time (field 22 of /proc/PID/stat): tells a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+class RawExec:
+    """The real runner: subprocess with a clean environment and a hard deadline. Each plugin
+    runs in its own process group, killed whole on timeout (a plugin's own children included).
+    VERSION answers are cached per binary and re-asked when the file changes."""
+
+    def __init__(self, *, tracker: ChildTracker | None = None) -> None:
         self._versions = _VersionCache()
+        self._tracker = tracker
 
     def decode_version(self, path: str, timeout: float) -> tuple[str, ...]:
         key, cached = self._versions.get(path)
@@ -91,18 +139,38 @@ class RawExec:
     def find_in_path(self, plugin_type: str, dirs: Sequence[str]) -> str:
         return find_plugin(plugin_type, dirs)
 
+    def is_executable(self, path: str) -> bool:
+        return os.path.isfile(path) and os.access(path, os.X_OK)
+
     def run(self, path: str, env: Mapping[str, str], stdin: bytes, timeout: float) -> ExecOutput:
-        full_env = {"PATH": os.environ.get("PATH", _BASE_PATH), **env}
+        proc = self._spawn(path, {"PATH": os.environ.get("PATH", _BASE_PATH), **env})
+        if self._tracker is not None:
+            self._tracker.started(proc.pid)
+        try:
+            out, err = proc.communicate(stdin, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            raise DelegateTimeout(
+                f"CNI plugin {path} did not answer within {timeout:g}s and was killed",
+            ) from None
+        finally:
+            if self._tracker is not None:
+                self._tracker.finished(proc.pid)
+        return ExecOutput(proc.returncode, out, err)
+
+    @staticmethod
+    def _spawn(path: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
         for attempt in range(_ETXTBSY_RETRIES + 1):
             try:
-                proc = subprocess.Popen(
+                return subprocess.Popen(
                     [path],
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
-                    env=full_env,
+                    env=env,
                     cwd="/",
                     close_fds=True,
+                    start_new_session=True,
                 )
             except OSError as exc:
                 # NOTE: ETXTBSY means the binary is being written (an installer copying it in);
@@ -111,16 +179,20 @@ class RawExec:
                     time.sleep(0.05 * (attempt + 1))
                     continue
                 raise DelegateFailed(f"cannot exec CNI plugin {path}: {exc.strerror}") from None
-            try:
-                out, err = proc.communicate(stdin, timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate()
-                raise DelegateTimeout(
-                    f"CNI plugin {path} did not answer within {timeout:g}s and was killed",
-                ) from None
-            return ExecOutput(proc.returncode, out, err)
         raise AssertionError("unreachable")
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """Kill the plugin and everything it started; never wait on a pipe a survivor holds."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        proc.communicate(timeout=2)
+    except subprocess.TimeoutExpired:
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        proc.wait(2)
 
 
 VERSION_STDIN: Final = json.dumps({"cniVersion": cni.LATEST_VERSION}).encode()

@@ -31,3 +31,12 @@ class PluginRegistry:
             return builtin
         binary = self._exec.find_in_path(plugin_type, path)
         return ExecPlugin(plugin_type, binary, exec_=self._exec, timeout=self._timeout)
+
+    def recorded(self, plugin_type: str, binary: str, path: Sequence[str]) -> Plugin:
+        """The plugin a record names: the same binary if it is still there (DEL must run what
+        ADD ran), else whatever now serves the type (the binary moved with an upgrade)."""
+        if not binary:
+            return self.resolve(plugin_type, path)
+        if self._exec.is_executable(binary):
+            return ExecPlugin(plugin_type, binary, exec_=self._exec, timeout=self._timeout)
+        return self.resolve(plugin_type, path)

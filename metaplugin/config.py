@@ -63,7 +63,8 @@ class DaemonConfig(BaseModel):
         default_factory=list,
         alias="globalNamespaces",
         description="Namespaces whose NADs every pod may use when namespaceIsolation is on "
-        "(a list, or a comma-separated string as in Multus).",
+        "(a list, or a comma-separated string as in Multus). Unset: 'default', as in Multus; "
+        "when set, list 'default' too if it should stay global.",
     )
     readiness_indicator_file: str | None = Field(
         default=None,

@@ -4,7 +4,7 @@
     plexusctl attachments [--json]          what the node daemon has attached, per container
     plexusctl network-status NS/POD         the pod's network-status JSON (local mode's source)
     plexusctl validate FILE...              check NAD manifests without a cluster
-    plexusctl health                        the daemon's /readyz
+    plexusctl health [--live]               the daemon's /readyz (or /healthz)
 
 It talks to plexusd over the same unix socket as the shim (`--socket`, or `--config` to take
 runDir from the daemon config).
@@ -86,9 +86,10 @@ def cmd_attachments(args: argparse.Namespace) -> int:
                     ",".join(ips) or "-",
                 )
             )
-        for q in container.get("quarantined", []):
-            rows.append((container["containerID"][:12], "-", "-", "-", "quarantined", q))
     _table(rows)
+    _, body = _get(_socket_path(args), "/v1/quarantine")
+    for path in json.loads(body):
+        print(f"quarantined (unreadable) record: {path}")
     return 0
 
 
@@ -125,7 +126,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    status, body = _get(_socket_path(args), "/readyz")
+    # --live: is the daemon serving at all (liveness; it serves DELs even with the API down).
+    status, body = _get(_socket_path(args), "/healthz" if args.live else "/readyz")
     print(body.decode().strip())
     return 0 if status == 200 else 1
 
@@ -156,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         help="where NADs without spec.config find their conf",
     )
     p.set_defaults(fn=cmd_validate)
-    sub.add_parser("health", help="is plexusd ready").set_defaults(fn=cmd_health)
+    p = sub.add_parser("health", help="is plexusd ready (or, with --live, alive)")
+    p.add_argument("--live", action="store_true", help="liveness: /healthz instead of /readyz")
+    p.set_defaults(fn=cmd_health)
     args = parser.parse_args(argv)
     result: int = args.fn(args)
     return result

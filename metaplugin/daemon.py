@@ -14,15 +14,19 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
-from delegates.chain import ChainRunner
+from delegates.chain import ChainRunner, NetworkConfigList
+from delegates.external import ChildTracker, RawExec
 from delegates.registry import PluginRegistry
+from metaplugin import cni, install, logs
 from metaplugin import config as daemon_config
-from metaplugin import install, logs
+from metaplugin.cni import CniRequest
 from metaplugin.config import DaemonConfig
 from metaplugin.errors import PlexusError
+from metaplugin.gc import Collector
 from metaplugin.nad import LocalNadSource, NadSource
 from metaplugin.orchestrator import Orchestrator, PodSource
 from metaplugin.resolve import Resolver
@@ -33,6 +37,7 @@ from metaplugin.status import NullSink, StatusSink
 from metaplugin.store import AttachmentStore, StateLock
 
 log = structlog.get_logger(__name__)
+CONF_CHECK_INTERVAL = 2.0  # how soon a removed conf comes back, or an uninstall is honoured
 
 
 @dataclass
@@ -65,10 +70,24 @@ def cluster_sources(cfg: DaemonConfig) -> Sources:
     )
 
 
+@dataclass
+class Parts:
+    store: AttachmentStore
+    resolver: Resolver
+    orchestrator: Orchestrator
+    collector: Collector
+
+    def handle(self, req: CniRequest) -> dict[str, Any] | None:
+        if req.command == cni.GC:
+            self.collector.gc(req)
+            return None
+        return self.orchestrator.handle(req)
+
+
 class Daemon:
     def __init__(self, cfg: DaemonConfig, *, registry: PluginRegistry | None = None) -> None:
         self.cfg = cfg
-        self.registry = registry or PluginRegistry(timeout=cfg.delegate_timeout)
+        self._registry = registry
         self._stop = threading.Event()
         self._served = threading.Event()
 
@@ -84,24 +103,14 @@ class Daemon:
         cfg = self.cfg
         sources = local_sources(cfg) if cfg.local else cluster_sources(cfg)
         scheduler = Scheduler(max_concurrent=cfg.max_concurrent, max_queue=cfg.max_queue)
-        store = AttachmentStore(cfg.state_dir)
-        resolver = Resolver(config=cfg, nads=sources.nads)
-        orchestrator = Orchestrator(
-            config=cfg,
-            resolver=resolver,
-            store=store,
-            runner=ChainRunner(registry=self.registry),
-            sink=sources.sink,
-            pods=sources.pods,
-            lock_container=scheduler.container_lock,
-        )
-        spool = SpoolReplayer(cfg.spool_path, orchestrator=orchestrator, scheduler=scheduler)
-        left = spool.replay()
-        log.info("spool_replayed", still_pending=left)
+        parts = self._assemble(sources, scheduler, self._delegates())
+        spool = SpoolReplayer(cfg.spool_path, orchestrator=parts.orchestrator, scheduler=scheduler)
+        log.info("spool_replayed", still_pending=spool.replay())  # before serving anything
         api = Api(
-            orchestrator=orchestrator,
+            handle=parts.handle,
+            orchestrator=parts.orchestrator,
             scheduler=scheduler,
-            store=store,
+            store=parts.store,
             ready=lambda: sources.synced.is_set() and self._served.is_set(),
         )
         server = SocketServer(cfg.socket_path, api)
@@ -109,9 +118,10 @@ class Daemon:
         spool.start_retries()
         if cfg.install:
             install.install_shim(cfg)
+            install.clear_uninstalled(cfg)  # a daemon that starts is an installed one
             threading.Thread(
                 target=self._write_conf_when_ready,
-                args=(resolver,),
+                args=(parts.resolver,),
                 name="conf-writer",
                 daemon=True,
             ).start()
@@ -125,25 +135,66 @@ class Daemon:
             sources.stop()
         return 0
 
+    def _delegates(self) -> PluginRegistry:
+        if self._registry is not None:
+            return self._registry
+        tracker = ChildTracker(Path(self.cfg.state_dir) / "running")
+        killed = tracker.kill_orphans()  # an ADD left running by a crash must not finish later
+        if killed:
+            log.warning("orphaned_delegates_killed", pids=killed)
+        return PluginRegistry(exec_=RawExec(tracker=tracker), timeout=self.cfg.delegate_timeout)
+
+    def _assemble(self, sources: Sources, scheduler: Scheduler, registry: PluginRegistry) -> Parts:
+        store = AttachmentStore(self.cfg.state_dir)
+        resolver = Resolver(config=self.cfg, nads=sources.nads)
+        runner = ChainRunner(registry=registry)
+        orchestrator = Orchestrator(
+            config=self.cfg,
+            resolver=resolver,
+            store=store,
+            runner=runner,
+            sink=sources.sink,
+            pods=sources.pods,
+        )
+        collector = Collector(
+            orchestrator=orchestrator,
+            store=store,
+            resolver=resolver,
+            runner=runner,
+            lock_container=scheduler.container,
+            exclusive=scheduler.exclusive,
+        )
+        return Parts(store, resolver, orchestrator, collector)
+
     def _write_conf_when_ready(self, resolver: Resolver) -> None:
         """Write the conflist only once the cluster network resolves and any readiness file
-        exists (NPWG §6.1), so the runtime never sends pods to a Plexus that cannot serve them."""
-        last_error = ""
+        exists (NPWG §6.1), so the runtime never sends pods to a Plexus that cannot serve them;
+        keep it in place, unless `plexusd --uninstall` said Plexus is being removed."""
+        last = ""
         while not self._stop.is_set():
             try:
-                resolver.cluster_network()
-                indicator = self.cfg.readiness_indicator_file
-                if indicator and not Path(indicator).exists():
-                    raise PlexusError(f"waiting for readiness indicator file {indicator}")
+                capabilities = self._cluster_capabilities(resolver)
             except PlexusError as exc:
-                if exc.msg != last_error:
+                if exc.msg != last:
                     log.warning("conf_not_written_yet", reason=exc.msg)
-                    last_error = exc.msg
+                    last = exc.msg
                 self._stop.wait(1.0)
                 continue
-            if install.write_conf(self.cfg):
+            if install.uninstalled(self.cfg):
+                if install.remove_conf(self.cfg):
+                    log.info("conf_removed_uninstalled", path=self.cfg.conf_file)
+            elif install.write_conf(self.cfg, capabilities):
                 log.info("conf_written", path=self.cfg.conf_file)
-            self._stop.wait(5.0)  # keep it in place (an admin may have removed it)
+            self._stop.wait(CONF_CHECK_INTERVAL)
+
+    def _cluster_capabilities(self, resolver: Resolver) -> frozenset[str]:
+        net = resolver.cluster_network()
+        indicator = self.cfg.readiness_indicator_file
+        if indicator and not Path(indicator).exists():
+            raise PlexusError(f"waiting for readiness indicator file {indicator}")
+        # Whatever the primary can take from the runtime, Plexus must ask for too (as Multus's
+        # generated config does), or it would never reach it.
+        return NetworkConfigList.parse(net.config).declared_capabilities()
 
     def stop(self) -> None:
         self._stop.set()
@@ -160,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--uninstall",
         action="store_true",
-        help=f"remove {daemon_config.CONF_FILE_NAME} (pods stop using Plexus), then exit",
+        help=f"remove {daemon_config.CONF_FILE_NAME} and tell a running plexusd not to write it "
+        "again (new pods stop using Plexus; running pods can still be deleted), then exit",
     )
     ns = parser.parse_args(argv)
     try:

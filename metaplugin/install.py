@@ -64,7 +64,7 @@ def install_shim(cfg: DaemonConfig) -> Path:
     return target
 
 
-def conflist(cfg: DaemonConfig) -> dict[str, Any]:
+def conflist(cfg: DaemonConfig, extra_capabilities: frozenset[str] = frozenset()) -> dict[str, Any]:
     return {
         "cniVersion": CONF_VERSION,
         "cniVersions": CONF_VERSIONS,
@@ -75,17 +75,17 @@ def conflist(cfg: DaemonConfig) -> dict[str, Any]:
                 "socketPath": cfg.socket_path,
                 "spoolDir": cfg.spool_path,
                 "shimTimeout": cfg.shim_timeout,
-                "capabilities": CAPABILITIES,
+                "capabilities": {**CAPABILITIES, **dict.fromkeys(sorted(extra_capabilities), True)},
             }
         ],
     }
 
 
-def write_conf(cfg: DaemonConfig) -> bool:
+def write_conf(cfg: DaemonConfig, extra_capabilities: frozenset[str] = frozenset()) -> bool:
     """Write 00-plexus.conflist in place; returns False when it was already up to date."""
     path = Path(cfg.conf_file)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = (json.dumps(conflist(cfg), indent=2) + "\n").encode()
+    data = (json.dumps(conflist(cfg, extra_capabilities), indent=2) + "\n").encode()
     if path.is_file() and path.read_bytes() == data:
         return False
     # NOTE: in place on purpose (containerd#11715): a rename raises only CREATE, which
@@ -97,7 +97,30 @@ def write_conf(cfg: DaemonConfig) -> bool:
     return True
 
 
+def _marker(cfg: DaemonConfig) -> Path:
+    return Path(cfg.state_dir) / "uninstalled"
+
+
 def uninstall(cfg: DaemonConfig) -> None:
-    """Remove the conflist so the runtime stops sending new pods to Plexus. The shim stays:
-    pods that still run must be able to DEL (spooled until a daemon replays them)."""
-    Path(cfg.conf_file).unlink(missing_ok=True)
+    """Remove the conflist so the runtime stops sending new pods to Plexus, and leave a marker
+    so a running plexusd does not write it again. The shim stays: pods that still run must be
+    able to DEL (spooled until a daemon replays them)."""
+    _marker(cfg).parent.mkdir(parents=True, exist_ok=True)
+    _marker(cfg).touch()
+    remove_conf(cfg)
+
+
+def uninstalled(cfg: DaemonConfig) -> bool:
+    return _marker(cfg).exists()
+
+
+def clear_uninstalled(cfg: DaemonConfig) -> None:
+    _marker(cfg).unlink(missing_ok=True)
+
+
+def remove_conf(cfg: DaemonConfig) -> bool:
+    path = Path(cfg.conf_file)
+    if not path.exists():
+        return False
+    path.unlink()
+    return True

@@ -101,6 +101,10 @@ class Informer(Generic[V]):
         with self._cond:
             return self._items.get(key)
 
+    def values(self) -> list[V]:
+        with self._cond:
+            return list(self._items.values())
+
     def wait_for(self, key: str, accept: Callable[[V], bool], timeout: float) -> V | None:
         """Wait up to `timeout` for an item at `key` that `accept`s (the watch may lag)."""
         deadline = time.monotonic() + timeout
@@ -250,6 +254,9 @@ class ApiNadSource:
         )
         return NetworkAttachmentDefinition.from_object(obj) if obj is not None else None
 
+    def all(self) -> list[NetworkAttachmentDefinition]:
+        return self._informer.values()
+
     def synced(self) -> bool:
         return self._informer.synced.is_set()
 
@@ -314,7 +321,9 @@ class ApiStatusSink:
         return not self._jobs.unfinished_tasks
 
     def stop(self) -> None:
-        self._jobs.put(None)
+        # A daemon thread: it dies with the process; shutdown must not wait on the API.
+        with contextlib.suppress(queue.Full):
+            self._jobs.put_nowait(None)
 
     def _run(self) -> None:
         while True:

@@ -1,10 +1,10 @@
-"""ADD, DEL, CHECK, GC and STATUS for one pod, as named steps.
+"""ADD, DEL, CHECK and STATUS for one pod, as named steps (GC lives in `metaplugin.gc`).
 
-ADD: find the pod's requests → plan the attachments → record the plan durably → attach each
-(rolling back in reverse on failure) → publish network-status → answer with the cluster
-network's result in the caller's version. DEL replays what ADD recorded, in reverse, and needs
-neither the API, the netns nor prevResult. The daemon serialises calls per container, so nothing
-here locks.
+ADD: find the pod's requests → plan the attachments → prepare each (binary, version, exact
+config) → record them durably → attach each, rolling back in reverse on failure → publish
+network-status → answer with the cluster network's result in the caller's version. DEL replays
+what ADD recorded, in reverse, and needs neither the API, the netns nor prevResult. The daemon
+serialises calls per container, so nothing here locks.
 """
 
 from __future__ import annotations
@@ -12,16 +12,15 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Final, Protocol
 
 import structlog
 
-from delegates.chain import ChainRunner, NetworkConfigList, NetworkInvocation
+from delegates.chain import CallEnv, ChainRunner, PreparedNetwork
 from delegates.netns import interface_exists
 from metaplugin import cni
-from metaplugin.cni import CniRequest
+from metaplugin.cni import CniRequest, Result
 from metaplugin.config import DaemonConfig
 from metaplugin.errors import (
     AttachmentConflict,
@@ -62,7 +61,6 @@ class Orchestrator:
         sink: StatusSink,
         pods: PodSource | None = None,
         netns_has_interface: Callable[[str, str], bool] = interface_exists,
-        lock_container: Callable[[str], AbstractContextManager[None]] = lambda _: nullcontext(),
     ) -> None:
         self._cfg = config
         self._resolver = resolver
@@ -71,7 +69,6 @@ class Orchestrator:
         self._sink = sink
         self._pods = pods
         self._has_interface = netns_has_interface
-        self._lock_container = lock_container
 
     def handle(self, req: CniRequest) -> dict[str, Any] | None:
         if req.command == cni.ADD:
@@ -80,8 +77,6 @@ class Orchestrator:
             self.delete(req)
         elif req.command == cni.CHECK:
             self.check(req)
-        elif req.command == cni.GC:
-            self.gc(req)
         elif req.command == cni.STATUS:
             self.status(req)
         elif req.command == cni.VERSION:
@@ -150,16 +145,6 @@ class Orchestrator:
                 self._sink.network_not_found(pod, exc.msg)
             raise
 
-    def _publish(self, pod: PodInfo, added: list[AttachmentRecord]) -> None:
-        # network-status is informational (NPWG §5): a failure to publish it must never fail,
-        # or half-undo, a pod whose interfaces are all in place.
-        try:
-            self._sink.attached(
-                pod, network_status(added), [added_interface_message(r) for r in added]
-            )
-        except Exception:
-            log.exception("network_status_not_published")
-
     def _refuse_leftovers(self, req: CniRequest) -> None:
         existing = self._store.load(req.container_id)
         if existing:
@@ -168,33 +153,6 @@ class Orchestrator:
                 f"container {req.container_id} already has attachments {names} from an earlier "
                 "ADD; the runtime must DEL it before adding again",
             )
-
-    def _record_plan(
-        self, req: CniRequest, pod: PodInfo | None, plan: list[PlannedAttachment]
-    ) -> list[AttachmentRecord]:
-        cni_args = _delegate_cni_args(req)
-        records = [
-            AttachmentRecord(
-                container_id=req.container_id,
-                index=index,
-                network=att.network,
-                ifname=att.ifname,
-                is_default=att.is_default,
-                runtime_ifname=req.ifname,
-                netns=req.netns,
-                pod_namespace=pod.namespace if pod else "",
-                pod_name=pod.name if pod else "",
-                pod_uid=pod.uid if pod else req.pod_uid,
-                cni_args=cni_args,
-                cni_path=list(self._path(req.path)),
-                config=json.dumps(att.config, separators=(",", ":")),
-                capability_args=att.capability_args,
-                default_route=list(att.default_route) if att.default_route is not None else None,
-            )
-            for index, att in enumerate(plan)
-        ]
-        self._store.plan(records)
-        return records
 
     def _refuse_foreign_interfaces(self, req: CniRequest, plan: list[PlannedAttachment]) -> None:
         # Checked before anything runs: a rollback DEL must never remove an interface that
@@ -206,19 +164,61 @@ class Orchestrator:
                     "take over an interface it did not create",
                 )
 
+    def _record_plan(
+        self, req: CniRequest, pod: PodInfo | None, plan: list[PlannedAttachment]
+    ) -> list[AttachmentRecord]:
+        """Prepare every attachment (a missing plugin fails here, before anything ran) and
+        record exactly what will run, durably, before the first delegate starts."""
+        cni_args = _delegate_cni_args(req)
+        path = self.path(req.path)
+        records = []
+        for index, att in enumerate(plan):
+            try:
+                prepared = self._runner.prepare(att.config, att.capability_args, path)
+            except PlexusError as exc:
+                raise type(exc)(
+                    f"network {att.network} ({att.ifname}): {exc.msg}", exc.details, code=exc.code
+                ) from None
+            records.append(
+                AttachmentRecord(
+                    container_id=req.container_id,
+                    index=index,
+                    network=att.network,
+                    ifname=att.ifname,
+                    is_default=att.is_default,
+                    runtime_ifname=req.ifname,
+                    netns=req.netns,
+                    pod_namespace=pod.namespace if pod else "",
+                    pod_name=pod.name if pod else "",
+                    pod_uid=pod.uid if pod else req.pod_uid,
+                    cni_args=cni_args,
+                    cni_path=list(path),
+                    config=json.dumps(att.config, separators=(",", ":")),
+                    prepared=prepared.to_dict(),
+                    default_route=list(att.default_route)
+                    if att.default_route is not None
+                    else None,
+                )
+            )
+        self._store.plan(records)
+        return records
+
     def _attach_all(
         self, req: CniRequest, records: list[AttachmentRecord]
     ) -> list[AttachmentRecord]:
         added: list[AttachmentRecord] = []
         for position, record in enumerate(records):
-            bound = log.bind(network=record.network, attachment=record.ifname)
             try:
-                result = self._runner.add(self._invocation(record, req.netns))
+                result = self._runner.add(_prepared(record), self._env(record, req.netns))
+                added.append(self._store.mark_added(record, result))
             except Exception as exc:  # noqa: BLE001 - every failure rolls back, then re-raises
-                bound.warning("attachment_add_failed", error=_msg(exc))
                 raise self._rollback(records, added, position, exc) from None
-            added.append(self._store.mark_added(record, result))
-            bound.info("attachment_added", ips=[ip.address for ip in result.ips])
+            log.info(
+                "attachment_added",
+                network=record.network,
+                attachment=record.ifname,
+                ips=[ip.address for ip in result.ips],
+            )
         return added
 
     def _rollback(
@@ -234,25 +234,36 @@ class Orchestrator:
         failures: list[str] = []
         failed = records[failed_at]
         try:
-            self._runner.delete(self._invocation(failed, failed.netns), prev=None)
-        except PlexusError as exc:
-            failures.append(f"{failed.network} ({failed.ifname}): {exc.msg}")
+            self._runner.delete(_prepared(failed), self._env(failed, failed.netns), None)
+        except Exception as exc:  # noqa: BLE001 - reported in the error, rollback goes on
+            failures.append(f"{failed.network} ({failed.ifname}): {_msg(exc)}")
         for record in records[failed_at:]:
             self._store.remove(record)
         for record in reversed(added):
             try:
-                self._runner.delete(self._invocation(record, record.netns), record.parsed_result())
-                self._store.remove(record)
-            except PlexusError as exc:
-                failures.append(f"{record.network} ({record.ifname}): {exc.msg}")
-        if failures:
-            log.error("rollback_incomplete", failures=failures)
+                self._delete_one(record, record.netns)
+            except Exception as exc:  # noqa: BLE001 - reported in the error, rollback goes on
+                failures.append(f"{record.network} ({record.ifname}): {_msg(exc)}")
         self._store.remove_container(failed.container_id)
         return _attachment_error(failed, cause, failures)
 
+    def _publish(self, pod: PodInfo, added: list[AttachmentRecord]) -> None:
+        # network-status is informational (NPWG §5): a failure to publish it must never fail,
+        # or half-undo, a pod whose interfaces are all in place.
+        try:
+            self._sink.attached(
+                pod, network_status(added), [added_interface_message(r) for r in added]
+            )
+        except Exception:
+            log.exception("network_status_not_published")
+
     # --- DEL ----------------------------------------------------------------------------------
 
-    def delete(self, req: CniRequest, *, prefer_recorded_netns: bool = False) -> None:
+    def delete(
+        self, req: CniRequest, *, prefer_recorded_netns: bool = False, issued_at: float = 0.0
+    ) -> None:
+        """DEL the container's attachments. A late DEL (`issued_at`, from the spool) never
+        touches attachments made after it was issued, or for another pod."""
         loaded = self._store.load(req.container_id)
         if loaded.quarantined:
             log.error("attachment_records_quarantined", files=list(loaded.quarantined))
@@ -262,20 +273,26 @@ class Orchestrator:
         if loaded.runtime_ifname != req.ifname:
             log.info("del_for_other_interface", recorded=loaded.runtime_ifname)
             return
+        first = loaded.records[0]
+        if issued_at and (
+            first.created_at > issued_at
+            or (req.pod_uid and first.pod_uid and req.pod_uid != first.pod_uid)
+        ):
+            log.warning("stale_del_ignored", recorded_at=first.created_at, issued_at=issued_at)
+            return
         netns = req.netns or (loaded.netns if prefer_recorded_netns else "")
-        self._teardown(loaded, netns)
+        self.teardown(loaded, netns)
 
-    def _teardown(self, loaded: ContainerRecords, netns: str) -> None:
+    def teardown(self, loaded: ContainerRecords, netns: str) -> None:
+        """DEL every recorded attachment in reverse; keep (and report) the ones that fail."""
         # A vanished netns is passed as "": plugins then clean up what lives outside it.
         usable = netns if netns and cni.is_netns(netns) else ""
         failures: list[str] = []
         for record in reversed(loaded.records):
             try:
-                self._runner.delete(self._invocation(record, usable), record.parsed_result())
-            except PlexusError as exc:
-                failures.append(f"{record.network} ({record.ifname}): {exc.msg}")
-                continue
-            self._store.remove(record)
+                self._delete_one(record, usable)
+            except Exception as exc:  # noqa: BLE001 - DEL tries every attachment
+                failures.append(f"{record.network} ({record.ifname}): {_msg(exc)}")
         if failures:
             raise TeardownIncomplete(
                 f"container {loaded.container_id}: DEL failed for {len(failures)} attachment(s); "
@@ -283,6 +300,10 @@ class Orchestrator:
             )
         self._store.remove_container(loaded.container_id)
         log.info("attachments_deleted", count=len(loaded.records))
+
+    def _delete_one(self, record: AttachmentRecord, netns: str) -> None:
+        self._runner.delete(_prepared(record), self._env(record, netns), _prev_result(record))
+        self._store.remove(record)
 
     # --- CHECK --------------------------------------------------------------------------------
 
@@ -293,71 +314,15 @@ class Orchestrator:
                 f"no attachments recorded for container {req.container_id} ({req.ifname})",
             )
         for record in loaded.records:
-            prev = record.parsed_result()
+            prev = _prev_result(record)
             if record.state != "added" or prev is None:
                 raise InvalidConfig(
                     f"network {record.network} ({record.ifname}): its ADD never completed",
                 )
             try:
-                self._runner.check(self._invocation(record, req.netns), prev)
+                self._runner.check(_prepared(record), self._env(record, req.netns), prev)
             except PlexusError as exc:
                 raise _attachment_error(record, exc, []) from None
-
-    # --- GC -----------------------------------------------------------------------------------
-
-    def gc(self, req: CniRequest) -> None:
-        valid = _valid_attachments(req.config)
-        failures: list[str] = []
-        networks: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {}
-        for container_id in self._store.container_ids():
-            # GC runs beside requests for other containers: take each one's lock in turn.
-            with self._lock_container(container_id):
-                loaded = self._store.load(container_id)
-                for record in loaded.records:
-                    networks[_network_name(record)] = (record.config_dict(), tuple(record.cni_path))
-                if not loaded or (container_id, loaded.runtime_ifname) in valid:
-                    continue
-                log.info("gc_stale_container", stale_container=container_id)
-                try:
-                    self._teardown(loaded, loaded.netns)
-                except PlexusError as exc:
-                    failures.append(exc.msg)
-        self._current_networks(networks, req.path)
-        failures.extend(self._gc_delegates(networks))
-        if failures:
-            raise TeardownIncomplete("GC incomplete: " + "; ".join(failures))
-
-    def _current_networks(
-        self, networks: dict[str, tuple[dict[str, Any], tuple[str, ...]]], path: tuple[str, ...]
-    ) -> None:
-        refs = [self._cfg.cluster_network, *self._cfg.default_networks]
-        for ref in refs:
-            try:
-                net = (
-                    self._resolver.resolve_reference(ref, what="GC")
-                    if ref
-                    else self._resolver.cluster_network()
-                )
-            except PlexusError:
-                continue
-            networks[str(net.config.get("name"))] = (net.config, self._path(path))
-
-    def _gc_delegates(
-        self, networks: dict[str, tuple[dict[str, Any], tuple[str, ...]]]
-    ) -> list[str]:
-        remaining = [r for loaded in self._store.all() for r in loaded.records]
-        failures = []
-        for name, (config, path) in networks.items():
-            valid = [
-                {"containerID": r.container_id, "ifname": r.ifname}
-                for r in remaining
-                if _network_name(r) == name
-            ]
-            try:
-                self._runner.gc(config, valid, self._path(path))
-            except PlexusError as exc:
-                failures.append(f"network {name}: {exc.msg}")
-        return failures
 
     # --- STATUS -------------------------------------------------------------------------------
 
@@ -367,7 +332,7 @@ class Orchestrator:
             raise NotReady(f"readiness indicator file {indicator} does not exist yet")
         try:
             net = self._resolver.cluster_network()
-            self._runner.status(net.config, self._path(req.path))
+            self._runner.status(net.config, self.path(req.path))
         except NotReady:
             raise
         except PlexusError as exc:
@@ -380,8 +345,8 @@ class Orchestrator:
     def pod_network_status(self, namespace: str, name: str) -> list[dict[str, Any]] | None:
         newest: ContainerRecords | None = None
         for loaded in self._store.all():
-            first = loaded.records[0] if loaded.records else None
-            if first is None or (first.pod_namespace, first.pod_name) != (namespace, name):
+            first = loaded.records[0]
+            if (first.pod_namespace, first.pod_name) != (namespace, name):
                 continue
             if newest is None or first.created_at > newest.records[0].created_at:
                 newest = loaded
@@ -389,19 +354,32 @@ class Orchestrator:
 
     # --- helpers ------------------------------------------------------------------------------
 
-    def _path(self, request_path: tuple[str, ...]) -> tuple[str, ...]:
+    def path(self, request_path: tuple[str, ...]) -> tuple[str, ...]:
+        """Where delegates are looked up: cniPath first, then the runtime's CNI_PATH."""
         return tuple(dict.fromkeys([*self._cfg.cni_path, *request_path]))
 
-    def _invocation(self, record: AttachmentRecord, netns: str) -> NetworkInvocation:
-        return NetworkInvocation(
-            config=record.config_dict(),
+    def _env(self, record: AttachmentRecord, netns: str) -> CallEnv:
+        return CallEnv(
             container_id=record.container_id,
             netns=netns,
             ifname=record.ifname,
             cni_args=record.cni_args,
-            capability_args=record.capability_args,
-            path=self._path(tuple(record.cni_path)),
+            path=self.path(tuple(record.cni_path)),
         )
+
+
+def _prepared(record: AttachmentRecord) -> PreparedNetwork:
+    return PreparedNetwork.from_dict(record.prepared)
+
+
+def _prev_result(record: AttachmentRecord) -> Result | None:
+    """The recorded result, or None when it no longer decodes (DEL then runs without it, as
+    the spec allows, rather than never running)."""
+    try:
+        return record.parsed_result()
+    except PlexusError as exc:
+        log.error("attachment_result_unreadable", attachment=record.ifname, error=exc.msg)
+        return None
 
 
 def _runtime_config(req: CniRequest) -> dict[str, Any]:
@@ -413,29 +391,6 @@ def _delegate_cni_args(req: CniRequest) -> str:
     # Reference plugins reject unknown CNI_ARGS keys unless IgnoreUnknown is set (Multus does
     # the same); the runtime's own pairs pass through unchanged.
     return cni.format_cni_args({"IgnoreUnknown": "1", **req.args})
-
-
-def _network_name(record: AttachmentRecord) -> str:
-    try:
-        return NetworkConfigList.parse(record.config_dict()).name
-    except PlexusError:
-        return record.network
-
-
-def _valid_attachments(config: Mapping[str, Any]) -> set[tuple[str, str]]:
-    raw = config.get(cni.VALID_ATTACHMENTS_KEY, config.get(cni.LEGACY_ATTACHMENTS_KEY))
-    if raw is None:
-        raise InvalidConfig(f"GC needs '{cni.VALID_ATTACHMENTS_KEY}' in the config")
-    if not isinstance(raw, list):
-        raise InvalidConfig(f"'{cni.VALID_ATTACHMENTS_KEY}' must be a list")
-    out = set()
-    for item in raw:
-        if not isinstance(item, dict) or "containerID" not in item or "ifname" not in item:
-            raise InvalidConfig(
-                f"'{cni.VALID_ATTACHMENTS_KEY}' entries need containerID and ifname: {item!r}",
-            )
-        out.add((str(item["containerID"]), str(item["ifname"])))
-    return out
 
 
 def _msg(exc: BaseException) -> str:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+import structlog
+
 from delegates.chain import NetworkConfigList
 from metaplugin import confdir
 from metaplugin.annotations import (
@@ -27,8 +29,10 @@ from metaplugin.annotations import (
     parse_networks,
 )
 from metaplugin.config import DaemonConfig
-from metaplugin.errors import InvalidConfig, NetworkNotFound, NetworkNotPermitted
+from metaplugin.errors import InvalidConfig, NetworkNotFound, NetworkNotPermitted, PlexusError
 from metaplugin.nad import NadSource, network_config
+
+log = structlog.get_logger(__name__)
 
 # annotation attribute -> (capability a plugin must declare, how the annotation spells it)
 _CAPABILITIES: Final = (
@@ -105,6 +109,26 @@ class Resolver:
             f"and no CNI config named {ref!r} in {self._cfg.cni_conf_dir}",
         )
 
+    def known_networks(self) -> list[ResolvedNetwork]:
+        """Every network Plexus can currently resolve: the cluster and default networks and
+        every NAD (GC collects them all). One that does not resolve is skipped."""
+        out = []
+        refs: list[tuple[str | None, str]] = [(self._cfg.cluster_network, "clusterNetwork")]
+        refs += [(ref, "defaultNetworks entry") for ref in self._cfg.default_networks]
+        for ref, what in refs:
+            try:
+                out.append(
+                    self.resolve_reference(ref, what=what) if ref else self.cluster_network()
+                )
+            except PlexusError as exc:
+                log.info("network_not_resolvable", network=ref, error=exc.msg)
+        for nad in self._nads.all():
+            try:
+                out.append(self._from_nad(nad.namespace, nad.name, what="GC"))
+            except PlexusError as exc:
+                log.info("network_not_resolvable", network=nad.key, error=exc.msg)
+        return out
+
     def plan(
         self, *, ifname: str, pod: PodInfo | None, runtime_config: Mapping[str, Any]
     ) -> list[PlannedAttachment]:
@@ -153,9 +177,11 @@ class Resolver:
     def _check_isolation(self, pod: PodInfo, namespace: str, name: str) -> None:
         if not self._cfg.namespace_isolation or namespace == pod.namespace:
             return
-        if namespace in self._cfg.global_namespaces:
+        # As in Multus: with globalNamespaces unset, "default" is the one global namespace.
+        global_namespaces = self._cfg.global_namespaces or ["default"]
+        if namespace in global_namespaces:
             return
-        allowed = ", ".join([pod.namespace, *self._cfg.global_namespaces])
+        allowed = ", ".join(dict.fromkeys([pod.namespace, *global_namespaces]))
         raise NetworkNotPermitted(
             f"namespace isolation: pod {pod.ref} may not use network {namespace}/{name}; it may "
             f"use networks of namespaces: {allowed}",

@@ -77,11 +77,13 @@ class Api:
     def __init__(
         self,
         *,
+        handle: Callable[[cni.CniRequest], dict[str, Any] | None],
         orchestrator: Orchestrator,
         scheduler: Scheduler,
         store: AttachmentStore,
         ready: Callable[[], bool],
     ) -> None:
+        self.handle = handle
         self.orchestrator = orchestrator
         self.scheduler = scheduler
         self.store = store
@@ -105,7 +107,7 @@ class Api:
                 ifname=req.ifname or None,
             )
             with self.scheduler.slot(req.container_id):
-                reply = self.orchestrator.handle(req)
+                reply = self.handle(req)
             outcome = "ok"
             return 200, json.dumps(reply).encode() if reply is not None else b""
         except PlexusError as exc:
@@ -167,6 +169,7 @@ def _peek_version(stdin: str) -> str:
 class _Handler(BaseHTTPRequestHandler):
     server: _UnixHTTPServer
     protocol_version = "HTTP/1.0"  # one request per connection, as the shim expects
+    timeout = 30  # a client that connects and stalls must not pin a thread forever
 
     def log_message(self, format: str, *args: Any) -> None:
         return None  # requests are logged once, with context, by Api
@@ -204,6 +207,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(200, app.metrics.render(app.scheduler).encode(), "text/plain")
         elif url.path == "/v1/attachments":
             self._reply(200, json.dumps(app.attachments()).encode())
+        elif url.path == "/v1/quarantine":
+            self._reply(200, json.dumps(app.store.quarantined()).encode())
         elif url.path == "/v1/network-status":
             query = parse_qs(url.query)
             status = app.orchestrator.pod_network_status(

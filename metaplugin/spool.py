@@ -16,7 +16,6 @@ from pathlib import Path
 import structlog
 
 from metaplugin import cni
-from metaplugin.errors import PlexusError
 from metaplugin.orchestrator import Orchestrator
 from metaplugin.scheduler import Scheduler
 
@@ -51,15 +50,18 @@ class SpoolReplayer:
             req = cni.parse_request(data["env"], data["config"], check_netns=False)
             if req.command != cni.DEL:
                 raise ValueError(f"spooled command is {req.command}, only DEL is spooled")
-        except (ValueError, KeyError, TypeError, PlexusError) as exc:
-            self._quarantine(path, str(exc))
+            spooled_at = float(data.get("spooledAt") or 0.0)
+        except FileNotFoundError:
+            return True
+        except Exception as exc:  # noqa: BLE001 - whatever is wrong with it, keep it aside
+            self._quarantine(path, repr(exc))
             return True
         bound = log.bind(container_id=req.container_id, ifname=req.ifname, spool_file=path.name)
         try:
-            with self._scheduler.container_lock(req.container_id):
-                self._orchestrator.delete(req, prefer_recorded_netns=True)
-        except PlexusError as exc:
-            bound.warning("spooled_del_failed", error=exc.msg)
+            with self._scheduler.container(req.container_id):
+                self._orchestrator.delete(req, prefer_recorded_netns=True, issued_at=spooled_at)
+        except Exception as exc:  # noqa: BLE001 - stays pending; the timer retries it
+            bound.warning("spooled_del_failed", error=getattr(exc, "msg", repr(exc)))
             return False
         path.unlink(missing_ok=True)
         bound.info("spooled_del_replayed")
@@ -68,14 +70,20 @@ class SpoolReplayer:
     def _quarantine(self, path: Path, why: str) -> None:
         bad = self._dir / "bad"
         bad.mkdir(exist_ok=True, mode=0o700)
-        shutil.move(str(path), bad / path.name)
+        try:
+            shutil.move(str(path), bad / path.name)
+        except OSError as exc:
+            log.error("spool_file_not_moved", spool_file=path.name, error=str(exc))
         log.error("spool_file_unreadable", spool_file=path.name, error=why[:300])
 
     def start_retries(self, interval: float = 30.0) -> None:
         def loop() -> None:
             while not self._stop.wait(interval):
-                if self.pending():
-                    self.replay()
+                try:
+                    if self.pending():
+                        self.replay()
+                except Exception:  # the retry timer must outlive any one bad pass
+                    log.exception("spool_retry_failed")
 
         self._thread = threading.Thread(target=loop, name="spool-retry", daemon=True)
         self._thread.start()

@@ -50,8 +50,9 @@ class AttachmentRecord(BaseModel):
     pod_uid: str = ""
     cni_args: str = ""
     cni_path: list[str] = Field(default_factory=list)
-    config: str  # the network config exactly as it was (and will be) run
-    capability_args: dict[str, Any] = Field(default_factory=dict)
+    config: str  # the network config as resolved (GC and plexusctl read it)
+    # What runs, exactly: each plugin's binary, negotiated version and config (PreparedNetwork).
+    prepared: dict[str, Any]
     default_route: list[str] | None = None
     state: Literal["planned", "added"] = "planned"
     result: dict[str, Any] | None = None
@@ -168,47 +169,70 @@ class AttachmentStore:
             return  # records remain (a failed DEL keeps them for the retry)
         _fsync_dir(self._root)
 
-    def load(self, container_id: str) -> ContainerRecords:
+    def load(self, container_id: str, *, quarantine: bool = True) -> ContainerRecords:
+        """The container's records. An undecodable record is moved to quarantine (only callers
+        holding the container's lock may do that; read-only views pass quarantine=False). An
+        I/O error raises IOFailure (code 5): the record may be fine, and DEL must be retried
+        rather than succeed without it."""
         directory = self._dir(container_id)
-        if not directory.is_dir():
-            return ContainerRecords(container_id, ())
         records: list[AttachmentRecord] = []
         quarantined: list[str] = []
-        for path in sorted(directory.iterdir()):
+        try:
+            paths = sorted(directory.iterdir())
+        except (FileNotFoundError, NotADirectoryError):
+            return ContainerRecords(container_id, ())
+        for path in paths:
             if path.name.startswith(".") or path.suffix != ".json":
                 continue
-            record = self._read(path)
-            if record is None:
-                quarantined.append(self._move_to_quarantine(path))
-            else:
+            try:
+                record = self._read(path)
+            except FileNotFoundError:
+                continue  # removed by a concurrent DEL: gone, not corrupt
+            if record is not None:
                 records.append(record)
+            elif quarantine:
+                quarantined.append(self._move_to_quarantine(path))
         records.sort(key=lambda r: r.index)
         return ContainerRecords(container_id, tuple(records), tuple(quarantined))
 
     def _read(self, path: Path) -> AttachmentRecord | None:
+        """The record, or None when its content cannot be decoded."""
         try:
-            record = AttachmentRecord.model_validate_json(path.read_bytes())
-        except (OSError, ValidationError, ValueError) as exc:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise IOFailure(f"cannot read attachment record {path}: {exc.strerror}") from None
+        try:
+            record = AttachmentRecord.model_validate_json(data)
+        except (ValidationError, ValueError) as exc:
             log.error("attachment_record_unreadable", path=str(path), error=str(exc)[:300])
             return None
         if record.version > RECORD_VERSION:
-            log.error("attachment_record_too_new", path=str(path), version=record.version)
-            return None
+            # Written by a newer plexusd: leave it be, and refuse to guess what it means.
+            raise IOFailure(
+                f"attachment record {path} has version {record.version}; this plexusd reads "
+                f"up to {RECORD_VERSION}: run the newer plexusd (or roll it forward) to DEL it",
+            )
         return record
 
     def _move_to_quarantine(self, path: Path) -> str:
         self._quarantine.mkdir(exist_ok=True, mode=0o700)
         target = self._quarantine / f"{path.parent.name}-{path.name}-{int(time.time())}"
-        shutil.move(str(path), target)
+        try:
+            shutil.move(str(path), target)
+        except FileNotFoundError:
+            return ""
         return str(target)
 
     def container_ids(self) -> list[str]:
         return sorted(p.name for p in self._root.iterdir() if p.is_dir())
 
     def all(self) -> Iterator[ContainerRecords]:
+        """A read-only view of every container (never quarantines; see load)."""
         for container_id in self.container_ids():
-            loaded = self.load(container_id)
-            if loaded.records or loaded.quarantined:
+            loaded = self.load(container_id, quarantine=False)
+            if loaded.records:
                 yield loaded
 
     def quarantined(self) -> list[str]:

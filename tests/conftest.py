@@ -20,4 +20,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if not any(item.iter_markers(name=t) for t in _TIER_BY_DIR.values()):
             item.add_marker(getattr(pytest.mark, tier))
         if tier in _ROOT_TIERS and os.geteuid() != 0:
+            if os.environ.get("PLEXUS_REQUIRE_ALL_TIERS"):
+                raise pytest.UsageError(f"{tier} tests need root, and every tier is required")
             item.add_marker(pytest.mark.skip(reason=f"{tier} tests need root"))

@@ -67,8 +67,16 @@ class CriBed:
         links = self.containerd.links(pod.netns)
         return {name: self.containerd.addresses(pod.netns, name) for name in links if name != "lo"}
 
+    def portmap_chains(self) -> list[str]:
+        """portmap's per-container DNAT chains in the runtime's network namespace."""
+        out = self.containerd.in_netns("", "iptables", "-t", "nat", "-S").stdout
+        return sorted(
+            {line.split()[1] for line in out.splitlines() if line.startswith("-N CNI-DN-")}
+        )
+
     def assert_nothing_left(self) -> None:
         assert self.containerd.sandboxes() == []
+        assert self.portmap_chains() == []
         assert self.runtime_veths() == []
         assert self.reservations() == []
         assert self.records() == []

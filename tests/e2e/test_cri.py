@@ -41,6 +41,8 @@ def test_pod_gets_eth0_net1_data0_and_pods_talk_over_a_secondary(cri: CriBed) ->
     )
     assert status.status.network.ip == cri.interfaces(pods[0])["eth0"][0].split("/")[0]
 
+    assert len(cri.portmap_chains()) == 2  # the runtime's port mappings reached the primary
+
     target = cri.interfaces(pods[1])["data0"][0].split("/")[0]
     ping = cri.containerd.in_netns(
         pods[0].netns,

@@ -21,6 +21,7 @@ from tests.support.daemon import DaemonProcess
 from tests.support.manifests import bridge_conflist, macvlan, nad, reservations
 from tests.support.netns import Netns, namespaces
 from tests.support.plugins import write_test_plugins
+from tests.support.require import missing
 from tests.support.runtime import CniRuntime
 
 REFERENCE_PLUGINS = Path("/usr/lib/cni")
@@ -92,7 +93,7 @@ def make_bed(
 ) -> Iterator[Bed]:
     """Build the bed; `configure(node, nads)` returns the daemon config keys of the mode."""
     if not REFERENCE_PLUGINS.is_dir():
-        pytest.skip("Debian's containernetworking-plugins are not installed (/usr/lib/cni)")
+        missing("Debian's containernetworking-plugins are not installed (/usr/lib/cni)")
     ipam_dir, gate_dir, testbin = tmp_path / "ipam", tmp_path / "gate", tmp_path / "testbin"
     gate_dir.mkdir()
     write_test_plugins(testbin)

@@ -25,6 +25,16 @@ def wait_for(path: Path, timeout: float = 20.0) -> None:
         time.sleep(0.02)
 
 
+def gate_processes(bed: Bed) -> list[str]:
+    out = subprocess.run(
+        ["pgrep", "-f", str(bed.root / "testbin" / "gate")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return out.stdout.split()
+
+
 def test_add_check_del_del(bed: Bed) -> None:
     pod = bed.pod("pod1")
     networks = json.dumps(
@@ -139,9 +149,14 @@ def test_sigkill_between_two_delegates_then_restart_then_del(bed: Bed) -> None:
     bed.daemon.kill()
     adder.join(30)
     assert outcome[0].returncode == 1 and outcome[0].body["code"] == 11
+    assert gate_processes(bed)  # the orphaned delegate still runs
 
-    bed.daemon.start()
+    bed.daemon.start()  # kills the orphan before it serves anything
+    assert not gate_processes(bed)
+    assert bed.daemon.events("orphaned_delegates_killed")
     bed.runtime.delete("c1", pod.path, with_prev=False).ok()
+    (bed.gate_dir / "release").touch()  # had it survived, it would attach net2 now
+    time.sleep(0.5)
     bed.assert_nothing_left(pod)
 
 

@@ -32,6 +32,7 @@ from cri_api.v1 import api_pb2_grpc as rpc
 from tests.support.daemon import DaemonProcess
 from tests.support.netns import RUN_PREFIX
 from tests.support.oci import build_image
+from tests.support.require import missing
 
 REFERENCE_PLUGINS = Path("/usr/lib/cni")
 IMAGE = "localhost/plexus/img"
@@ -417,10 +418,9 @@ def _remove_cgroups(parent: str) -> None:
 
 @contextmanager
 def containerd_bed(root: Path) -> Iterator[ContainerdBed]:
-    if shutil.which("containerd") is None or shutil.which("runc") is None:
-        import pytest
-
-        pytest.skip("containerd and runc are not installed")
+    for tool in ("containerd", "runc", "ctr"):
+        if shutil.which(tool) is None:
+            missing(f"{tool} is not installed (Debian packages containerd and runc)")
     bed = ContainerdBed(root)
     try:
         yield bed.start()

@@ -85,6 +85,9 @@ class FakeExec:
             raise PluginNotFound(f"no CNI plugin {plugin_type!r} (fake)")
         return f"/fake/{plugin_type}"
 
+    def is_executable(self, path: str) -> bool:
+        return path.startswith("/fake/") and path.rsplit("/", 1)[-1] in self.plugins
+
     def run(self, path: str, env: Mapping[str, str], stdin: bytes, timeout: float) -> ExecOutput:
         name = path.rsplit("/", 1)[-1]
         config = json.loads(stdin)

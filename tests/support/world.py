@@ -13,9 +13,11 @@ import yaml
 from delegates.chain import ChainRunner
 from delegates.registry import PluginRegistry
 from metaplugin.config import DaemonConfig
+from metaplugin.gc import Collector
 from metaplugin.nad import LocalNadSource
 from metaplugin.orchestrator import Orchestrator
 from metaplugin.resolve import PodInfo, Resolver
+from metaplugin.scheduler import Scheduler
 from metaplugin.store import AttachmentStore
 from tests.support.fake_exec import FakeExec, FakePlugin
 from tests.support.manifests import nad
@@ -87,13 +89,23 @@ class World:
         self.store = AttachmentStore(str(self.state))
         self.resolver = Resolver(config=self.config, nads=self.nads)
         self.existing_interfaces: set[tuple[str, str]] = set()
+        runner = ChainRunner(registry=PluginRegistry(exec_=self.exec))
         self.orchestrator = Orchestrator(
             config=self.config,
             resolver=self.resolver,
             store=self.store,
-            runner=ChainRunner(registry=PluginRegistry(exec_=self.exec)),
+            runner=runner,
             sink=self.sink,
             netns_has_interface=lambda netns, ifname: (netns, ifname) in self.existing_interfaces,
+        )
+        self.scheduler = Scheduler(max_concurrent=4, max_queue=16)
+        self.collector = Collector(
+            orchestrator=self.orchestrator,
+            store=self.store,
+            resolver=self.resolver,
+            runner=runner,
+            lock_container=self.scheduler.container,
+            exclusive=self.scheduler.exclusive,
         )
 
     def write_conf(self, name: str, config: dict[str, Any]) -> Path:

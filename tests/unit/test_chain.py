@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from delegates.chain import ChainRunner, NetworkConfigList, NetworkInvocation
+from delegates.chain import CallEnv, ChainRunner, NetworkConfigList, PreparedNetwork
 from delegates.registry import PluginRegistry
 from metaplugin.errors import DelegateFailed, IncompatibleVersion, InvalidConfig, PluginNotFound
 from tests.support.fake_exec import FakeExec, FakePlugin
@@ -24,21 +24,24 @@ def runner(*plugins: FakePlugin) -> tuple[ChainRunner, FakeExec]:
     return ChainRunner(registry=PluginRegistry(exec_=fake)), fake
 
 
-def invocation(config: dict, **caps: object) -> NetworkInvocation:
-    return NetworkInvocation(
-        config=config,
-        container_id="c1",
-        netns="/run/netns/p1",
-        ifname="net1",
-        cni_args="IgnoreUnknown=1;K8S_POD_NAME=p",
-        capability_args=caps,
-        path=("/fake",),
-    )
+ENV = CallEnv(
+    container_id="c1",
+    netns="/run/netns/p1",
+    ifname="net1",
+    cni_args="IgnoreUnknown=1;K8S_POD_NAME=p",
+    path=("/fake",),
+)
+
+
+def prepared(run: ChainRunner, config: dict, **caps: object) -> PreparedNetwork:
+    return run.prepare(config, caps, ("/fake",))
 
 
 def test_add_runs_in_order_with_prev_result_and_filtered_runtime_config() -> None:
     run, fake = runner(FakePlugin("first"), FakePlugin("second"))
-    result = run.add(invocation(CONFLIST, mac="0a:00:00:00:00:01", portMappings=[{"hostPort": 1}]))
+    result = run.add(
+        prepared(run, CONFLIST, mac="0a:00:00:00:00:01", portMappings=[{"hostPort": 1}]), ENV
+    )
     adds = [c for c in fake.calls if c.command == "ADD"]
     assert [c.plugin for c in adds] == ["first", "second"]
     first, second = (c.config for c in adds)
@@ -58,17 +61,17 @@ def test_add_runs_in_order_with_prev_result_and_filtered_runtime_config() -> Non
 
 def test_no_runtime_config_without_declared_capability() -> None:
     run, fake = runner(FakePlugin("first"), FakePlugin("second"))
-    run.add(invocation(CONFLIST, ips=["10.0.0.1"]))
+    run.add(prepared(run, CONFLIST, ips=["10.0.0.1"]), ENV)
     assert all("runtimeConfig" not in c.config for c in fake.calls if c.command == "ADD")
 
 
 def test_delete_runs_in_reverse_with_the_recorded_result_and_tries_every_plugin() -> None:
     first = FakePlugin("first", fail={"DEL"})
     run, fake = runner(first, FakePlugin("second"))
-    prev = run.add(invocation(CONFLIST))
+    prev = run.add(prepared(run, CONFLIST), ENV)
     fake.calls.clear()
     with pytest.raises(DelegateFailed, match="first says no"):
-        run.delete(invocation(CONFLIST), prev)
+        run.delete(prepared(run, CONFLIST), ENV, prev)
     assert fake.commands("DEL") == [("second", "DEL", "net1"), ("first", "DEL", "net1")]
     assert all(c.config["prevResult"]["ips"] for c in fake.calls if c.command == "DEL")
 
@@ -76,7 +79,7 @@ def test_delete_runs_in_reverse_with_the_recorded_result_and_tries_every_plugin(
 def test_one_point_oh_plugin_under_one_point_one_network_is_spoken_to_in_1_0_0() -> None:
     old = FakePlugin("first", versions=("0.3.1", "0.4.0", "1.0.0"))
     run, fake = runner(old, FakePlugin("second"))
-    result = run.add(invocation(CONFLIST))
+    result = run.add(prepared(run, CONFLIST), ENV)
     by_plugin = {c.plugin: c.config["cniVersion"] for c in fake.calls if c.command == "ADD"}
     assert by_plugin == {"first": "1.0.0", "second": "1.1.0"}
     assert result.ips  # the 1.0.0 result was read and converted
@@ -84,7 +87,7 @@ def test_one_point_oh_plugin_under_one_point_one_network_is_spoken_to_in_1_0_0()
 
 def test_prev_result_is_rendered_in_each_plugins_version() -> None:
     run, fake = runner(FakePlugin("first"), FakePlugin("second", versions=("0.3.1", "0.4.0")))
-    run.add(invocation(CONFLIST))
+    run.add(prepared(run, CONFLIST), ENV)
     second = next(c for c in fake.calls if c.command == "ADD" and c.plugin == "second")
     assert second.config["cniVersion"] == "0.4.0"
     assert second.config["prevResult"]["cniVersion"] == "0.4.0"
@@ -94,18 +97,18 @@ def test_prev_result_is_rendered_in_each_plugins_version() -> None:
 def test_plugin_with_no_usable_version_is_refused() -> None:
     run, _ = runner(FakePlugin("first", versions=("0.1.0", "0.2.0")), FakePlugin("second"))
     with pytest.raises(IncompatibleVersion, match=r"plugin first speaks 0\.1\.0, 0\.2\.0"):
-        run.add(invocation(CONFLIST))
+        run.add(prepared(run, CONFLIST), ENV)
 
 
 def test_check_skips_pre_0_4_0_plugins_and_disable_check() -> None:
     run, fake = runner(FakePlugin("first", versions=("0.3.1",)), FakePlugin("second"))
     conf = {**CONFLIST, "cniVersion": "1.0.0"}
-    prev = run.add(invocation(conf))
+    prev = run.add(prepared(run, conf), ENV)
     fake.calls.clear()
-    run.check(invocation(conf), prev)
+    run.check(prepared(run, conf), ENV, prev)
     assert fake.commands("CHECK") == [("second", "CHECK", "net1")]
     fake.calls.clear()
-    run.check(invocation({**conf, "disableCheck": True}), prev)
+    run.check(prepared(run, {**conf, "disableCheck": True}), ENV, prev)
     assert fake.commands("CHECK") == []
 
 
@@ -152,12 +155,12 @@ def test_bad_network_config(config: dict, fragment: str) -> None:
 def test_unknown_plugin_type_names_the_path() -> None:
     run, _ = runner(FakePlugin("first"))
     with pytest.raises(PluginNotFound):
-        run.add(invocation({"cniVersion": "1.0.0", "name": "n", "type": "nope"}))
+        run.add(prepared(run, {"cniVersion": "1.0.0", "name": "n", "type": "nope"}), ENV)
 
 
 def test_delegate_error_json_is_kept_in_details() -> None:
     run, _ = runner(FakePlugin("first", fail={"ADD"}, fail_code=11), FakePlugin("second"))
     with pytest.raises(DelegateFailed) as err:
-        run.add(invocation(CONFLIST))
+        run.add(prepared(run, CONFLIST), ENV)
     assert '"code":11' in err.value.details
     assert "first says no" in err.value.msg

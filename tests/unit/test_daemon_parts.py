@@ -172,6 +172,7 @@ def served(tmp_path: Path):
     world = World(tmp_path)
     world.add_nads(nad_manifest("net-a", simple_net("net-a")))
     api = Api(
+        handle=world.orchestrator.handle,
         orchestrator=world.orchestrator,
         scheduler=Scheduler(max_concurrent=2, max_queue=2),
         store=world.store,

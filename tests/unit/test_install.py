@@ -69,11 +69,15 @@ def test_conf_waits_for_the_cluster_network_and_the_readiness_file(tmp_path: Pat
         wait_for(daemon.conf_file.exists)
         runtime = CniRuntime(daemon.conf_file, shim.parent)
         assert runtime.invoke("STATUS", version="1.1.0").returncode == 0
+        daemon.conf_file.unlink()  # an admin's mistake: the daemon puts it back
+        wait_for(daemon.conf_file.exists)
+        subprocess.run([PLEXUSD, "--config", str(daemon.config_file), "--uninstall"], check=True)
+        assert not daemon.conf_file.exists()
+        time.sleep(3)  # longer than the daemon's check interval
+        assert not daemon.conf_file.exists()  # the running daemon honours the uninstall
+        assert shim.exists()  # pods that still run must be able to DEL
     finally:
         daemon.stop()
-    subprocess.run([PLEXUSD, "--config", str(daemon.config_file), "--uninstall"], check=True)
-    assert not daemon.conf_file.exists()
-    assert shim.exists()  # pods that still run must be able to DEL
 
 
 def test_conf_is_rewritten_in_place_and_the_shim_by_rename(tmp_path: Path) -> None:

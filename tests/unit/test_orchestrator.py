@@ -256,7 +256,7 @@ def test_gc_removes_stale_attachments_on_every_network(world: World) -> None:
     world.orchestrator.add(request("ADD", "stale", networks="net-a, chained"))
     world.exec.calls.clear()
     valid = [{"containerID": "keep", "ifname": "eth0"}]
-    world.orchestrator.gc(
+    world.collector.gc(
         request("GC", "", version="1.1.0", extra_config={"cni.dev/valid-attachments": valid})
     )
     assert sorted(world.store.container_ids()) == ["keep"]
@@ -275,7 +275,7 @@ def test_gc_removes_stale_attachments_on_every_network(world: World) -> None:
 
 def test_gc_needs_valid_attachments(world: World) -> None:
     with pytest.raises(InvalidConfig, match="valid-attachments"):
-        world.orchestrator.gc(request("GC", "", version="1.1.0"))
+        world.collector.gc(request("GC", "", version="1.1.0"))
 
 
 def test_status(world: World, tmp_path: Path) -> None:
