@@ -9,7 +9,9 @@ serialises calls per container, so nothing here locks.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import socket
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -17,10 +19,11 @@ from typing import Any, Final, Protocol
 
 import structlog
 
+from delegates import _nl
 from delegates.chain import CallEnv, ChainRunner, PreparedNetwork
 from delegates.netns import interface_exists
 from metaplugin import cni
-from metaplugin.cni import CniRequest, Result
+from metaplugin.cni import CniRequest, Result, Route
 from metaplugin.config import DaemonConfig
 from metaplugin.errors import (
     AttachmentConflict,
@@ -61,6 +64,7 @@ class Orchestrator:
         sink: StatusSink,
         pods: PodSource | None = None,
         netns_has_interface: Callable[[str, str], bool] = interface_exists,
+        move_default_route: Callable[[str, str, list[str]], set[int]] = _nl.move_default_route,
     ) -> None:
         self._cfg = config
         self._resolver = resolver
@@ -69,6 +73,7 @@ class Orchestrator:
         self._sink = sink
         self._pods = pods
         self._has_interface = netns_has_interface
+        self._move_default_route = move_default_route
 
     def handle(self, req: CniRequest) -> dict[str, Any] | None:
         if req.command == cni.ADD:
@@ -94,6 +99,7 @@ class Orchestrator:
         self._refuse_foreign_interfaces(req, plan)
         records = self._record_plan(req, pod, plan)
         added = self._attach_all(req, records)
+        added = self._apply_default_routes(req, records, added)
         if pod is not None:
             self._publish(pod, added)
         primary = added[0].parsed_result()
@@ -221,22 +227,42 @@ class Orchestrator:
             )
         return added
 
+    def _apply_default_routes(
+        self, req: CniRequest, records: list[AttachmentRecord], added: list[AttachmentRecord]
+    ) -> list[AttachmentRecord]:
+        """NPWG default-route: the attachment that asks for it carries the pod's default route
+        for that family; every other attachment's default route of that family goes, in the
+        pod and in the recorded results (which DEL, CHECK and network-status read)."""
+        for chosen in [r for r in added if r.default_route is not None]:
+            try:
+                families = self._move_default_route(
+                    req.netns, chosen.ifname, list(chosen.default_route or [])
+                )
+                added = [self._store.mark_added(r, _rerouted(r, chosen, families)) for r in added]
+            except Exception as exc:  # noqa: BLE001 - the whole ADD is undone
+                raise self._rollback(records, added, len(records), exc, culprit=chosen) from None
+        return added
+
     def _rollback(
         self,
         records: list[AttachmentRecord],
         added: list[AttachmentRecord],
         failed_at: int,
         cause: Exception,
+        *,
+        culprit: AttachmentRecord | None = None,
     ) -> PlexusError:
-        """Undo an ADD that failed at `failed_at`: DEL it and every earlier attachment once, in
-        reverse. The failed attachment's record goes either way; an earlier one whose DEL fails
-        stays recorded so a later DEL or GC retries it."""
+        """Undo an ADD that failed at `failed_at` (len(records): after every delegate ran): DEL
+        the failed attachment and every earlier one once, in reverse. The failed attachment's
+        record goes either way; an earlier one whose DEL fails stays recorded so a later DEL or
+        GC retries it."""
         failures: list[str] = []
-        failed = records[failed_at]
-        try:
-            self._runner.delete(_prepared(failed), self._env(failed, failed.netns), None)
-        except Exception as exc:  # noqa: BLE001 - reported in the error, rollback goes on
-            failures.append(f"{failed.network} ({failed.ifname}): {_msg(exc)}")
+        failed = records[failed_at] if failed_at < len(records) else None
+        if failed is not None:
+            try:
+                self._runner.delete(_prepared(failed), self._env(failed, failed.netns), None)
+            except Exception as exc:  # noqa: BLE001 - reported in the error, rollback goes on
+                failures.append(f"{failed.network} ({failed.ifname}): {_msg(exc)}")
         for record in records[failed_at:]:
             self._store.remove(record)
         for record in reversed(added):
@@ -244,8 +270,9 @@ class Orchestrator:
                 self._delete_one(record, record.netns)
             except Exception as exc:  # noqa: BLE001 - reported in the error, rollback goes on
                 failures.append(f"{record.network} ({record.ifname}): {_msg(exc)}")
-        self._store.remove_container(failed.container_id)
-        return _attachment_error(failed, cause, failures)
+        blamed = failed or culprit or records[-1]
+        self._store.remove_container(blamed.container_id)
+        return _attachment_error(blamed, cause, failures)
 
     def _publish(self, pod: PodInfo, added: list[AttachmentRecord]) -> None:
         # network-status is informational (NPWG §5): a failure to publish it must never fail,
@@ -380,6 +407,32 @@ def _prev_result(record: AttachmentRecord) -> Result | None:
     except PlexusError as exc:
         log.error("attachment_result_unreadable", attachment=record.ifname, error=exc.msg)
         return None
+
+
+def _rerouted(record: AttachmentRecord, chosen: AttachmentRecord, families: set[int]) -> Result:
+    """The record's result once `chosen` carries the default route of `families`."""
+    result = record.parsed_result() or Result()
+    keep = [r for r in result.routes if not (_is_default(r.dst) and _family(r.dst) in families)]
+    if record.index == chosen.index:
+        keep += [
+            Route(dst="0.0.0.0/0" if _nl.family_of(gw) == socket.AF_INET else "::/0", gw=gw)
+            for gw in chosen.default_route or []
+        ]
+        keep += [
+            r
+            for r in result.routes
+            if _is_default(r.dst) and _family(r.dst) in families and not chosen.default_route
+        ]
+    return result.model_copy(update={"routes": keep})
+
+
+def _is_default(dst: str) -> bool:
+    return ipaddress.ip_network(dst, strict=False).prefixlen == 0
+
+
+def _family(dst: str) -> int:
+    version = ipaddress.ip_network(dst, strict=False).version
+    return socket.AF_INET if version == 4 else socket.AF_INET6
 
 
 def _runtime_config(req: CniRequest) -> dict[str, Any]:

@@ -218,3 +218,16 @@ def test_conflist_written_by_the_daemon(bed: Bed) -> None:
     sock = Path(bed.daemon.socket)
     assert sock.stat().st_mode & 0o777 == 0o600
     assert sock.parent.stat().st_mode & 0o777 == 0o700
+
+
+def test_default_route_moves_to_the_requesting_attachment(bed: Bed) -> None:
+    pod = bed.pod("pod1")
+    networks = json.dumps([{"name": "net-a"},
+                           {"name": "net-b", "default-route": ["10.90.0.1"]}])
+    result = bed.runtime.add("c1", pod.path, annotations={NETWORKS: networks}).ok()
+    routes = pod.ip("route", "show", "default")
+    assert [(r["gateway"], r["dev"]) for r in routes] == [("10.90.0.1", "net2")]
+    assert not [r for r in result.get("routes", []) if r["dst"] == "0.0.0.0/0"]
+    bed.runtime.check("c1", pod.path).ok()
+    bed.runtime.delete("c1", pod.path).ok()
+    bed.assert_nothing_left(pod)

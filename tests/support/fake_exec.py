@@ -63,6 +63,7 @@ class FakePlugin:
                     }
                 ],
                 "ips": [{"address": address, "gateway": f"{self.subnet}.1", "interface": 0}],
+                "routes": [{"dst": "0.0.0.0/0", "gw": f"{self.subnet}.1"}],
             }
             if version.startswith("0."):
                 result["ips"][0]["version"] = "4"

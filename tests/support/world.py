@@ -4,6 +4,7 @@ daemon config pointing every path inside the temp dir, and an orchestrator over 
 from __future__ import annotations
 
 import json
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import yaml
 from delegates.chain import ChainRunner
 from delegates.registry import PluginRegistry
 from metaplugin.config import DaemonConfig
+from metaplugin.errors import InvalidConfig
 from metaplugin.gc import Collector
 from metaplugin.nad import LocalNadSource
 from metaplugin.orchestrator import Orchestrator
@@ -89,6 +91,7 @@ class World:
         self.store = AttachmentStore(str(self.state))
         self.resolver = Resolver(config=self.config, nads=self.nads)
         self.existing_interfaces: set[tuple[str, str]] = set()
+        self.moved_routes: list[tuple[str, str, list[str]]] = []
         runner = ChainRunner(registry=PluginRegistry(exec_=self.exec))
         self.orchestrator = Orchestrator(
             config=self.config,
@@ -97,6 +100,7 @@ class World:
             runner=runner,
             sink=self.sink,
             netns_has_interface=lambda netns, ifname: (netns, ifname) in self.existing_interfaces,
+            move_default_route=self._move_default_route,
         )
         self.scheduler = Scheduler(max_concurrent=4, max_queue=16)
         self.collector = Collector(
@@ -107,6 +111,12 @@ class World:
             lock_container=self.scheduler.container,
             exclusive=self.scheduler.exclusive,
         )
+
+    def _move_default_route(self, netns: str, ifname: str, gateways: list[str]) -> set[int]:
+        self.moved_routes.append((netns, ifname, gateways))
+        if any(gw == "10.66.0.1" for gw in gateways):
+            raise InvalidConfig("gateway 10.66.0.1 is not reachable (fake)")
+        return {socket.AF_INET6 if ":" in gw else socket.AF_INET for gw in gateways}
 
     def write_conf(self, name: str, config: dict[str, Any]) -> Path:
         path = self.conf_dir / name

@@ -349,3 +349,24 @@ def test_a_status_sink_failure_never_fails_the_pod(world: World) -> None:
     out = world.orchestrator.add(request("ADD", networks="net-a"))
     assert out["ips"]
     assert records(world) == [("eth0", "added"), ("net1", "added")]
+
+
+def test_default_route_moves_to_the_requesting_attachment(world: World) -> None:
+    networks = json.dumps([{"name": "net-a"}, {"name": "net-b", "default-route": ["10.1.0.1"]}])
+    out = world.orchestrator.add(request("ADD", networks=networks))
+    assert world.moved_routes == [(NETNS, "net2", ["10.1.0.1"])]
+    assert out.get("routes", []) == []  # eth0's default route is gone from what kubelet sees
+    by_if = {r.ifname: r.parsed_result() for r in world.store.load("c1").records}
+    assert [rt.dst for rt in by_if["eth0"].routes] == []
+    assert [rt.dst for rt in by_if["net1"].routes] == []
+    assert [(rt.dst, rt.gw) for rt in by_if["net2"].routes] == [("0.0.0.0/0", "10.1.0.1")]
+    status = world.orchestrator.pod_network_status("default", "pod-c1") or []
+    assert status[2]["default-route"] == ["10.1.0.1"]
+
+
+def test_a_default_route_that_cannot_be_set_undoes_the_pod(world: World) -> None:
+    networks = json.dumps([{"name": "net-a", "default-route": ["10.66.0.1"]}])
+    with pytest.raises(InvalidConfig, match=r"network default/net-a \(net1\): gateway 10\.66"):
+        world.orchestrator.add(request("ADD", networks=networks))
+    assert world.exec.live() == {}
+    assert world.store.container_ids() == []
