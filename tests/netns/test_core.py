@@ -222,8 +222,7 @@ def test_conflist_written_by_the_daemon(bed: Bed) -> None:
 
 def test_default_route_moves_to_the_requesting_attachment(bed: Bed) -> None:
     pod = bed.pod("pod1")
-    networks = json.dumps([{"name": "net-a"},
-                           {"name": "net-b", "default-route": ["10.90.0.1"]}])
+    networks = json.dumps([{"name": "net-a"}, {"name": "net-b", "default-route": ["10.90.0.1"]}])
     result = bed.runtime.add("c1", pod.path, annotations={NETWORKS: networks}).ok()
     routes = pod.ip("route", "show", "default")
     assert [(r["gateway"], r["dev"]) for r in routes] == [("10.90.0.1", "net2")]
