@@ -5,7 +5,7 @@ PYTHON   ?= python3
 VENV     ?= .venv
 BIN      := $(VENV)/bin
 APT_PKGS := containernetworking-plugins iproute2 iptables containerd runc busybox-static \
-            util-linux python3 python3-venv
+            util-linux iputils-ping python3 python3-venv
 STAMP    := $(VENV)/.installed
 
 .PHONY: deps apt venv lint test unit netns bench bench-cri clean demo

@@ -26,6 +26,52 @@ SOCKET_NAME = "plexus.sock"
 _SHARED_DIRS = frozenset({"/", "/run", "/var/run", "/tmp", "/var/tmp", "/var/lib", "/var"})
 
 
+class FabricNode(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="forbid", frozen=True)
+
+    name: str
+    addresses: list[str] = Field(
+        validation_alias=AliasChoices("addresses", "address"),
+        min_length=1,
+        description="The node's underlay addresses (one per family).",
+    )
+    pod_cidrs: list[str] = Field(alias="podCIDRs", min_length=1)
+
+    @field_validator("addresses", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class FabricSettings(BaseModel):
+    """The flat pod network of the `plexus-routed` primary (config file only)."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="forbid", frozen=True)
+
+    mode: Literal["native", "vxlan"] = Field(
+        default="native",
+        description="native: other nodes' pod subnets via their underlay address; vxlan: over "
+        "a VXLAN overlay (MTU minus 50).",
+    )
+    interface: str | None = Field(
+        default=None, description="Underlay interface (default: the default-route one)."
+    )
+    address: str | None = Field(
+        default=None, description="This node's underlay address (default: the interface's)."
+    )
+    pod_cidrs: list[str] = Field(
+        default_factory=list,
+        alias="podCIDRs",
+        description="This node's pod subnets (cluster mode: the Node's spec.podCIDRs).",
+    )
+    vni: int = Field(default=4242, ge=1, le=16777215)
+    port: int = Field(default=4789, ge=1, le=65535)
+    nodes: list[FabricNode] = Field(
+        default_factory=list,
+        description="Local mode: every node of the fabric (cluster mode: the Node objects).",
+    )
+
+
 class DaemonConfig(BaseModel):
     model_config = ConfigDict(populate_by_name=True, extra="forbid", frozen=True)
 
@@ -122,6 +168,17 @@ class DaemonConfig(BaseModel):
         alias="cniPath",
         description="Directories searched for external delegate plugins (before the runtime's "
         "CNI_PATH).",
+    )
+    host_local_data_dir: str = Field(
+        default="/var/lib/cni/networks",
+        alias="hostLocalDataDir",
+        description="Where the in-process host-local IPAM keeps leases when a NAD sets no "
+        "dataDir: the reference plugin's own default, so both can share a range.",
+    )
+    fabric: FabricSettings | None = Field(
+        default=None,
+        description="The routed pod network (plexus-routed): mode native|vxlan, interface, "
+        "address, podCIDRs, vni, port, nodes. Config file only.",
     )
     install: bool = Field(
         default=True,
@@ -258,6 +315,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         help_text = f"{field.description} [config key: {key}]"
         annotation = field.annotation
+        if key == "fabric":
+            continue  # a structured key: config file only
         if annotation is bool:
             parser.add_argument(
                 _flag(key), dest=key, action=argparse.BooleanOptionalAction, help=help_text

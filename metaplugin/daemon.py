@@ -18,14 +18,17 @@ from typing import Any
 
 import structlog
 
+from delegates.builtins import builtin_plugins
 from delegates.chain import ChainRunner, NetworkConfigList
 from delegates.external import ChildTracker, RawExec
+from delegates.fabric import Fabric, Peer
 from delegates.registry import PluginRegistry
 from metaplugin import cni, install, logs
 from metaplugin import config as daemon_config
 from metaplugin.cni import CniRequest
 from metaplugin.config import DaemonConfig
 from metaplugin.errors import PlexusError
+from metaplugin.fabric_sync import FabricSync, config_peers, fabric_from_config
 from metaplugin.gc import Collector
 from metaplugin.nad import LocalNadSource, NadSource
 from metaplugin.orchestrator import Orchestrator, PodSource
@@ -47,6 +50,8 @@ class Sources:
     sink: StatusSink
     synced: threading.Event
     stop: Callable[[], None] | None = None
+    peers: Callable[[], list[Peer]] | None = None  # the fabric's nodes, from the API
+    own_pod_cidrs: Callable[[], list[str]] = lambda: []
 
 
 def local_sources(cfg: DaemonConfig) -> Sources:
@@ -67,6 +72,8 @@ def cluster_sources(cfg: DaemonConfig) -> Sources:
         sink=cluster.sink,
         synced=cluster.synced,
         stop=cluster.stop,
+        peers=cluster.peers if cfg.fabric is not None else None,
+        own_pod_cidrs=cluster.own_pod_cidrs,
     )
 
 
@@ -103,7 +110,8 @@ class Daemon:
         cfg = self.cfg
         sources = local_sources(cfg) if cfg.local else cluster_sources(cfg)
         scheduler = Scheduler(max_concurrent=cfg.max_concurrent, max_queue=cfg.max_queue)
-        parts = self._assemble(sources, scheduler, self._delegates())
+        fabric, fabric_sync = self._fabric(sources)
+        parts = self._assemble(sources, scheduler, self._delegates(fabric))
         spool = SpoolReplayer(cfg.spool_path, orchestrator=parts.orchestrator, scheduler=scheduler)
         log.info("spool_replayed", still_pending=spool.replay())  # before serving anything
         api = Api(
@@ -131,18 +139,38 @@ class Daemon:
         log.info("plexusd_stopping")
         server.stop()
         spool.stop()
+        if fabric_sync is not None:
+            fabric_sync.stop()
         if sources.stop is not None:
             sources.stop()
         return 0
 
-    def _delegates(self) -> PluginRegistry:
+    def _delegates(self, fabric: Fabric | None) -> PluginRegistry:
         if self._registry is not None:
             return self._registry
         tracker = ChildTracker(Path(self.cfg.state_dir) / "running")
         killed = tracker.kill_orphans()  # an ADD left running by a crash must not finish later
         if killed:
             log.warning("orphaned_delegates_killed", pids=killed)
-        return PluginRegistry(exec_=RawExec(tracker=tracker), timeout=self.cfg.delegate_timeout)
+        exec_ = RawExec(tracker=tracker)
+        builtins = builtin_plugins(
+            exec_=exec_,
+            timeout=self.cfg.delegate_timeout,
+            ipam_data_dir=self.cfg.host_local_data_dir,
+            fabric=fabric,
+        )
+        return PluginRegistry(builtins=builtins, exec_=exec_, timeout=self.cfg.delegate_timeout)
+
+    def _fabric(self, sources: Sources) -> tuple[Fabric | None, FabricSync | None]:
+        fabric = fabric_from_config(self.cfg, sources.own_pod_cidrs())
+        if fabric is None:
+            return None, None
+        fabric.setup()
+        peers = sources.peers or (lambda: config_peers(self.cfg))
+        sync = FabricSync(fabric, peers)
+        sync.sync_once()
+        sync.start()
+        return fabric, sync
 
     def _assemble(self, sources: Sources, scheduler: Scheduler, registry: PluginRegistry) -> Parts:
         store = AttachmentStore(self.cfg.state_dir)

@@ -31,6 +31,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 from urllib3.exceptions import HTTPError
 
+from delegates.fabric import Peer
 from metaplugin import nad as nadmod
 from metaplugin.annotations import NETWORK_STATUS_ANNOTATION
 from metaplugin.config import DaemonConfig
@@ -222,6 +223,20 @@ def _pod_info(obj: Mapping[str, Any]) -> PodInfo:
         name=str(meta.get("name", "")),
         uid=str(meta.get("uid", "")),
         annotations={str(k): str(v) for k, v in (meta.get("annotations") or {}).items()},
+    )
+
+
+def _peer(obj: Mapping[str, Any]) -> Peer:
+    spec = obj.get("spec") or {}
+    cidrs = spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else [])
+    addresses = (obj.get("status") or {}).get("addresses") or []
+    internal = [
+        str(a["address"]) for a in addresses if a.get("type") == "InternalIP" and a.get("address")
+    ]
+    return Peer(
+        name=str((obj.get("metadata") or {}).get("name", "")),
+        addresses=tuple(internal),
+        pod_cidrs=tuple(str(c) for c in cidrs),
     )
 
 
@@ -433,10 +448,22 @@ class Cluster:
             ),
             _pod_info,
         )
+        # Nodes feed the routed fabric (peers and this node's podCIDRs); trimmed on arrival.
+        self._node_informer: Informer[Peer] = Informer("nodes", core.list_node, _peer)
+        self._node = node
         self.nads = ApiNadSource(self._nad_informer, custom)
         self.pods = ApiPodSource(self._pod_informer, core)
         self.sink = ApiStatusSink(core, node)
         self.synced = threading.Event()
+
+    def peers(self) -> list[Peer]:
+        return [p for p in self._node_informer.values() if p.addresses and p.pod_cidrs]
+
+    def own_pod_cidrs(self, timeout: float = 30.0) -> list[str]:
+        """This node's spec.podCIDRs (waits for the first list of nodes)."""
+        self._node_informer.synced.wait(timeout)
+        me = self._node_informer.get(f"/{self._node}")
+        return list(me.pod_cidrs) if me else []
 
     @classmethod
     def connect(cls, cfg: DaemonConfig) -> Cluster:
@@ -457,6 +484,7 @@ class Cluster:
     def start(self) -> None:
         self._nad_informer.start()
         self._pod_informer.start()
+        self._node_informer.start()
 
         def mark_synced() -> None:
             self._nad_informer.synced.wait()
@@ -468,4 +496,5 @@ class Cluster:
     def stop(self) -> None:
         self._nad_informer.stop()
         self._pod_informer.stop()
+        self._node_informer.stop()
         self.sink.stop()

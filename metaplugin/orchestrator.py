@@ -65,6 +65,7 @@ class Orchestrator:
         pods: PodSource | None = None,
         netns_has_interface: Callable[[str, str], bool] = interface_exists,
         move_default_route: Callable[[str, str, list[str]], set[int]] = _nl.move_default_route,
+        reap_links: Callable[[str], None] = _nl.delete_pod_links,
     ) -> None:
         self._cfg = config
         self._resolver = resolver
@@ -74,6 +75,7 @@ class Orchestrator:
         self._pods = pods
         self._has_interface = netns_has_interface
         self._move_default_route = move_default_route
+        self._reap_links = reap_links
 
     def handle(self, req: CniRequest) -> dict[str, Any] | None:
         if req.command == cni.ADD:
@@ -314,6 +316,8 @@ class Orchestrator:
         """DEL every recorded attachment in reverse; keep (and report) the ones that fail."""
         # A vanished netns is passed as "": plugins then clean up what lives outside it.
         usable = netns if netns and cni.is_netns(netns) else ""
+        if usable:
+            self._reap_pod_links(usable)
         failures: list[str] = []
         for record in reversed(loaded.records):
             try:
@@ -327,6 +331,14 @@ class Orchestrator:
             )
         self._store.remove_container(loaded.container_id)
         log.info("attachments_deleted", count=len(loaded.records))
+
+    def _reap_pod_links(self, netns: str) -> None:
+        """Remove every link the built-ins made in the pod in one go (one RCU wait instead of
+        one per link); their DELs then find them gone, which DEL takes in its stride."""
+        try:
+            self._reap_links(netns)
+        except Exception as exc:  # noqa: BLE001 - each delegate's DEL still removes its own
+            log.warning("pod_links_not_reaped", error=_msg(exc))
 
     def _delete_one(self, record: AttachmentRecord, netns: str) -> None:
         self._runner.delete(_prepared(record), self._env(record, netns), _prev_result(record))

@@ -101,6 +101,7 @@ class World:
             sink=self.sink,
             netns_has_interface=lambda netns, ifname: (netns, ifname) in self.existing_interfaces,
             move_default_route=self._move_default_route,
+            reap_links=lambda netns: None,
         )
         self.scheduler = Scheduler(max_concurrent=4, max_queue=16)
         self.collector = Collector(

@@ -1,0 +1,72 @@
+"""What every built-in delegate does to an interface once it exists in the pod: addresses and
+routes from the IPAM result, link up, the CNI result that describes it, and the CHECK that
+verifies all of that is still there."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+
+from delegates._nl import Link, Netlink
+from metaplugin.cni import Interface, IPConfig, Result, Route
+from metaplugin.errors import PlexusError
+
+
+class CheckFailed(PlexusError):
+    """CHECK found the pod's interface, address or route missing or different."""
+
+    cni_code = 110
+
+
+def gateway_for(route: Route, ips: Sequence[IPConfig]) -> str | None:
+    """A route without `gw` goes via the gateway of the address of its family (as the
+    reference plugins' ConfigureIface does)."""
+    if route.gw:
+        return route.gw
+    version = ipaddress.ip_network(route.dst, strict=False).version
+    for ip in ips:
+        if ip.gateway and ipaddress.ip_address(ip.gateway).version == version:
+            return ip.gateway
+    return None
+
+
+def configure(nl: Netlink, link: Link, ipam: Result) -> None:
+    for ip in ipam.ips:
+        nl.add_address(link.index, ip.address)
+    if not link.up:
+        nl.set_up(link.index)
+    for route in ipam.routes:
+        nl.add_route(route.dst, oif=link.index, gateway=gateway_for(route, ipam.ips))
+
+
+def result_for(
+    link: Link, netns: str, ipam: Result, *, index: int = 0, extra: Sequence[Interface] = ()
+) -> Result:
+    """The CNI result: `extra` interfaces (host side) first, then the pod's interface."""
+    interfaces = [*extra, Interface(name=link.name, mac=link.mac, mtu=link.mtu, sandbox=netns)]
+    pod_index = len(extra) + index
+    ips = [ip.model_copy(update={"interface": pod_index}) for ip in ipam.ips]
+    return Result(interfaces=interfaces, ips=ips, routes=ipam.routes, dns=ipam.dns)
+
+
+def check(nl: Netlink, ifname: str, kind: str, prev: Result) -> Link:
+    """Verify the interface, its addresses and its routes against the recorded result."""
+    link = nl.link(ifname)
+    if link is None:
+        raise CheckFailed(f"interface {ifname} is missing from the pod")
+    if kind and link.kind != kind:
+        raise CheckFailed(f"interface {ifname} is a {link.kind or 'plain'} link, not {kind}")
+    have = set(nl.addresses(link.index))
+    for ip in prev.ips:
+        if _normal(ip.address) not in {_normal(a) for a in have}:
+            raise CheckFailed(f"interface {ifname} lost its address {ip.address}")
+    routes = nl.routes()
+    for route in prev.routes:
+        dst = str(ipaddress.ip_network(route.dst, strict=False))
+        if not any(r.dst == dst and r.oif == link.index for r in routes):
+            raise CheckFailed(f"route to {route.dst} via {ifname} is missing")
+    return link
+
+
+def _normal(cidr: str) -> str:
+    return str(ipaddress.ip_interface(cidr))

@@ -1,0 +1,125 @@
+"""What macvlan and ipvlan share: a link on a master interface of the node, created straight
+into the pod's namespace under its final name, addressed from IPAM, undone step by step if any
+later step fails."""
+
+from __future__ import annotations
+
+import os
+from contextlib import ExitStack
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from delegates._iface import check, configure, result_for
+from delegates._ipam import Ipam
+from delegates._nl import PLEXUS_GROUP, Link, Netlink
+from delegates.plugin import BuiltinPlugin, PluginRequest
+from metaplugin import cni
+from metaplugin.cni import Result
+from metaplugin.errors import InvalidConfig
+
+
+class SubLinkConf(BaseModel):
+    """Keys shared with the reference macvlan/ipvlan plugins (unknown keys are ignored, as the
+    reference plugins ignore them)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str
+    master: str | None = None
+    mtu: int | None = Field(default=None, ge=68, le=65535)
+    link_in_container: bool = Field(default=False, alias="linkInContainer")
+
+
+def parse(model: type[Any], req: PluginRequest) -> Any:
+    try:
+        conf = model.model_validate(dict(req.config))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise InvalidConfig(f"network {req.network_name}: {where}: {first['msg']}") from None
+    if conf.link_in_container:
+        raise InvalidConfig(f"network {req.network_name}: linkInContainer is not supported")
+    return conf
+
+
+def default_route_link(nl: Netlink) -> Link:
+    """The node's default-route interface: the master when a config names none."""
+    for route in nl.routes():
+        if route.dst in ("0.0.0.0/0", "::/0") and route.oif:
+            for link in nl.links():
+                if link.index == route.oif:
+                    return link
+    raise InvalidConfig("no 'master' given and the node has no default route to take it from")
+
+
+class SubLinkPlugin(BuiltinPlugin):
+    kind: ClassVar[str]
+    conf_model: ClassVar[type[SubLinkConf]] = SubLinkConf
+
+    def __init__(self, *, ipam: Ipam) -> None:
+        self._ipam = ipam
+
+    def link_attrs(self, conf: Any, req: PluginRequest) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def add(self, req: PluginRequest) -> Result:
+        conf = parse(self.conf_model, req)
+        with ExitStack() as undo:
+            self._create(conf, req)
+            undo.callback(self._remove_link, req)
+            addresses = Result()
+            if Ipam.configured(req.config):
+                addresses = self._ipam.add(req)
+                undo.callback(self._ipam.delete, req)
+            with Netlink.open(req.netns) as pod:
+                configure(pod, pod.require(req.ifname), addresses)
+                link = pod.require(req.ifname)
+            undo.pop_all()
+        return result_for(link, req.netns, addresses)
+
+    def _create(self, conf: Any, req: PluginRequest) -> None:
+        with Netlink.open() as node:
+            master = node.link(conf.master) if conf.master else default_route_link(node)
+            if master is None:
+                raise InvalidConfig(
+                    f"network {req.network_name}: master interface {conf.master} does not exist "
+                    "on this node",
+                )
+            attrs: dict[str, Any] = {"link": master.index, "group": PLEXUS_GROUP}
+            if conf.mtu:
+                attrs["mtu"] = conf.mtu
+            attrs |= self.link_attrs(conf, req)
+            fd = os.open(req.netns, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                node.create(
+                    req.ifname,
+                    self.kind,
+                    net_ns_fd=fd,
+                    what=f"{self.kind} {req.ifname} on {master.name}",
+                    **attrs,
+                )
+            finally:
+                os.close(fd)
+
+    @staticmethod
+    def _remove_link(req: PluginRequest) -> None:
+        with Netlink.open(req.netns) as pod:
+            pod.delete(req.ifname)
+
+    def delete(self, req: PluginRequest) -> None:
+        if req.netns and cni.is_netns(req.netns):
+            self._remove_link(req)
+        if Ipam.configured(req.config):
+            self._ipam.delete(req)
+
+    def check(self, req: PluginRequest, prev: Result) -> None:
+        parse(self.conf_model, req)
+        with Netlink.open(req.netns) as pod:
+            check(pod, req.ifname, self.kind, prev)
+        if Ipam.configured(req.config):
+            self._ipam.check(req)
+
+    def gc(self, req: PluginRequest) -> None:
+        if Ipam.configured(req.config):
+            self._ipam.gc(req)

@@ -1,0 +1,26 @@
+"""The in-process delegates, by CNI `type`. A NAD switches to one by changing its `type`
+(`macvlan` -> `plexus-macvlan`); every other type is still exec'd from the CNI path."""
+
+from __future__ import annotations
+
+from delegates._ipam import Ipam
+from delegates.external import Exec
+from delegates.fabric import Fabric
+from delegates.ipvlan import Ipvlan
+from delegates.macvlan import Macvlan
+from delegates.plugin import Plugin
+from delegates.routed import Routed
+from delegates.sbr import SourceRouting
+
+
+def builtin_plugins(
+    *, exec_: Exec, timeout: float, ipam_data_dir: str, fabric: Fabric | None
+) -> dict[str, Plugin]:
+    ipam = Ipam(exec_=exec_, timeout=timeout, data_dir=ipam_data_dir)
+    plugins: list[Plugin] = [
+        Macvlan(ipam=ipam),
+        Ipvlan(ipam=ipam),
+        Routed(ipam=ipam, fabric=fabric),
+        SourceRouting(),
+    ]
+    return {plugin.type: plugin for plugin in plugins}

@@ -1,0 +1,25 @@
+"""`plexus-ipvlan`: the reference ipvlan plugin's job done in-process (same keys: master,
+mode l2|l3|l3s, mtu, ipam) plus the kernel's port flags bridge|private|vepa (`flag`). A kernel
+without ipvlan gets a clear error (CNI code 109)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from delegates._nl import IPVLAN_FLAGS, IPVLAN_MODES
+from delegates._sublink import SubLinkConf, SubLinkPlugin
+from delegates.plugin import PluginRequest
+
+
+class IpvlanConf(SubLinkConf):
+    mode: Literal["l2", "l3", "l3s"] = "l2"
+    flag: Literal["bridge", "private", "vepa"] = "bridge"
+
+
+class Ipvlan(SubLinkPlugin):
+    type = "plexus-ipvlan"
+    kind = "ipvlan"
+    conf_model = IpvlanConf
+
+    def link_attrs(self, conf: Any, req: PluginRequest) -> dict[str, Any]:
+        return {"ipvlan_mode": IPVLAN_MODES[conf.mode], "ipvlan_flags": IPVLAN_FLAGS[conf.flag]}

@@ -1,0 +1,44 @@
+"""`plexus-macvlan`: the reference macvlan plugin's job done in-process (same config keys:
+master, mode, mtu, mac, bcqueuelen, ipam; runtimeConfig.mac through the `mac` capability)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from delegates._nl import MACVLAN_MODES
+from delegates._sublink import SubLinkConf, SubLinkPlugin
+from delegates.plugin import PluginRequest
+
+_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+
+
+class MacvlanConf(SubLinkConf):
+    mode: Literal["bridge", "private", "vepa", "passthru"] = "bridge"
+    mac: str | None = None
+    bcqueuelen: int | None = Field(default=None, ge=0)
+
+    @field_validator("mac")
+    @classmethod
+    def _mac(cls, value: str | None) -> str | None:
+        if value is not None and not _MAC.match(value):
+            raise ValueError(f"{value!r} is not a MAC address")
+        return value
+
+
+class Macvlan(SubLinkPlugin):
+    type = "plexus-macvlan"
+    kind = "macvlan"
+    conf_model = MacvlanConf
+
+    def link_attrs(self, conf: Any, req: PluginRequest) -> dict[str, Any]:
+        attrs: dict[str, Any] = {"macvlan_mode": MACVLAN_MODES[conf.mode]}
+        mac = req.runtime_config.get("mac") or conf.mac  # the pod's request wins
+        if mac:
+            attrs["address"] = str(mac).lower()
+        if conf.bcqueuelen is not None:
+            # IFLA_MACVLAN_BC_QUEUE_LEN exists from Linux 5.11; older kernels ignore it.
+            attrs["macvlan_bc_queue_len"] = conf.bcqueuelen
+        return attrs

@@ -1,0 +1,183 @@
+"""`plexus-routed`: the primary interface of the flat, routable pod network (no NAT anywhere).
+
+Per pod: a veth pair (the pod's end created straight into its namespace), the pod's address as
+a /32 (and /128) on its side and as a host route on the node, and the node as the pod's gateway
+through a link-local next hop: 169.254.1.1 and fe80::1, pinned in the pod as permanent
+neighbours at the node end's MAC (fe80::1 is also that end's address), so pods never need a
+node address in their subnet and never wait on ARP/NDP for their gateway. The MTU
+comes from the fabric (the underlay's, minus the VXLAN overhead in overlay mode). Without an
+`ipam` section, host-local allocates from the node's pod subnets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+from contextlib import ExitStack
+from typing import Any, Final
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from delegates._iface import CheckFailed, check
+from delegates._ipam import Ipam
+from delegates._nl import PLEXUS_GROUP, RT_SCOPE_LINK, Link, Netlink
+from delegates._sublink import parse
+from delegates.fabric import Fabric
+from delegates.plugin import BuiltinPlugin, PluginRequest
+from metaplugin.cni import Interface, IPConfig, Result, Route
+from metaplugin.errors import InvalidConfig
+
+GATEWAY_V4: Final = "169.254.1.1"
+GATEWAY_V6: Final = "fe80::1"
+
+
+class RoutedConf(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str
+    mtu: int | None = Field(default=None, ge=1280, le=65535)
+    link_in_container: bool = Field(default=False, alias="linkInContainer")
+
+
+def host_veth_name(container_id: str, ifname: str) -> str:
+    return "px" + hashlib.sha256(f"{container_id}/{ifname}".encode()).hexdigest()[:11]
+
+
+class Routed(BuiltinPlugin):
+    type = "plexus-routed"
+
+    def __init__(self, *, ipam: Ipam, fabric: Fabric | None) -> None:
+        self._ipam = ipam
+        self._fabric = fabric
+
+    def add(self, req: PluginRequest) -> Result:
+        conf = parse(RoutedConf, req)
+        ipam_req = self._ipam_request(req)
+        host = host_veth_name(req.container_id, req.ifname)
+        with ExitStack() as undo:
+            addresses = self._ipam.add(ipam_req)
+            undo.callback(self._ipam.delete, ipam_req)
+            pod_ips = [ipaddress.ip_interface(ip.address).ip for ip in addresses.ips]
+            self._create_pair(host, req, conf.mtu or self._fabric_mtu())
+            undo.callback(self._remove_pair, host)
+            host_link = self._configure_node(host, pod_ips)
+            pod_link = self._configure_pod(req, pod_ips, host_link.mac)
+            undo.pop_all()
+        return _result(host_link, pod_link, req.netns, pod_ips, addresses)
+
+    def _fabric_mtu(self) -> int | None:
+        return self._fabric.pod_mtu() if self._fabric is not None else None
+
+    def _ipam_request(self, req: PluginRequest) -> PluginRequest:
+        if Ipam.configured(req.config):
+            return req
+        if self._fabric is None:
+            raise InvalidConfig(
+                f"network {req.network_name}: plexus-routed needs an 'ipam' section, or the "
+                "daemon's 'fabric' config with this node's podCIDRs",
+            )
+        ranges = [[{"subnet": cidr}] for cidr in self._fabric.pod_cidrs]
+        config = {**req.config, "ipam": {"type": "host-local", "ranges": ranges}}
+        return PluginRequest(
+            container_id=req.container_id,
+            netns=req.netns,
+            ifname=req.ifname,
+            cni_args=req.cni_args,
+            path=req.path,
+            config=config,
+        )
+
+    @staticmethod
+    def _create_pair(host: str, req: PluginRequest, mtu: int | None) -> None:
+        fd = os.open(req.netns, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            peer: dict[str, Any] = {"ifname": req.ifname, "net_ns_fd": fd, "group": PLEXUS_GROUP}
+            attrs: dict[str, Any] = {"peer": peer}
+            if mtu:
+                peer["mtu"] = attrs["mtu"] = mtu
+            with Netlink.open() as node:
+                node.create(host, "veth", what=f"veth {host} <-> {req.ifname}", **attrs)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _remove_pair(host: str) -> None:
+        with Netlink.open() as node:
+            node.delete(host)  # the pod's end goes with it
+
+    @staticmethod
+    def _configure_node(host: str, pod_ips: list[Any]) -> Link:
+        with Netlink.open() as node:
+            link = node.require(host)
+            node.set_up(link.index)
+            if any(ip.version == 6 for ip in pod_ips):
+                node.add_address(link.index, f"{GATEWAY_V6}/64", nodad=True)
+            for ip in pod_ips:
+                node.add_route(f"{ip}/{ip.max_prefixlen}", oif=link.index, scope=RT_SCOPE_LINK)
+            return node.require(host)
+
+    @staticmethod
+    def _configure_pod(req: PluginRequest, pod_ips: list[Any], node_mac: str) -> Link:
+        with Netlink.open(req.netns) as pod:
+            link = pod.require(req.ifname)
+            for ip in pod_ips:
+                pod.add_address(link.index, f"{ip}/{ip.max_prefixlen}", nodad=True)
+            pod.set_up(link.index)
+            if any(ip.version == 4 for ip in pod_ips):
+                pod.neighbour(link.index, GATEWAY_V4, node_mac)
+                pod.add_route(f"{GATEWAY_V4}/32", oif=link.index, scope=RT_SCOPE_LINK)
+                pod.add_route("0.0.0.0/0", oif=link.index, gateway=GATEWAY_V4)
+            if any(ip.version == 6 for ip in pod_ips):
+                pod.neighbour(link.index, GATEWAY_V6, node_mac)
+                pod.add_route("::/0", oif=link.index, gateway=GATEWAY_V6)
+            return pod.require(req.ifname)
+
+    def delete(self, req: PluginRequest) -> None:
+        self._remove_pair(host_veth_name(req.container_id, req.ifname))
+        self._ipam.delete(self._ipam_request(req))
+
+    def check(self, req: PluginRequest, prev: Result) -> None:
+        with Netlink.open(req.netns) as pod:
+            check(pod, req.ifname, "veth", prev)
+        host = host_veth_name(req.container_id, req.ifname)
+        with Netlink.open() as node:
+            link = node.link(host)
+            if link is None:
+                raise CheckFailed(f"the node's end {host} of {req.ifname} is missing")
+            routes = {r.dst for r in node.routes() if r.oif == link.index}
+            for ip in prev.ips:
+                dst = f"{ip.ip.ip}/{ip.ip.ip.max_prefixlen}"
+                if dst not in routes:
+                    raise CheckFailed(f"the node has no route to the pod's {ip.ip.ip} via {host}")
+        self._ipam.check(self._ipam_request(req))
+
+    def gc(self, req: PluginRequest) -> None:
+        self._ipam.gc(self._ipam_request(req))
+
+
+def _result(host: Link, pod: Link, netns: str, pod_ips: list[Any], ipam: Result) -> Result:
+    ips = [
+        IPConfig(
+            address=f"{ip}/{ip.max_prefixlen}",
+            interface=1,
+            gateway=GATEWAY_V4 if ip.version == 4 else GATEWAY_V6,
+        )
+        for ip in pod_ips
+    ]
+    routes = [
+        Route(
+            dst="0.0.0.0/0" if ip.version == 4 else "::/0",
+            gw=GATEWAY_V4 if ip.version == 4 else GATEWAY_V6,
+        )
+        for ip in pod_ips
+    ]
+    return Result(
+        interfaces=[
+            Interface(name=host.name, mac=host.mac, mtu=host.mtu),
+            Interface(name=pod.name, mac=pod.mac, mtu=pod.mtu, sandbox=netns),
+        ],
+        ips=ips,
+        routes=routes,
+        dns=ipam.dns,
+    )
