@@ -4,9 +4,11 @@ translated once, and sockets bound to the right network namespace without moving
 `Netlink.open(netns)` gives a handle on one namespace: for a pod, its netlink socket is created
 on a short-lived thread that entered the pod's namespace (a socket stays in the namespace it was
 born in), then used from the caller's thread; without `netns`, on the calling thread itself.
-That costs ~0.3 ms, against ~8 ms for pyroute2's own `IPRoute(netns=...)`, which forks. Links are created directly in the pod's
-namespace (IFLA_NET_NS_FD) with their final name, MTU, MAC, group and state in one request, so
-they are never visible in the node's namespace and there is no temporary name to clean up.
+That costs ~0.3 ms, against ~8 ms for pyroute2's own `IPRoute(netns=...)`, which forks.
+
+Links are created directly in the pod's namespace (IFLA_NET_NS_FD) with their final name, MTU,
+MAC, group and state in one request, so they are never visible in the node's namespace and
+there is no temporary name to clean up.
 """
 
 from __future__ import annotations
