@@ -17,15 +17,44 @@ import errno
 import ipaddress
 import os
 import socket
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final
 
-from pyroute2 import IPRoute
-from pyroute2.netlink import nla
+from pyroute2.netlink import (
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLM_F_DUMP,
+    NLM_F_DUMP_INTR,
+    NLM_F_EXCL,
+    NLM_F_REPLACE,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    nla,
+)
 from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
+from pyroute2.netlink.rtnl import (
+    RTM_DELLINK,
+    RTM_DELROUTE,
+    RTM_DELRULE,
+    RTM_GETADDR,
+    RTM_GETLINK,
+    RTM_GETROUTE,
+    RTM_GETRULE,
+    RTM_NEWADDR,
+    RTM_NEWLINK,
+    RTM_NEWNEIGH,
+    RTM_NEWROUTE,
+    RTM_NEWRULE,
+)
+from pyroute2.netlink.rtnl.fibmsg import fibmsg
+from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+from pyroute2.netlink.rtnl.ndmsg import ndmsg
+from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from delegates.netns import run_in_netns
 from metaplugin.errors import InvalidConfig, PlexusError
@@ -39,6 +68,19 @@ PLEXUS_GROUP: Final = 0x504C58
 _DUMP_RETRIES: Final = 5
 IFA_F_NODAD: Final = 0x02
 NTF_SELF: Final = 0x02
+NUD_PERMANENT: Final = 0x80
+IFF_UP: Final = 0x1
+RTPROT_STATIC: Final = 4
+RTN_UNICAST: Final = 1
+RT_SCOPE_UNIVERSE: Final = 0
+RTNH_F_ONLINK: Final = 4
+FR_ACT_TO_TBL: Final = 1
+AF_BRIDGE: Final = 7
+_RECV_BUFFER: Final = 1 << 20
+_NLMSG_HDR: Final = struct.Struct("=LHHLL")  # len, type, flags, seq, pid
+_SOL_NETLINK: Final = 270
+_REQUEST_TIMEOUT: Final = 10.0
+_NETLINK_CAP_ACK: Final = 10
 _NETLINK_ROUTE: Final = 0
 
 
@@ -124,30 +166,93 @@ def family_of(address: str) -> int:
     return socket.AF_INET if ipaddress.ip_interface(address).version == 4 else socket.AF_INET6
 
 
+class _Transport:
+    """Synchronous rtnetlink requests on one socket. Requests are encoded, and answers decoded,
+    with pyroute2's message classes; the framing (sequence numbers, acks, errors, end of dump)
+    is read here. pyroute2's own IPRoute runs each request through an asyncio loop, which costs
+    about twice the kernel round trip, and the built-in delegates make ~10 requests per
+    attachment: the hot path talks to the socket directly."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        # Acks without a copy of the request: nothing to decode, and less to copy.
+        sock.setsockopt(_SOL_NETLINK, _NETLINK_CAP_ACK, 1)
+        sock.settimeout(_REQUEST_TIMEOUT)  # the kernel always answers; never hang if it did not
+        sock.bind((0, 0))
+        self._sock = sock
+        self._seq = 0
+
+    def request(self, msg: Any, msg_type: int, flags: int = 0, *, dump: bool = False) -> list[Any]:
+        """Send one request; return the decoded messages of the answer (NetlinkError on a
+        negative ack). `dump` is explicit: NLM_F_DUMP's bits are NLM_F_EXCL's on a NEW request."""
+        if dump:
+            flags |= NLM_F_DUMP
+        self._seq += 1
+        msg["header"]["type"] = msg_type
+        msg["header"]["flags"] = flags | NLM_F_REQUEST | (0 if dump else NLM_F_ACK)
+        msg["header"]["sequence_number"] = self._seq
+        msg.encode()
+        self._sock.send(msg.data)
+        answer: list[Any] = []
+        while True:
+            try:
+                data = self._sock.recv(_RECV_BUFFER)
+            except TimeoutError:
+                raise NetlinkError(errno.ETIMEDOUT) from None
+            offset = 0
+            while offset + _NLMSG_HDR.size <= len(data):
+                length, kind, msg_flags, seq, _ = _NLMSG_HDR.unpack_from(data, offset)
+                if seq == self._seq:
+                    if kind == NLMSG_ERROR:
+                        _raise_for(struct.unpack_from("i", data, offset + _NLMSG_HDR.size)[0])
+                        return answer
+                    if kind == NLMSG_DONE:
+                        if msg_flags & NLM_F_DUMP_INTR:
+                            raise NetlinkDumpInterrupted()
+                        return answer
+                    reply = type(msg)(data[offset : offset + length])
+                    reply.decode()
+                    answer.append(reply)
+                offset += (length + 3) & ~3
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def _raise_for(code: int) -> None:
+    if code:
+        raise NetlinkError(abs(code))
+
+
+def _msg(cls: Any, fields: dict[str, Any], attrs: list[tuple[str, Any]]) -> Any:
+    msg = cls()
+    for key, value in fields.items():
+        msg[key] = value
+    msg["attrs"] = attrs
+    return msg
+
+
 class Netlink:
     """rtnetlink on one namespace (the node's when `netns` is None)."""
 
-    def __init__(self, ipr: Any) -> None:
-        self._ipr = ipr
+    def __init__(self, transport: _Transport) -> None:
+        self._nl = transport
 
     @classmethod
     @contextmanager
     def open(cls, netns: str | None = None) -> Iterator[Netlink]:
-        # The socket is always made here, by us: pyroute2 would open its own on another thread,
-        # and a socket belongs to the namespace of the thread that made it.
+        # A socket belongs to the namespace of the thread that made it.
         sock = run_in_netns(netns, _netlink_socket) if netns else _netlink_socket()
-        ipr = IPRoute(use_socket=sock)
+        transport = _Transport(sock)
         try:
-            yield cls(ipr)
+            yield cls(transport)
         finally:
-            ipr.close()
-            sock.close()
+            transport.close()
 
     # --- links --------------------------------------------------------------------------------
 
     def link(self, name: str) -> Link | None:
         try:
-            msgs = self._ipr.link("get", ifname=name)
+            msgs = self._nl.request(_msg(ifinfmsg, {}, [("IFLA_IFNAME", name)]), RTM_GETLINK)
         except NetlinkError as exc:
             if exc.code == errno.ENODEV:
                 return None
@@ -161,12 +266,38 @@ class Netlink:
         return link
 
     def links(self) -> list[Link]:
-        return [_link(m) for m in self._dump(self._ipr.get_links)]
+        return [_link(m) for m in self._dump(ifinfmsg, RTM_GETLINK, {})]
 
-    def create(self, name: str, kind: str, *, what: str, **attrs: Any) -> None:
-        """RTM_NEWLINK (with IFLA_NET_NS_FD etc. in `attrs`); errors translated."""
+    def create(
+        self,
+        name: str,
+        kind: str,
+        *,
+        what: str,
+        link: int | None = None,
+        netns_fd: int | None = None,
+        mtu: int | None = None,
+        mac: str | None = None,
+        group: int | None = None,
+        up: bool = False,
+        data: list[tuple[str, Any]] | None = None,
+        peer: dict[str, Any] | None = None,
+    ) -> None:
+        """RTM_NEWLINK for a new link of `kind`, everything in one request. `peer` (veth) takes
+        the same keys for the other end: name, netns_fd, mtu, mac, group."""
+        info: list[tuple[str, Any]] = [("IFLA_INFO_KIND", kind)]
+        if peer is not None:
+            peer_attrs = _link_attrs(peer["name"], **{k: v for k, v in peer.items() if k != "name"})
+            data = [*(data or []), ("VETH_INFO_PEER", {"attrs": peer_attrs})]
+        if data:
+            info.append(("IFLA_INFO_DATA", {"attrs": data}))
+        attrs = [
+            *_link_attrs(name, netns_fd=netns_fd, mtu=mtu, mac=mac, group=group, link=link),
+            ("IFLA_LINKINFO", {"attrs": info}),
+        ]
+        fields = {"flags": IFF_UP, "change": IFF_UP} if up else {}
         try:
-            self._ipr.link("add", ifname=name, kind=kind, **attrs)
+            self._nl.request(_msg(ifinfmsg, fields, attrs), RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL)
         except NetlinkError as exc:
             if exc.code == errno.EOPNOTSUPP:  # "Unknown device type": no such module
                 raise KernelUnsupported(
@@ -177,7 +308,7 @@ class Netlink:
     def delete(self, name: str) -> bool:
         """Delete a link; False when it was already gone (DEL is idempotent)."""
         try:
-            self._ipr.link("del", ifname=name)
+            self._nl.request(_msg(ifinfmsg, {}, [("IFLA_IFNAME", name)]), RTM_DELLINK)
         except NetlinkError as exc:
             if exc.code == errno.ENODEV:
                 return False
@@ -187,13 +318,18 @@ class Netlink:
     def delete_group(self, group: int) -> None:
         """Delete every link of a device group at once (one RCU wait for all of them)."""
         try:
-            self._ipr.link("del", group=group)
+            self._nl.request(_msg(ifinfmsg, {}, [("IFLA_GROUP", group)]), RTM_DELLINK)
         except NetlinkError as exc:
             if exc.code not in (errno.ENODEV, errno.ENOENT):
                 raise _translate(exc, f"deleting device group {group}") from None
 
     def set_up(self, index: int) -> None:
-        self._ipr.link("set", index=index, state="up")
+        try:
+            self._nl.request(
+                _msg(ifinfmsg, {"index": index, "flags": IFF_UP, "change": IFF_UP}, []), RTM_NEWLINK
+            )
+        except NetlinkError as exc:
+            raise _translate(exc, f"setting link {index} up") from None
 
     # --- addresses and routes -----------------------------------------------------------------
 
@@ -201,27 +337,25 @@ class Netlink:
         """Add an address; `nodad` skips IPv6 duplicate address detection (the address is
         ours alone, and DAD would hold it tentative for a second or more)."""
         iface = ipaddress.ip_interface(cidr)
-        attrs: dict[str, Any] = {}
-        if nodad and iface.version == 6:
-            attrs["flags"] = IFA_F_NODAD
+        fields = {
+            "family": family_of(cidr),
+            "prefixlen": iface.network.prefixlen,
+            "index": index,
+            "flags": IFA_F_NODAD if nodad and iface.version == 6 else 0,
+        }
+        attrs = [("IFA_LOCAL", str(iface.ip)), ("IFA_ADDRESS", str(iface.ip))]
         try:
-            self._ipr.addr(
-                "add",
-                index=index,
-                address=str(iface.ip),
-                prefixlen=iface.network.prefixlen,
-                family=family_of(cidr),
-                **attrs,
-            )
+            self._nl.request(_msg(ifaddrmsg, fields, attrs), RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL)
         except NetlinkError as exc:
             if exc.code != errno.EEXIST:
                 raise _translate(exc, f"adding address {cidr}") from None
 
     def addresses(self, index: int) -> list[str]:
-        out = []
-        for msg in self._dump(self._ipr.get_addr, index=index):
-            out.append(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}")
-        return out
+        return [
+            f"{m.get_attr('IFA_ADDRESS')}/{m['prefixlen']}"
+            for m in self._dump(ifaddrmsg, RTM_GETADDR, {})
+            if m["index"] == index
+        ]
 
     def add_route(
         self,
@@ -232,31 +366,38 @@ class Netlink:
         scope: int | None = None,
         table: int = MAIN_TABLE,
         onlink: bool = False,
-        src: str | None = None,
-        protocol: int | None = None,
+        protocol: int = RTPROT_STATIC,
     ) -> None:
-        attrs: dict[str, Any] = {"dst": dst, "oif": oif, "table": table, "family": family_of(dst)}
-        if protocol is not None:
-            attrs["proto"] = protocol
+        net = ipaddress.ip_network(dst, strict=False)
+        fields = {
+            "family": family_of(dst),
+            "dst_len": net.prefixlen,
+            "table": min(table, 252),
+            "proto": protocol,
+            "type": RTN_UNICAST,
+            "scope": RT_SCOPE_UNIVERSE if scope is None else scope,
+            "flags": RTNH_F_ONLINK if onlink else 0,
+        }
+        attrs: list[tuple[str, Any]] = [("RTA_TABLE", table), ("RTA_OIF", oif)]
+        if net.prefixlen:
+            attrs.append(("RTA_DST", str(net.network_address)))
         if gateway:
-            attrs["gateway"] = gateway
-        if scope is not None:
-            attrs["scope"] = scope
-        if onlink:
-            attrs["flags"] = 4  # RTNH_F_ONLINK: a gateway not in any connected subnet
-        if src:
-            attrs["prefsrc"] = src
+            attrs.append(("RTA_GATEWAY", gateway))
         try:
-            self._ipr.route("replace", **attrs)
+            self._nl.request(_msg(rtmsg, fields, attrs), RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE)
         except NetlinkError as exc:
             raise _translate(exc, f"route {dst} via {gateway or 'link'}") from None
 
     def delete_route(self, dst: str, *, table: int = MAIN_TABLE, oif: int | None = None) -> None:
-        attrs: dict[str, Any] = {"dst": dst, "table": table, "family": family_of(dst)}
+        net = ipaddress.ip_network(dst, strict=False)
+        fields = {"family": family_of(dst), "dst_len": net.prefixlen, "table": min(table, 252)}
+        attrs: list[tuple[str, Any]] = [("RTA_TABLE", table)]
+        if net.prefixlen:
+            attrs.append(("RTA_DST", str(net.network_address)))
         if oif is not None:
-            attrs["oif"] = oif
+            attrs.append(("RTA_OIF", oif))
         try:
-            self._ipr.route("del", **attrs)
+            self._nl.request(_msg(rtmsg, fields, attrs), RTM_DELROUTE)
         except NetlinkError as exc:
             if exc.code not in (errno.ESRCH, errno.ENOENT):
                 raise _translate(exc, f"deleting route {dst}") from None
@@ -265,55 +406,47 @@ class Netlink:
         """Routes of one table (None: of every table)."""
         out = []
         for family in (socket.AF_INET, socket.AF_INET6):
-            kwargs: dict[str, Any] = {"family": family}
-            if table is not None:
-                kwargs["table"] = table
-            for msg in self._dump(self._ipr.get_routes, **kwargs):
-                out.append(_route(msg))
+            for msg in self._dump(rtmsg, RTM_GETROUTE, {"family": family}):
+                route = _route(msg)
+                if table is None or route.table == table:
+                    out.append(route)
         return out
 
     def protocol_routes(self, protocol: int) -> set[str]:
         """Destinations of the main-table routes installed with rtm_protocol `protocol`."""
         out = set()
         for family in (socket.AF_INET, socket.AF_INET6):
-            for msg in self._dump(self._ipr.get_routes, family=family, table=MAIN_TABLE):
-                if msg["proto"] == protocol:
-                    out.add(_route(msg).dst)
+            for msg in self._dump(rtmsg, RTM_GETROUTE, {"family": family}):
+                route = _route(msg)
+                if msg["proto"] == protocol and route.table == MAIN_TABLE:
+                    out.add(route.dst)
         return out
 
     def add_rule(self, *, src: str, table: int, priority: int) -> None:
-        try:
-            self._ipr.rule(
-                "add",
-                src=str(ipaddress.ip_interface(src).ip),
-                src_len=ipaddress.ip_interface(src).network.max_prefixlen,
-                table=table,
-                priority=priority,
-                family=family_of(src),
-            )
-        except NetlinkError as exc:
-            if exc.code != errno.EEXIST:
-                raise _translate(exc, f"rule from {src} table {table}") from None
+        self._rule(RTM_NEWRULE, src, table, priority, NLM_F_CREATE | NLM_F_EXCL)
 
     def delete_rule(self, *, src: str, table: int, priority: int) -> None:
+        self._rule(RTM_DELRULE, src, table, priority, 0)
+
+    def _rule(self, msg_type: int, src: str, table: int, priority: int, flags: int) -> None:
         iface = ipaddress.ip_interface(src)
+        fields = {
+            "family": family_of(src),
+            "src_len": iface.network.prefixlen,
+            "table": min(table, 252),
+            "action": FR_ACT_TO_TBL,
+        }
+        attrs = [("FRA_SRC", str(iface.ip)), ("FRA_TABLE", table), ("FRA_PRIORITY", priority)]
         try:
-            self._ipr.rule(
-                "del",
-                src=str(iface.ip),
-                src_len=iface.network.prefixlen,
-                table=table,
-                priority=priority,
-                family=family_of(src),
-            )
+            self._nl.request(_msg(fibmsg, fields, attrs), msg_type, flags)
         except NetlinkError as exc:
-            if exc.code not in (errno.ENOENT, errno.ESRCH):
-                raise _translate(exc, f"deleting rule from {src}") from None
+            if exc.code not in (errno.EEXIST, errno.ENOENT, errno.ESRCH):
+                raise _translate(exc, f"rule from {src} table {table}") from None
 
     def rules(self) -> list[tuple[str, int]]:
         out = []
         for family in (socket.AF_INET, socket.AF_INET6):
-            for msg in self._dump(self._ipr.get_rules, family=family):
+            for msg in self._dump(fibmsg, RTM_GETRULE, {"family": family}):
                 src = msg.get_attr("FRA_SRC")
                 if src:
                     out.append((f"{src}/{msg['src_len']}", int(msg.get_attr("FRA_TABLE") or 0)))
@@ -322,36 +455,45 @@ class Netlink:
     # --- neighbours and bridge FDB (VXLAN peers) ----------------------------------------------
 
     def neighbour(self, index: int, address: str, mac: str) -> None:
+        fields = {"family": family_of(address), "ifindex": index, "state": NUD_PERMANENT}
+        attrs = [("NDA_DST", address), ("NDA_LLADDR", mac)]
         try:
-            self._ipr.neigh(
-                "replace",
-                ifindex=index,
-                dst=address,
-                lladdr=mac,
-                state=0x80,
-                family=family_of(address),
-            )  # NUD_PERMANENT
+            self._nl.request(_msg(ndmsg, fields, attrs), RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE)
         except NetlinkError as exc:
             raise _translate(exc, f"neighbour {address}") from None
 
     def fdb(self, index: int, mac: str, remote: str) -> None:
         """A permanent FDB entry on the device itself (NTF_SELF: the VXLAN device's own table,
         not a bridge's): frames for `mac` go to the VTEP at `remote`."""
+        fields = {"family": AF_BRIDGE, "ifindex": index, "state": NUD_PERMANENT, "flags": NTF_SELF}
+        attrs = [("NDA_LLADDR", mac), ("NDA_DST", remote)]
         try:
-            self._ipr.fdb(
-                "replace", ifindex=index, lladdr=mac, dst=remote, state=0x80, flags=NTF_SELF
-            )
+            self._nl.request(_msg(ndmsg, fields, attrs), RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE)
         except NetlinkError as exc:
             raise _translate(exc, f"fdb {mac} -> {remote}") from None
 
-    def _dump(self, call: Any, **kwargs: Any) -> list[Any]:
+    def _dump(self, cls: Any, msg_type: int, fields: dict[str, Any]) -> list[Any]:
         for attempt in range(_DUMP_RETRIES):
             try:
-                return list(call(**kwargs))
+                return self._nl.request(_msg(cls, fields, []), msg_type, dump=True)
             except NetlinkDumpInterrupted:
                 if attempt == _DUMP_RETRIES - 1:
                     raise
         return []
+
+
+def _link_attrs(name: str, **values: Any) -> list[tuple[str, Any]]:
+    """IFLA_IFNAME plus every given attribute (netns_fd, mtu, mac, group, link) that is set."""
+    keys = {
+        "netns_fd": "IFLA_NET_NS_FD",
+        "mtu": "IFLA_MTU",
+        "mac": "IFLA_ADDRESS",
+        "group": "IFLA_GROUP",
+        "link": "IFLA_LINK",
+    }
+    attrs: list[tuple[str, Any]] = [("IFLA_IFNAME", name)]
+    attrs += [(keys[k], v) for k, v in values.items() if v is not None]
+    return attrs
 
 
 def _netlink_socket() -> socket.socket:

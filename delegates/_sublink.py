@@ -60,8 +60,12 @@ class SubLinkPlugin(BuiltinPlugin):
     def __init__(self, *, ipam: Ipam) -> None:
         self._ipam = ipam
 
-    def link_attrs(self, conf: Any, req: PluginRequest) -> dict[str, Any]:
+    def link_data(self, conf: Any, req: PluginRequest) -> list[tuple[str, Any]]:
+        """IFLA_INFO_DATA of the link kind."""
         raise NotImplementedError
+
+    def link_mac(self, conf: Any, req: PluginRequest) -> str | None:
+        return None
 
     def add(self, req: PluginRequest) -> Result:
         conf = parse(self.conf_model, req)
@@ -73,8 +77,8 @@ class SubLinkPlugin(BuiltinPlugin):
                 addresses = self._ipam.add(req)
                 undo.callback(self._ipam.delete, req)
             with Netlink.open(req.netns) as pod:
-                configure(pod, pod.require(req.ifname), addresses)
                 link = pod.require(req.ifname)
+                configure(pod, link, addresses)
             undo.pop_all()
         return result_for(link, req.netns, addresses)
 
@@ -86,18 +90,19 @@ class SubLinkPlugin(BuiltinPlugin):
                     f"network {req.network_name}: master interface {conf.master} does not exist "
                     "on this node",
                 )
-            attrs: dict[str, Any] = {"link": master.index, "group": PLEXUS_GROUP}
-            if conf.mtu:
-                attrs["mtu"] = conf.mtu
-            attrs |= self.link_attrs(conf, req)
             fd = os.open(req.netns, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 node.create(
                     req.ifname,
                     self.kind,
-                    net_ns_fd=fd,
                     what=f"{self.kind} {req.ifname} on {master.name}",
-                    **attrs,
+                    link=master.index,
+                    netns_fd=fd,
+                    mtu=conf.mtu,
+                    mac=self.link_mac(conf, req),
+                    group=PLEXUS_GROUP,
+                    up=True,
+                    data=self.link_data(conf, req),
                 )
             finally:
                 os.close(fd)

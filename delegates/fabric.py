@@ -143,19 +143,25 @@ class Fabric:
         address = self._require_address()
         vtep = node.link(VXLAN_DEVICE)
         if vtep is None:
-            attrs = {
-                "vxlan_id": self.config.vni,
-                "vxlan_port": self.config.port,
-                "vxlan_link": underlay.index,
-                "vxlan_learning": 0,
-                "address": vtep_mac(address),
-                "mtu": self.pod_mtu(),
-                "state": "up",
-            }
-            attrs["vxlan_local" if family_of(address) == socket.AF_INET else "vxlan_local6"] = (
-                address
+            local = (
+                "IFLA_VXLAN_LOCAL" if family_of(address) == socket.AF_INET else "IFLA_VXLAN_LOCAL6"
             )
-            node.create(VXLAN_DEVICE, "vxlan", what=f"VXLAN device {VXLAN_DEVICE}", **attrs)
+            data = [
+                ("IFLA_VXLAN_ID", self.config.vni),
+                ("IFLA_VXLAN_PORT", self.config.port),
+                ("IFLA_VXLAN_LINK", underlay.index),
+                ("IFLA_VXLAN_LEARNING", 0),
+                (local, address),
+            ]
+            node.create(
+                VXLAN_DEVICE,
+                "vxlan",
+                what=f"VXLAN device {VXLAN_DEVICE}",
+                mac=vtep_mac(address),
+                mtu=self.pod_mtu(),
+                up=True,
+                data=data,
+            )
             vtep = node.require(VXLAN_DEVICE)
         for cidr in self.config.pod_cidrs:
             prefix = 32 if ipaddress.ip_network(cidr, strict=False).version == 4 else 128

@@ -21,5 +21,8 @@ class Ipvlan(SubLinkPlugin):
     kind = "ipvlan"
     conf_model = IpvlanConf
 
-    def link_attrs(self, conf: Any, req: PluginRequest) -> dict[str, Any]:
-        return {"ipvlan_mode": IPVLAN_MODES[conf.mode], "ipvlan_flags": IPVLAN_FLAGS[conf.flag]}
+    def link_data(self, conf: Any, req: PluginRequest) -> list[tuple[str, Any]]:
+        return [
+            ("IFLA_IPVLAN_MODE", IPVLAN_MODES[conf.mode]),
+            ("IFLA_IPVLAN_FLAGS", IPVLAN_FLAGS[conf.flag]),
+        ]

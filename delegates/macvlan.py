@@ -33,12 +33,13 @@ class Macvlan(SubLinkPlugin):
     kind = "macvlan"
     conf_model = MacvlanConf
 
-    def link_attrs(self, conf: Any, req: PluginRequest) -> dict[str, Any]:
-        attrs: dict[str, Any] = {"macvlan_mode": MACVLAN_MODES[conf.mode]}
-        mac = req.runtime_config.get("mac") or conf.mac  # the pod's request wins
-        if mac:
-            attrs["address"] = str(mac).lower()
+    def link_data(self, conf: Any, req: PluginRequest) -> list[tuple[str, Any]]:
+        data: list[tuple[str, Any]] = [("IFLA_MACVLAN_MODE", MACVLAN_MODES[conf.mode])]
         if conf.bcqueuelen is not None:
             # IFLA_MACVLAN_BC_QUEUE_LEN exists from Linux 5.11; older kernels ignore it.
-            attrs["macvlan_bc_queue_len"] = conf.bcqueuelen
-        return attrs
+            data.append(("IFLA_MACVLAN_BC_QUEUE_LEN", conf.bcqueuelen))
+        return data
+
+    def link_mac(self, conf: Any, req: PluginRequest) -> str | None:
+        mac = req.runtime_config.get("mac") or conf.mac  # the pod's request wins
+        return str(mac).lower() if mac else None

@@ -59,9 +59,8 @@ class Routed(BuiltinPlugin):
             addresses = self._ipam.add(ipam_req)
             undo.callback(self._ipam.delete, ipam_req)
             pod_ips = [ipaddress.ip_interface(ip.address).ip for ip in addresses.ips]
-            self._create_pair(host, req, conf.mtu or self._fabric_mtu())
+            host_link = self._node_side(host, req, conf.mtu or self._fabric_mtu(), pod_ips)
             undo.callback(self._remove_pair, host)
-            host_link = self._configure_node(host, pod_ips)
             pod_link = self._configure_pod(req, pod_ips, host_link.mac)
             undo.pop_all()
         return _result(host_link, pod_link, req.netns, pod_ips, addresses)
@@ -89,15 +88,22 @@ class Routed(BuiltinPlugin):
         )
 
     @staticmethod
-    def _create_pair(host: str, req: PluginRequest, mtu: int | None) -> None:
+    def _node_side(host: str, req: PluginRequest, mtu: int | None, pod_ips: list[Any]) -> Link:
+        """The veth pair (the pod's end born in the pod), and on the node's end the routes to
+        the pod and, for IPv6, fe80::1; one netlink handle for all of it."""
         fd = os.open(req.netns, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            peer: dict[str, Any] = {"ifname": req.ifname, "net_ns_fd": fd, "group": PLEXUS_GROUP}
-            attrs: dict[str, Any] = {"peer": peer}
-            if mtu:
-                peer["mtu"] = attrs["mtu"] = mtu
+            peer = {"name": req.ifname, "netns_fd": fd, "group": PLEXUS_GROUP, "mtu": mtu}
             with Netlink.open() as node:
-                node.create(host, "veth", what=f"veth {host} <-> {req.ifname}", **attrs)
+                node.create(
+                    host, "veth", what=f"veth {host} <-> {req.ifname}", mtu=mtu, up=True, peer=peer
+                )
+                link = node.require(host)
+                if any(ip.version == 6 for ip in pod_ips):
+                    node.add_address(link.index, f"{GATEWAY_V6}/64", nodad=True)
+                for ip in pod_ips:
+                    node.add_route(f"{ip}/{ip.max_prefixlen}", oif=link.index, scope=RT_SCOPE_LINK)
+                return link
         finally:
             os.close(fd)
 
@@ -107,31 +113,23 @@ class Routed(BuiltinPlugin):
             node.delete(host)  # the pod's end goes with it
 
     @staticmethod
-    def _configure_node(host: str, pod_ips: list[Any]) -> Link:
-        with Netlink.open() as node:
-            link = node.require(host)
-            node.set_up(link.index)
-            if any(ip.version == 6 for ip in pod_ips):
-                node.add_address(link.index, f"{GATEWAY_V6}/64", nodad=True)
-            for ip in pod_ips:
-                node.add_route(f"{ip}/{ip.max_prefixlen}", oif=link.index, scope=RT_SCOPE_LINK)
-            return node.require(host)
-
-    @staticmethod
     def _configure_pod(req: PluginRequest, pod_ips: list[Any], node_mac: str) -> Link:
         with Netlink.open(req.netns) as pod:
             link = pod.require(req.ifname)
             for ip in pod_ips:
                 pod.add_address(link.index, f"{ip}/{ip.max_prefixlen}", nodad=True)
             pod.set_up(link.index)
-            if any(ip.version == 4 for ip in pod_ips):
-                pod.neighbour(link.index, GATEWAY_V4, node_mac)
-                pod.add_route(f"{GATEWAY_V4}/32", oif=link.index, scope=RT_SCOPE_LINK)
-                pod.add_route("0.0.0.0/0", oif=link.index, gateway=GATEWAY_V4)
-            if any(ip.version == 6 for ip in pod_ips):
-                pod.neighbour(link.index, GATEWAY_V6, node_mac)
-                pod.add_route("::/0", oif=link.index, gateway=GATEWAY_V6)
-            return pod.require(req.ifname)
+            for ip in pod_ips:
+                gateway = GATEWAY_V4 if ip.version == 4 else GATEWAY_V6
+                pod.neighbour(link.index, gateway, node_mac)
+                # onlink: the gateway is no address of ours, yet right there on the link
+                pod.add_route(
+                    "0.0.0.0/0" if ip.version == 4 else "::/0",
+                    oif=link.index,
+                    gateway=gateway,
+                    onlink=ip.version == 4,
+                )
+            return link
 
     def delete(self, req: PluginRequest) -> None:
         self._remove_pair(host_veth_name(req.container_id, req.ifname))
