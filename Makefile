@@ -5,10 +5,10 @@ PYTHON   ?= python3
 VENV     ?= .venv
 BIN      := $(VENV)/bin
 APT_PKGS := containernetworking-plugins iproute2 iptables containerd runc busybox-static \
-            util-linux iputils-ping python3 python3-venv
+            util-linux iputils-ping python3 python3-venv qemu-system-x86 linux-image-amd64
 STAMP    := $(VENV)/.installed
 
-.PHONY: deps apt venv lint test unit netns bench bench-cri clean demo
+.PHONY: deps apt venv lint test unit netns kernel bench bench-cri bench-builtins clean demo
 
 deps: apt venv
 
@@ -33,8 +33,13 @@ lint: venv
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+# Every tier: unit, netns and e2e here, then the kernel tier inside a VM with Debian's kernel.
 test: deps lint
 	$(BIN)/python -m pytest
+	$(MAKE) kernel
+
+kernel: deps
+	$(BIN)/python -m tests.vm.runner -- $(BIN)/python -m pytest -q -m kernel tests/kernel
 
 unit: venv
 	$(BIN)/python -m pytest -m unit
@@ -50,6 +55,9 @@ clean:
 
 demo: deps
 	$(BIN)/python demo/local_demo.py
+
+bench-builtins: deps
+	$(BIN)/python bench/builtins.py 60
 
 bench-cri: deps
 	$(BIN)/python bench/cri_pods.py 25

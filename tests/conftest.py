@@ -13,11 +13,12 @@ _TIER_BY_DIR = {"unit": "unit", "netns": "netns", "e2e": "e2e", "kernel": "kerne
 _ROOT_TIERS = {"netns", "e2e", "kernel"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: the tier markers must be there by then
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         parts = Path(str(item.fspath)).parts
         tier = next((_TIER_BY_DIR[p] for p in parts if p in _TIER_BY_DIR), "unit")
-        if not any(item.iter_markers(name=t) for t in _TIER_BY_DIR.values()):
+        if not any(item.get_closest_marker(t) for t in _TIER_BY_DIR.values()):
             item.add_marker(getattr(pytest.mark, tier))
         if tier in _ROOT_TIERS and os.geteuid() != 0:
             if os.environ.get("PLEXUS_REQUIRE_ALL_TIERS"):

@@ -1,0 +1,1 @@
+"""The kernel tier: tests that need kernel features this machine may lack (see conftest.py)."""
