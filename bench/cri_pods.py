@@ -25,9 +25,10 @@ sys.path.insert(0, str(ROOT))
 import yaml  # noqa: E402
 
 from tests.support.cri import ContainerdBed, containerd_bed  # noqa: E402
-from tests.support.manifests import bridge_conflist, macvlan, nad  # noqa: E402
+from tests.support.manifests import bridge_conflist, host_local, macvlan, nad  # noqa: E402
 
 NETWORKS = "k8s.v1.cni.cncf.io/networks"
+OVERRIDE = "v1.multus-cni.io/default-network"
 WARMUP = 3
 
 
@@ -44,7 +45,7 @@ def stats(values: list[float]) -> tuple[float, float]:
 
 def main() -> int:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 25
-    runs: dict[str, list[tuple[str, float]]] = {"a": [], "b": [], "c": []}
+    runs: dict[str, list[tuple[str, float]]] = {"a": [], "b": [], "c": [], "d": []}
     with tempfile.TemporaryDirectory(prefix="plexus-bench-cri-") as tmp:
         root = Path(tmp)
         ipam = root / "ipam"
@@ -54,6 +55,17 @@ def main() -> int:
                 [
                     nad("net-a", macvlan("bench0", "10.89.0.0/16", ipam)),
                     nad("net-b", macvlan("bench0", "10.90.0.0/16", ipam)),
+                    nad("fast-a", macvlan("bench0", "10.91.0.0/16", ipam, type="plexus-macvlan")),
+                    nad("fast-b", macvlan("bench0", "10.92.0.0/16", ipam, type="plexus-macvlan")),
+                    nad(
+                        "routed",
+                        {
+                            "cniVersion": "1.0.0",
+                            "type": "plexus-routed",
+                            "ipam": host_local("10.93.0.0/16", ipam),
+                        },
+                        namespace="kube-system",
+                    ),
                 ]
             )
         )
@@ -82,26 +94,31 @@ def main() -> int:
                     "stateDir": str(root / "state"),
                     "runDir": str(root / "run"),
                     "logLevel": "warning",
+                    "hostLocalDataDir": str(ipam),
                 }
             )
+            builtins = {OVERRIDE: "kube-system/routed", NETWORKS: "fast-a, fast-b"}
             for i in range(WARMUP + n):
                 a = cycle(rt, f"three-{i}", {NETWORKS: "net-a, net-b"})
                 b = cycle(rt, f"one-{i}", {})
+                d = cycle(rt, f"builtin-{i}", builtins)
                 if i >= WARMUP:
                     runs["a"].append(a)
                     runs["b"].append(b)
+                    runs["d"].append(d)
             phases = rt.cni_phase_ms()
     labels = {
         "c": "(c) containerd + bridge/host-local, no Plexus",
         "b": "(b) Plexus, eth0 only",
         "a": "(a) Plexus, eth0 + 2 macvlan secondaries",
+        "d": "(d) Plexus built-ins: routed + 2 plexus-macvlan",
     }
     base_run = stats([ms for _, ms in runs["c"]])[0]
     base_cni = stats([phases[s] for s, _ in runs["c"]])[0]
     print(f"pod setup through containerd 1.6 CRI, n={n} pods per row, medians and p90 in ms")
     print(f"{'':48} {'RunPodSandbox':>22} {'CNI phase':>22}")
     print(f"{'':48} {'median':>7} {'p90':>7} {'ratio':>6} {'median':>7} {'p90':>7} {'ratio':>6}")
-    for key in ("c", "b", "a"):
+    for key in ("c", "b", "a", "d"):
         run_med, run_p90 = stats([ms for _, ms in runs[key]])
         cni_med, cni_p90 = stats([phases[s] for s, _ in runs[key]])
         print(

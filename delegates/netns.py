@@ -51,15 +51,18 @@ def run_in_netns(path: str, fn: Callable[[], T]) -> T:
     return box["value"]  # type: ignore[return-value]
 
 
-def interface_exists(netns: str, ifname: str) -> bool:
-    """Whether `ifname` exists in the namespace at `netns`."""
+def existing_interfaces(netns: str, names: list[str]) -> list[str]:
+    """Which of `names` exist in the namespace at `netns` (one trip into it for all)."""
 
-    def probe() -> bool:
-        try:
-            socket.if_nametoindex(ifname)
-        except OSError:
-            return False
-        return True
+    def probe() -> list[str]:
+        found = []
+        for name in names:
+            try:
+                socket.if_nametoindex(name)
+            except OSError:
+                continue
+            found.append(name)
+        return found
 
     return run_in_netns(netns, probe)
 

@@ -21,7 +21,7 @@ import structlog
 
 from delegates import _nl
 from delegates.chain import CallEnv, ChainRunner, PreparedNetwork
-from delegates.netns import interface_exists
+from delegates.netns import existing_interfaces
 from metaplugin import cni
 from metaplugin.cni import CniRequest, Result, Route
 from metaplugin.config import DaemonConfig
@@ -63,7 +63,7 @@ class Orchestrator:
         runner: ChainRunner,
         sink: StatusSink,
         pods: PodSource | None = None,
-        netns_has_interface: Callable[[str, str], bool] = interface_exists,
+        existing: Callable[[str, list[str]], list[str]] = existing_interfaces,
         move_default_route: Callable[[str, str, list[str]], set[int]] = _nl.move_default_route,
         reap_links: Callable[[str], None] = _nl.delete_pod_links,
     ) -> None:
@@ -73,7 +73,7 @@ class Orchestrator:
         self._runner = runner
         self._sink = sink
         self._pods = pods
-        self._has_interface = netns_has_interface
+        self._existing = existing
         self._move_default_route = move_default_route
         self._reap_links = reap_links
 
@@ -165,12 +165,12 @@ class Orchestrator:
     def _refuse_foreign_interfaces(self, req: CniRequest, plan: list[PlannedAttachment]) -> None:
         # Checked before anything runs: a rollback DEL must never remove an interface that
         # someone else created under a name we planned to use.
-        for att in plan:
-            if self._has_interface(req.netns, att.ifname):
-                raise InvalidConfig(
-                    f"interface {att.ifname} already exists in {req.netns}; Plexus will not "
-                    "take over an interface it did not create",
-                )
+        taken = self._existing(req.netns, [att.ifname for att in plan])
+        if taken:
+            raise InvalidConfig(
+                f"interface {', '.join(taken)} already exists in {req.netns}; Plexus will not "
+                "take over an interface it did not create",
+            )
 
     def _record_plan(
         self, req: CniRequest, pod: PodInfo | None, plan: list[PlannedAttachment]

@@ -99,7 +99,9 @@ class World:
             store=self.store,
             runner=runner,
             sink=self.sink,
-            netns_has_interface=lambda netns, ifname: (netns, ifname) in self.existing_interfaces,
+            existing=lambda netns, names: [
+                n for n in names if (netns, n) in self.existing_interfaces
+            ],
             move_default_route=self._move_default_route,
             reap_links=lambda netns: None,
         )
