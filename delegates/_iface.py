@@ -9,13 +9,7 @@ from collections.abc import Sequence
 
 from delegates._nl import Link, Netlink
 from metaplugin.cni import Interface, IPConfig, Result, Route
-from metaplugin.errors import PlexusError
-
-
-class CheckFailed(PlexusError):
-    """CHECK found the pod's interface, address or route missing or different."""
-
-    cni_code = 110
+from metaplugin.errors import CheckFailed
 
 
 def gateway_for(route: Route, ips: Sequence[IPConfig]) -> str | None:

@@ -57,7 +57,7 @@ from pyroute2.netlink.rtnl.ndmsg import ndmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from delegates.netns import run_in_netns
-from metaplugin.errors import InvalidConfig, PlexusError
+from metaplugin.errors import InvalidConfig, KernelUnsupported, PlexusError
 
 MAIN_TABLE: Final = 254
 RT_SCOPE_LINK: Final = 253
@@ -90,12 +90,6 @@ class LinkExists(PlexusError):
 
 class LinkNotFound(PlexusError):
     cni_code = 7
-
-
-class KernelUnsupported(PlexusError):
-    """The running kernel lacks a feature (a link kind, a mode)."""
-
-    cni_code = 109
 
 
 class _MacvlanData(nla):  # type: ignore[misc] # pyroute2 0.9 lacks IFLA_MACVLAN_BC_QUEUE_LEN (Linux 5.11)

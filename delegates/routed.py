@@ -19,14 +19,14 @@ from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from delegates._iface import CheckFailed, check
+from delegates._iface import check
 from delegates._ipam import Ipam
 from delegates._nl import PLEXUS_GROUP, RT_SCOPE_LINK, Link, Netlink
 from delegates._sublink import parse
 from delegates.fabric import Fabric
 from delegates.plugin import BuiltinPlugin, PluginRequest
 from metaplugin.cni import Interface, IPConfig, Result, Route
-from metaplugin.errors import InvalidConfig
+from metaplugin.errors import CheckFailed, InvalidConfig
 
 GATEWAY_V4: Final = "169.254.1.1"
 GATEWAY_V6: Final = "fe80::1"

@@ -9,12 +9,11 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from delegates._iface import CheckFailed
 from delegates._nl import MAIN_TABLE, Netlink
 from delegates.plugin import BuiltinPlugin, PluginRequest
 from metaplugin import cni
 from metaplugin.cni import Result
-from metaplugin.errors import InvalidConfig
+from metaplugin.errors import CheckFailed, InvalidConfig
 
 FIRST_TABLE = 100
 RULE_PRIORITY = 30000

@@ -127,6 +127,18 @@ class DelegateTimeout(PlexusError):
     cni_code = 108
 
 
+class KernelUnsupported(PlexusError):
+    """The running kernel lacks a feature a delegate needs (a link kind such as ipvlan)."""
+
+    cni_code = 109
+
+
+class CheckFailed(PlexusError):
+    """CHECK found an interface, address, route or rule of the pod missing or different."""
+
+    cni_code = 110
+
+
 class InternalError(PlexusError):
     cni_code = 999
 
@@ -143,5 +155,7 @@ PLEXUS_CODES: dict[int, type[PlexusError]] = {
         PodNotFound,
         AttachmentConflict,
         DelegateTimeout,
+        KernelUnsupported,
+        CheckFailed,
     )
 }
