@@ -183,3 +183,27 @@ def test_network_not_found_event(api: ApiStandin, cluster: Cluster) -> None:
     assert cluster.sink.flush()
     (event,) = api.events()
     assert (event["type"], event["reason"]) == ("Warning", "NoNetworkFound")
+
+
+def node_object(name: str, addresses: list[str], cidrs: list[str]) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name},
+        "spec": {"podCIDR": cidrs[0], "podCIDRs": cidrs},
+        "status": {
+            "addresses": [{"type": "InternalIP", "address": a} for a in addresses]
+            + [{"type": "Hostname", "address": name}]
+        },
+    }
+
+
+def test_fabric_peers_come_from_the_node_objects(api: ApiStandin, cluster: Cluster) -> None:
+    api.create(node_object(NODE, ["192.168.1.1"], ["10.244.1.0/24", "fd00:1::/64"]))
+    api.create(node_object("node-2", ["192.168.1.2", "fd00:100::2"], ["10.244.2.0/24"]))
+    api.create({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "bare"}})
+    eventually(lambda: len(cluster.peers()) == 2)
+    peers = {p.name: p for p in cluster.peers()}
+    assert peers["node-2"].addresses == ("192.168.1.2", "fd00:100::2")
+    assert peers["node-2"].pod_cidrs == ("10.244.2.0/24",)
+    assert cluster.own_pod_cidrs() == ["10.244.1.0/24", "fd00:1::/64"]
