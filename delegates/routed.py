@@ -15,6 +15,7 @@ import hashlib
 import ipaddress
 import os
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -94,6 +95,7 @@ class Routed(BuiltinPlugin):
         fd = os.open(req.netns, os.O_RDONLY | os.O_CLOEXEC)
         try:
             peer = {"name": req.ifname, "netns_fd": fd, "group": PLEXUS_GROUP, "mtu": mtu}
+            _ensure_forwarding({ip.version for ip in pod_ips})
             with Netlink.open() as node:
                 node.create(
                     host, "veth", what=f"veth {host} <-> {req.ifname}", mtu=mtu, up=True, peer=peer
@@ -152,6 +154,21 @@ class Routed(BuiltinPlugin):
 
     def gc(self, req: PluginRequest) -> None:
         self._ipam.gc(self._ipam_request(req))
+
+
+_FORWARDING = {
+    4: Path("/proc/sys/net/ipv4/ip_forward"),
+    6: Path("/proc/sys/net/ipv6/conf/all/forwarding"),
+}
+
+
+def _ensure_forwarding(versions: set[int]) -> None:
+    """The node routes for its pods (as the bridge plugin's isGateway does): forwarding on, in
+    the node's namespace, for the families the pod has."""
+    for version in versions:
+        path = _FORWARDING[version]
+        if path.read_text().strip() != "1":
+            path.write_text("1")
 
 
 def _result(host: Link, pod: Link, netns: str, pod_ips: list[Any], ipam: Result) -> Result:

@@ -19,7 +19,7 @@ import yaml
 
 from tests.support.cri import ContainerdBed, Pod, containerd_bed
 from tests.support.daemon import DaemonProcess
-from tests.support.manifests import bridge_conflist, macvlan, nad, reservations
+from tests.support.manifests import bridge_conflist, host_local, macvlan, nad, reservations
 from tests.support.plugins import write_test_plugins
 
 NETWORKS = "k8s.v1.cni.cncf.io/networks"
@@ -107,6 +107,16 @@ def cri(tmp_path: Path) -> Iterator[CriBed]:
             },
         ),
         nad("private", macvlan("pxm0", "10.93.0.0/16", ipam), namespace="team-b"),
+        nad("fast", macvlan("pxm0", "10.94.0.0/16", ipam, type="plexus-macvlan")),
+        nad(
+            "routed",
+            {
+                "cniVersion": "1.0.0",
+                "type": "plexus-routed",
+                "ipam": host_local("10.95.0.0/16", ipam),
+            },
+            namespace="kube-system",
+        ),
     ]
     (nad_dir / "nads.yaml").write_text(yaml.safe_dump_all(nads))
     with containerd_bed(tmp_path / "rt") as containerd:

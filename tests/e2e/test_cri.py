@@ -152,3 +152,37 @@ def test_pod_without_annotations_gets_the_cluster_network_only(cri: CriBed) -> N
     cri.containerd.stop_pod(pod)
     cri.containerd.remove_pod(pod)
     cri.assert_nothing_left()
+
+
+def test_built_in_delegates_through_the_runtime(cri: CriBed) -> None:
+    """The in-process delegates as containerd drives them: a routed primary chosen with the
+    default-network override and a plexus-macvlan secondary."""
+    cri.start_plexus()
+    annotations = {"v1.multus-cni.io/default-network": "kube-system/routed", NETWORKS: "fast"}
+    pods = [cri.containerd.run_pod(f"fast-{i}", annotations=annotations) for i in range(2)]
+    first, second = (cri.interfaces(p) for p in pods)
+    assert set(first) == {"eth0", "net1"}
+    assert first["eth0"][0].startswith("10.95.") and first["eth0"][0].endswith("/32")
+    status = cri.containerd.runtime().PodSandboxStatus(
+        pb.PodSandboxStatusRequest(pod_sandbox_id=pods[0].sandbox_id)
+    )
+    assert status.status.network.ip == first["eth0"][0].split("/")[0]
+    for via, target in (("eth0", second["eth0"][0]), ("net1", second["net1"][0])):
+        out = cri.containerd.in_netns(
+            pods[0].netns,
+            "/bin/busybox",
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "2",
+            "-I",
+            via,
+            target.split("/")[0],
+            check=False,
+        )
+        assert out.returncode == 0, f"via {via}: {out.stdout}{out.stderr}"
+    for pod in pods:
+        cri.containerd.stop_pod(pod)
+        cri.containerd.remove_pod(pod)
+    cri.assert_nothing_left()
