@@ -7,7 +7,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Sequence
 
-from delegates._nl import Link, Netlink
+from delegates._nl import MAIN_TABLE, Link, Netlink
 from metaplugin.cni import Interface, IPConfig, Result, Route
 from metaplugin.errors import CheckFailed
 
@@ -25,12 +25,28 @@ def gateway_for(route: Route, ips: Sequence[IPConfig]) -> str | None:
 
 
 def configure(nl: Netlink, link: Link, ipam: Result) -> None:
+    """Addresses, link up (IPv6 ones past duplicate address detection), then the IPAM routes
+    with every CNI 1.1 route field honoured. A route is added beside any route of the same
+    prefix already in the pod, never over it (so a secondary's IPAM default route cannot erase
+    the primary's, and deleting the secondary brings nothing back that was lost); NPWG
+    `default-route` is the way to move it."""
     for ip in ipam.ips:
         nl.add_address(link.index, ip.address)
     if not link.up:
         nl.set_up(link.index)
+    if any(ip.ip.version == 6 for ip in ipam.ips):
+        nl.settle_addresses(link.index)
     for route in ipam.routes:
-        nl.add_route(route.dst, oif=link.index, gateway=gateway_for(route, ipam.ips))
+        nl.add_route(
+            route.dst,
+            oif=link.index,
+            gateway=gateway_for(route, ipam.ips),
+            table=route.table or MAIN_TABLE,
+            priority=route.priority,
+            scope=route.scope,
+            mtu=route.mtu,
+            advmss=route.advmss,
+        )
 
 
 def result_for(
@@ -54,11 +70,13 @@ def check(nl: Netlink, ifname: str, kind: str, prev: Result) -> Link:
     for ip in prev.ips:
         if _normal(ip.address) not in {_normal(a) for a in have}:
             raise CheckFailed(f"interface {ifname} lost its address {ip.address}")
-    routes = nl.routes()
+    routes = nl.routes(table=None)
     for route in prev.routes:
         dst = str(ipaddress.ip_network(route.dst, strict=False))
-        if not any(r.dst == dst and r.oif == link.index for r in routes):
-            raise CheckFailed(f"route to {route.dst} via {ifname} is missing")
+        table = route.table or MAIN_TABLE
+        if not any(r.dst == dst and r.oif == link.index and r.table == table for r in routes):
+            where = "" if table == MAIN_TABLE else f" in table {table}"
+            raise CheckFailed(f"route to {route.dst} via {ifname}{where} is missing")
     return link
 
 

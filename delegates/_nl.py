@@ -18,6 +18,7 @@ import ipaddress
 import os
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,11 +38,14 @@ from pyroute2.netlink import (
 )
 from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
 from pyroute2.netlink.rtnl import (
+    RTM_DELADDR,
     RTM_DELLINK,
+    RTM_DELNEIGH,
     RTM_DELROUTE,
     RTM_DELRULE,
     RTM_GETADDR,
     RTM_GETLINK,
+    RTM_GETNEIGH,
     RTM_GETROUTE,
     RTM_GETRULE,
     RTM_NEWADDR,
@@ -57,7 +61,7 @@ from pyroute2.netlink.rtnl.ndmsg import ndmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from delegates.netns import run_in_netns
-from metaplugin.errors import InvalidConfig, KernelUnsupported, PlexusError
+from metaplugin.errors import InvalidConfig, KernelUnsupported, PlexusError, TryAgainLater
 
 MAIN_TABLE: Final = 254
 RT_SCOPE_LINK: Final = 253
@@ -67,11 +71,16 @@ RT_SCOPE_LINK: Final = 253
 PLEXUS_GROUP: Final = 0x504C58
 _DUMP_RETRIES: Final = 5
 IFA_F_NODAD: Final = 0x02
+IFA_F_DADFAILED: Final = 0x08
+IFA_F_TENTATIVE: Final = 0x40
+DAD_TIMEOUT: Final = 10.0
 NTF_SELF: Final = 0x02
 NUD_PERMANENT: Final = 0x80
 IFF_UP: Final = 0x1
 RTPROT_STATIC: Final = 4
 RTN_UNICAST: Final = 1
+RTN_UNREACHABLE: Final = 7
+RTPROT_RA: Final = 9
 RT_SCOPE_UNIVERSE: Final = 0
 RTNH_F_ONLINK: Final = 4
 FR_ACT_TO_TBL: Final = 1
@@ -84,12 +93,21 @@ _NETLINK_CAP_ACK: Final = 10
 _NETLINK_ROUTE: Final = 0
 
 
-class LinkExists(PlexusError):
-    cni_code = 7
+class LinkExists(InvalidConfig):
+    """A link of that name is already there: the runtime or the NAD asked for an interface
+    name the pod already uses (a configuration error, code 7)."""
 
 
-class LinkNotFound(PlexusError):
-    cni_code = 7
+class LinkNotFound(InvalidConfig):
+    """A link the request names (master, interface to chain on) is not there (code 7)."""
+
+
+class AddressInUse(PlexusError):
+    """Another host on the segment holds the address (IPv6 DAD failed)."""
+
+
+class AlreadyExists(PlexusError):
+    """Some other object (route, neighbour, rule) with those keys is already there."""
 
 
 class _MacvlanData(nla):  # type: ignore[misc] # pyroute2 0.9 lacks IFLA_MACVLAN_BC_QUEUE_LEN (Linux 5.11)
@@ -144,15 +162,26 @@ class RouteInfo:
     oif: int
     table: int
     scope: int
+    proto: int = RTPROT_STATIC
+    priority: int = 0
+    route_type: int = RTN_UNICAST
 
 
-def _translate(exc: NetlinkError, what: str) -> PlexusError:
+# The kernel is busy or slow, not wrong: the runtime should retry (CNI code 11).
+_TRANSIENT: Final = frozenset({errno.ETIMEDOUT, errno.EBUSY, errno.EAGAIN, errno.ENOBUFS})
+
+
+def _translate(exc: NetlinkError, what: str, *, link: bool = False) -> PlexusError:
+    """One place where netlink errnos become Plexus errors. `link`: the object is a link, so
+    EEXIST/ENODEV are about an interface name."""
     if exc.code == errno.EEXIST:
-        return LinkExists(f"{what}: already exists")
+        return (LinkExists if link else AlreadyExists)(f"{what}: already exists")
     if exc.code == errno.ENODEV:
         return LinkNotFound(f"{what}: no such device")
     if exc.code in (errno.EOPNOTSUPP, errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
         return KernelUnsupported(f"{what}: not supported by this kernel ({os.strerror(exc.code)})")
+    if exc.code in _TRANSIENT:
+        return TryAgainLater(f"{what}: {os.strerror(exc.code)}; try again")
     return PlexusError(f"{what}: {os.strerror(exc.code)} (netlink error {exc.code})")
 
 
@@ -187,6 +216,7 @@ class _Transport:
         msg.encode()
         self._sock.send(msg.data)
         answer: list[Any] = []
+        interrupted = False
         while True:
             try:
                 data = self._sock.recv(_RECV_BUFFER)
@@ -196,11 +226,15 @@ class _Transport:
             while offset + _NLMSG_HDR.size <= len(data):
                 length, kind, msg_flags, seq, _ = _NLMSG_HDR.unpack_from(data, offset)
                 if seq == self._seq:
+                    # The kernel flags each message of a dump during which the set changed.
+                    interrupted |= bool(msg_flags & NLM_F_DUMP_INTR)
                     if kind == NLMSG_ERROR:
                         _raise_for(struct.unpack_from("i", data, offset + _NLMSG_HDR.size)[0])
                         return answer
                     if kind == NLMSG_DONE:
-                        if msg_flags & NLM_F_DUMP_INTR:
+                        if length >= _NLMSG_HDR.size + 4:  # a dump can end with an error code
+                            _raise_for(struct.unpack_from("i", data, offset + _NLMSG_HDR.size)[0])
+                        if interrupted:
                             raise NetlinkDumpInterrupted()
                         return answer
                     reply = type(msg)(data[offset : offset + length])
@@ -236,7 +270,11 @@ class Netlink:
     def open(cls, netns: str | None = None) -> Iterator[Netlink]:
         # A socket belongs to the namespace of the thread that made it.
         sock = run_in_netns(netns, _netlink_socket) if netns else _netlink_socket()
-        transport = _Transport(sock)
+        try:
+            transport = _Transport(sock)
+        except BaseException:
+            sock.close()
+            raise
         try:
             yield cls(transport)
         finally:
@@ -297,7 +335,7 @@ class Netlink:
                 raise KernelUnsupported(
                     f"{what}: this kernel has no {kind} support (module {kind} missing)"
                 ) from None
-            raise _translate(exc, what) from None
+            raise _translate(exc, what, link=True) from None
 
     def delete(self, name: str) -> bool:
         """Delete a link; False when it was already gone (DEL is idempotent)."""
@@ -338,11 +376,51 @@ class Netlink:
             "flags": IFA_F_NODAD if nodad and iface.version == 6 else 0,
         }
         attrs = [("IFA_LOCAL", str(iface.ip)), ("IFA_ADDRESS", str(iface.ip))]
+        if iface.version == 4 and iface.network.prefixlen < 31:
+            attrs.append(("IFA_BROADCAST", str(iface.network.broadcast_address)))
         try:
             self._nl.request(_msg(ifaddrmsg, fields, attrs), RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL)
         except NetlinkError as exc:
             if exc.code != errno.EEXIST:
                 raise _translate(exc, f"adding address {cidr}") from None
+
+    def delete_address(self, index: int, cidr: str) -> None:
+        iface = ipaddress.ip_interface(cidr)
+        fields = {"family": family_of(cidr), "prefixlen": iface.network.prefixlen, "index": index}
+        attrs = [("IFA_LOCAL", str(iface.ip)), ("IFA_ADDRESS", str(iface.ip))]
+        try:
+            self._nl.request(_msg(ifaddrmsg, fields, attrs), RTM_DELADDR)
+        except NetlinkError as exc:
+            if exc.code not in (errno.EADDRNOTAVAIL, errno.ENOENT, errno.ESRCH):
+                raise _translate(exc, f"deleting address {cidr}") from None
+
+    def settle_addresses(self, index: int, timeout: float = DAD_TIMEOUT) -> None:
+        """Wait until no IPv6 address of the link is tentative (duplicate address detection
+        done), so the pod's applications can bind them the moment ADD returns; a duplicate
+        found on the segment is an error, as the reference plugins' SettleAddresses makes it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pending = []
+            for msg in self._dump(ifaddrmsg, RTM_GETADDR, {"family": socket.AF_INET6}):
+                if msg["index"] != index:
+                    continue
+                flags = int(msg.get_attr("IFA_FLAGS") or msg["flags"])
+                address = f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}"
+                if flags & IFA_F_DADFAILED:
+                    raise AddressInUse(
+                        f"address {address} is already in use on the segment (IPv6 duplicate "
+                        "address detection failed)",
+                    )
+                if flags & IFA_F_TENTATIVE:
+                    pending.append(address)
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise TryAgainLater(
+                    f"IPv6 duplicate address detection did not finish in {timeout:.0f}s for "
+                    + ", ".join(pending),
+                )
+            time.sleep(0.05)
 
     def addresses(self, index: int) -> list[str]:
         return [
@@ -355,41 +433,79 @@ class Netlink:
         self,
         dst: str,
         *,
-        oif: int,
+        oif: int | None,
         gateway: str | None = None,
         scope: int | None = None,
         table: int = MAIN_TABLE,
         onlink: bool = False,
         protocol: int = RTPROT_STATIC,
+        priority: int | None = None,
+        route_type: int = RTN_UNICAST,
+        mtu: int | None = None,
+        advmss: int | None = None,
+        replace: bool = False,
     ) -> None:
+        """Add a route. Without `replace` it is added next to any route with the same prefix
+        and metric (as the reference plugins' RouteAdd does) and never displaces one; an
+        identical route already there is fine. `replace` is for routes Plexus alone owns."""
         net = ipaddress.ip_network(dst, strict=False)
         fields = {
             "family": family_of(dst),
             "dst_len": net.prefixlen,
             "table": min(table, 252),
             "proto": protocol,
-            "type": RTN_UNICAST,
+            "type": route_type,
             "scope": RT_SCOPE_UNIVERSE if scope is None else scope,
             "flags": RTNH_F_ONLINK if onlink else 0,
         }
-        attrs: list[tuple[str, Any]] = [("RTA_TABLE", table), ("RTA_OIF", oif)]
+        attrs: list[tuple[str, Any]] = [("RTA_TABLE", table)]
+        if oif is not None:
+            attrs.append(("RTA_OIF", oif))
         if net.prefixlen:
             attrs.append(("RTA_DST", str(net.network_address)))
         if gateway:
             attrs.append(("RTA_GATEWAY", gateway))
+        if priority is not None:
+            attrs.append(("RTA_PRIORITY", priority))
+        metrics = [(k, v) for k, v in (("RTAX_MTU", mtu), ("RTAX_ADVMSS", advmss)) if v]
+        if metrics:
+            attrs.append(("RTA_METRICS", {"attrs": metrics}))
+        flags = NLM_F_CREATE | (NLM_F_REPLACE if replace else 0)
         try:
-            self._nl.request(_msg(rtmsg, fields, attrs), RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE)
+            self._nl.request(_msg(rtmsg, fields, attrs), RTM_NEWROUTE, flags)
         except NetlinkError as exc:
+            if exc.code == errno.EEXIST and not replace:
+                return  # this very route is already there (a repeated ADD, a CHECK repair)
             raise _translate(exc, f"route {dst} via {gateway or 'link'}") from None
 
-    def delete_route(self, dst: str, *, table: int = MAIN_TABLE, oif: int | None = None) -> None:
+    def delete_route(
+        self,
+        dst: str,
+        *,
+        table: int = MAIN_TABLE,
+        oif: int | None = None,
+        gateway: str | None = None,
+        protocol: int | None = None,
+        priority: int | None = None,
+    ) -> None:
+        """Delete the route matching every key given (the kernel matches on all of them, so a
+        protocol or gateway keeps it off anyone else's route with the same prefix)."""
         net = ipaddress.ip_network(dst, strict=False)
-        fields = {"family": family_of(dst), "dst_len": net.prefixlen, "table": min(table, 252)}
+        fields = {
+            "family": family_of(dst),
+            "dst_len": net.prefixlen,
+            "table": min(table, 252),
+            "proto": protocol or 0,
+        }
         attrs: list[tuple[str, Any]] = [("RTA_TABLE", table)]
         if net.prefixlen:
             attrs.append(("RTA_DST", str(net.network_address)))
         if oif is not None:
             attrs.append(("RTA_OIF", oif))
+        if gateway:
+            attrs.append(("RTA_GATEWAY", gateway))
+        if priority is not None:
+            attrs.append(("RTA_PRIORITY", priority))
         try:
             self._nl.request(_msg(rtmsg, fields, attrs), RTM_DELROUTE)
         except NetlinkError as exc:
@@ -397,23 +513,13 @@ class Netlink:
                 raise _translate(exc, f"deleting route {dst}") from None
 
     def routes(self, *, table: int | None = MAIN_TABLE) -> list[RouteInfo]:
-        """Routes of one table (None: of every table)."""
+        """Routes of one table (None: of every table), both families, in one dump each."""
         out = []
         for family in (socket.AF_INET, socket.AF_INET6):
             for msg in self._dump(rtmsg, RTM_GETROUTE, {"family": family}):
                 route = _route(msg)
                 if table is None or route.table == table:
                     out.append(route)
-        return out
-
-    def protocol_routes(self, protocol: int) -> set[str]:
-        """Destinations of the main-table routes installed with rtm_protocol `protocol`."""
-        out = set()
-        for family in (socket.AF_INET, socket.AF_INET6):
-            for msg in self._dump(rtmsg, RTM_GETROUTE, {"family": family}):
-                route = _route(msg)
-                if msg["proto"] == protocol and route.table == MAIN_TABLE:
-                    out.add(route.dst)
         return out
 
     def add_rule(self, *, src: str, table: int, priority: int) -> None:
@@ -456,6 +562,23 @@ class Netlink:
         except NetlinkError as exc:
             raise _translate(exc, f"neighbour {address}") from None
 
+    def neighbours(self, index: int) -> dict[str, str]:
+        """The permanent neighbour entries of a link: address -> MAC."""
+        out = {}
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for msg in self._dump(ndmsg, RTM_GETNEIGH, {"family": family}):
+                if msg["ifindex"] == index and msg["state"] & NUD_PERMANENT:
+                    out[str(msg.get_attr("NDA_DST"))] = str(msg.get_attr("NDA_LLADDR") or "")
+        return out
+
+    def delete_neighbour(self, index: int, address: str) -> None:
+        fields = {"family": family_of(address), "ifindex": index}
+        try:
+            self._nl.request(_msg(ndmsg, fields, [("NDA_DST", address)]), RTM_DELNEIGH)
+        except NetlinkError as exc:
+            if exc.code not in (errno.ENOENT, errno.ESRCH):
+                raise _translate(exc, f"deleting neighbour {address}") from None
+
     def fdb(self, index: int, mac: str, remote: str) -> None:
         """A permanent FDB entry on the device itself (NTF_SELF: the VXLAN device's own table,
         not a bridge's): frames for `mac` go to the VTEP at `remote`."""
@@ -465,6 +588,25 @@ class Netlink:
             self._nl.request(_msg(ndmsg, fields, attrs), RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE)
         except NetlinkError as exc:
             raise _translate(exc, f"fdb {mac} -> {remote}") from None
+
+    def fdb_entries(self, index: int) -> set[tuple[str, str]]:
+        """The permanent FDB entries of a VXLAN device: (MAC, remote) pairs."""
+        out = set()
+        for msg in self._dump(ndmsg, RTM_GETNEIGH, {"family": AF_BRIDGE}):
+            if msg["ifindex"] == index and msg["state"] & NUD_PERMANENT:
+                remote = msg.get_attr("NDA_DST")
+                if remote:
+                    out.add((str(msg.get_attr("NDA_LLADDR")), str(remote)))
+        return out
+
+    def delete_fdb(self, index: int, mac: str, remote: str) -> None:
+        fields = {"family": AF_BRIDGE, "ifindex": index, "flags": NTF_SELF}
+        attrs = [("NDA_LLADDR", mac), ("NDA_DST", remote)]
+        try:
+            self._nl.request(_msg(ndmsg, fields, attrs), RTM_DELNEIGH)
+        except NetlinkError as exc:
+            if exc.code not in (errno.ENOENT, errno.ESRCH):
+                raise _translate(exc, f"deleting fdb {mac} -> {remote}") from None
 
     def _dump(self, cls: Any, msg_type: int, fields: dict[str, Any]) -> list[Any]:
         for attempt in range(_DUMP_RETRIES):
@@ -526,37 +668,7 @@ def _route(msg: Any) -> RouteInfo:
         oif=int(msg.get_attr("RTA_OIF") or 0),
         table=int(msg.get_attr("RTA_TABLE") or msg["table"]),
         scope=int(msg["scope"]),
+        proto=int(msg["proto"]),
+        priority=int(msg.get_attr("RTA_PRIORITY") or 0),
+        route_type=int(msg["type"]),
     )
-
-
-def move_default_route(netns: str, ifname: str, gateways: list[str]) -> set[int]:
-    """Make `ifname` the pod's way out: for each family of `gateways`, drop every other default
-    route of that family and route via that gateway on `ifname`. With no gateways, keep the
-    default routes `ifname` already has and drop the others of those families. Returns the
-    families that changed hands (NPWG default-route)."""
-    with Netlink.open(netns) as nl:
-        oif = nl.require(ifname).index
-        defaults = [r for r in nl.routes() if r.dst in ("0.0.0.0/0", "::/0")]
-        wanted = {family_of(gw): gw for gw in gateways}
-        families = set(wanted) or {r.family for r in defaults if r.oif == oif}
-        for route in defaults:
-            keep = route.oif == oif and (not wanted or route.gateway == wanted.get(route.family))
-            if route.family in families and not keep:
-                nl.delete_route(route.dst, oif=route.oif)
-        for family, gateway in wanted.items():
-            dst = "0.0.0.0/0" if family == socket.AF_INET else "::/0"
-            try:
-                nl.add_route(dst, oif=oif, gateway=gateway)
-            except PlexusError as exc:
-                raise InvalidConfig(
-                    f"default-route via {gateway} on {ifname}: {exc.msg}; the gateway must be "
-                    "reachable on that interface",
-                ) from None
-    return families
-
-
-def delete_pod_links(netns: str) -> None:
-    """Delete every link the built-in delegates made in a pod, in one request (they all carry
-    PLEXUS_GROUP): one RCU wait for the pod instead of one per interface."""
-    with Netlink.open(netns) as pod:
-        pod.delete_group(PLEXUS_GROUP)

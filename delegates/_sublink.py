@@ -5,18 +5,20 @@ later step fails."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from delegates._garp import announce
 from delegates._iface import check, configure, result_for
 from delegates._ipam import Ipam
 from delegates._nl import PLEXUS_GROUP, Link, Netlink
 from delegates.plugin import BuiltinPlugin, PluginRequest
 from metaplugin import cni
 from metaplugin.cni import Result
-from metaplugin.errors import InvalidConfig
+from metaplugin.errors import InvalidConfig, PlexusError
 
 
 class SubLinkConf(BaseModel):
@@ -43,6 +45,25 @@ def parse(model: type[Any], req: PluginRequest) -> Any:
     return conf
 
 
+def best_effort(req: PluginRequest, *steps: Callable[[], None]) -> None:
+    """DEL runs every step even when one fails (a link that will not go must not keep the
+    address leased), then reports every failure at once."""
+    failures = []
+    for step in steps:
+        try:
+            step()
+        except PlexusError as exc:
+            failures.append(exc)
+    if len(failures) == 1:
+        raise failures[0]
+    if failures:
+        raise PlexusError(
+            f"DEL of {req.ifname} on network {req.network_name}: "
+            + "; ".join(f.msg for f in failures),
+            code=failures[0].code,
+        )
+
+
 def default_route_link(nl: Netlink) -> Link:
     """The node's default-route interface: the master when a config names none."""
     for route in nl.routes():
@@ -56,6 +77,8 @@ def default_route_link(nl: Netlink) -> Link:
 class SubLinkPlugin(BuiltinPlugin):
     kind: ClassVar[str]
     conf_model: ClassVar[type[SubLinkConf]] = SubLinkConf
+    # Whether the link has its own MAC to announce (macvlan) or shares the master's (ipvlan).
+    announces: ClassVar[bool] = False
 
     def __init__(self, *, ipam: Ipam) -> None:
         self._ipam = ipam
@@ -79,6 +102,8 @@ class SubLinkPlugin(BuiltinPlugin):
             with Netlink.open(req.netns) as pod:
                 link = pod.require(req.ifname)
                 configure(pod, link, addresses)
+            if self.announces:
+                announce(req.netns, link.name, link.mac, [ip.address for ip in addresses.ips])
             undo.pop_all()
         return result_for(link, req.netns, addresses)
 
@@ -113,10 +138,12 @@ class SubLinkPlugin(BuiltinPlugin):
             pod.delete(req.ifname)
 
     def delete(self, req: PluginRequest) -> None:
+        steps = []
         if req.netns and cni.is_netns(req.netns):
-            self._remove_link(req)
+            steps.append(lambda: self._remove_link(req))
         if Ipam.configured(req.config):
-            self._ipam.delete(req)
+            steps.append(lambda: self._ipam.delete(req))
+        best_effort(req, *steps)
 
     def check(self, req: PluginRequest, prev: Result) -> None:
         parse(self.conf_model, req)

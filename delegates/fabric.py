@@ -7,8 +7,11 @@ permanent neighbour entry and an FDB entry pointing at the peer's underlay addre
 
 `Fabric.reconcile(peers)` keeps those routes and entries in step with the set of nodes; the
 daemon feeds it from the API (Node objects) or from the local config. Routes Plexus owns carry
-its own routing protocol number, so stale ones are found and removed without touching anyone
-else's. No masquerade anywhere.
+its own routing protocol number (RTPROT_PLEXUS): only those are ever replaced or removed, and a
+route someone else put on the same prefix wins (Plexus logs the conflict and leaves it). The
+node's own pod subnets get `unreachable` routes, so a packet for an address no pod holds is
+refused here instead of bouncing between node and router. One peer that cannot be programmed
+never stops the others. No masquerade anywhere.
 """
 
 from __future__ import annotations
@@ -18,13 +21,13 @@ import ipaddress
 import socket
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Final, Literal
 
 import structlog
 
-from delegates._nl import Link, Netlink, family_of
-from metaplugin.errors import InvalidConfig
+from delegates._nl import RTN_UNICAST, RTN_UNREACHABLE, Link, Netlink, RouteInfo, family_of
+from delegates.forwarding import ensure_forwarding
+from metaplugin.errors import InvalidConfig, PlexusError
 
 VXLAN_DEVICE: Final = "plexus.vxlan"
 RTPROT_PLEXUS: Final = 0x50  # our routes' rtm_protocol ("P"), unused by the kernel and daemons
@@ -61,15 +64,39 @@ class FabricConfig:
     peers: tuple[Peer, ...] = field(default_factory=tuple)
 
 
-def vtep_mac(address: str) -> str:
-    """A stable VTEP MAC per node, derived from its underlay address (no need to publish it)."""
-    digest = hashlib.sha256(address.encode()).digest()
+def vtep_mac(node_name: str) -> str:
+    """A stable VTEP MAC per node, derived from its name: every node computes the same MAC for
+    a peer whatever addresses the peer has (multi-NIC nodes, VIPs), so it needs no publishing."""
+    digest = hashlib.sha256(node_name.encode()).digest()
     return "0e:" + ":".join(f"{b:02x}" for b in digest[:5])
+
+
+def _same_ip(have: object, want: str) -> bool:
+    try:
+        return ipaddress.ip_address(str(have)) == ipaddress.ip_address(want)
+    except ValueError:
+        return False
 
 
 def vtep_address(pod_cidr: str) -> str:
     """The node's VTEP address: the first address of its pod subnet (never given to a pod)."""
     return str(ipaddress.ip_network(pod_cidr, strict=False).network_address)
+
+
+@dataclass(frozen=True, slots=True)
+class _WantedRoute:
+    owner: str  # the peer it is for, or this node
+    gateway: str | None
+    oif: int | None
+    onlink: bool = False
+    route_type: int = RTN_UNICAST
+
+    def matches(self, route: RouteInfo) -> bool:
+        return (
+            route.route_type == self.route_type
+            and (route.gateway or None) == self.gateway
+            and (self.oif is None or route.oif == self.oif)
+        )
 
 
 class Fabric:
@@ -81,24 +108,36 @@ class Fabric:
 
     @property
     def pod_cidrs(self) -> tuple[str, ...]:
+        """This node's pod subnets; empty until the node has been assigned them."""
         return self.config.pod_cidrs
 
     def setup(self) -> None:
-        """Forwarding on, and in VXLAN mode the VTEP device, in the node's namespace."""
-        for path in ("/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv6/conf/all/forwarding"):
-            Path(path).write_text("1")
-        with Netlink.open() as node:
+        """Find the underlay, and in VXLAN mode make the VTEP, in the node's namespace."""
+        with self._lock, Netlink.open() as node:
             self._underlay = self._find_underlay(node)
             self._address = self.config.address or self._first_address(node, self._underlay)
             if self.config.mode == "vxlan":
                 self._ensure_vtep(node)
+        self._enable_forwarding()
         log.info(
             "fabric_ready",
             mode=self.config.mode,
             underlay=self._underlay.name,
             address=self._address,
+            pod_cidrs=list(self.pod_cidrs),
             pod_mtu=self.pod_mtu(),
         )
+
+    def set_pod_cidrs(self, pod_cidrs: tuple[str, ...]) -> bool:
+        """Take this node's pod subnets as assigned now (the API assigns them after the node
+        registers); True when they changed, and the next reconcile must run in full."""
+        if pod_cidrs == self.config.pod_cidrs:
+            return False
+        log.info("fabric_pod_cidrs", old=list(self.config.pod_cidrs), new=list(pod_cidrs))
+        with self._lock:
+            self.config.pod_cidrs = pod_cidrs
+        self._enable_forwarding()
+        return True
 
     def pod_mtu(self) -> int:
         underlay = self._require_underlay()
@@ -106,46 +145,94 @@ class Fabric:
             return underlay.mtu
         return underlay.mtu - VXLAN_OVERHEAD[family_of(self._require_address())]
 
-    def reconcile(self, peers: list[Peer]) -> None:
+    def reconcile(self, peers: list[Peer]) -> list[str]:
+        """Bring routes (and VTEP entries) in line with `peers`. Returns what could not be
+        programmed (one line per problem, each also logged); everything else is done."""
+        problems: list[str] = []
         with self._lock, Netlink.open() as node:
             others = [p for p in peers if p.name != self.config.node_name]
-            wanted = self._routes(node, others)
-            for route in node.routes():
-                if route.dst not in wanted and self._ours(node, route.dst):
-                    node.delete_route(route.dst, oif=route.oif)
-            for dst, (gateway, oif, onlink) in wanted.items():
-                node.add_route(dst, oif=oif, gateway=gateway, onlink=onlink, protocol=RTPROT_PLEXUS)
-            if self.config.mode == "vxlan":
-                self._program_vtep(node, others)
+            vtep = self._ensure_vtep(node) if self.config.mode == "vxlan" else None
+            wanted = self._wanted_routes(others, vtep)
+            existing = node.routes()
+            ours = [r for r in existing if r.proto == RTPROT_PLEXUS]
+            foreign = {r.dst for r in existing if r.proto != RTPROT_PLEXUS}
+            for route in ours:
+                if route.dst not in wanted or not wanted[route.dst].matches(route):
+                    node.delete_route(
+                        route.dst,
+                        oif=route.oif or None,
+                        gateway=route.gateway,
+                        protocol=RTPROT_PLEXUS,
+                        priority=route.priority,
+                    )
+            current = {r.dst for r in ours if r.dst in wanted and wanted[r.dst].matches(r)}
+            for dst, want in wanted.items():
+                if dst in current:
+                    continue
+                if dst in foreign:
+                    problems.append(f"{dst} ({want.owner}): another route to it exists; kept")
+                    log.warning("fabric_route_conflict", dst=dst, peer=want.owner)
+                    continue
+                try:
+                    node.add_route(
+                        dst,
+                        oif=want.oif,
+                        gateway=want.gateway,
+                        onlink=want.onlink,
+                        route_type=want.route_type,
+                        protocol=RTPROT_PLEXUS,
+                        replace=True,
+                    )
+                except PlexusError as exc:
+                    problems.append(f"{dst} ({want.owner}): {exc.msg}")
+                    log.warning("fabric_peer_unroutable", dst=dst, peer=want.owner, error=exc.msg)
+            if vtep is not None:
+                self._program_vtep(node, vtep, others)
+        return problems
 
     # --- internals -------------------------------------------------------------------------
 
-    def _routes(self, node: Netlink, peers: list[Peer]) -> dict[str, tuple[str, int, bool]]:
-        out: dict[str, tuple[str, int, bool]] = {}
+    def _enable_forwarding(self) -> None:
+        versions: set[int] = {ipaddress.ip_network(c, strict=False).version for c in self.pod_cidrs}
+        ensure_forwarding(versions)
+
+    def _wanted_routes(self, peers: list[Peer], vtep: Link | None) -> dict[str, _WantedRoute]:
+        out: dict[str, _WantedRoute] = {}
         underlay = self._require_underlay()
-        vxlan = node.require(VXLAN_DEVICE) if self.config.mode == "vxlan" else None
+        for cidr in self.pod_cidrs:
+            dst = str(ipaddress.ip_network(cidr, strict=False))
+            out[dst] = _WantedRoute(self.config.node_name, None, None, route_type=RTN_UNREACHABLE)
         for peer in peers:
             for cidr in peer.pod_cidrs:
                 dst = str(ipaddress.ip_network(cidr, strict=False))
-                if vxlan is not None:
-                    out[dst] = (vtep_address(cidr), vxlan.index, True)
+                if vtep is not None:
+                    out[dst] = _WantedRoute(peer.name, vtep_address(cidr), vtep.index, True)
                 elif (next_hop := peer.address_of(family_of(cidr))) is not None:
-                    out[dst] = (next_hop, underlay.index, False)
+                    out[dst] = _WantedRoute(peer.name, next_hop, underlay.index)
                 else:
                     log.warning("fabric_no_next_hop", peer=peer.name, pod_cidr=cidr)
         return out
 
-    def _ours(self, node: Netlink, dst: str) -> bool:
-        return dst in node.protocol_routes(RTPROT_PLEXUS)
-
-    def _ensure_vtep(self, node: Netlink) -> None:
+    def _ensure_vtep(self, node: Netlink) -> Link:
+        """The VTEP as configured: made when missing, made again when someone changed it (its
+        VNI, port, local address or MAC), and holding exactly this node's VTEP addresses."""
         underlay = self._require_underlay()
         address = self._require_address()
+        v4 = family_of(address) == socket.AF_INET
+        local = "IFLA_VXLAN_LOCAL" if v4 else "IFLA_VXLAN_LOCAL6"
+        mac = vtep_mac(self.config.node_name)
         vtep = node.link(VXLAN_DEVICE)
+        if vtep is not None and not (
+            vtep.kind == "vxlan"
+            and vtep.data.get("IFLA_VXLAN_ID") == self.config.vni
+            and vtep.data.get("IFLA_VXLAN_PORT") == self.config.port
+            and _same_ip(vtep.data.get(local), address)
+            and vtep.mac == mac
+        ):
+            log.warning("fabric_vtep_recreated", reason="its settings differ from the config")
+            node.delete(VXLAN_DEVICE)
+            vtep = None
         if vtep is None:
-            local = (
-                "IFLA_VXLAN_LOCAL" if family_of(address) == socket.AF_INET else "IFLA_VXLAN_LOCAL6"
-            )
             data = [
                 ("IFLA_VXLAN_ID", self.config.vni),
                 ("IFLA_VXLAN_PORT", self.config.port),
@@ -157,23 +244,40 @@ class Fabric:
                 VXLAN_DEVICE,
                 "vxlan",
                 what=f"VXLAN device {VXLAN_DEVICE}",
-                mac=vtep_mac(address),
+                mac=mac,
                 mtu=self.pod_mtu(),
                 up=True,
                 data=data,
             )
             vtep = node.require(VXLAN_DEVICE)
-        for cidr in self.config.pod_cidrs:
+        wanted = set()
+        for cidr in self.pod_cidrs:
             prefix = 32 if ipaddress.ip_network(cidr, strict=False).version == 4 else 128
-            node.add_address(vtep.index, f"{vtep_address(cidr)}/{prefix}")
+            wanted.add(f"{vtep_address(cidr)}/{prefix}")
+        for have in node.addresses(vtep.index):
+            if have not in wanted and not ipaddress.ip_interface(have).ip.is_link_local:
+                node.delete_address(vtep.index, have)
+        for cidr in wanted:
+            node.add_address(vtep.index, cidr)
+        return vtep
 
-    def _program_vtep(self, node: Netlink, peers: list[Peer]) -> None:
-        vtep = node.require(VXLAN_DEVICE)
-        for peer in peers:
-            mac = vtep_mac(peer.address)
-            node.fdb(vtep.index, mac, peer.address)
-            for cidr in peer.pod_cidrs:
-                node.neighbour(vtep.index, vtep_address(cidr), mac)
+    def _program_vtep(self, node: Netlink, vtep: Link, peers: list[Peer]) -> None:
+        """FDB and neighbour entries: one per peer VTEP, the departed ones removed."""
+        fdb = {(vtep_mac(p.name), p.address) for p in peers if p.address}
+        neighbours = {
+            vtep_address(cidr): vtep_mac(p.name) for p in peers if p.address for cidr in p.pod_cidrs
+        }
+        have_fdb = node.fdb_entries(vtep.index)
+        for mac, remote in have_fdb - fdb:
+            node.delete_fdb(vtep.index, mac, remote)
+        for mac, remote in fdb - have_fdb:
+            node.fdb(vtep.index, mac, remote)
+        have_neighbours = node.neighbours(vtep.index)
+        for address in have_neighbours.keys() - neighbours.keys():
+            node.delete_neighbour(vtep.index, address)
+        for address, mac in neighbours.items():
+            if have_neighbours.get(address) != mac:
+                node.neighbour(vtep.index, address, mac)
 
     def _find_underlay(self, node: Netlink) -> Link:
         if self.config.interface:

@@ -32,6 +32,7 @@ class Macvlan(SubLinkPlugin):
     type = "plexus-macvlan"
     kind = "macvlan"
     conf_model = MacvlanConf
+    announces = True
 
     def link_data(self, conf: Any, req: PluginRequest) -> list[tuple[str, Any]]:
         data: list[tuple[str, Any]] = [("IFLA_MACVLAN_MODE", MACVLAN_MODES[conf.mode])]

@@ -2,8 +2,9 @@
 
 `run_in_netns(path, fn)` runs `fn` on a dedicated, short-lived thread that calls setns(2) and
 then exits, so the daemon's own threads never change namespace (the reference plugins' `ns.Do`
-discipline, without reusing the thread). Netlink work should prefer `IPRoute(netns=path)`; this
-is for the few things that need a thread in the namespace (socket ioctls, per-netns procfs).
+discipline, without reusing the thread). Netlink work goes through `Netlink.open(netns)`, which
+only makes its socket here; this is for the few things that need a thread in the namespace
+(interface-name lookups, packet sockets, per-netns procfs).
 """
 
 from __future__ import annotations

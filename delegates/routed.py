@@ -15,7 +15,6 @@ import hashlib
 import ipaddress
 import os
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,11 +22,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from delegates._iface import check
 from delegates._ipam import Ipam
 from delegates._nl import PLEXUS_GROUP, RT_SCOPE_LINK, Link, Netlink
-from delegates._sublink import parse
+from delegates._sublink import best_effort, parse
 from delegates.fabric import Fabric
+from delegates.forwarding import ensure_forwarding
 from delegates.plugin import BuiltinPlugin, PluginRequest
 from metaplugin.cni import Interface, IPConfig, Result, Route
-from metaplugin.errors import CheckFailed, InvalidConfig
+from metaplugin.errors import CheckFailed, InvalidConfig, TryAgainLater
 
 GATEWAY_V4: Final = "169.254.1.1"
 GATEWAY_V6: Final = "fe80::1"
@@ -60,8 +60,7 @@ class Routed(BuiltinPlugin):
             addresses = self._ipam.add(ipam_req)
             undo.callback(self._ipam.delete, ipam_req)
             pod_ips = [ipaddress.ip_interface(ip.address).ip for ip in addresses.ips]
-            host_link = self._node_side(host, req, conf.mtu or self._fabric_mtu(), pod_ips)
-            undo.callback(self._remove_pair, host)
+            host_link = self._node_side(undo, host, req, conf.mtu or self._fabric_mtu(), pod_ips)
             pod_link = self._configure_pod(req, pod_ips, host_link.mac)
             undo.pop_all()
         return _result(host_link, pod_link, req.netns, pod_ips, addresses)
@@ -77,6 +76,11 @@ class Routed(BuiltinPlugin):
                 f"network {req.network_name}: plexus-routed needs an 'ipam' section, or the "
                 "daemon's 'fabric' config with this node's podCIDRs",
             )
+        if not self._fabric.pod_cidrs:
+            raise TryAgainLater(
+                f"network {req.network_name}: this node has no pod subnet yet (its Node's "
+                "spec.podCIDRs is not assigned, or the API has not been reached); try again",
+            )
         ranges = [[{"subnet": cidr}] for cidr in self._fabric.pod_cidrs]
         config = {**req.config, "ipam": {"type": "host-local", "ranges": ranges}}
         return PluginRequest(
@@ -88,18 +92,21 @@ class Routed(BuiltinPlugin):
             config=config,
         )
 
-    @staticmethod
-    def _node_side(host: str, req: PluginRequest, mtu: int | None, pod_ips: list[Any]) -> Link:
+    def _node_side(
+        self, undo: ExitStack, host: str, req: PluginRequest, mtu: int | None, pod_ips: list[Any]
+    ) -> Link:
         """The veth pair (the pod's end born in the pod), and on the node's end the routes to
-        the pod and, for IPv6, fe80::1; one netlink handle for all of it."""
+        the pod and, for IPv6, fe80::1; one netlink handle for all of it. The pair's removal
+        joins `undo` the moment it exists."""
         fd = os.open(req.netns, os.O_RDONLY | os.O_CLOEXEC)
         try:
             peer = {"name": req.ifname, "netns_fd": fd, "group": PLEXUS_GROUP, "mtu": mtu}
-            _ensure_forwarding({ip.version for ip in pod_ips})
+            ensure_forwarding({ip.version for ip in pod_ips})
             with Netlink.open() as node:
                 node.create(
                     host, "veth", what=f"veth {host} <-> {req.ifname}", mtu=mtu, up=True, peer=peer
                 )
+                undo.callback(self._remove_pair, host)
                 link = node.require(host)
                 if any(ip.version == 6 for ip in pod_ips):
                     node.add_address(link.index, f"{GATEWAY_V6}/64", nodad=True)
@@ -134,8 +141,11 @@ class Routed(BuiltinPlugin):
             return link
 
     def delete(self, req: PluginRequest) -> None:
-        self._remove_pair(host_veth_name(req.container_id, req.ifname))
-        self._ipam.delete(self._ipam_request(req))
+        best_effort(
+            req,
+            lambda: self._remove_pair(host_veth_name(req.container_id, req.ifname)),
+            lambda: self._ipam.delete(self._ipam_request(req)),
+        )
 
     def check(self, req: PluginRequest, prev: Result) -> None:
         with Netlink.open(req.netns) as pod:
@@ -154,21 +164,6 @@ class Routed(BuiltinPlugin):
 
     def gc(self, req: PluginRequest) -> None:
         self._ipam.gc(self._ipam_request(req))
-
-
-_FORWARDING = {
-    4: Path("/proc/sys/net/ipv4/ip_forward"),
-    6: Path("/proc/sys/net/ipv6/conf/all/forwarding"),
-}
-
-
-def _ensure_forwarding(versions: set[int]) -> None:
-    """The node routes for its pods (as the bridge plugin's isGateway does): forwarding on, in
-    the node's namespace, for the families the pod has."""
-    for version in versions:
-        path = _FORWARDING[version]
-        if path.read_text().strip() != "1":
-            path.write_text("1")
 
 
 def _result(host: Link, pod: Link, netns: str, pod_ips: list[Any], ipam: Result) -> Result:

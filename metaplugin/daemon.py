@@ -41,6 +41,7 @@ from metaplugin.store import AttachmentStore, StateLock
 
 log = structlog.get_logger(__name__)
 CONF_CHECK_INTERVAL = 2.0  # how soon a removed conf comes back, or an uninstall is honoured
+FIRST_POD_CIDRS_WAIT = 30.0  # how long start-up waits for this node's podCIDRs from the API
 
 
 @dataclass
@@ -50,8 +51,9 @@ class Sources:
     sink: StatusSink
     synced: threading.Event
     stop: Callable[[], None] | None = None
-    peers: Callable[[], list[Peer]] | None = None  # the fabric's nodes, from the API
-    own_pod_cidrs: Callable[[], list[str]] = lambda: []
+    # The fabric's nodes and this node's pod subnets, from the API; None while unknown.
+    peers: Callable[[], list[Peer] | None] | None = None
+    own_pod_cidrs: Callable[[float], list[str] | None] | None = None
 
 
 def local_sources(cfg: DaemonConfig) -> Sources:
@@ -162,13 +164,20 @@ class Daemon:
         return PluginRegistry(builtins=builtins, exec_=exec_, timeout=self.cfg.delegate_timeout)
 
     def _fabric(self, sources: Sources) -> tuple[Fabric | None, FabricSync | None]:
-        fabric = fabric_from_config(self.cfg, sources.own_pod_cidrs())
-        if fabric is None:
+        if self.cfg.fabric is None:
             return None, None
+        own_pod_cidrs = sources.own_pod_cidrs
+        # At start, give the API a moment for this node's podCIDRs; the sync loop takes them
+        # (or a change of them) whenever they arrive after.
+        initial = own_pod_cidrs(FIRST_POD_CIDRS_WAIT) if own_pod_cidrs else None
+        fabric = fabric_from_config(self.cfg, initial or [])
         fabric.setup()
-        peers = sources.peers or (lambda: config_peers(self.cfg))
-        sync = FabricSync(fabric, peers)
-        sync.sync_once()
+        sync = FabricSync(
+            fabric,
+            sources.peers or (lambda: config_peers(self.cfg)),
+            own_pod_cidrs=(lambda: own_pod_cidrs(0.0)) if own_pod_cidrs else None,
+        )
+        sync.sync_once()  # never fatal: what failed is logged and retried by the loop
         sync.start()
         return fabric, sync
 

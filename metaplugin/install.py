@@ -3,8 +3,9 @@ conf dir, as the DaemonSet's plexusd does at start.
 
 The shim is copied to a temp file in the same directory and renamed over the old one, so a
 runtime exec'ing it never sees a half-written file ("text file busy" cannot happen: the old inode
-stays intact for whoever runs it). The conflist is written in place rather than renamed, because
-containerd 1.6 ignores a conf that appears through rename (containerd#11715).
+stays intact for whoever runs it). The conflist is renamed into place too, then its same bytes
+are written over it once more, because containerd 1.6 ignores a conf that appears only through
+rename (containerd#11715) and reloads on a write.
 """
 
 from __future__ import annotations
@@ -82,15 +83,29 @@ def conflist(cfg: DaemonConfig, extra_capabilities: frozenset[str] = frozenset()
 
 
 def write_conf(cfg: DaemonConfig, extra_capabilities: frozenset[str] = frozenset()) -> bool:
-    """Write 00-plexus.conflist in place; returns False when it was already up to date."""
+    """Write 00-plexus.conflist atomically; returns False when it was already up to date."""
     path = Path(cfg.conf_file)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = (json.dumps(conflist(cfg, extra_capabilities), indent=2) + "\n").encode()
     if path.is_file() and path.read_bytes() == data:
         return False
-    # NOTE: in place on purpose (containerd#11715): a rename raises only CREATE, which
-    # containerd 1.6 ignores; a write raises WRITE, which it reloads on.
-    with open(path, "wb") as f:
+    # Renamed into place, so no reader (a runtime, a test) ever sees an empty or partial file;
+    # then the same bytes are written over it in place, without truncating, because a rename
+    # raises only CREATE, which containerd 1.6 ignores (containerd#11715), and a write raises
+    # WRITE, which it reloads on.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.write(fd, data)
+        os.fchmod(fd, 0o644)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        os.unlink(tmp)
+        raise
+    with open(path, "r+b") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

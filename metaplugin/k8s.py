@@ -456,14 +456,20 @@ class Cluster:
         self.sink = ApiStatusSink(core, node)
         self.synced = threading.Event()
 
-    def peers(self) -> list[Peer]:
+    def peers(self) -> list[Peer] | None:
+        """The fabric's nodes; None until the first list of nodes arrived (an empty list would
+        tell the fabric that every peer is gone)."""
+        if not self._node_informer.synced.is_set():
+            return None
         return [p for p in self._node_informer.values() if p.addresses and p.pod_cidrs]
 
-    def own_pod_cidrs(self, timeout: float = 30.0) -> list[str]:
-        """This node's spec.podCIDRs (waits for the first list of nodes)."""
-        self._node_informer.synced.wait(timeout)
+    def own_pod_cidrs(self, timeout: float = 0.0) -> list[str] | None:
+        """This node's spec.podCIDRs, waiting up to `timeout` for the first list of nodes; None
+        while they are unknown (not listed yet, or not assigned yet)."""
+        if not self._node_informer.synced.wait(timeout):
+            return None
         me = self._node_informer.get(f"/{self._node}")
-        return list(me.pod_cidrs) if me else []
+        return list(me.pod_cidrs) if me and me.pod_cidrs else None
 
     @classmethod
     def connect(cls, cfg: DaemonConfig) -> Cluster:

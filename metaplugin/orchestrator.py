@@ -19,7 +19,7 @@ from typing import Any, Final, Protocol
 
 import structlog
 
-from delegates import _nl
+from delegates import _nl, podnet
 from delegates.chain import CallEnv, ChainRunner, PreparedNetwork
 from delegates.netns import existing_interfaces
 from metaplugin import cni
@@ -64,8 +64,8 @@ class Orchestrator:
         sink: StatusSink,
         pods: PodSource | None = None,
         existing: Callable[[str, list[str]], list[str]] = existing_interfaces,
-        move_default_route: Callable[[str, str, list[str]], set[int]] = _nl.move_default_route,
-        reap_links: Callable[[str], None] = _nl.delete_pod_links,
+        move_default_route: Callable[[str, str, list[str]], set[int]] = podnet.move_default_route,
+        reap_links: Callable[[str], None] = podnet.delete_pod_links,
     ) -> None:
         self._cfg = config
         self._resolver = resolver
@@ -316,7 +316,12 @@ class Orchestrator:
         """DEL every recorded attachment in reverse; keep (and report) the ones that fail."""
         # A vanished netns is passed as "": plugins then clean up what lives outside it.
         usable = netns if netns and cni.is_netns(netns) else ""
-        if usable:
+        # Reaping first is only safe when every plugin is a built-in: an exec'd plugin's DEL
+        # (tuning, a vendor's) may need to find its interface to clean up after it.
+        reap_first = usable and all(
+            not plugin.path for record in loaded.records for plugin in _prepared(record).plugins
+        )
+        if reap_first:
             self._reap_pod_links(usable)
         failures: list[str] = []
         for record in reversed(loaded.records):
@@ -324,6 +329,8 @@ class Orchestrator:
                 self._delete_one(record, usable)
             except Exception as exc:  # noqa: BLE001 - DEL tries every attachment
                 failures.append(f"{record.network} ({record.ifname}): {_msg(exc)}")
+        if usable and not reap_first and not failures:
+            self._reap_pod_links(usable)  # whatever a built-in left behind
         if failures:
             raise TeardownIncomplete(
                 f"container {loaded.container_id}: DEL failed for {len(failures)} attachment(s); "
@@ -337,6 +344,7 @@ class Orchestrator:
         one per link); their DELs then find them gone, which DEL takes in its stride."""
         try:
             self._reap_links(netns)
+            log.debug("pod_links_reaped", netns=netns)
         except Exception as exc:  # noqa: BLE001 - each delegate's DEL still removes its own
             log.warning("pod_links_not_reaped", error=_msg(exc))
 

@@ -964,6 +964,9 @@ class _Handler(BaseHTTPRequestHandler):
         since = _parse_rv(query.get("resourceVersion"))
         timeout = _int_param(query, "timeoutSeconds")
         deadline = time.monotonic() + timeout if timeout > 0 else None
+        standin = self.server.standin
+        with standin.streams_done:
+            standin.streams += 1
         store.open_watch(watcher, since)
         try:
             self.send_response(200)
@@ -980,6 +983,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         finally:
             store.close_watch(watcher)
+            with standin.streams_done:
+                standin.streams -= 1
+                standin.streams_done.notify_all()
 
     def _pump(self, watcher: _Watcher, deadline: float | None, bookmarks: bool) -> str:
         """Write queued events until the stream ends; returns how it ended."""
@@ -1031,6 +1037,10 @@ class ApiStandin:
         self._log: list[RecordedRequest] = []
         self._failures: list[_Failure] = []
         self._connections: set[socket.socket] = set()
+        # Watch streams still being written; stop() lets them end cleanly before cutting
+        # connections, as the API server ends watches on shutdown.
+        self.streams = 0
+        self.streams_done = threading.Condition()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -1053,6 +1063,8 @@ class ApiStandin:
         self.store.close_watches()
         server.shutdown()
         self.store.close_watches()  # any opened meanwhile
+        with self.streams_done:
+            self.streams_done.wait_for(lambda: self.streams == 0, timeout=2)
         with self._lock:
             connections = list(self._connections)
         for conn in connections:

@@ -5,6 +5,7 @@ missing, DEL that leaves nothing, and a kernel without ipvlan answered clearly."
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -62,12 +63,17 @@ def bed(tmp_path: Path) -> Iterator[Bed]:
                 {
                     "cniVersion": "1.0.0",
                     "plugins": [
-                        {
-                            **mv,
-                            "ipam": host_local("10.74.0.0/24", ipam, routes=[{"dst": "0.0.0.0/0"}]),
-                        },
+                        # No default route from IPAM: sbr's table must get one of its own.
+                        {**mv, "ipam": host_local("10.74.0.0/24", ipam)},
                         {"type": "plexus-sbr"},
                     ],
+                },
+            ),
+            nad(
+                "mv-gw",
+                {
+                    **mv,
+                    "ipam": host_local("10.77.0.0/24", ipam, routes=[{"dst": "0.0.0.0/0"}]),
                 },
             ),
             nad(
@@ -85,7 +91,12 @@ def bed(tmp_path: Path) -> Iterator[Bed]:
                     "cniVersion": "1.0.0",
                     "plugins": [
                         {**mv, "ipam": host_local("10.76.0.0/24", ipam)},
-                        {"type": "tuning", "sysctl": {"net.ipv4.conf.net1.arp_notify": "1"}},
+                        {
+                            "type": "tuning",
+                            "mtu": 1300,  # tuning keeps the original MTU in dataDir until DEL
+                            "dataDir": str(tmp_path / "tuning"),
+                            "sysctl": {"net.ipv4.conf.net1.arp_notify": "1"},
+                        },
                     ],
                 },
             ),
@@ -129,6 +140,43 @@ def test_macvlan_bridge_with_every_option(bed: Bed) -> None:
     bed.runtime.delete("c1", "", with_prev=False).ok()
 
 
+ARP_CAPTURE = """
+import socket, struct, time
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+s.bind(("pxm1", 0)); s.settimeout(0.2); print("ready", flush=True)
+end = time.monotonic() + 10
+while time.monotonic() < end:
+    try:
+        frame = s.recv(128)
+    except TimeoutError:
+        continue
+    sender, target = frame[28:32], frame[38:42]
+    if frame[:6] == b"\\xff" * 6 and sender == target:
+        print(socket.inet_ntoa(sender), frame[22:28].hex(":"), flush=True)
+        break
+"""
+
+
+def test_macvlan_announces_its_address(bed: Bed) -> None:
+    """A gratuitous ARP on the segment, so neighbours drop a stale MAC for a reused address."""
+    capture = subprocess.Popen(
+        ["ip", "netns", "exec", bed.node.name, "python3", "-I", "-c", ARP_CAPTURE],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert capture.stdout is not None and capture.stdout.readline().strip() == "ready"
+        pod = bed.pod("p1")
+        sel = json.dumps([{"name": "mv", "mac": "0a:58:0a:46:00:0a", "ips": ["10.70.0.10/24"]}])
+        bed.runtime.add("c1", pod.path, annotations={NETWORKS: sel}).ok()
+        out, _ = capture.communicate(timeout=15)
+    finally:
+        capture.kill()
+    assert out.split() == ["10.70.0.10", "0a:58:0a:46:00:0a"]
+    bed.runtime.delete("c1", pod.path).ok()
+    bed.assert_nothing_left(pod)
+
+
 @pytest.mark.parametrize("mode", ["private", "vepa", "passthru"])
 def test_macvlan_modes(bed: Bed, mode: str) -> None:
     pod = bed.pod(f"p-{mode}")
@@ -159,20 +207,38 @@ def test_source_routing_sends_replies_out_the_interface_they_came_in_on(bed: Bed
     assert f"from {address} lookup 100" in rules
     table = pod.run("ip", "route", "show", "table", "100").stdout
     assert "default via 10.74.0.1 dev net1" in table
-    # main table says eth0 for everything; a reply from net1's address still leaves via net1
+    # the main table says eth0 for everything; a reply from net1's address leaves via net1
+    assert pod.ip("route", "get", "198.51.100.7")[0]["dev"] == "eth0"
     route = pod.ip("route", "get", "198.51.100.7", "from", address)[0]
     assert route["dev"] == "net1"
     bed.runtime.check("c1", pod.path).ok()
+    pod.run("ip", "rule", "del", "from", address, "lookup", "100")
+    out = bed.runtime.check("c1", pod.path)
+    assert out.body["code"] == 110 and f"rule for {address} on net1 is missing" in out.body["msg"]
     bed.runtime.delete("c1", pod.path).ok()
     assert f"from {address}" not in pod.run("ip", "rule", "show").stdout
     bed.assert_nothing_left(pod)
 
 
-def test_builtins_chain_with_reference_plugins(bed: Bed) -> None:
+def test_a_secondarys_default_route_never_erases_the_primarys(bed: Bed) -> None:
+    pod = bed.pod("p1")
+    bed.runtime.add("c1", pod.path, annotations={NETWORKS: "mv-gw"}).ok()
+    defaults = {(r.get("dev"), r.get("gateway")) for r in pod.ip("-4", "route", "show", "default")}
+    assert ("net1", "10.77.0.1") in defaults
+    assert any(dev == "eth0" for dev, _ in defaults)  # added beside it, as the reference does
+    bed.runtime.delete("c1", pod.path).ok()
+    bed.assert_nothing_left(pod)
+
+
+def test_builtins_chain_with_reference_plugins(bed: Bed, tmp_path: Path) -> None:
     pod = bed.pod("p1")
     bed.runtime.add("c1", pod.path, annotations={NETWORKS: "tuned"}).ok()
     assert pod.run("sysctl", "-n", "net.ipv4.conf.net1.arp_notify").stdout.strip() == "1"
+    assert pod.links()["net1"]["mtu"] == 1300
+    assert list((tmp_path / "tuning").iterdir())  # tuning's saved state ...
     bed.runtime.delete("c1", pod.path).ok()
+    # ... is gone: tuning's DEL found its interface (links are not reaped before an exec'd DEL)
+    assert list((tmp_path / "tuning").iterdir()) == []
     bed.assert_nothing_left(pod)
 
 
@@ -191,4 +257,5 @@ def test_teardown_deletes_the_pods_links_in_one_go(bed: Bed) -> None:
     bed.runtime.add("c1", pod.path, annotations={NETWORKS: "mv, mv-private"}).ok()
     bed.runtime.delete("c1", pod.path).ok()
     bed.assert_nothing_left(pod)
+    assert bed.daemon.events("pod_links_reaped")
     assert not bed.daemon.events("pod_links_not_reaped")

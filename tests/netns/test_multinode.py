@@ -82,25 +82,29 @@ def test_pod_addresses_routes_and_mtu(clean: Cluster) -> None:
     assert [i["name"] for i in result["interfaces"] if i.get("sandbox")] == ["eth0"]
 
 
-def test_vxlan_mtu_is_exact(clean: Cluster) -> None:
+@pytest.mark.parametrize(("version", "headers"), [(4, 20 + 8), (6, 40 + 8)])
+def test_vxlan_mtu_is_exact(clean: Cluster, version: int, headers: int) -> None:
     if clean.mode != "vxlan":
         pytest.skip("an overlay-only property")
-    a, _ = clean.nodes[0].add_pod(clean, "mtu-a")
-    b, _ = clean.nodes[1].add_pod(clean, "mtu-b")
-    target = primary_address(b, 4)
-    full = ping(a, target, "-M", "do", "-s", str(1450 - 28))
+    a, _ = clean.nodes[0].add_pod(clean, f"mtu{version}-a")
+    b, _ = clean.nodes[1].add_pod(clean, f"mtu{version}-b")
+    target = primary_address(b, version)
+    full = ping(a, target, "-M", "do", "-s", str(1450 - headers))
     assert full.returncode == 0, full.stdout + full.stderr
-    one_more = ping(a, target, "-M", "do", "-s", str(1450 - 27))
+    one_more = ping(a, target, "-M", "do", "-s", str(1450 - headers + 1))
     assert one_more.returncode != 0
 
 
-def test_macvlan_pods_on_two_nodes_share_a_segment(clean: Cluster) -> None:
-    a, out_a = clean.nodes[0].add_pod(clean, "seg-a", "segment")
-    b, out_b = clean.nodes[1].add_pod(clean, "seg-b", "segment")
+@pytest.mark.parametrize(("version", "prefix"), [(4, "10.50.0.2"), (6, "fd00:50::2:")])
+def test_macvlan_pods_on_two_nodes_share_a_segment(
+    clean: Cluster, version: int, prefix: str
+) -> None:
+    a, out_a = clean.nodes[0].add_pod(clean, f"seg{version}-a", "segment")
+    b, out_b = clean.nodes[1].add_pod(clean, f"seg{version}-b", "segment")
     out_a.ok(), out_b.ok()
     assert a.links()["net1"]["linkinfo"]["info_kind"] == "macvlan"
-    target = b.addresses("net1")[0].split("/")[0]
-    assert target.startswith("10.50.0.2")  # node2's range of the shared subnet
+    target = next(c.split("/")[0] for c in b.addresses("net1") if (":" in c) == (version == 6))
+    assert target.startswith(prefix)  # node2's range of the shared subnet
     assert ping(a, target).returncode == 0
 
 
@@ -112,13 +116,61 @@ def test_check_and_double_del(clean: Cluster) -> None:
     pod.run("ip", "addr", "flush", "dev", "net1")
     broken = node.runtime.check(pod.name, pod.path)
     assert broken.returncode == 1 and "lost its address" in broken.body["msg"]
+    node.runtime.delete(pod.name, pod.path, with_prev=False).ok()
+    node.runtime.delete(pod.name, pod.path, with_prev=False).ok()  # DEL twice: still fine
+    node.pods.clear()
+    assert clean.leftovers() == {}
+
+
+def test_check_notices_a_lost_node_route(clean: Cluster) -> None:
+    node = clean.nodes[0]
+    pod, out = node.add_pod(clean, "routed-check")
+    out.ok()
+    address = primary_address(pod, 4)
+    node.ns.run("ip", "route", "del", f"{address}/32")
+    broken = node.runtime.check(pod.name, pod.path)
+    assert broken.body["code"] == 110
+    assert f"the node has no route to the pod's {address}" in broken.body["msg"]
+
+
+def test_a_failed_routed_add_leaves_no_veth(clean: Cluster) -> None:
+    """The node end fails after the veth pair exists (a new link without IPv6 cannot take
+    fe80::1): the pair, the lease and the record must all go."""
+    node = clean.nodes[0]
+    node.ns.run("sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1")
+    try:
+        pod = clean.new_ns("no-v6")
+        out = node.runtime.add(pod.name, pod.path, annotations={})
+    finally:
+        node.ns.run("sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=0")
+    assert out.returncode == 1 and "fe80::1" in out.body["msg"]
+    assert set(pod.links()) == {"lo"}
+    assert clean.leftovers() == {}
+    node.runtime.delete(pod.name, pod.path, with_prev=False).ok()
+
+
+def test_own_pod_subnet_is_unreachable_not_bounced(clean: Cluster) -> None:
+    """An address of node1's pod subnet that no pod holds is refused at node1."""
+    node = clean.nodes[0]
+    routes = {r["dst"]: r for r in node.ns.ip("-4", "route", "show", "proto", "80")}
+    assert routes["10.244.1.0/24"]["type"] == "unreachable"
+    probe = ping(clean.external, "10.244.1.250")
+    assert probe.returncode != 0 and "Unreachable" in probe.stdout
+
+
+IPVLAN_FAILURE = (
+    # Where the kernel has ipvlan, ADD succeeds (tests/kernel covers it): exhaust a range instead.
+    ("ipv", 109, "no ipvlan support")
+    if not Path("/sys/module/ipvlan").exists()
+    else ("tiny, tiny, tiny", None, "tiny")
+)
 
 
 @pytest.mark.parametrize(
     ("networks", "code", "fragment"),
     [
         ("nomaster", 7, "master interface ghost0 does not exist"),
-        ("ipv", 109, "no ipvlan support"),
+        IPVLAN_FAILURE,
         (json.dumps([{"name": "tiny"}, {"name": "tiny"}, {"name": "tiny"}]), None, "tiny"),
     ],
 )

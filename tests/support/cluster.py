@@ -131,7 +131,14 @@ def _node_config(root: Path, i: int, mode: str) -> dict[str, Any]:
                     "rangeStart": f"10.50.0.{i * 10 + 1}",
                     "rangeEnd": f"10.50.0.{i * 10 + 9}",
                 }
-            ]
+            ],
+            [
+                {
+                    "subnet": "fd00:50::/64",
+                    "rangeStart": f"fd00:50::{i}:1",
+                    "rangeEnd": f"fd00:50::{i}:9",
+                }
+            ],
         ],
     )
     (home / "nads" / "nads.yaml").write_text(
@@ -206,6 +213,7 @@ def cluster(root: Path, mode: str) -> Iterator[Cluster]:
         _link_to_fabric(fabric, external, "eth0", "fx", "fab0")
         _address(external, "eth0", EXTERNAL)
         nodes: list[Node] = []
+        daemons: list[DaemonProcess] = []
         try:
             for i in range(1, NODES + 1):
                 ns = Netns(f"node{i}")
@@ -218,6 +226,7 @@ def cluster(root: Path, mode: str) -> Iterator[Cluster]:
                 daemon = DaemonProcess(
                     root / f"node{i}", _node_config(root, i, mode), netns=ns.name
                 )
+                daemons.append(daemon)  # before it starts: one that fails is stopped too
                 daemon.start()
                 nodes.append(
                     Node(
@@ -229,8 +238,8 @@ def cluster(root: Path, mode: str) -> Iterator[Cluster]:
                 )
             yield Cluster(root, mode, fabric, external, nodes, made)
         finally:
-            for node in nodes:
-                node.daemon.stop()
+            for daemon in daemons:
+                daemon.stop()
 
 
 def observed_source(receiver: Netns, address: str, sender: Netns, *, port: int = 9999) -> str:

@@ -13,15 +13,24 @@ from metaplugin.fabric_sync import FabricSync, config_peers
 
 
 class FakeFabric:
+    """Stands in for delegates.fabric.Fabric (which is tested against the kernel in
+    tests/netns): records what the sync loop asks of it."""
+
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
         self.fail_next = 0
+        self.pod_cidrs: tuple[str, ...] = ()
 
-    def reconcile(self, peers: list[Peer]) -> None:
+    def reconcile(self, peers: list[Peer]) -> list[str]:
         if self.fail_next:
             self.fail_next -= 1
             raise PlexusError("netlink said no")
         self.calls.append([p.name for p in peers])
+        return []
+
+    def set_pod_cidrs(self, cidrs: tuple[str, ...]) -> bool:
+        changed, self.pod_cidrs = cidrs != self.pod_cidrs, cidrs
+        return changed
 
 
 def test_peers_from_config_accept_one_or_many_addresses() -> None:
@@ -46,8 +55,8 @@ def test_peers_from_config_accept_one_or_many_addresses() -> None:
 
 
 def test_vtep_identity_is_stable_and_distinct() -> None:
-    assert vtep_mac("192.0.2.1") == vtep_mac("192.0.2.1") != vtep_mac("192.0.2.2")
-    assert vtep_mac("192.0.2.1").startswith("0e:")  # locally administered, unicast
+    assert vtep_mac("node-1") == vtep_mac("node-1") != vtep_mac("node-2")
+    assert vtep_mac("node-1").startswith("0e:")  # locally administered, unicast
     assert vtep_address("10.244.3.0/24") == "10.244.3.0"
 
 
@@ -70,3 +79,39 @@ def test_sync_reconciles_on_change_and_survives_failures() -> None:
         assert len(fabric.calls) == 2  # no change: no reconcile
     finally:
         sync.stop()
+
+
+def test_unknown_peers_never_reconcile_to_nothing() -> None:
+    """Before the API listed the nodes, the peers are unknown (None), not absent: reconciling
+    then would delete every route to the other nodes."""
+    fabric = FakeFabric()
+    answer: list[Any] = [None]
+    sync = FabricSync(fabric, lambda: answer[0])  # type: ignore[arg-type]
+    sync.sync_once()
+    assert fabric.calls == []
+    answer[0] = [Peer("a", ("192.0.2.1",), ("10.1.0.0/24",))]
+    sync.sync_once()
+    assert fabric.calls == [["a"]]
+
+
+def test_pod_cidrs_assigned_later_are_taken_and_force_a_pass() -> None:
+    fabric = FakeFabric()
+    cidrs: list[Any] = [None]
+    peers = [Peer("a", ("192.0.2.1",), ("10.1.0.0/24",))]
+    sync = FabricSync(fabric, lambda: peers, own_pod_cidrs=lambda: cidrs[0])  # type: ignore[arg-type]
+    sync.sync_once()
+    assert fabric.pod_cidrs == () and len(fabric.calls) == 1
+    sync.sync_once()
+    assert len(fabric.calls) == 1  # nothing changed
+    cidrs[0] = ["10.9.0.0/24"]
+    sync.sync_once()
+    assert fabric.pod_cidrs == ("10.9.0.0/24",) and len(fabric.calls) == 2
+
+
+def test_a_failing_first_pass_is_not_fatal() -> None:
+    fabric = FakeFabric()
+    fabric.fail_next = 1
+    sync = FabricSync(fabric, lambda: [])  # type: ignore[arg-type]
+    sync.sync_once()  # logged, not raised: plexusd must start and retry
+    sync.sync_once()
+    assert fabric.calls == [[]]

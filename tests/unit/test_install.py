@@ -4,8 +4,10 @@ written in place, and goes away on --uninstall."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -80,7 +82,29 @@ def test_conf_waits_for_the_cluster_network_and_the_readiness_file(tmp_path: Pat
         daemon.stop()
 
 
-def test_conf_is_rewritten_in_place_and_the_shim_by_rename(tmp_path: Path) -> None:
+IN_MODIFY, IN_MOVED_TO = 0x002, 0x080
+
+
+def watched_events(directory: Path, action: Callable[[], object]) -> set[int]:
+    """The inotify event kinds `action` raises in `directory` (what containerd listens to)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_NONBLOCK)
+    assert fd >= 0
+    try:
+        assert libc.inotify_add_watch(fd, str(directory).encode(), IN_MODIFY | IN_MOVED_TO) >= 0
+        action()
+        data = os.read(fd, 65536)
+    finally:
+        os.close(fd)
+    kinds, offset = set(), 0
+    while offset < len(data):
+        _, mask, _, name_len = struct.unpack_from("iIII", data, offset)
+        kinds.add(mask)
+        offset += 16 + name_len
+    return kinds
+
+
+def test_conf_is_never_seen_half_written_yet_raises_a_write(tmp_path: Path) -> None:
     cfg = DaemonConfig.model_validate(
         {
             "cniConfDir": str(tmp_path / "net.d"),
@@ -91,12 +115,25 @@ def test_conf_is_rewritten_in_place_and_the_shim_by_rename(tmp_path: Path) -> No
     )
     assert write_conf(cfg)
     conf = Path(cfg.conf_file)
-    inode = conf.stat().st_ino
     conf.write_text("{}")  # someone edited it
-    assert write_conf(cfg)
-    assert conf.stat().st_ino == inode  # in place: containerd 1.6 sees a WRITE event
+    inode = conf.stat().st_ino
+    kinds = watched_events(conf.parent, lambda: write_conf(cfg))
+    assert conf.stat().st_ino != inode  # renamed into place: never empty for a reader ...
+    assert IN_MODIFY in kinds  # ... and a WRITE event, which containerd 1.6 reloads on
+    assert json.loads(conf.read_text())["name"]
+    assert not [p for p in conf.parent.iterdir() if p.name.startswith(".")]
     assert not write_conf(cfg)  # unchanged: no write at all
 
+
+def test_the_shim_is_replaced_by_rename(tmp_path: Path) -> None:
+    cfg = DaemonConfig.model_validate(
+        {
+            "cniConfDir": str(tmp_path / "net.d"),
+            "cniBinDir": str(tmp_path / "bin"),
+            "shimInterpreter": sys.executable,
+            "stateDir": str(tmp_path / "s"),
+        }
+    )
     shim = install_shim(cfg)
     old = shim.stat().st_ino
     with shim.open("rb"):  # a runtime exec'ing the old shim keeps its inode

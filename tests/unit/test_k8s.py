@@ -202,8 +202,18 @@ def test_fabric_peers_come_from_the_node_objects(api: ApiStandin, cluster: Clust
     api.create(node_object(NODE, ["192.168.1.1"], ["10.244.1.0/24", "fd00:1::/64"]))
     api.create(node_object("node-2", ["192.168.1.2", "fd00:100::2"], ["10.244.2.0/24"]))
     api.create({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "bare"}})
-    eventually(lambda: len(cluster.peers()) == 2)
-    peers = {p.name: p for p in cluster.peers()}
+    eventually(lambda: len(cluster.peers() or []) == 2)
+    peers = {p.name: p for p in cluster.peers() or []}
     assert peers["node-2"].addresses == ("192.168.1.2", "fd00:100::2")
     assert peers["node-2"].pod_cidrs == ("10.244.2.0/24",)
     assert cluster.own_pod_cidrs() == ["10.244.1.0/24", "fd00:1::/64"]
+
+
+def test_own_pod_cidrs_are_unknown_until_assigned(api: ApiStandin, cluster: Cluster) -> None:
+    api.create({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}})
+    eventually(lambda: cluster.peers() is not None)
+    assert cluster.own_pod_cidrs() is None  # registered, no podCIDRs yet: unknown, not "none"
+    node = api.get("Node", None, NODE)
+    assert node is not None
+    api.update({**node, "spec": {"podCIDR": "10.244.9.0/24"}})
+    eventually(lambda: cluster.own_pod_cidrs() == ["10.244.9.0/24"])
