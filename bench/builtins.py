@@ -150,8 +150,16 @@ def daemon_times(daemon: DaemonProcess, prefix: str, command: str) -> list[float
     ]
 
 
+MIN_RUNS = 50
+
+
 def main() -> int:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 60
+    if n < MIN_RUNS:
+        print(
+            f"bench/builtins.py: N must be at least {MIN_RUNS} for stable medians", file=sys.stderr
+        )
+        return 2
     timings: dict[str, dict[str, list[float]]] = {k: {"ADD": [], "DEL": []} for k in "abc"}
     with tempfile.TemporaryDirectory(prefix="plexus-bench-builtins-") as tmp, namespaces() as made:
         root = Path(tmp)
