@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from delegates._garp import announce
+from delegates._garp import announce_on_up
 from delegates._iface import check, configure, result_for
 from delegates._ipam import Ipam
 from delegates._nl import PLEXUS_GROUP, Link, Netlink
@@ -101,9 +101,9 @@ class SubLinkPlugin(BuiltinPlugin):
                 undo.callback(self._ipam.delete, req)
             with Netlink.open(req.netns) as pod:
                 link = pod.require(req.ifname)
+                if self.announces and any(ip.ip.version == 4 for ip in addresses.ips):
+                    announce_on_up(req.netns, link.name)  # the kernel announces at link up
                 configure(pod, link, addresses)
-            if self.announces:
-                announce(req.netns, link.name, link.mac, [ip.address for ip in addresses.ips])
             undo.pop_all()
         return result_for(link, req.netns, addresses)
 
@@ -126,7 +126,7 @@ class SubLinkPlugin(BuiltinPlugin):
                     mtu=conf.mtu,
                     mac=self.link_mac(conf, req),
                     group=PLEXUS_GROUP,
-                    up=True,
+                    up=not self.announces,  # announcing links go up once addressed
                     data=self.link_data(conf, req),
                 )
             finally:
