@@ -50,10 +50,17 @@ def install_shim(cfg: DaemonConfig) -> Path:
     data = shim_text(cfg.shim_interpreter).encode()
     if target.is_file() and target.read_bytes() == data and os.access(target, os.X_OK):
         return target
-    fd, tmp = tempfile.mkstemp(prefix=f".{SHIM_NAME}.", dir=bin_dir)
+    _replace_atomically(target, data, 0o755)
+    return target
+
+
+def _replace_atomically(target: Path, data: bytes, mode: int) -> None:
+    """Write a temp file beside `target`, sync it, and rename it over `target`: readers see the
+    old file or the new one, never a part of either."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:
         os.write(fd, data)
-        os.fchmod(fd, 0o755)
+        os.fchmod(fd, mode)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -62,7 +69,6 @@ def install_shim(cfg: DaemonConfig) -> Path:
     except OSError:
         os.unlink(tmp)
         raise
-    return target
 
 
 def conflist(cfg: DaemonConfig, extra_capabilities: frozenset[str] = frozenset()) -> dict[str, Any]:
@@ -93,18 +99,7 @@ def write_conf(cfg: DaemonConfig, extra_capabilities: frozenset[str] = frozenset
     # then the same bytes are written over it in place, without truncating, because a rename
     # raises only CREATE, which containerd 1.6 ignores (containerd#11715), and a write raises
     # WRITE, which it reloads on.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.write(fd, data)
-        os.fchmod(fd, 0o644)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.replace(tmp, path)
-    except OSError:
-        os.unlink(tmp)
-        raise
+    _replace_atomically(path, data, 0o644)
     with open(path, "r+b") as f:
         f.write(data)
         f.flush()

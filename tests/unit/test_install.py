@@ -104,8 +104,8 @@ def watched_events(directory: Path, action: Callable[[], object]) -> set[int]:
     return kinds
 
 
-def test_conf_is_never_seen_half_written_yet_raises_a_write(tmp_path: Path) -> None:
-    cfg = DaemonConfig.model_validate(
+def install_config(tmp_path: Path) -> DaemonConfig:
+    return DaemonConfig.model_validate(
         {
             "cniConfDir": str(tmp_path / "net.d"),
             "cniBinDir": str(tmp_path / "bin"),
@@ -113,6 +113,10 @@ def test_conf_is_never_seen_half_written_yet_raises_a_write(tmp_path: Path) -> N
             "stateDir": str(tmp_path / "s"),
         }
     )
+
+
+def test_conf_is_never_seen_half_written_yet_raises_a_write(tmp_path: Path) -> None:
+    cfg = install_config(tmp_path)
     assert write_conf(cfg)
     conf = Path(cfg.conf_file)
     conf.write_text("{}")  # someone edited it
@@ -126,14 +130,7 @@ def test_conf_is_never_seen_half_written_yet_raises_a_write(tmp_path: Path) -> N
 
 
 def test_the_shim_is_replaced_by_rename(tmp_path: Path) -> None:
-    cfg = DaemonConfig.model_validate(
-        {
-            "cniConfDir": str(tmp_path / "net.d"),
-            "cniBinDir": str(tmp_path / "bin"),
-            "shimInterpreter": sys.executable,
-            "stateDir": str(tmp_path / "s"),
-        }
-    )
+    cfg = install_config(tmp_path)
     shim = install_shim(cfg)
     old = shim.stat().st_ino
     with shim.open("rb"):  # a runtime exec'ing the old shim keeps its inode
