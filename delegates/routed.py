@@ -15,6 +15,7 @@ import hashlib
 import ipaddress
 import os
 from contextlib import ExitStack
+from dataclasses import replace
 from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -82,15 +83,7 @@ class Routed(BuiltinPlugin):
                 "spec.podCIDRs is not assigned, or the API has not been reached); try again",
             )
         ranges = [[{"subnet": cidr}] for cidr in self._fabric.pod_cidrs]
-        config = {**req.config, "ipam": {"type": "host-local", "ranges": ranges}}
-        return PluginRequest(
-            container_id=req.container_id,
-            netns=req.netns,
-            ifname=req.ifname,
-            cni_args=req.cni_args,
-            path=req.path,
-            config=config,
-        )
+        return replace(req, config={**req.config, "ipam": {"type": "host-local", "ranges": ranges}})
 
     def _node_side(
         self, undo: ExitStack, host: str, req: PluginRequest, mtu: int | None, pod_ips: list[Any]
