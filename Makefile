@@ -5,7 +5,8 @@ PYTHON   ?= python3
 VENV     ?= .venv
 BIN      := $(VENV)/bin
 APT_PKGS := containernetworking-plugins iproute2 iptables containerd runc busybox-static \
-            util-linux iputils-ping python3 python3-venv qemu-system-x86 linux-image-amd64
+            util-linux iputils-ping python3 python3-venv qemu-system-x86 linux-image-amd64 \
+            libudev1
 STAMP    := $(VENV)/.installed
 
 .PHONY: deps apt venv lint test unit netns kernel bench bench-cri bench-builtins clean demo

@@ -139,6 +139,25 @@ class CheckFailed(PlexusError):
     cni_code = 110
 
 
+class DeviceUnavailable(PlexusError):
+    """No VF can be given: the pool has no free, healthy VF, or the VF kubelet granted is held
+    by another pod or is unhealthy."""
+
+    cni_code = 111
+
+
+class DeviceNotFound(PlexusError):
+    """A `deviceID` (or a pool's `resourceName`) names no VF of this node's inventory."""
+
+    cni_code = 112
+
+
+class DeviceSettingUnsupported(PlexusError):
+    """The PF's driver refused a VF setting the NAD asks for (vlan, trust, rates, ...)."""
+
+    cni_code = 113
+
+
 class InternalError(PlexusError):
     cni_code = 999
 
@@ -157,5 +176,8 @@ PLEXUS_CODES: dict[int, type[PlexusError]] = {
         DelegateTimeout,
         KernelUnsupported,
         CheckFailed,
+        DeviceUnavailable,
+        DeviceNotFound,
+        DeviceSettingUnsupported,
     )
 }

@@ -1,0 +1,70 @@
+"""The one interface through which the `plexus-sriov` delegate and the VF audit change a VF's
+state. `sriov.agent.NodeAgent` implements it; it is the only writer of the VF ledger, so two
+attachments can never hold one VF and a VF's restore information is durable before ADD changes
+anything."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from sriov.model import Pf, Vf
+from sriov.records import Holder, HostState, VfRecord, VfSettings
+
+DeviceType = Literal["netdevice", "vfio-pci"]
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """A VF with its PF and what its pool says about it."""
+
+    vf: Vf
+    pf: Pf
+    pool: str | None  # resourceName of the pool it belongs to, None when in no pool
+    device_type: DeviceType
+    mtu: int | None  # the pool's MTU for the VF netdev, None to leave it
+
+
+class VfOwner(Protocol):
+    def lookup(self, pci: str) -> Placement:
+        """Raises DeviceNotFound when no VF has this PCI address."""
+        ...
+
+    def claim(self, pci: str, holder: Holder) -> VfRecord:
+        """free -> reserved for `holder`. A VF already reserved for the same attachment (local
+        mode reserves at plan time) is returned as is. Raises DeviceUnavailable when another
+        attachment holds it or it is unhealthy/unverified."""
+        ...
+
+    def prepare(
+        self,
+        pci: str,
+        holder: Holder,
+        *,
+        host: HostState | None,
+        pf_before: VfSettings,
+        pf_applied: tuple[str, ...],
+    ) -> None:
+        """Record (durably, still reserved) what to put back, before ADD changes anything."""
+        ...
+
+    def attached(self, pci: str, holder: Holder) -> None:
+        """reserved -> attached, durably: ADD is done."""
+        ...
+
+    def release_begin(self, pci: str, holder: Holder) -> VfRecord | None:
+        """reserved|attached|releasing -> releasing and the record to restore from; None when
+        `holder` does not hold this VF (a stale or repeated DEL must touch nothing)."""
+        ...
+
+    def release_done(self, pci: str) -> None:
+        """releasing -> free."""
+        ...
+
+    def mark_unhealthy(self, pci: str, reason: str) -> None: ...
+
+    def held_by(self, container_id: str, ifname: str) -> VfRecord | None:
+        """The VF this attachment holds (DEL may come without a deviceID)."""
+        ...
+
+    def records(self) -> list[VfRecord]: ...
