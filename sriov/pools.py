@@ -1,0 +1,479 @@
+"""The node admin's VF pools file (`vfPools`): its models, its parser (errors name the file and
+line), which VFs each pool gets, and how many VFs each PF should have.
+
+The node agent (`sriov.agent`) calls `load_pools` at start and on reload, `assign` on every
+inventory change, and `desired_num_vfs` before writing `sriov_numvfs`; the device plugin names
+its environment variable with `env_name`. Everything here is pure: no sysfs, no kernel.
+
+    pools:
+      - resourceName: plexus.dev/intel_vf
+        selectors: {vendors: ["8086"], pfNames: ["ens1f0#0-3,6"]}
+        deviceType: netdevice      # or vfio-pci
+        numVfs: 8                  # per PF the PF-level selectors pick
+        mtu: 9000
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
+
+from metaplugin.errors import InvalidConfig
+from sriov.model import Pf, Snapshot, Vf
+
+DeviceType = Literal["netdevice", "vfio-pci"]
+SelectorLinkType = Literal["ether", "infiniband"]
+
+MAX_VF_INDEX: Final = 65535  # NumVFs is a 16-bit field of the SR-IOV capability
+_HEX_ID = re.compile(r"^[0-9a-f]{4}$")
+_PCI = re.compile(r"^(?:([0-9a-f]{4,8}):)?([0-9a-f]{2}):([0-1][0-9a-f])\.([0-7])$")
+_DNS_LABEL = re.compile(r"^[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?$")
+_RESOURCE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$")
+_LINK_TYPES: Final[dict[str, SelectorLinkType]] = {
+    "ether": "ether",
+    "eth": "ether",
+    "ethernet": "ether",
+    "infiniband": "infiniband",
+    "ib": "infiniband",
+}
+
+
+def _invalid(reason: str, *, at: tuple[str | int, ...] = ()) -> PydanticCustomError:
+    """A validation error whose text is ours. `at` extends the error's location (a model
+    validator sees the whole model, but the admin wants the line of the field at fault)."""
+    return PydanticCustomError("vf_pools", "{reason}", {"reason": reason, "at": at})
+
+
+# --- selector values ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PfRef:
+    """A PF named in `pfNames` (by netdev) or `rootDevices` (by PCI address), and which of its
+    VFs (0-based indexes, inclusive ranges) the entry covers; `ranges` None means all."""
+
+    key: str
+    ranges: tuple[tuple[int, int], ...] | None = None
+
+    def covers(self, index: int) -> bool:
+        return self.ranges is None or any(lo <= index <= hi for lo, hi in self.ranges)
+
+    def __str__(self) -> str:
+        if self.ranges is None:
+            return self.key
+        return self.key + "#" + ",".join(f"{a}-{b}" if a != b else str(a) for a, b in self.ranges)
+
+
+def parse_ranges(text: str, entry: str) -> tuple[tuple[int, int], ...]:
+    """ "0-3,6" -> ((0, 3), (6, 6)). `entry` is the whole selector, for the messages."""
+    ranges: list[tuple[int, int]] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            raise _invalid(f"{entry!r} has an empty VF range (write e.g. name#0-3,6)")
+        if part.startswith("-") or "--" in part:
+            raise _invalid(f"{entry!r} has a negative VF index: VF indexes start at 0")
+        bounds = part.split("-")
+        if len(bounds) > 2 or not all(b.isascii() and b.isdigit() for b in bounds):
+            raise _invalid(f"{entry!r}: {part!r} is not a VF index or range (digits, 'a-b')")
+        lo, hi = int(bounds[0]), int(bounds[-1])
+        if lo > hi:
+            raise _invalid(f"{entry!r} has a range that runs backwards")
+        if hi > MAX_VF_INDEX:
+            raise _invalid(f"{entry!r}: VF index {hi} is beyond {MAX_VF_INDEX}")
+        ranges.append((lo, hi))
+    return tuple(ranges)
+
+
+def _split_ref(value: object, what: str) -> tuple[str, tuple[tuple[int, int], ...] | None]:
+    if not isinstance(value, str):
+        raise _invalid(f"{value!r} is not a {what} (write it as a string)")
+    key, sep, ranges = value.strip().partition("#")
+    return key, parse_ranges(ranges, value) if sep else None
+
+
+def _pf_name(value: object) -> PfRef:
+    name, ranges = _split_ref(value, "PF name")
+    if not 0 < len(name) <= 15 or "/" in name or any(c.isspace() for c in name):
+        raise _invalid(f"{value!r}: {name!r} is not a netdev name (1-15 characters, no / or space)")
+    return PfRef(name, ranges)
+
+
+def normalize_pci(text: str) -> str | None:
+    """'0000:3B:00.0' -> '0000:3b:00.0', '3b:00.0' -> '0000:3b:00.0'; None when not an address."""
+    match = _PCI.match(text.strip().lower())
+    if match is None:
+        return None
+    domain, bus, dev, fn = match.groups()
+    return f"{domain or '0000'}:{bus}:{dev}.{fn}"
+
+
+def _root_device(value: object) -> PfRef:
+    address, ranges = _split_ref(value, "PCI address")
+    pci = normalize_pci(address)
+    if pci is None:
+        raise _invalid(f"{value!r}: {address!r} is not a PCI address like 0000:3b:00.0")
+    return PfRef(pci, ranges)
+
+
+def _hex_id(value: object) -> str:
+    # An unquoted 8086 reaches us as an int; the loader keeps 0x8086 a string.
+    text = str(value) if isinstance(value, str | int) and not isinstance(value, bool) else ""
+    text = text.strip().lower().removeprefix("0x")
+    if not _HEX_ID.match(text):
+        raise _invalid(f'{value!r} is not a PCI id: 4 hex digits, like "8086" or "0x8086"')
+    return text
+
+
+def _driver(value: object) -> str:
+    if not isinstance(value, str) or not value or "/" in value or any(c.isspace() for c in value):
+        raise _invalid(f"{value!r} is not a driver name (as in /sys/bus/pci/drivers/)")
+    return value
+
+
+def _link_type(value: object) -> SelectorLinkType:
+    found = _LINK_TYPES.get(value.strip().lower()) if isinstance(value, str) else None
+    if found is None:
+        raise _invalid(f"{value!r} is not a link type: use ether (eth) or infiniband (ib)")
+    return found
+
+
+def _non_empty(entries: tuple[Any, ...]) -> tuple[Any, ...]:
+    if not entries:
+        raise _invalid("an empty list matches nothing: list at least one entry, or leave it out")
+    return entries
+
+
+_HexIds = Annotated[tuple[Annotated[str, PlainValidator(_hex_id)], ...], AfterValidator(_non_empty)]
+_Drivers = Annotated[
+    tuple[Annotated[str, PlainValidator(_driver)], ...], AfterValidator(_non_empty)
+]
+_LinkTypes = Annotated[
+    tuple[Annotated[str, PlainValidator(_link_type)], ...], AfterValidator(_non_empty)
+]
+_PfNames = Annotated[
+    tuple[Annotated[PfRef, PlainValidator(_pf_name), PlainSerializer(str)], ...],
+    AfterValidator(_non_empty),
+]
+_RootDevices = Annotated[
+    tuple[Annotated[PfRef, PlainValidator(_root_device), PlainSerializer(str)], ...],
+    AfterValidator(_non_empty),
+]
+
+
+# --- models -------------------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True
+    )
+
+
+class Selectors(_Model):
+    """Which VFs a pool takes: every field given must match (AND), any entry of a field may
+    (OR). VF ranges in pfNames/rootDevices are 0-based VF indexes (the N of virtfnN)."""
+
+    # None: the field does not select; an empty list would match nothing, so it is refused.
+    vendors: _HexIds | None = None
+    devices: _HexIds | None = None
+    drivers: _Drivers | None = None
+    pf_names: _PfNames | None = None
+    root_devices: _RootDevices | None = None
+    link_types: _LinkTypes | None = None
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> Selectors:
+        if all(getattr(self, name) is None for name in type(self).model_fields):
+            raise _invalid(
+                "empty selectors match no VF: give at least one of vendors, devices, drivers, "
+                "pfNames, rootDevices, linkTypes"
+            )
+        return self
+
+    @property
+    def picks_pfs(self) -> bool:
+        return bool(self.pf_names or self.root_devices or self.vendors)
+
+
+class PoolSpec(_Model):
+    resource_name: str
+    selectors: Selectors
+    device_type: DeviceType = "netdevice"
+    num_vfs: int | None = Field(default=None, ge=0, le=MAX_VF_INDEX + 1)
+    mtu: int | None = Field(default=None, ge=68, le=9702)
+
+    @field_validator("resource_name")
+    @classmethod
+    def _resource_name(cls, value: str) -> str:
+        problem = resource_name_problem(value)
+        if problem:
+            raise _invalid(f"{value!r} {problem}")
+        return value
+
+    @model_validator(mode="after")
+    def _num_vfs_needs_pfs(self) -> PoolSpec:
+        if self.num_vfs is not None and not self.selectors.picks_pfs:
+            raise _invalid(
+                "numVfs needs pfNames, rootDevices or vendors in the selectors, to say which "
+                "PFs get that many VFs",
+                at=("numVfs",),
+            )
+        return self
+
+
+def resource_name_problem(value: str) -> str:
+    """What is wrong with a device-plugin resource name ('' when nothing): kubelet takes
+    `<DNS subdomain>/<name>`."""
+    prefix, sep, name = value.partition("/")
+    if not sep:
+        return "is not a resource name like plexus.dev/intel_vf (prefix/name)"
+    labels = prefix.split(".")
+    if len(prefix) > 253 or len(labels) < 2 or not all(_DNS_LABEL.match(x) for x in labels):
+        return f"has prefix {prefix!r}: it must be a lowercase DNS subdomain like plexus.dev"
+    if not _RESOURCE.match(name):
+        return f"has name {name!r}: 1-63 of A-Z a-z 0-9 _ . -, starting and ending alphanumeric"
+    return ""
+
+
+class PoolsFile(_Model):
+    pools: tuple[PoolSpec, ...]
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> PoolsFile:
+        first: dict[str, int] = {}
+        for i, pool in enumerate(self.pools):
+            seen = first.setdefault(pool.resource_name, i)
+            if seen != i:
+                raise _invalid(
+                    f"{pool.resource_name!r} is already the resourceName of pools[{seen}]: "
+                    "resourceNames must be unique",
+                    at=("pools", i, "resourceName"),
+                )
+        return self
+
+    def pool(self, resource_name: str) -> PoolSpec | None:
+        return next((p for p in self.pools if p.resource_name == resource_name), None)
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+_INT, _FLOAT, _BOOL = (f"tag:yaml.org,2002:{t}" for t in ("int", "float", "bool"))
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 core scalars. YAML 1.1 would read an unquoted 0x8086 as 32902,
+    0000:3b:00.0 as a base-60 float and `no` as false: none of that is what an admin means."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT, _BOOL)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_INT, re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$"), list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    _FLOAT, re.compile(r"^[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)$"), list("-+.0123456789")
+)
+_Loader.add_implicit_resolver(
+    _BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def load_pools(path: Path) -> PoolsFile:
+    """Read and validate the pools file; every problem raises InvalidConfig naming file:line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise InvalidConfig(f"cannot read VF pools file {path}: {reason}") from None
+    return parse_pools(text, str(path))
+
+
+def parse_pools(text: str, source: str) -> PoolsFile:
+    root, data = _compose(text, source)
+    if root is None:
+        raise InvalidConfig(f"{source}:1: the file is empty: expected a top-level 'pools:' list")
+    _reject_duplicate_keys(root, source)
+    try:
+        return PoolsFile.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidConfig(_describe(exc, root, source)) from None
+
+
+def _compose(text: str, source: str) -> tuple[yaml.Node | None, Any]:
+    """The node tree (it has the line marks) and the data built from it."""
+    loader = _Loader(text)
+    try:
+        root = loader.get_single_node()
+        return root, (loader.construct_document(root) if root is not None else None)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        raise InvalidConfig(f"{source}:{line}: not valid YAML: {exc.problem or exc}") from None
+    except yaml.YAMLError as exc:
+        raise InvalidConfig(f"{source}: not valid YAML: {exc}") from None
+    finally:
+        loader.dispose()
+
+
+def _reject_duplicate_keys(node: yaml.Node, source: str) -> None:
+    # PyYAML lets the last of two equal keys win without a word: a typo'd copy of a pool's
+    # selectors would silently replace the first.
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                if key.value in seen:
+                    raise InvalidConfig(
+                        f"{source}:{key.start_mark.line + 1}: duplicate key {key.value!r}"
+                    )
+                seen.add(key.value)
+    for child in _children(node):
+        _reject_duplicate_keys(child, source)
+
+
+def _children(node: yaml.Node) -> Iterator[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            yield key
+            yield value
+    elif isinstance(node, yaml.SequenceNode):
+        yield from node.value
+
+
+def _describe(exc: ValidationError, root: yaml.Node, source: str) -> str:
+    found: list[tuple[int, str]] = []
+    for err in exc.errors(include_url=False):
+        ctx = err.get("ctx") or {}
+        loc = (*err["loc"], *ctx.get("at", ()))
+        line = _line_of(root, loc)
+        found.append((line, f"{source}:{line}: {_loc_text(loc)}: {_message(err)}"))
+    found.sort(key=lambda item: item[0])
+    return "; ".join(text for _, text in found)
+
+
+def _line_of(root: yaml.Node, loc: Iterable[str | int]) -> int:
+    """The line (1-based) of the deepest node of `loc` that the file has; a missing field
+    points at the mapping that lacks it."""
+    node, line = root, root.start_mark.line
+    for part in loc:
+        step = _step(node, part)
+        if step is None:
+            break
+        line, node = step
+    return line + 1
+
+
+def _step(node: yaml.Node, part: str | int) -> tuple[int, yaml.Node] | None:
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value == part:
+                return key.start_mark.line, value
+    elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+        item = node.value[part]
+        return item.start_mark.line, item
+    return None
+
+
+def _loc_text(loc: Iterable[str | int]) -> str:
+    text = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    return text or "(top level)"
+
+
+def _message(err: Any) -> str:
+    kind, given = err["type"], err.get("input")
+    if kind == "vf_pools":
+        return str(err["msg"])
+    if kind == "missing":
+        return "is required"
+    if kind == "extra_forbidden":
+        return "unknown field (fields are camelCase: resourceName, pfNames, numVfs, ...)"
+    if kind == "model_type" and not isinstance(given, dict):
+        return f"expected a mapping, got {type(given).__name__}"
+    if isinstance(given, str | int | float | bool) or given is None:
+        return f"{err['msg']} (got {given!r})"
+    return str(err["msg"])
+
+
+# --- matching -----------------------------------------------------------------------------------
+
+
+def matches(spec: PoolSpec, vf: Vf, pf: Pf) -> bool:
+    """Whether `vf` (of `pf`) fits every selector `spec` gives. deviceType does not select: a
+    VF of the pool with the wrong driver stays in it, unhealthy until configured."""
+    sel = spec.selectors
+    return (
+        (sel.vendors is None or vf.vendor in sel.vendors)
+        and (sel.devices is None or vf.device in sel.devices)
+        and (sel.drivers is None or vf.driver in sel.drivers)
+        and (sel.link_types is None or vf.link_type in sel.link_types)
+        and (sel.pf_names is None or _refers(sel.pf_names, pf.netdev, vf.index))
+        and (sel.root_devices is None or _refers(sel.root_devices, pf.pci, vf.index))
+    )
+
+
+def _refers(refs: Iterable[PfRef], key: str | None, index: int) -> bool:
+    return key is not None and any(ref.key == key and ref.covers(index) for ref in refs)
+
+
+def assign(snapshot: Snapshot, pools: PoolsFile) -> dict[str, list[Vf]]:
+    """Every pool's VFs (every pool present, maybe empty), in (PF PCI, VF index) order; a VF
+    belongs to the first pool, in file order, that matches it."""
+    out: dict[str, list[Vf]] = {pool.resource_name: [] for pool in pools.pools}
+    for pf_pci in sorted(snapshot.pfs):
+        pf = snapshot.pfs[pf_pci]
+        for vf in sorted(pf.vfs, key=lambda v: v.index):
+            pool = next((p for p in pools.pools if matches(p, vf, pf)), None)
+            if pool is not None:
+                out[pool.resource_name].append(vf)
+    return out
+
+
+def picks_pf(spec: PoolSpec, pf: Pf) -> bool:
+    """Whether the PF-level selectors of `spec` (pfNames, rootDevices, vendors, linkTypes; VF
+    ranges ignored) pick `pf`. A pool with none of pfNames/rootDevices/vendors picks no PF."""
+    sel = spec.selectors
+    return (
+        sel.picks_pfs
+        and (sel.vendors is None or pf.vendor in sel.vendors)
+        and (sel.link_types is None or pf.link_type in sel.link_types)
+        and (sel.pf_names is None or any(r.key == pf.netdev for r in sel.pf_names))
+        and (sel.root_devices is None or any(r.key == pf.pci for r in sel.root_devices))
+    )
+
+
+def desired_num_vfs(snapshot: Snapshot, pools: PoolsFile) -> dict[str, int]:
+    """PF PCI -> the numVfs the pools want for it (the largest when several pools pick it).
+    PFs no pool with numVfs picks are absent: their sriov_numvfs is left alone. Not clamped to
+    sriov_totalvfs: the caller reports a PF that cannot have that many."""
+    wanted: dict[str, int] = {}
+    for pool in pools.pools:
+        if pool.num_vfs is None:
+            continue
+        for pf in snapshot.pfs.values():
+            if picks_pf(pool, pf):
+                wanted[pf.pci] = max(wanted.get(pf.pci, 0), pool.num_vfs)
+    return wanted
+
+
+def env_name(resource_name: str) -> str:
+    """The environment variable kubelet sets with a pod's device IDs of this resource, named as
+    the SR-IOV device plugin names it: plexus.dev/intel_vf -> PCIDEVICE_PLEXUS_DEV_INTEL_VF."""
+    return "PCIDEVICE_" + re.sub(r"[./-]", "_", resource_name).upper()
