@@ -6,7 +6,8 @@ VENV     ?= .venv
 BIN      := $(VENV)/bin
 APT_PKGS := containernetworking-plugins iproute2 iptables containerd runc busybox-static \
             util-linux iputils-ping python3 python3-venv qemu-system-x86 linux-image-amd64 \
-            libudev1
+            libudev1 \
+            linux-source-6.1 linux-headers-amd64 gcc make binutils xz-utils
 STAMP    := $(VENV)/.installed
 
 .PHONY: deps apt venv lint test unit netns kernel bench bench-cri bench-builtins clean demo
@@ -39,6 +40,8 @@ test: deps lint
 	$(BIN)/python -m pytest
 	$(MAKE) kernel
 
+# The VM boots linux-image-amd64's kernel; its first run builds netdevsim.ko (Debian leaves it
+# out) from linux-source-6.1 against linux-headers-amd64 (same version) and caches it.
 kernel: deps
 	$(BIN)/python -m tests.vm.runner -- $(BIN)/python -m pytest -q -m kernel tests/kernel
 

@@ -5,7 +5,9 @@ features; the VM tier (`make kernel`, tests/vm/runner.py) boots Debian's stock k
 they exist. Inside that VM (PLEXUS_VM=1) a missing feature fails the test instead: the VM exists
 to provide it, so a skip there would hide a broken runner. A feature counts as present when its
 module is loaded, or when the kernel knows the link kind: probed in a throw-away namespace, so
-the probe never touches the host's network.
+the probe never touches the host's network. netdevsim is no link kind: it is present when its bus
+is (/sys/bus/netdevsim) or when `modprobe netdevsim` loads it; in the VM the runner loads its own
+out-of-tree build, and when that build failed PLEXUS_VM_MISSING carries the reason.
 
 `netns("role")` makes a uniquely named namespace (random run prefix, random per-test token) and
 deletes every namespace it made when the test ends, passed or failed.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import subprocess
 from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
@@ -31,10 +34,25 @@ _LINK_KINDS |= {"veth": "veth", "vxlan": "vxlan", "bridge": "bridge"}
 
 @cache
 def kernel_has(feature: str) -> bool:
+    if feature == "netdevsim":
+        return _netdevsim_present()
     if feature not in _LINK_KINDS:
-        raise ValueError(f"no probe for kernel feature {feature!r}; known: {sorted(_LINK_KINDS)}")
+        known = sorted([*_LINK_KINDS, "netdevsim"])
+        raise ValueError(f"no probe for kernel feature {feature!r}; known: {known}")
     # Loaded: the VM loads its modules before the command, so this answers there without a probe.
     return Path("/sys/module", feature).is_dir() or _link_kind_exists(_LINK_KINDS[feature])
+
+
+def _netdevsim_present() -> bool:
+    bus = Path("/sys/bus/netdevsim")
+    if bus.is_dir():
+        return True
+    # Loading it creates no device, so it changes nothing a test or the host's network sees.
+    try:
+        subprocess.run(["modprobe", "-q", "netdevsim"], check=False, capture_output=True)
+    except OSError:  # no modprobe (kmod) at all
+        return False
+    return bus.is_dir()
 
 
 def _link_kind_exists(kind: str) -> bool:
@@ -65,7 +83,8 @@ def require_kernel() -> Callable[..., None]:
             return
         what = ", ".join(absent)
         if os.environ.get("PLEXUS_VM") == "1":
-            pytest.fail(f"the VM's kernel has no {what}: missing from PLEXUS_VM_MODULES?")
+            why = os.environ.get("PLEXUS_VM_MISSING") or "missing from PLEXUS_VM_MODULES?"
+            pytest.fail(f"the VM's kernel has no {what}: {why}")
         pytest.skip(f"this kernel has no {what}; runs in the VM tier: make kernel")
 
     return require

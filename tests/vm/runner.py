@@ -12,9 +12,10 @@ stdout and stderr (merged) to our stdout as they arrive, and hands back its exit
     exit code: the command's own; 124 on timeout; 125 when the VM gave no result
 
 The VM has no network card, so nothing in it can reach the host's network. What the runner
-builds (an initramfs with busybox and the modules, an uncompressed vmlinux) is cached under
-~/.cache/plexus-vm, keyed by the kernel version and this file's content. Knobs are
-PLEXUS_VM_* environment variables, listed in tests/vm/README.md.
+builds (an initramfs with busybox and the modules, an uncompressed vmlinux, netdevsim.ko, which
+Debian's kernel lacks, compiled from linux-source-6.1) is cached under ~/.cache/plexus-vm, keyed
+by the kernel version and its inputs. Knobs are PLEXUS_VM_* environment variables, listed in
+tests/vm/README.md.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ from typing import IO, Literal, TypeVar
 EXIT_TIMEOUT = 124
 EXIT_NO_RESULT = 125
 # What the kernel tier's tests create. Names resolve through modules.dep; an entry with a "/" is
-# the path of an out-of-tree .ko (netdevsim will come that way: Debian builds it out).
-DEFAULT_MODULES = ("veth", "macvlan", "ipvlan", "dummy", "8021q", "vxlan", "bridge")
+# the path of an out-of-tree .ko. Debian builds netdevsim out (CONFIG_NETDEVSIM is not set): the
+# runner compiles it once from linux-source-6.1 and loads it by path (see netdevsim_ko).
+DEFAULT_MODULES = ("veth", "macvlan", "ipvlan", "dummy", "8021q", "vxlan", "bridge", "netdevsim")
 # What stage 1 needs to mount the host's file systems: virtio-mmio is microvm's transport,
 # virtio-pci q35's. Loaded first.
 BOOT_MODULES = ("virtio_mmio", "virtio_pci", "9pnet_virtio", "9p", "overlay")
@@ -57,6 +59,9 @@ DEFAULT_BOOT_RETRIES = 2
 POWEROFF_GRACE = 10.0  # seconds from the command's exit code to QEMU's exit before we kill it
 STALE_AFTER = 3600.0  # cached initramfs images unused this long are pruned after a rebuild
 XZ_MAGIC = b"\xfd7zXZ\x00"
+KERNEL_SOURCE = Path("/usr/src/linux-source-6.1.tar.xz")
+BUILD_TIMEOUT = 900.0  # seconds for one step of the netdevsim build (make takes ~10 s here)
+BUILD_LOG_TAIL = 25  # lines of a failed step's output quoted in the reason
 PT_INTERP = 3
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # The host's identity, terminal session and temp dir mean nothing in the guest.
@@ -68,6 +73,11 @@ _N = TypeVar("_N", int, float)
 
 class VmError(Exception):
     """The VM could not be set up, or it ended without a result (exit code 125)."""
+
+
+class ModuleUnavailable(VmError):
+    """A module the kernel lacks could not be built: the VM boots without it, and the tests
+    that need it fail there with this reason (PLEXUS_VM_MISSING)."""
 
 
 def log(message: str) -> None:
@@ -410,12 +420,17 @@ def extract_vmlinux(bzimage: bytes) -> bytes | None:
     return elf if elf.startswith(b"\x7fELF") else None
 
 
-def initramfs(s: Settings) -> Path:
+def module_dir(s: Settings) -> Path:
     moddir = Path("/lib/modules") / s.kver
     if not (moddir / "modules.dep").is_file():
         raise VmError(f"no {moddir}/modules.dep: apt-get install linux-image-{s.kver}")
+    return moddir
+
+
+def initramfs(s: Settings, wanted: Sequence[str]) -> Path:
+    moddir = module_dir(s)
     busybox = static_busybox()
-    modules = resolve_modules(moddir, (*BOOT_MODULES, *s.modules))
+    modules = resolve_modules(moddir, (*BOOT_MODULES, *wanted))
     key = fingerprint(Path(__file__).read_bytes(), s.kver.encode(), busybox, *modules)
     dest = s.cache / f"initrd-{s.kver}-{key}.cpio"
     if dest.exists():
@@ -431,11 +446,110 @@ def initramfs(s: Settings) -> Path:
     return dest
 
 
+# ------------------------------------------------------------------ netdevsim, built out of tree
+
+
+def loadable_modules(s: Settings, moddir: Path) -> tuple[list[str], dict[str, str]]:
+    """The configured modules, with netdevsim as the path of our own build when the kernel lacks
+    it. One that cannot be built is left out with the reason, so the rest of the tier still
+    runs and the tests that need it fail with that reason instead of all of them failing."""
+    wanted: list[str] = []
+    missing: dict[str, str] = {}
+    for entry in s.modules:
+        if entry != "netdevsim" or kernel_ships(moddir, entry):
+            wanted.append(entry)
+            continue
+        try:
+            wanted.append(str(netdevsim_ko(s, moddir)))
+        except ModuleUnavailable as exc:
+            log(f"booting without netdevsim (tests that need it will fail): {exc}")
+            missing[entry] = str(exc)
+    return wanted, missing
+
+
+def kernel_ships(moddir: Path, name: str) -> bool:
+    listed = (moddir / "modules.dep").read_text().splitlines()
+    listed += (moddir / "modules.builtin").read_text().split()
+    return any(module_name(line.partition(":")[0]) == name for line in listed)
+
+
+def netdevsim_ko(s: Settings, moddir: Path) -> Path:
+    """netdevsim.ko for `s.kver`, built once from Debian's linux-source-6.1 against the kernel's
+    headers and cached, keyed by the kernel version and both inputs. The caller holds
+    cache_lock: a parallel run waits for this build instead of racing it."""
+    headers = moddir / "build"
+    check_build_inputs(s.kver, headers)
+    key = fingerprint(KERNEL_SOURCE, headers / "Module.symvers")
+    dest = s.cache / f"netdevsim-{s.kver}-{key}.ko"
+    if dest.exists():
+        return dest
+    log(f"building netdevsim.ko for {s.kver} from {KERNEL_SOURCE} (once per kernel)")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix=".netdevsim-", dir=s.cache) as work:
+        # Built aside and renamed into place: a killed build never leaves a half-written .ko.
+        os.replace(build_netdevsim(Path(work), headers), dest)
+    log(f"netdevsim.ko built in {time.monotonic() - started:.1f} s: {dest}")
+    for old in s.cache.glob(f"netdevsim-{s.kver}-*.ko"):
+        if old != dest:  # from older sources or headers; images built from it hold a copy
+            old.unlink(missing_ok=True)
+    return dest
+
+
+def check_build_inputs(kver: str, headers: Path) -> None:
+    if not KERNEL_SOURCE.is_file():
+        raise ModuleUnavailable(f"no {KERNEL_SOURCE}: apt-get install linux-source-6.1")
+    if not (headers / "Makefile").is_file():
+        raise ModuleUnavailable(
+            f"no kernel headers for {kver} in {headers}: apt-get install linux-headers-{kver}"
+        )
+    absent = [tool for tool in ("tar", "xz", "make", "gcc", "strip") if not shutil.which(tool)]
+    if absent:
+        raise ModuleUnavailable(
+            f"no {', '.join(absent)} to build netdevsim: apt-get install xz-utils make gcc"
+        )
+
+
+def build_netdevsim(work: Path, headers: Path) -> Path:
+    # Only the driver's directory comes out of the 140 MB tarball (the whole xz stream is still
+    # read: ~8 s); "*" must not cross "/", or the selftests' drivers/net/netdevsim/ match too.
+    member = "linux-source-*/drivers/net/netdevsim/*"
+    untar = ["tar", "-xJf", str(KERNEL_SOURCE), "-C", str(work), "--strip-components=4"]
+    build_step(
+        "extracting its sources", [*untar, "--wildcards", "--no-wildcards-match-slash", member]
+    )
+    if not (work / "Makefile").is_file():
+        raise ModuleUnavailable(f"{KERNEL_SOURCE} has no drivers/net/netdevsim/")
+    # CONFIG_NETDEVSIM=m switches the driver on for kbuild; the rest of the configuration (BPF,
+    # PSAMPLE, ...) comes from the headers, so the module matches the kernel it loads into.
+    jobs = f"-j{len(os.sched_getaffinity(0))}"
+    build_step("make", ["make", "-C", str(headers), f"M={work}", "CONFIG_NETDEVSIM=m", jobs])
+    ko = work / "netdevsim.ko"
+    # Debug info is 5.5 of its 5.7 MB: stripped, it is a small part of every initramfs.
+    build_step("strip", ["strip", "--strip-debug", str(ko)])
+    return ko
+
+
+def build_step(what: str, argv: Sequence[str]) -> None:
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=BUILD_TIMEOUT, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise ModuleUnavailable(f"building it: {what} took over {BUILD_TIMEOUT:g} s") from None
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-BUILD_LOG_TAIL:])
+        raise ModuleUnavailable(
+            f"building it: {what} failed (exit {done.returncode}): {shlex.join(argv)}\n{tail}"
+        )
+
+
 # ---------------------------------------------------------------------------------- control dir
 
 
 @contextmanager
-def control_dir(s: Settings, command: Sequence[str], cwd: Path) -> Iterator[Path]:
+def control_dir(
+    s: Settings, command: Sequence[str], cwd: Path, missing: Mapping[str, str]
+) -> Iterator[Path]:
     """The per-run directory shared with the guest (as /run/vmctl): what to run and where, and
     what the guest reports back (`booted`, `rc`). Removed at the end; dirs of runs that were
     killed before they could remove their own are removed by the next run."""
@@ -444,7 +558,7 @@ def control_dir(s: Settings, command: Sequence[str], cwd: Path) -> Iterator[Path
     _remove_dead_runs(runs)
     ctl = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=runs))
     try:
-        write_control_files(ctl, command, cwd, os.environ)
+        write_control_files(ctl, command, cwd, os.environ, missing)
         yield ctl
     finally:
         shutil.rmtree(ctl, ignore_errors=True)
@@ -458,11 +572,15 @@ def _remove_dead_runs(runs: Path) -> None:
 
 
 def write_control_files(
-    ctl: Path, command: Sequence[str], cwd: Path, environ: Mapping[str, str]
+    ctl: Path,
+    command: Sequence[str],
+    cwd: Path,
+    environ: Mapping[str, str],
+    missing: Mapping[str, str],
 ) -> None:
     tty = sys.stdout.isatty()
     (ctl / "cwd").write_text(str(cwd))
-    (ctl / "env.sh").write_text(env_script(environ, tty=tty))
+    (ctl / "env.sh").write_text(env_script(environ, tty=tty, missing=missing))
     (ctl / "cmd.sh").write_text(f"exec {shlex.join(command_by_path(command, environ))}\n")
     (ctl / "stage2.sh").write_text(STAGE2)
     if tty:
@@ -480,9 +598,12 @@ def command_by_path(command: Sequence[str], environ: Mapping[str, str]) -> list[
     return [program, *command[1:]]
 
 
-def env_script(environ: Mapping[str, str], *, tty: bool) -> str:
+def env_script(
+    environ: Mapping[str, str], *, tty: bool, missing: Mapping[str, str] | None = None
+) -> str:
     """The caller's exported environment as shell, so PATH, VIRTUAL_ENV and the like work the
-    same inside. TERM only travels when the output goes to a terminal."""
+    same inside. TERM only travels when the output goes to a terminal. `missing` names the
+    modules left out and why: tests that need one fail with that reason (PLEXUS_VM_MISSING)."""
     lines = [
         f"export {name}={shlex.quote(value)}"
         for name, value in sorted(environ.items())
@@ -491,6 +612,9 @@ def env_script(environ: Mapping[str, str], *, tty: bool) -> str:
         and (tty or name != "TERM")
     ]
     lines.append("export VM=1 PLEXUS_VM=1")  # tests can tell they run inside
+    if missing:
+        why = "; ".join(f"{name}: {reason}" for name, reason in sorted(missing.items()))
+        lines.append(f"export PLEXUS_VM_MISSING={shlex.quote(why)}")
     return "\n".join(lines) + "\n"
 
 
@@ -656,9 +780,10 @@ def run(command: Sequence[str], timeout: float | None) -> int:
     if cwd == Path("/"):
         raise VmError("run it from a project directory, not /")
     s = Settings.load(os.environ, timeout)
-    with cache_lock(s.cache):
-        kernel, initrd = boot_image(s), initramfs(s)
-    with control_dir(s, command, cwd) as ctl:
+    with cache_lock(s.cache):  # also what keeps two runs from building netdevsim at once
+        wanted, missing = loadable_modules(s, module_dir(s))
+        kernel, initrd = boot_image(s), initramfs(s, wanted)
+    with control_dir(s, command, cwd, missing) as ctl:
         return run_vm(s, qemu_argv(s, kernel, initrd, ctl, cwd), ctl)
 
 

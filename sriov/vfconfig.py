@@ -1,0 +1,344 @@
+"""PF-side configuration of one VF through rtnetlink: what `ip link set <pf> vf N ...` changes
+(MAC, VLAN with QoS and protocol, spoof checking, trust, link state, rate limits).
+
+`read_vf` snapshots a VF's settings, `apply` sets what a NAD asks for (and rolls itself back when
+the driver refuses something), `restore` puts back what `apply` changed. Called by the
+`plexus-sriov` delegate (ADD, DEL, CHECK) and by `sriov.agent` (audit and heal), always on a PF
+in the node's network namespace, i.e. the caller's: one pyroute2 `IPRoute` per call, no fork,
+no namespace switch.
+
+Requests are encoded here rather than through pyroute2's `link("set", vf=...)`: its
+IFLA_VF_VLAN_INFO is 14 bytes and the kernel wants the 16 of `struct ifla_vf_vlan_info`
+(rtnetlink.c do_setvfinfo answers EINVAL), so no VLAN protocol could be set through it.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import fcntl
+import os
+import socket
+import struct
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, get_args
+
+from pyroute2 import IPRoute
+from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST, nla, nlmsg
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import RTM_NEWLINK
+
+from metaplugin.errors import (
+    DeviceNotFound,
+    DeviceSettingUnsupported,
+    InvalidConfig,
+    PlexusError,
+)
+from sriov.records import LinkState, VfSettings, VlanProto
+
+_PROTOS: Final[dict[VlanProto, int]] = {"802.1q": 0x8100, "802.1ad": 0x88A8}
+_LINK_STATES: Final[tuple[LinkState, ...]] = get_args(LinkState)  # IFLA_VF_LINK_STATE_* order
+_NOT_REPORTED: Final = 0xFFFFFFFF  # the kernel's -1 for spoofchk/trust a driver does not report
+_IFLA_VFINFO_LIST: Final = 22
+_SIOCETHTOOL: Final = 0x8946
+_ETHTOOL_GDRVINFO: Final = 3
+_DRVINFO_SIZE: Final = 196  # sizeof(struct ethtool_drvinfo)
+# What `restore` falls back on for a field the driver did not report before: the kernel's and
+# the drivers' own defaults ("no VLAN", no MAC, no limits). Spoof checking has none: drivers
+# differ (Intel's on, netdevsim's off), so an unreported spoofchk is never written back.
+_DEFAULTS: Final = VfSettings(
+    mac="00:00:00:00:00:00",
+    vlan=0,
+    qos=0,
+    vlan_proto="802.1q",
+    trust=False,
+    link_state="auto",
+    min_tx_rate=0,
+    max_tx_rate=0,
+)
+
+
+# --------------------------------------------------------------------------------- encoding
+
+
+class _SetVfMsg(nlmsg):  # type: ignore[misc]  # pyroute2 is untyped
+    """RTM_NEWLINK with only IFLA_VFINFO_LIST: one VF setting per request."""
+
+    fields = (
+        ("family", "B"),
+        ("__align", "x"),
+        ("ifi_type", "H"),
+        ("index", "i"),
+        ("flags", "I"),
+        ("change", "I"),
+    )
+    nla_map = ((_IFLA_VFINFO_LIST, "IFLA_VFINFO_LIST", "vf_list"),)
+
+    class vf_list(nla):  # type: ignore[misc]  # pyroute2 finds nested classes by name
+        nla_map = ((1, "IFLA_VF_INFO", "vf_info"),)
+
+        class vf_info(nla):  # type: ignore[misc]
+            # include/uapi/linux/if_link.h: IFLA_VF_* and their structs, all led by __u32 vf
+            nla_map = (
+                (1, "IFLA_VF_MAC", "vf_mac"),
+                (4, "IFLA_VF_SPOOFCHK", "vf_setting"),
+                (5, "IFLA_VF_LINK_STATE", "vf_setting"),
+                (6, "IFLA_VF_RATE", "vf_rate"),
+                (9, "IFLA_VF_TRUST", "vf_setting"),
+                (12, "IFLA_VF_VLAN_LIST", "vf_vlan_list"),
+            )
+
+            class vf_mac(nla):  # type: ignore[misc]
+                fields = (("vf", "I"), ("mac", "32s"))
+
+            class vf_setting(nla):  # type: ignore[misc]
+                fields = (("vf", "I"), ("setting", "I"))
+
+            class vf_rate(nla):  # type: ignore[misc]
+                fields = (("vf", "I"), ("min_tx_rate", "I"), ("max_tx_rate", "I"))
+
+            class vf_vlan_list(nla):  # type: ignore[misc]
+                nla_map = ((1, "IFLA_VF_VLAN_INFO", "vlan_info"),)
+
+                class vlan_info(nla):  # type: ignore[misc]
+                    # struct ifla_vf_vlan_info, padded to its 16 bytes
+                    fields = (
+                        ("vf", "I"),
+                        ("vlan", "I"),
+                        ("qos", "I"),
+                        ("proto", ">H"),
+                        ("__pad", "2x"),
+                    )
+
+
+def _mac_attr(vf: int, s: VfSettings) -> tuple[str, Any]:
+    return "IFLA_VF_MAC", {
+        "vf": vf,
+        "mac": bytes.fromhex(str(s.mac).replace(":", "")).ljust(32, b"\0"),
+    }
+
+
+def _vlan_attr(vf: int, s: VfSettings) -> tuple[str, Any]:
+    assert s.vlan_proto is not None  # _Setting.values completed every field
+    info = {"vf": vf, "vlan": s.vlan, "qos": s.qos, "proto": _PROTOS[s.vlan_proto]}
+    return "IFLA_VF_VLAN_LIST", {"attrs": [("IFLA_VF_VLAN_INFO", info)]}
+
+
+def _rate_attr(vf: int, s: VfSettings) -> tuple[str, Any]:
+    return "IFLA_VF_RATE", {"vf": vf, "min_tx_rate": s.min_tx_rate, "max_tx_rate": s.max_tx_rate}
+
+
+def _setting_attr(name: str, value: Callable[[VfSettings], int]) -> Callable[..., Any]:
+    return lambda vf, s: (name, {"vf": vf, "setting": value(s)})
+
+
+@dataclass(frozen=True)
+class _Setting:
+    """One request's worth of VfSettings fields (the kernel sets VLAN, QoS and protocol as one,
+    and both rates as one)."""
+
+    fields: tuple[str, ...]
+    attr: Callable[[int, VfSettings], tuple[str, Any]]
+    # apply: a field the NAD leaves out keeps its current value (True: rates) or takes the
+    # default (False: "vlan 100" means QoS 0, 802.1Q, as with `ip link`)
+    keep_current: bool = False
+
+    def values(self, wanted: VfSettings, fallback: VfSettings) -> VfSettings | None:
+        """`wanted` completed from `fallback`; None when a field is known in neither."""
+        merged = {f: _first(getattr(wanted, f), getattr(fallback, f)) for f in self.fields}
+        return None if None in merged.values() else VfSettings.model_validate(merged)
+
+
+# The order of the requests: the VF's link comes up (link_state) only once everything else is
+# set; restore uses the same order, so the MAC is put back while trust is still on (see restore).
+_SETTINGS: Final = (
+    _Setting(("vlan", "qos", "vlan_proto"), _vlan_attr),
+    _Setting(("mac",), _mac_attr),
+    _Setting(("spoofchk",), _setting_attr("IFLA_VF_SPOOFCHK", lambda s: int(bool(s.spoofchk)))),
+    _Setting(("trust",), _setting_attr("IFLA_VF_TRUST", lambda s: int(bool(s.trust)))),
+    _Setting(("min_tx_rate", "max_tx_rate"), _rate_attr, keep_current=True),
+    _Setting(
+        ("link_state",),
+        _setting_attr("IFLA_VF_LINK_STATE", lambda s: _LINK_STATES.index(s.link_state)),
+    ),
+)
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+# --------------------------------------------------------------------------------- decoding
+
+
+def _vlan_list(attr: Any) -> dict[str, Any]:
+    for info in attr.get_attrs("IFLA_VF_VLAN_INFO")[:1]:
+        proto = {v: k for k, v in _PROTOS.items()}.get(info["proto"])
+        return {"vlan": info["vlan"], "qos": info["qos"], "vlan_proto": proto}
+    return {}
+
+
+def _flag(value: int) -> bool | None:
+    return None if value == _NOT_REPORTED else bool(value)
+
+
+def _link_state(value: int) -> LinkState | None:
+    return _LINK_STATES[value] if value < len(_LINK_STATES) else None
+
+
+# IFLA_VF_INFO attribute -> the VfSettings fields it reports. The kernel sends IFLA_VF_VLAN_LIST
+# (with the protocol) after IFLA_VF_VLAN (without), so the later one wins.
+_READERS: Final[Mapping[str, Callable[[Any], dict[str, Any]]]] = {
+    "IFLA_VF_MAC": lambda a: {"mac": a["mac"]},
+    "IFLA_VF_VLAN": lambda a: {"vlan": a["vlan"], "qos": a["qos"]},
+    "IFLA_VF_VLAN_LIST": _vlan_list,
+    "IFLA_VF_SPOOFCHK": lambda a: {"spoofchk": _flag(a["spoofchk"])},
+    "IFLA_VF_TRUST": lambda a: {"trust": _flag(a["trust"])},
+    "IFLA_VF_LINK_STATE": lambda a: {"link_state": _link_state(a["link_state"])},
+    "IFLA_VF_RATE": lambda a: {"min_tx_rate": a["min_tx_rate"], "max_tx_rate": a["max_tx_rate"]},
+}
+
+
+def _decode(vf_info: Any) -> VfSettings:
+    values: dict[str, Any] = {}
+    for name, attr in vf_info["attrs"]:
+        if name in _READERS:
+            values |= _READERS[name](attr)
+    if not values.get("vlan") and not values.get("qos"):
+        # No VLAN: the protocol means nothing, and drivers disagree on what they report for it
+        # (netdevsim 0 until a VLAN was set once, others 802.1Q).
+        values["vlan_proto"] = None
+    return VfSettings.model_validate(values)
+
+
+# --------------------------------------------------------------------------------------- API
+
+
+def read_vf(pf_ifname: str, vf_index: int) -> VfSettings:
+    """The PF-side settings of VF `vf_index` as the PF's driver reports them. A field the driver
+    does not report is None; a link with no VF information at all (a veth) gives all None."""
+    with IPRoute() as ipr:
+        link = _get_link(ipr, pf_ifname)
+    vfs = link.get_attr("IFLA_VFINFO_LIST")
+    if vfs is None:
+        return VfSettings()
+    for vf_info in vfs.get_attrs("IFLA_VF_INFO"):
+        if _vf_of(vf_info) == vf_index:
+            return _decode(vf_info)
+    count = link.get_attr("IFLA_NUM_VF")
+    raise DeviceNotFound(f"PF {pf_ifname} has {count} VFs: there is no VF {vf_index}")
+
+
+def apply(pf_ifname: str, vf_index: int, wanted: VfSettings, before: VfSettings) -> tuple[str, ...]:
+    """Set the fields of `wanted` that are not None, one request per `_SETTINGS` entry, and
+    return the names of the fields set (what `restore` must put back). If the driver refuses
+    one, what was set is put back from `before` and DeviceSettingUnsupported says which."""
+    if wanted.vlan is None and (wanted.qos is not None or wanted.vlan_proto is not None):
+        raise InvalidConfig(f"VF {vf_index} of PF {pf_ifname}: vlanQoS and vlanProto need a vlan")
+    done: list[str] = []
+    with IPRoute() as ipr:
+        index = _get_link(ipr, pf_ifname)["index"]
+        for setting, values in _requests(wanted, before):
+            try:
+                _send(ipr, index, setting.attr(vf_index, values))
+            except NetlinkError as exc:
+                refusal = (
+                    f"PF {pf_ifname} (driver {_driver(pf_ifname)}) refused "
+                    f"{_describe(setting, values)} for VF {vf_index}: {os.strerror(exc.code)}"
+                )
+                break
+            done += setting.fields
+        else:
+            return tuple(done)
+    try:
+        restore(pf_ifname, vf_index, before, done)
+    except PlexusError as undo:
+        refusal += f"; and then {undo.msg}"
+    raise DeviceSettingUnsupported(refusal)
+
+
+def _requests(wanted: VfSettings, before: VfSettings) -> Iterator[tuple[_Setting, VfSettings]]:
+    """The settings `wanted` touches, in order, each with the complete values to send."""
+    for setting in _SETTINGS:
+        if all(getattr(wanted, f) is None for f in setting.fields):
+            continue
+        fallback = _merge(before, _DEFAULTS) if setting.keep_current else _DEFAULTS
+        values = setting.values(wanted, fallback)
+        assert values is not None  # _DEFAULTS knows every field these settings can miss
+        yield setting, values
+
+
+def restore(pf_ifname: str, vf_index: int, before: VfSettings, fields: Sequence[str]) -> None:
+    """Put back `fields` (as returned by `apply`) from `before`. Best effort: every setting is
+    tried, then one PlexusError lists those that failed. A PF that is gone is DeviceNotFound."""
+    failures: list[str] = []
+    with IPRoute() as ipr:
+        index = _get_link(ipr, pf_ifname)["index"]
+        # In apply's order, so the MAC goes back before trust is turned off again: some drivers
+        # (i40e, ice) refuse an untrusted VF's MAC change, zero included, until trust is on.
+        for setting in _SETTINGS:
+            if not set(setting.fields) & set(fields):
+                continue
+            values = setting.values(before, _DEFAULTS)
+            if values is None:
+                continue  # spoofchk the driver never reported: nothing known to put back
+            try:
+                _send(ipr, index, setting.attr(vf_index, values))
+            except NetlinkError as exc:
+                failures.append(f"{_describe(setting, values)}: {os.strerror(exc.code)}")
+    if failures:
+        raise PlexusError(
+            f"could not restore VF {vf_index} of PF {pf_ifname}: {'; '.join(failures)}"
+        )
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def _get_link(ipr: Any, ifname: str) -> Any:
+    try:
+        # RTEXT_FILTER_VF (1): without it the kernel leaves IFLA_VFINFO_LIST out
+        return ipr.link("get", ifname=ifname, ext_mask=1)[0]
+    except NetlinkError as exc:
+        if exc.code == errno.ENODEV:
+            raise DeviceNotFound(f"no PF netdev {ifname} in the node's network namespace") from None
+        raise
+
+
+def _vf_of(vf_info: Any) -> int | None:
+    mac = vf_info.get_attr("IFLA_VF_MAC")  # the kernel sends it for every VF
+    return None if mac is None else int(mac["vf"])
+
+
+def _send(ipr: Any, index: int, attr: tuple[str, Any]) -> None:
+    msg = _SetVfMsg()
+    msg["index"] = index
+    msg["attrs"] = [("IFLA_VFINFO_LIST", {"attrs": [("IFLA_VF_INFO", {"attrs": [attr]})]})]
+    # pyroute2 0.9's sync IPRoute.nlm_request reads status["nlm_generator"], which only its
+    # other socket classes set (KeyError otherwise); False: collect the answer, raise its error.
+    ipr.asyncore.status["nlm_generator"] = False
+    ipr.nlm_request(msg, msg_type=RTM_NEWLINK, msg_flags=NLM_F_REQUEST | NLM_F_ACK)
+
+
+def _merge(primary: VfSettings, fallback: VfSettings) -> VfSettings:
+    return VfSettings.model_validate(
+        {f: _first(getattr(primary, f), getattr(fallback, f)) for f in VfSettings.model_fields}
+    )
+
+
+def _describe(setting: _Setting, values: VfSettings) -> str:
+    return " ".join(f"{f}={getattr(values, f)}" for f in setting.fields)
+
+
+def _driver(ifname: str) -> str:
+    """The netdev's driver, for messages: ETHTOOL_GDRVINFO on a socket of the caller's netns
+    (sysfs would show another namespace's view unless it was mounted in this one)."""
+    info = array.array("B", struct.pack("I", _ETHTOOL_GDRVINFO).ljust(_DRVINFO_SIZE, b"\0"))
+    ifreq = struct.pack("16sP", ifname.encode()[:15], info.buffer_info()[0]).ljust(40, b"\0")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            fcntl.ioctl(sock, _SIOCETHTOOL, ifreq)
+    except OSError:
+        return "unknown"
+    return info.tobytes()[4:36].split(b"\0")[0].decode(errors="replace") or "unknown"
