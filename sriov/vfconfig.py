@@ -41,6 +41,8 @@ _PROTOS: Final[dict[VlanProto, int]] = {"802.1q": 0x8100, "802.1ad": 0x88A8}
 _LINK_STATES: Final[tuple[LinkState, ...]] = get_args(LinkState)  # IFLA_VF_LINK_STATE_* order
 _NOT_REPORTED: Final = 0xFFFFFFFF  # the kernel's -1 for spoofchk/trust a driver does not report
 _IFLA_VFINFO_LIST: Final = 22
+_NETLINK_ROUTE: Final = 0
+_NLMSG_ERROR: Final = 2
 _SIOCETHTOOL: Final = 0x8946
 _ETHTOOL_GDRVINFO: Final = 3
 _DRVINFO_SIZE: Final = 196  # sizeof(struct ethtool_drvinfo)
@@ -241,7 +243,7 @@ def apply(pf_ifname: str, vf_index: int, wanted: VfSettings, before: VfSettings)
         index = _get_link(ipr, pf_ifname)["index"]
         for setting, values in _requests(wanted, before):
             try:
-                _send(ipr, index, setting.attr(vf_index, values))
+                _send(index, setting.attr(vf_index, values))
             except NetlinkError as exc:
                 refusal = (
                     f"PF {pf_ifname} (driver {_driver(pf_ifname)}) refused "
@@ -284,7 +286,7 @@ def restore(pf_ifname: str, vf_index: int, before: VfSettings, fields: Sequence[
             if values is None:
                 continue  # spoofchk the driver never reported: nothing known to put back
             try:
-                _send(ipr, index, setting.attr(vf_index, values))
+                _send(index, setting.attr(vf_index, values))
             except NetlinkError as exc:
                 failures.append(f"{_describe(setting, values)}: {os.strerror(exc.code)}")
     if failures:
@@ -311,14 +313,31 @@ def _vf_of(vf_info: Any) -> int | None:
     return None if mac is None else int(mac["vf"])
 
 
-def _send(ipr: Any, index: int, attr: tuple[str, Any]) -> None:
+def _send(index: int, attr: tuple[str, Any]) -> None:
+    """One RTM_NEWLINK carrying one IFLA_VF_INFO, acknowledged; NetlinkError on refusal.
+
+    pyroute2 encodes the message; the exchange itself goes over a plain rtnetlink socket of
+    the caller's netns. NOTE: pyroute2 0.9's sync `IPRoute.nlm_request` reads a status key
+    its IPRoute never sets, and setting it from outside raced under concurrent requests
+    (KeyError 'nlm_generator' seen once in a few hundred ADDs)."""
     msg = _SetVfMsg()
     msg["index"] = index
     msg["attrs"] = [("IFLA_VFINFO_LIST", {"attrs": [("IFLA_VF_INFO", {"attrs": [attr]})]})]
-    # pyroute2 0.9's sync IPRoute.nlm_request reads status["nlm_generator"], which only its
-    # other socket classes set (KeyError otherwise); False: collect the answer, raise its error.
-    ipr.asyncore.status["nlm_generator"] = False
-    ipr.nlm_request(msg, msg_type=RTM_NEWLINK, msg_flags=NLM_F_REQUEST | NLM_F_ACK)
+    msg["header"]["type"] = RTM_NEWLINK
+    msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK
+    msg["header"]["sequence_number"] = 1
+    msg.encode()
+    with socket.socket(
+        socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_ROUTE
+    ) as sock:
+        sock.bind((0, 0))
+        sock.send(msg.data)
+        reply = sock.recv(65536)
+    _length, kind = struct.unpack_from("IH", reply)
+    if kind == _NLMSG_ERROR:
+        (code,) = struct.unpack_from("i", reply, 16)
+        if code < 0:
+            raise NetlinkError(-code, os.strerror(-code))
 
 
 def _merge(primary: VfSettings, fallback: VfSettings) -> VfSettings:
