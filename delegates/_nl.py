@@ -152,6 +152,10 @@ class Link:
     up: bool
     group: int
     data: dict[str, Any]
+    alias: str = ""  # IFLA_IFALIAS ("" when none)
+    # IFLA_PARENT_DEV_NAME (Linux 5.15+): the bus device behind a physical netdev, for a VF its
+    # PCI address; "" for virtual links and older kernels.
+    parent_dev: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,6 +366,52 @@ class Netlink:
             )
         except NetlinkError as exc:
             raise _translate(exc, f"setting link {index} up") from None
+
+    def set_down(self, index: int) -> None:
+        try:
+            self._nl.request(
+                _msg(ifinfmsg, {"index": index, "flags": 0, "change": IFF_UP}, []), RTM_NEWLINK
+            )
+        except NetlinkError as exc:
+            raise _translate(exc, f"setting link {index} down") from None
+
+    def modify(
+        self,
+        index: int,
+        *,
+        what: str,
+        name: str | None = None,
+        mac: str | None = None,
+        mtu: int | None = None,
+        alias: str | None = None,
+    ) -> None:
+        """Change an existing link in one RTM_NEWLINK: rename it, set its MAC, MTU or alias
+        (`alias=""` clears it). EEXIST on a rename is `LinkExists`."""
+        attrs: list[tuple[str, Any]] = []
+        if name is not None:
+            attrs.append(("IFLA_IFNAME", name))
+        if mac is not None:
+            attrs.append(("IFLA_ADDRESS", mac))
+        if mtu is not None:
+            attrs.append(("IFLA_MTU", mtu))
+        if alias is not None:
+            attrs.append(("IFLA_IFALIAS", alias))
+        if not attrs:
+            return
+        try:
+            self._nl.request(_msg(ifinfmsg, {"index": index}, attrs), RTM_NEWLINK)
+        except NetlinkError as exc:
+            raise _translate(exc, what, link=True) from None
+
+    def move(self, index: int, netns_fd: int, *, what: str) -> None:
+        """Move an existing link into the namespace open at `netns_fd`, under its current name
+        (the kernel takes the link down on the way). EEXIST: the name is taken there."""
+        try:
+            self._nl.request(
+                _msg(ifinfmsg, {"index": index}, [("IFLA_NET_NS_FD", netns_fd)]), RTM_NEWLINK
+            )
+        except NetlinkError as exc:
+            raise _translate(exc, what, link=True) from None
 
     # --- addresses and routes -----------------------------------------------------------------
 
@@ -653,6 +703,8 @@ def _link(msg: Any) -> Link:
         up=bool(msg["flags"] & 1),
         group=int(msg.get_attr("IFLA_GROUP") or 0),
         data=data,
+        alias=str(msg.get_attr("IFLA_IFALIAS") or ""),
+        parent_dev=str(msg.get_attr("IFLA_PARENT_DEV_NAME") or ""),
     )
 
 

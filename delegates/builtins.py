@@ -11,10 +11,17 @@ from delegates.macvlan import Macvlan
 from delegates.plugin import Plugin
 from delegates.routed import Routed
 from delegates.sbr import SourceRouting
+from delegates.sriov import Sriov
+from sriov.owner import VfOwner
 
 
 def builtin_plugins(
-    *, exec_: Exec, timeout: float, ipam_data_dir: str, fabric: Fabric | None
+    *,
+    exec_: Exec,
+    timeout: float,
+    ipam_data_dir: str,
+    fabric: Fabric | None,
+    vf_owner: VfOwner | None = None,
 ) -> dict[str, Plugin]:
     ipam = Ipam(exec_=exec_, timeout=timeout, data_dir=ipam_data_dir)
     plugins: list[Plugin] = [
@@ -22,5 +29,6 @@ def builtin_plugins(
         Ipvlan(ipam=ipam),
         Routed(ipam=ipam, fabric=fabric),
         SourceRouting(),
+        Sriov(ipam=ipam, owner=vf_owner),  # without VF pools it answers with how to set them
     ]
     return {plugin.type: plugin for plugin in plugins}

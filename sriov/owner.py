@@ -63,6 +63,12 @@ class VfOwner(Protocol):
 
     def mark_unhealthy(self, pci: str, reason: str) -> None: ...
 
+    def retry_unhealthy(self, pci: str) -> VfRecord | None:
+        """An audit's second chance for an unhealthy VF: RELEASING (to heal like a DEL) when
+        it still knows what to restore, FREE when there is nothing to restore and the VF is
+        present and fits its pool again, None when it stays unhealthy."""
+        ...
+
     def held_by(self, container_id: str, ifname: str) -> VfRecord | None:
         """The VF this attachment holds (DEL may come without a deviceID)."""
         ...

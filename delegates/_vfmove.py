@@ -1,0 +1,211 @@
+"""Moving a VF netdev between the node and a pod, and finding it again.
+
+A VF netdev is a physical link: it keeps its identity (PCI parent, ifalias) across namespaces,
+and when the namespace holding it dies the kernel returns it to the initial namespace, under its
+current name or as "devN" when that name is taken there. So:
+
+- before it leaves the node it gets the alias "plexus-vf <pci> <host name>", which is how DEL, a
+  restarted daemon or the audit recognise it wherever it ended up and learn its host name;
+- it is renamed only inside a private temporary namespace, so its pod name never appears in the
+  node and its host name never meets the pod's interfaces (the reference host-device plugin's
+  temp-netns rename, done here without moving any thread: house rule 11).
+
+Used by `delegates.sriov` (ADD, DEL) and `delegates.sriov_heal` (the audit).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from delegates._nl import Link, Netlink
+from delegates.netns import run_in_netns
+from metaplugin import cni
+from metaplugin.errors import PlexusError
+from sriov.records import HostState
+
+ALIAS_PREFIX: Final = "plexus-vf"
+_CLONE_NEWNET: Final = 0x40000000
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def vf_alias(pci: str, host_name: str) -> str:
+    return f"{ALIAS_PREFIX} {pci} {host_name}"
+
+
+def alias_host_name(alias: str, pci: str) -> str | None:
+    """The host name recorded in a VF's alias, or None when the alias is not ours for `pci`."""
+    prefix = f"{ALIAS_PREFIX} {pci} "
+    if not alias.startswith(prefix):
+        return None
+    return alias[len(prefix) :] or None
+
+
+@dataclass(frozen=True, slots=True)
+class Located:
+    """Where a VF netdev is: `netns` None is the node's namespace."""
+
+    netns: str | None
+    link: Link
+
+
+@dataclass(frozen=True, slots=True)
+class _Ns:
+    fd: int
+
+    @property
+    def path(self) -> str:
+        # A path any thread of ours can open to enter the namespace held by `fd`.
+        return f"/proc/{os.getpid()}/fd/{self.fd}"
+
+
+def _fresh_netns_fd() -> int:
+    """On a throw-away thread: unshare a new network namespace and keep an fd on it (the
+    namespace lives as long as the fd; the thread, the only task in it, then exits)."""
+    fds: list[int] = []
+    errors: list[OSError] = []
+
+    def worker() -> None:
+        try:
+            if _libc.unshare(_CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+            fds.append(os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC))
+        except OSError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=worker, name="vf-tmp-netns", daemon=True)
+    thread.start()
+    thread.join()
+    if errors:
+        raise PlexusError(f"cannot make a temporary network namespace: {errors[0]}")
+    return fds[0]
+
+
+@contextmanager
+def _temporary_netns() -> Iterator[_Ns]:
+    fd = _fresh_netns_fd()
+    try:
+        yield _Ns(fd)
+    finally:
+        # Callers always move the VF out first. NOTE: a physical netdev left behind would go
+        # back to the initial namespace when this one dies; a test bed's veth would be destroyed.
+        os.close(fd)
+
+
+@contextmanager
+def _netns_fd(path: str | None) -> Iterator[int]:
+    """An fd on the namespace at `path`, or on the calling thread's own (the node's)."""
+    try:
+        fd = os.open(path or "/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise PlexusError(f"network namespace {path or 'of the node'}: {exc.strerror}") from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def move_into_pod(host_name: str, ifname: str, pod_netns: str) -> None:
+    """Node `host_name` -> temporary namespace -> renamed `ifname` -> pod. On failure the VF is
+    back in the node under `host_name` (LinkExists when the pod already has `ifname`)."""
+    with ExitStack() as stack:
+        tmp = stack.enter_context(_temporary_netns())
+        pod_fd = stack.enter_context(_netns_fd(pod_netns))
+        node_fd = stack.enter_context(_netns_fd(None))
+        with Netlink.open() as node:
+            link = node.require(host_name)
+            node.move(link.index, tmp.fd, what=f"moving VF {host_name} out of the node")
+        with Netlink.open(tmp.path) as staged, ExitStack() as undo:
+            undo.callback(_leave_temp, staged, host_name, node_fd)
+            vf = staged.require(host_name)
+            staged.modify(vf.index, name=ifname, what=f"renaming VF {host_name} to {ifname}")
+            staged.move(vf.index, pod_fd, what=f"moving VF {host_name} into the pod as {ifname}")
+            undo.pop_all()
+
+
+def _leave_temp(staged: Netlink, name: str, to_fd: int) -> None:
+    """Undo: whatever is in the temporary namespace goes to `to_fd` under `name`."""
+    for link in staged.links():
+        if link.name != "lo":
+            staged.modify(link.index, name=name, what=f"renaming VF {link.name} back to {name}")
+            staged.move(link.index, to_fd, what=f"moving VF {name} back")
+
+
+def locate(pci: str, pod_netns: str, host_name: str | None) -> Located | None:
+    """Find a VF netdev: in the pod by our alias, else in the node by our alias, by its PCI
+    parent, or (a crash before the alias was set) under its host name without an alias."""
+    if pod_netns and cni.is_netns(pod_netns):
+        with Netlink.open(pod_netns) as pod:
+            for link in pod.links():
+                if alias_host_name(link.alias, pci) is not None:
+                    return Located(pod_netns, link)
+    with Netlink.open() as node:
+        links = node.links()
+    matches: tuple[Callable[[Link], bool], ...] = (
+        lambda lk: alias_host_name(lk.alias, pci) is not None,
+        lambda lk: lk.parent_dev == pci,
+        lambda lk: lk.name == host_name and not lk.alias and lk.parent_dev in ("", pci),
+    )
+    for match in matches:
+        for link in links:
+            if match(link):
+                return Located(None, link)
+    return None
+
+
+def restore_to_node(where: Located, host: HostState) -> None:
+    """Bring the VF down, take it through a temporary namespace to rename it `host.name`, into
+    the node; then its MAC and MTU, and last its alias cleared (until then an interrupted
+    restore is found again by alias)."""
+    name = where.link.name
+    with ExitStack() as stack:
+        tmp = stack.enter_context(_temporary_netns())
+        node_fd = stack.enter_context(_netns_fd(None))
+        back_fd = stack.enter_context(_netns_fd(where.netns))
+        with Netlink.open(where.netns) as source:
+            source.set_down(where.link.index)
+            source.move(where.link.index, tmp.fd, what=f"moving VF {name} out")
+        with Netlink.open(tmp.path) as staged, ExitStack() as undo:
+            undo.callback(_leave_temp, staged, name, back_fd)
+            vf = staged.require(name)
+            staged.modify(vf.index, name=host.name, what=f"renaming VF {name} to {host.name}")
+            staged.move(vf.index, node_fd, what=f"returning VF {host.name} to the node")
+            undo.pop_all()
+    with Netlink.open() as node:
+        vf = node.require(host.name)
+        node.modify(vf.index, mac=host.mac, what=f"restoring the MAC of VF {host.name}")
+        node.modify(vf.index, mtu=host.mtu, what=f"restoring the MTU of VF {host.name}")
+        node.modify(vf.index, alias="", what=f"clearing the alias of VF {host.name}")
+
+
+def put_back(pci: str, pod_netns: str, host: HostState) -> str | None:
+    """Find the VF netdev wherever it got to and restore it in the node; the reason when it is
+    nowhere to be found (then there is nothing left to restore)."""
+    where = locate(pci, pod_netns, host.name)
+    if where is None:
+        return f"its netdev {host.name} is in neither the pod's nor the node's namespace"
+    restore_to_node(where, host)
+    return None
+
+
+def announce_on_up(netns: str, ifname: str) -> None:
+    """arp_notify and ndisc_notify on, before link up: the kernel then announces the pod's
+    addresses itself (gratuitous ARP, unsolicited NA) so neighbours forget the VF's previous
+    user at once (delegates/_garp.py says why the kernel and not a socket of ours)."""
+    v4 = Path("/proc/sys/net/ipv4/conf") / ifname / "arp_notify"
+    v6 = Path("/proc/sys/net/ipv6/conf") / ifname / "ndisc_notify"
+
+    def write() -> None:
+        v4.write_text("1")
+        if v6.exists():  # absent when IPv6 is off in the pod
+            v6.write_text("1")
+
+    run_in_netns(netns, write)

@@ -1,0 +1,158 @@
+"""Putting VFs back: `release_attachment` (the `plexus-sriov` DEL), `release_vf` (shared by DEL
+and the audit) and `audit`, which the daemon runs at start and periodically to heal what no DEL
+will ever come for.
+
+A VF whose pod netns vanished without DEL (node reboot, crash, a runtime that lost the pod) is
+found back in the node by its alias (the kernel returns a physical netdev to the initial
+namespace, under the pod's name or "devN") and restored; an ADD or DEL cut short by a crash
+(RESERVED or RELEASING) is rolled back the same way. What cannot be healed is marked unhealthy
+with the reason, so it is out of circulation but never lost track of. IPAM leases of such pods
+are not ours to free here: the orchestrator's GC owns them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from delegates._nl import Netlink
+from delegates._vfmove import alias_host_name, put_back
+from metaplugin import cni
+from metaplugin.errors import PlexusError
+from sriov import vfconfig
+from sriov.owner import Placement, VfOwner
+from sriov.records import Holder, VfRecord, VfState
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class AuditReport:
+    healed: list[str] = field(default_factory=list)  # PCI addresses rolled back and freed
+    unhealthy: list[str] = field(default_factory=list)  # marked unhealthy by this audit
+    ok: int = 0  # records that matched reality
+
+
+def release_attachment(owner: VfOwner, pci: str, holder: Holder) -> None:
+    """DEL's part: release what `holder` holds; nothing when it no longer holds `pci` (a stale
+    or repeated DEL must touch nothing)."""
+    rec = owner.release_begin(pci, holder)
+    if rec is not None:
+        release_vf(owner, rec)
+
+
+def release_vf(owner: VfOwner, rec: VfRecord) -> str | None:
+    """A RELEASING VF back to its pool: PF-side settings as before, its netdev back in the node
+    under its host name with its MAC and MTU, then free. A VF or netdev found nowhere is marked
+    unhealthy and the reason returned. Other failures raise, leaving the record RELEASING for
+    DEL's retry or the next audit."""
+    try:
+        placement: Placement | None = owner.lookup(rec.pci)
+    except PlexusError:
+        placement = None
+    failures: list[PlexusError] = []
+    before = rec.pf_before
+    if placement is not None and placement.pf.netdev and rec.pf_applied and before is not None:
+        pf, index = placement.pf.netdev, placement.vf.index
+        _collect(failures, lambda: vfconfig.restore(pf, index, before, rec.pf_applied))
+    missing = "the VF is gone from sysfs" if placement is None else None
+    host = rec.host  # None: vfio-pci, or a crash before ADD recorded it (nothing moved yet)
+    if placement is not None and host is not None:
+        netns = rec.holder.netns if rec.holder else ""
+        try:
+            missing = put_back(rec.pci, netns, host)
+        except PlexusError as exc:
+            failures.append(exc)
+    if failures:
+        raise PlexusError(
+            f"VF {rec.pci}: restore incomplete: " + "; ".join(f.msg for f in failures),
+            code=failures[0].code,
+        )
+    if missing is not None:
+        owner.mark_unhealthy(rec.pci, missing)
+        return missing
+    owner.release_done(rec.pci)
+    return None
+
+
+def _collect(failures: list[PlexusError], step: Callable[[], None]) -> None:
+    try:
+        step()
+    except PlexusError as exc:
+        failures.append(exc)
+
+
+def audit(owner: VfOwner, *, in_flight: Callable[[str], bool]) -> AuditReport:
+    """Compare every held VF with reality and heal what no ADD or DEL is working on."""
+    report = AuditReport()
+    for rec in owner.records():
+        if in_flight(rec.pci) or rec.state == VfState.FREE:
+            continue
+        if rec.state == VfState.UNHEALTHY:
+            _retry(owner, rec, report)
+            continue
+        holder = rec.holder or Holder(container_id="", ifname="")
+        try:
+            if rec.state == VfState.ATTACHED and _still_attached(rec, holder):
+                report.ok += 1
+                continue
+        except (PlexusError, OSError) as exc:  # a pod netns vanishing under our feet
+            log.warning("vf_audit_skipped", pci=rec.pci, error=str(exc))
+            continue  # the next audit looks again
+        _heal(owner, rec, holder, report)
+    return report
+
+
+def _retry(owner: VfOwner, rec: VfRecord, report: AuditReport) -> None:
+    """An unhealthy VF gets another chance each audit: its netdev may have come back (a
+    driver reload, a slow reboot), or the admin fixed what was wrong."""
+    try:
+        again = owner.retry_unhealthy(rec.pci)
+        if again is None:
+            return
+        if again.state == VfState.RELEASING and release_vf(owner, again) is not None:
+            return  # still nowhere: release_vf marked it unhealthy again
+    except PlexusError as exc:
+        owner.mark_unhealthy(rec.pci, f"heal failed: {exc.msg}")
+        return
+    report.healed.append(rec.pci)
+    log.info("vf_healed", pci=rec.pci, reason=f"was unhealthy: {rec.reason}")
+
+
+def _still_attached(rec: VfRecord, holder: Holder) -> bool:
+    """The pod netns is there and holds the VF (by our alias) under the holder's ifname; a
+    vfio-pci VF has no netdev to look for, so its pod netns existing is all there is."""
+    if not holder.netns or not cni.is_netns(holder.netns):
+        return False
+    if rec.host is None:
+        return True
+    with Netlink.open(holder.netns) as pod:
+        link = pod.link(holder.ifname)
+    return link is not None and alias_host_name(link.alias, rec.pci) is not None
+
+
+def _heal(owner: VfOwner, rec: VfRecord, holder: Holder, report: AuditReport) -> None:
+    pod = f"{holder.pod_namespace}/{holder.pod_name}" if holder.pod_name else holder.container_id
+    why = {
+        VfState.ATTACHED: "pod netns gone or VF missing from it",
+        VfState.RESERVED: "ADD cut short",
+        VfState.RELEASING: "DEL cut short",
+    }.get(rec.state, str(rec.state))
+    try:
+        releasing = owner.release_begin(rec.pci, holder)
+        if releasing is None:  # changed hands since we read it: nothing of ours to heal
+            return
+        missing = release_vf(owner, releasing)
+    except PlexusError as exc:
+        owner.mark_unhealthy(rec.pci, f"{why}; heal failed: {exc.msg}")
+        report.unhealthy.append(rec.pci)
+        log.warning("vf_unhealthy", pci=rec.pci, pod=pod, reason=f"{why}; {exc.msg}")
+        return
+    if missing is not None:
+        report.unhealthy.append(rec.pci)
+        log.warning("vf_unhealthy", pci=rec.pci, pod=pod, reason=f"{why}; {missing}")
+    else:
+        report.healed.append(rec.pci)
+        log.info("vf_healed", pci=rec.pci, pod=pod, reason=why)
