@@ -180,6 +180,36 @@ class DaemonConfig(BaseModel):
         description="The routed pod network (plexus-routed): mode native|vxlan, interface, "
         "address, podCIDRs, vni, port, nodes. Config file only.",
     )
+    sysfs_root: str = Field(
+        default="/sys",
+        alias="sysfsRoot",
+        description="Where SR-IOV PFs and VFs are read (bus/pci/devices, class/net): the "
+        "kernel's /sys, or a tree with the same layout.",
+    )
+    vf_pools: str | None = Field(
+        default=None,
+        alias="vfPools",
+        description="The node admin's VF pools file (YAML, a top-level 'pools:' list). Unset: "
+        "SR-IOV is off. Edits take effect within a second, without a restart.",
+    )
+    vf_audit_interval: float = Field(
+        default=60.0,
+        alias="vfAuditInterval",
+        gt=0,
+        description="Seconds between audits of every VF against the kernel (location, name, "
+        "PF-side settings); one also runs at start before any VF is given out.",
+    )
+    device_plugin_dir: str = Field(
+        default="/var/lib/kubelet/device-plugins",
+        alias="devicePluginDir",
+        description="Cluster mode: kubelet's device-plugin directory (kubelet.sock), where one "
+        "device plugin per VF pool registers.",
+    )
+    pod_resources_socket: str = Field(
+        default="/var/lib/kubelet/pod-resources/kubelet.sock",
+        alias="podResourcesSocket",
+        description="Cluster mode: kubelet's PodResources API, asked which VFs a pod was granted.",
+    )
     install: bool = Field(
         default=True,
         description=f"Install the shim and write {CONF_FILE_NAME} at start.",

@@ -132,6 +132,68 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0 if status == 200 else 1
 
 
+def _sriov_rows(args: argparse.Namespace, url: str) -> list[dict[str, Any]] | None:
+    status, body = _get(_socket_path(args), url)
+    if status != 200:
+        print(f"plexusctl: {json.loads(body).get('error', body.decode())}", file=sys.stderr)
+        return None
+    rows: list[dict[str, Any]] = json.loads(body)
+    return rows
+
+
+def cmd_pools(args: argparse.Namespace) -> int:
+    pools = _sriov_rows(args, "/v1/pools")
+    if pools is None:
+        return 1
+    if args.json:
+        print(json.dumps(pools, indent=2))
+        return 0
+    rows: list[tuple[str, ...]] = [("RESOURCE", "TYPE", "VFS", "HEALTHY", "FREE", "IN USE", "ENV")]
+    for p in pools:
+        rows.append(
+            (
+                p["resourceName"],
+                p["deviceType"],
+                str(p["total"]),
+                str(p["healthy"]),
+                str(p["free"]),
+                str(p["inUse"]),
+                p["env"],
+            )
+        )
+    _table(rows)
+    return 0
+
+
+def cmd_vfs(args: argparse.Namespace) -> int:
+    vfs = _sriov_rows(args, "/v1/vfs")
+    if vfs is None:
+        return 1
+    if args.json:
+        print(json.dumps(vfs, indent=2))
+        return 0
+    rows: list[tuple[str, ...]] = [
+        ("VF", "PF", "#", "POOL", "DRIVER", "NETDEV", "STATE", "HEALTH", "HOLDER")
+    ]
+    for v in vfs:
+        health = "healthy" if v["healthy"] else f"unhealthy: {v['reason']}"
+        rows.append(
+            (
+                v["pci"],
+                v["pf"] or v["pf_pci"] or "-",
+                str(v["index"]) if v["index"] >= 0 else "-",
+                v["pool"] or "-",
+                v["driver"] or "-",
+                v["netdev"] or "-",
+                v["state"],
+                health,
+                v["holder"] or "-",
+            )
+        )
+    _table(rows)
+    return 0
+
+
 def _table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -150,6 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("network-status", help="a pod's network-status JSON")
     p.add_argument("pod", metavar="NAMESPACE/NAME")
     p.set_defaults(fn=cmd_network_status)
+    p = sub.add_parser("pools", help="SR-IOV VF pools of this node and how full they are")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_pools)
+    p = sub.add_parser("vfs", help="every VF of this node: pool, state, health and holder")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_vfs)
     p = sub.add_parser("validate", help="validate NAD manifest files")
     p.add_argument("files", nargs="+")
     p.add_argument(

@@ -36,6 +36,7 @@ from metaplugin.resolve import Resolver
 from metaplugin.scheduler import Scheduler
 from metaplugin.server import Api, SocketServer
 from metaplugin.spool import SpoolReplayer
+from metaplugin.sriov_node import SriovNode
 from metaplugin.status import NullSink, StatusSink
 from metaplugin.store import AttachmentStore, StateLock
 
@@ -113,15 +114,19 @@ class Daemon:
         sources = local_sources(cfg) if cfg.local else cluster_sources(cfg)
         scheduler = Scheduler(max_concurrent=cfg.max_concurrent, max_queue=cfg.max_queue)
         fabric, fabric_sync = self._fabric(sources)
-        parts = self._assemble(sources, scheduler, self._delegates(fabric))
+        sriov = self._sriov()
+        parts = self._assemble(sources, scheduler, self._delegates(fabric, sriov), sriov)
         spool = SpoolReplayer(cfg.spool_path, orchestrator=parts.orchestrator, scheduler=scheduler)
         log.info("spool_replayed", still_pending=spool.replay())  # before serving anything
+        if sriov is not None:
+            sriov.heal_and_open()  # after the spooled DELs put their VFs back themselves
         api = Api(
             handle=parts.handle,
             orchestrator=parts.orchestrator,
             scheduler=scheduler,
             store=parts.store,
             ready=lambda: sources.synced.is_set() and self._served.is_set(),
+            sriov=sriov,
         )
         server = SocketServer(cfg.socket_path, api)
         server.start()
@@ -143,11 +148,20 @@ class Daemon:
         spool.stop()
         if fabric_sync is not None:
             fabric_sync.stop()
+        if sriov is not None:
+            sriov.stop()
         if sources.stop is not None:
             sources.stop()
         return 0
 
-    def _delegates(self, fabric: Fabric | None) -> PluginRegistry:
+    def _sriov(self) -> SriovNode | None:
+        if self.cfg.vf_pools is None:
+            return None
+        sriov = SriovNode(self.cfg)
+        sriov.start_agent()
+        return sriov
+
+    def _delegates(self, fabric: Fabric | None, sriov: SriovNode | None) -> PluginRegistry:
         if self._registry is not None:
             return self._registry
         tracker = ChildTracker(Path(self.cfg.state_dir) / "running")
@@ -160,6 +174,7 @@ class Daemon:
             timeout=self.cfg.delegate_timeout,
             ipam_data_dir=self.cfg.host_local_data_dir,
             fabric=fabric,
+            vf_owner=sriov.agent if sriov is not None else None,
         )
         return PluginRegistry(builtins=builtins, exec_=exec_, timeout=self.cfg.delegate_timeout)
 
@@ -181,7 +196,13 @@ class Daemon:
         sync.start()
         return fabric, sync
 
-    def _assemble(self, sources: Sources, scheduler: Scheduler, registry: PluginRegistry) -> Parts:
+    def _assemble(
+        self,
+        sources: Sources,
+        scheduler: Scheduler,
+        registry: PluginRegistry,
+        sriov: SriovNode | None = None,
+    ) -> Parts:
         store = AttachmentStore(self.cfg.state_dir)
         resolver = Resolver(config=self.cfg, nads=sources.nads)
         runner = ChainRunner(registry=registry)
@@ -192,6 +213,7 @@ class Daemon:
             runner=runner,
             sink=sources.sink,
             pods=sources.pods,
+            devices=sriov.devices if sriov is not None else None,
         )
         collector = Collector(
             orchestrator=orchestrator,

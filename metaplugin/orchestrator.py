@@ -25,6 +25,7 @@ from delegates.netns import existing_interfaces
 from metaplugin import cni
 from metaplugin.cni import CniRequest, Result, Route
 from metaplugin.config import DaemonConfig
+from metaplugin.devices import DeviceSource
 from metaplugin.errors import (
     AttachmentConflict,
     InternalError,
@@ -63,6 +64,7 @@ class Orchestrator:
         runner: ChainRunner,
         sink: StatusSink,
         pods: PodSource | None = None,
+        devices: DeviceSource | None = None,
         existing: Callable[[str, list[str]], list[str]] = existing_interfaces,
         move_default_route: Callable[[str, str, list[str]], set[int]] = podnet.move_default_route,
         reap_links: Callable[[str], None] = podnet.delete_pod_links,
@@ -73,6 +75,7 @@ class Orchestrator:
         self._runner = runner
         self._sink = sink
         self._pods = pods
+        self._devices = devices
         self._existing = existing
         self._move_default_route = move_default_route
         self._reap_links = reap_links
@@ -99,9 +102,16 @@ class Orchestrator:
         plan = self._plan(req, pod, runtime_config)
         self._refuse_leftovers(req)
         self._refuse_foreign_interfaces(req, plan)
-        records = self._record_plan(req, pod, plan)
-        added = self._attach_all(req, records)
-        added = self._apply_default_routes(req, records, added)
+        if self._devices is not None:
+            plan = self._devices.assign(req, pod, plan)
+        try:
+            records = self._record_plan(req, pod, plan)
+            added = self._attach_all(req, records)
+            added = self._apply_default_routes(req, records, added)
+        except Exception:
+            if self._devices is not None:
+                self._devices.release_unattached(req.container_id)
+            raise
         if pod is not None:
             self._publish(pod, added)
         primary = added[0].parsed_result()
@@ -281,7 +291,9 @@ class Orchestrator:
         # or half-undo, a pod whose interfaces are all in place.
         try:
             self._sink.attached(
-                pod, network_status(added), [added_interface_message(r) for r in added]
+                pod,
+                network_status(added, self._device_info),
+                [added_interface_message(r) for r in added],
             )
         except Exception:
             log.exception("network_status_not_published")
@@ -397,9 +409,14 @@ class Orchestrator:
                 continue
             if newest is None or first.created_at > newest.records[0].created_at:
                 newest = loaded
-        return network_status(newest.records) if newest else None
+        return network_status(newest.records, self._device_info) if newest else None
 
     # --- helpers ------------------------------------------------------------------------------
+
+    def _device_info(self, pci: str) -> dict[str, str]:
+        if self._devices is None:
+            return {"pci-address": pci}
+        return self._devices.device_info(pci)
 
     def path(self, request_path: tuple[str, ...]) -> tuple[str, ...]:
         """Where delegates are looked up: cniPath first, then the runtime's CNI_PATH."""

@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 import structlog
@@ -71,6 +71,14 @@ class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
     app: Api
 
 
+class SriovView(Protocol):
+    """What `plexusctl pools` / `plexusctl vfs` read (metaplugin.sriov_node.SriovNode)."""
+
+    def pools(self) -> list[dict[str, Any]]: ...
+
+    def vfs(self) -> list[dict[str, Any]]: ...
+
+
 class Api:
     """Request handling, independent of the transport (tests call `cni()` directly)."""
 
@@ -82,12 +90,14 @@ class Api:
         scheduler: Scheduler,
         store: AttachmentStore,
         ready: Callable[[], bool],
+        sriov: SriovView | None = None,
     ) -> None:
         self.handle = handle
         self.orchestrator = orchestrator
         self.scheduler = scheduler
         self.store = store
         self.ready = ready
+        self.sriov = sriov
         self.metrics = Metrics()
         self._netns_inode = current_netns_inode()
 
@@ -209,6 +219,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(200, json.dumps(app.attachments()).encode())
         elif url.path == "/v1/quarantine":
             self._reply(200, json.dumps(app.store.quarantined()).encode())
+        elif url.path in ("/v1/pools", "/v1/vfs"):
+            if app.sriov is None:
+                self._reply(404, b'{"error":"SR-IOV is off: the daemon config sets no vfPools"}')
+            else:
+                rows = app.sriov.pools() if url.path == "/v1/pools" else app.sriov.vfs()
+                self._reply(200, json.dumps(rows).encode())
         elif url.path == "/v1/network-status":
             query = parse_qs(url.query)
             status = app.orchestrator.pod_network_status(

@@ -10,7 +10,7 @@ mode, where `plexusctl` reads the same JSON from the daemon.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Final, Protocol
 
 from metaplugin.cni import Interface, Result
@@ -28,7 +28,14 @@ def _pick_interface(result: Result, ifname: str) -> tuple[int, Interface] | None
     return sandbox[0] if sandbox else None
 
 
-def entry(record: AttachmentRecord) -> dict[str, Any]:
+DeviceInfo = Callable[[str], dict[str, str]]
+
+
+def _pci_only(pci: str) -> dict[str, str]:
+    return {"pci-address": pci}
+
+
+def entry(record: AttachmentRecord, device_info: DeviceInfo = _pci_only) -> dict[str, Any]:
     out: dict[str, Any] = {"name": record.network, "interface": record.ifname}
     result = record.parsed_result()
     if result is not None:
@@ -46,7 +53,7 @@ def entry(record: AttachmentRecord) -> dict[str, Any]:
             out["device-info"] = {
                 "type": "pci",
                 "version": DEVICE_INFO_VERSION,
-                "pci": {"pci-address": picked[1].pci_id},
+                "pci": device_info(picked[1].pci_id),
             }
         if not result.dns.is_empty():
             out["dns"] = result.dns.model_dump(exclude_none=True, exclude_defaults=True)
@@ -56,8 +63,10 @@ def entry(record: AttachmentRecord) -> dict[str, Any]:
     return out
 
 
-def network_status(records: Iterable[AttachmentRecord]) -> list[dict[str, Any]]:
-    return [entry(r) for r in records if r.state == "added"]
+def network_status(
+    records: Iterable[AttachmentRecord], device_info: DeviceInfo = _pci_only
+) -> list[dict[str, Any]]:
+    return [entry(r, device_info) for r in records if r.state == "added"]
 
 
 def added_interface_message(record: AttachmentRecord) -> str:

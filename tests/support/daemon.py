@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -78,10 +79,23 @@ class DaemonProcess:
     def conf_file(self) -> Path:
         return Path(self.config["cniConfDir"]) / "00-plexus.conflist"
 
-    def start(self, *, wait_conf: bool = True, timeout: float = 20.0) -> DaemonProcess:
+    def start(
+        self,
+        *,
+        wait_conf: bool = True,
+        timeout: float = 20.0,
+        env: dict[str, str] | None = None,
+    ) -> DaemonProcess:
+        """Start plexusd; `env` adds variables (e.g. PLEXUS_FAILPOINTS) to this run only."""
         argv = [*self.launcher, PLEXUSD, "--config", str(self.config_file)]
         with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
+            self.proc = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                env={**os.environ, **env} if env else None,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

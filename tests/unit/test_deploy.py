@@ -10,6 +10,7 @@ import yaml
 from delegates.chain import NetworkConfigList
 from metaplugin.config import DaemonConfig
 from metaplugin.nad import network_config, parse_manifests
+from sriov.pools import parse_pools
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
@@ -27,6 +28,17 @@ def test_configmap_holds_a_valid_daemon_config() -> None:
     (cm,) = yaml.safe_load_all((DEPLOY / "configmap.yaml").read_text())
     cfg = DaemonConfig.model_validate(yaml.safe_load(cm["data"]["plexusd.yaml"]))
     assert cfg.cni_conf_dir == "/host/etc/cni/net.d"
+
+
+def test_configmap_holds_a_valid_vf_pools_file() -> None:
+    (cm,) = yaml.safe_load_all((DEPLOY / "configmap.yaml").read_text())
+    cfg = DaemonConfig.model_validate(yaml.safe_load(cm["data"]["plexusd.yaml"]))
+    assert cfg.vf_pools == "/etc/plexus/vf-pools.yaml"  # the ConfigMap's own mount
+    pools = parse_pools(cm["data"]["vf-pools.yaml"], "configmap.yaml")
+    assert [p.resource_name for p in pools.pools] == [
+        "plexus.dev/intel_vf",
+        "plexus.dev/intel_dpdk",
+    ]
 
 
 def test_kustomization_lists_existing_files() -> None:

@@ -1,0 +1,119 @@
+"""SR-IOV on this node, assembled for plexusd: the node agent (inventory, pools, ledger, one
+kubelet device plugin per pool in cluster mode), where attachments get their VFs (kubelet's
+grants, or the pool itself in local mode), and the audit that heals VFs at start and then
+every `vfAuditInterval` seconds. Built only when the daemon config names a `vfPools` file.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from delegates.sriov_heal import audit
+from metaplugin.config import DaemonConfig
+from metaplugin.devices import DeviceSource, KubeletGrants, LocalPools
+from sriov.agent import DevicePlugin, NodeAgent, VfView
+from sriov.pools import PoolSpec, env_name
+from sriov.sysfs import Sysfs
+from sriov.uevents import UeventSource, open_source
+
+log = structlog.get_logger(__name__)
+
+
+class SriovNode:
+    def __init__(
+        self, cfg: DaemonConfig, *, source_factory: Callable[[], UeventSource] | None = None
+    ) -> None:
+        assert cfg.vf_pools is not None
+        root = Path(cfg.sysfs_root)
+        self._root = root
+        self._cfg = cfg
+        self.agent = NodeAgent(
+            sysfs=Sysfs(root),
+            pools_path=Path(cfg.vf_pools),
+            state_dir=Path(cfg.state_dir) / "sriov",
+            source_factory=source_factory or (lambda: open_source(root)),
+            plugin_factory=None if cfg.local else self._device_plugin,
+        )
+        self.devices: DeviceSource = self._devices()
+        self._stop = threading.Event()
+        self._loop: threading.Thread | None = None
+
+    def _devices(self) -> DeviceSource:
+        if self._cfg.local:
+            return LocalPools(self.agent)
+        from sriov.podresources import PodResourcesClient  # grpc: cluster mode only
+
+        return KubeletGrants(PodResourcesClient(Path(self._cfg.pod_resources_socket)), self.agent)
+
+    def _device_plugin(self, spec: PoolSpec, views: Callable[[], list[VfView]]) -> DevicePlugin:
+        from sriov.deviceplugin import DeviceView, PoolDevicePlugin
+
+        def devices() -> list[DeviceView]:
+            return [
+                DeviceView(
+                    pci=v.pci,
+                    healthy=v.healthy,
+                    numa_node=v.numa_node,
+                    pf_pci=v.pf_pci,
+                    iommu_group=self._iommu_group(v.pci),
+                )
+                for v in views()
+            ]
+
+        return PoolDevicePlugin(
+            resource_name=spec.resource_name,
+            plugin_dir=Path(self._cfg.device_plugin_dir),
+            devices=devices,
+            env_name=env_name(spec.resource_name),
+            device_type=spec.device_type,
+        )
+
+    def _iommu_group(self, pci: str) -> str | None:
+        link = self._root / "bus/pci/devices" / pci / "iommu_group"
+        try:
+            return Path(link.readlink()).name
+        except OSError:
+            return None
+
+    def start_agent(self) -> None:
+        """Read the hardware, the pools and the ledger: enough for DELs (the spool replay)."""
+        self.agent.start()
+
+    def heal_and_open(self) -> None:
+        """Heal what a crash or reboot left behind, then give VFs out (and advertise them)."""
+        self.audit_once()
+        self.agent.audit_finished()
+        self._loop = threading.Thread(target=self._audit_loop, name="vf-audit", daemon=True)
+        self._loop.start()
+
+    def audit_once(self) -> dict[str, Any]:
+        report = audit(self.agent, in_flight=self.agent.in_flight)
+        summary = asdict(report)
+        counts = {k: v if isinstance(v, int) else len(v) for k, v in summary.items()}
+        log.info("vf_audit_done", **counts)
+        return summary
+
+    def _audit_loop(self) -> None:
+        while not self._stop.wait(self._cfg.vf_audit_interval):
+            try:
+                self.audit_once()
+            except Exception:
+                log.exception("vf_audit_failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._loop is not None:
+            self._loop.join(timeout=5)
+        self.agent.stop()
+
+    def pools(self) -> list[dict[str, Any]]:
+        return self.agent.pools_view()
+
+    def vfs(self) -> list[dict[str, Any]]:
+        return [asdict(v) for v in self.agent.vfs_view()]

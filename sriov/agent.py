@@ -1,0 +1,536 @@
+"""The node agent's SR-IOV half: the one owner of every VF on this node.
+
+It keeps the live inventory (sysfs + uevents), the admin's pools file (reloaded when it changes),
+the durable VF ledger and, in cluster mode, one kubelet device plugin per pool. It decides which
+VFs may be given out (present, bound to a driver that fits the pool's deviceType, not unhealthy,
+and verified by an audit), applies each PF's numVfs, and implements `VfOwner` for the
+`plexus-sriov` delegate and the audit. plexusd builds it (`metaplugin.daemon`); `plexusctl pools`
+and `plexusctl vfs` read `pools_view()` / `vfs_view()` through the daemon's API.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from metaplugin.errors import DeviceNotFound, DeviceUnavailable, PlexusError
+from sriov.inventory import Inventory
+from sriov.ledger import Ledger
+from sriov.model import USERSPACE_DRIVERS, VFIO_DRIVER, Snapshot, Vf
+from sriov.owner import DeviceType, Placement
+from sriov.pools import PoolsFile, PoolSpec, assign, desired_num_vfs, env_name, load_pools
+from sriov.records import Holder, HostState, VfRecord, VfSettings, VfState
+from sriov.sysfs import Sysfs
+from sriov.uevents import UeventSource
+
+log = structlog.get_logger(__name__)
+POOLS_CHECK_INTERVAL = 1.0  # how soon an edited pools file takes effect
+HELD = frozenset({VfState.RESERVED, VfState.ATTACHED, VfState.RELEASING})
+
+
+class DevicePlugin(Protocol):
+    """What the agent needs of a kubelet device plugin (sriov.deviceplugin.PoolDevicePlugin)."""
+
+    def start(self) -> None: ...
+
+    def notify(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class VfView:
+    """One VF as `plexusctl vfs` and the device plugins see it."""
+
+    pci: str
+    pf_pci: str
+    pf: str | None
+    index: int
+    pool: str | None
+    driver: str | None
+    netdev: str | None
+    numa_node: int
+    present: bool
+    healthy: bool
+    state: str
+    holder: str  # "namespace/pod (ifname)" or ""
+    reason: str
+
+
+PluginFactory = Callable[[PoolSpec, Callable[[], list[VfView]]], DevicePlugin]
+
+
+class NodeAgent:
+    def __init__(
+        self,
+        *,
+        sysfs: Sysfs,
+        pools_path: Path | None,
+        state_dir: Path,
+        source_factory: Callable[[], UeventSource] | None = None,
+        plugin_factory: PluginFactory | None = None,
+        rescan_interval: float = 30.0,
+    ) -> None:
+        self._sysfs = sysfs
+        self._pools_path = pools_path
+        self._inventory = Inventory(
+            sysfs=sysfs, source_factory=source_factory, rescan_interval=rescan_interval
+        )
+        self._ledger = Ledger(state_dir)
+        self._plugin_factory = plugin_factory
+        self._plugins: dict[str, DevicePlugin] = {}
+        self._pools = PoolsFile(pools=[])
+        self._pools_stamp: tuple[int, int, int] | None = None
+        self._members: dict[str, list[Vf]] = {}
+        self._pool_of: dict[str, str] = {}
+        self._advertised: dict[str, set[str]] = {}
+        self._forget_vanished = False  # the admin changed pools or numVfs: start afresh
+        self._in_flight: set[str] = set()
+        self._verified = False  # no VF is given out before the first audit finished
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._listeners: list[Callable[[], None]] = []
+        self._watcher: threading.Thread | None = None
+
+    # --- life cycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Read the hardware and the pools; no VF is advertised until `audit_finished()`."""
+        if self._pools_path is not None:
+            self._pools = load_pools(self._pools_path)  # a broken file at start is fatal
+            self._pools_stamp = _stamp(self._pools_path)
+        self._inventory.subscribe(lambda _snapshot: self._reconcile("uevent"))
+        self._inventory.start()
+        self._apply_num_vfs()
+        self._reconcile("start")
+        self._watcher = threading.Thread(target=self._watch_pools, name="vf-pools", daemon=True)
+        self._watcher.start()
+
+    def audit_finished(self) -> None:
+        """The audit has looked at every VF: from now on healthy VFs may be given out."""
+        first = not self._verified
+        self._verified = True
+        if first:
+            self._start_plugins()
+        self._reconcile("audit")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._inventory.stop()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
+        with self._lock:
+            plugins, self._plugins = self._plugins, {}
+        for plugin in plugins.values():
+            plugin.stop()
+
+    def on_pools_changed(self, fn: Callable[[], None]) -> None:
+        self._listeners.append(fn)
+
+    # --- pools --------------------------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Re-read the pools file; a broken file keeps the pools in force. True when applied."""
+        if self._pools_path is None:
+            return False
+        try:
+            pools = load_pools(self._pools_path)
+        except PlexusError as exc:
+            log.error("vf_pools_invalid", path=str(self._pools_path), error=exc.msg)
+            return False
+        with self._lock:
+            self._pools = pools
+            self._forget_vanished = True
+        log.info("vf_pools_reloaded", path=str(self._pools_path), pools=len(pools.pools))
+        self._apply_num_vfs()
+        self._inventory.refresh()
+        self._reconcile("reload")
+        if self._verified:
+            self._start_plugins()
+        return True
+
+    def _watch_pools(self) -> None:
+        while not self._stop.wait(POOLS_CHECK_INTERVAL):
+            if self._pools_path is None:
+                continue
+            stamp = _stamp(self._pools_path)
+            if stamp != self._pools_stamp:
+                self._pools_stamp = stamp
+                self.reload()
+
+    def _apply_num_vfs(self) -> None:
+        snapshot = self._inventory.snapshot
+        for pf_pci, wanted in desired_num_vfs(snapshot, self._pools).items():
+            pf = snapshot.pfs.get(pf_pci)
+            if pf is None or pf.num_vfs == wanted:
+                continue
+            held = [vf.pci for vf in pf.vfs if self._ledger.get(vf.pci).state in HELD]
+            if held:
+                # Changing sriov_numvfs goes through 0, which would pull every VF out of its pod.
+                log.warning(
+                    "num_vfs_deferred", pf=pf_pci, have=pf.num_vfs, want=wanted, in_use=held
+                )
+                continue
+            try:
+                self._sysfs.set_num_vfs(pf_pci, wanted)
+            except PlexusError as exc:
+                log.error("num_vfs_failed", pf=pf_pci, want=wanted, error=exc.msg)
+                continue
+            log.info("num_vfs_set", pf=pf_pci, was=pf.num_vfs, now=wanted)
+            with self._lock:
+                self._forget_vanished = True  # VFs we removed ourselves are not faults
+        self._inventory.refresh()
+
+    def _start_plugins(self) -> None:
+        if self._plugin_factory is None:
+            return
+        with self._lock:
+            wanted = {spec.resource_name: spec for spec in self._pools.pools}
+            gone = [name for name in self._plugins if name not in wanted]
+            new = [spec for name, spec in wanted.items() if name not in self._plugins]
+            stopped = [self._plugins.pop(name) for name in gone]
+        for plugin in stopped:
+            plugin.stop()
+        for spec in new:
+            name = spec.resource_name
+            plugin = self._plugin_factory(spec, functools.partial(self.pool_devices, name))
+            plugin.start()
+            with self._lock:
+                self._plugins[name] = plugin
+
+    # --- membership and health ----------------------------------------------------------------
+
+    def _reconcile(self, why: str) -> None:
+        started = time.monotonic()
+        snapshot = self._inventory.snapshot
+        with self._lock:
+            self._members = assign(snapshot, self._pools)
+            self._pool_of = {vf.pci: pool for pool, vfs in self._members.items() for vf in vfs}
+            for pool, vfs in self._members.items():
+                spec = self._spec(pool)
+                givable = [vf.pci for vf in vfs if self._givable(vf, spec.device_type)]
+                self._ledger.set_pool(pool, givable)
+                present = {vf.pci for vf in vfs}
+                # A VF that was advertised and vanished stays listed, unhealthy, so kubelet
+                # stops counting it at once and the admin sees it (until the pools or numVfs
+                # change: then the admin removed it).
+                kept = set() if self._forget_vanished else self._advertised.get(pool, set())
+                self._advertised[pool] = kept | present
+            for pool in [p for p in self._advertised if p not in self._members]:
+                del self._advertised[pool]
+                self._ledger.drop_pool(pool)
+            self._forget_vanished = False
+            plugins = list(self._plugins.values())
+        for plugin in plugins:
+            plugin.notify()
+        for fn in self._listeners:
+            fn()
+        log.debug(
+            "sriov_pools_updated",
+            why=why,
+            pools={p: len(v) for p, v in self._members.items()},
+            took_ms=round((time.monotonic() - started) * 1000, 2),
+        )
+
+    def _spec(self, pool: str) -> PoolSpec:
+        for spec in self._pools.pools:
+            if spec.resource_name == pool:
+                return spec
+        raise DeviceNotFound(f"no VF pool named {pool} on this node")
+
+    def _givable(self, vf: Vf, device_type: DeviceType) -> bool:
+        """May be given out once free: verified, not unhealthy, and (unless a pod holds it,
+        when its netdev is in the pod) bound to a driver that fits the pool."""
+        if not self._verified:
+            return False
+        state = self._ledger.get(vf.pci).state
+        if state == VfState.UNHEALTHY:
+            return False
+        return state in HELD or _misfit(vf, device_type) is None
+
+    def _health(self, vf: Vf | None, record: VfRecord, device_type: DeviceType) -> tuple[bool, str]:
+        if vf is None:
+            return False, "gone from sysfs"
+        if record.state == VfState.UNHEALTHY:
+            return False, record.reason
+        if not self._verified:
+            return False, "not yet verified by the audit"
+        if record.state in HELD:
+            return True, ""
+        misfit = _misfit(vf, device_type)
+        return (misfit is None), misfit or ""
+
+    def pool_devices(self, pool: str) -> list[VfView]:
+        """The pool's VFs with real health, for its device plugin (a VF that vanished stays
+        listed as unhealthy)."""
+        snapshot = self._inventory.snapshot
+        with self._lock:
+            pcis = sorted(self._advertised.get(pool, set()))
+            spec = self._spec(pool)
+        return [self._view(snapshot, pci, pool, spec.device_type) for pci in pcis]
+
+    def _view(self, snapshot: Snapshot, pci: str, pool: str | None, dtype: DeviceType) -> VfView:
+        vf = snapshot.vf(pci)
+        record = self._ledger.get(pci)
+        healthy, reason = self._health(vf, record, dtype)
+        pf = snapshot.pfs.get(vf.pf_pci) if vf else None
+        holder = record.holder
+        return VfView(
+            pci=pci,
+            pf_pci=vf.pf_pci if vf else "",
+            pf=pf.netdev if pf else None,
+            index=vf.index if vf else -1,
+            pool=pool,
+            driver=vf.driver if vf else None,
+            netdev=vf.netdev if vf else None,
+            numa_node=vf.numa_node if vf else -1,
+            present=vf is not None,
+            healthy=healthy,
+            state=record.state.value,
+            holder=_holder_text(holder),
+            reason=reason,
+        )
+
+    def vfs_view(self) -> list[VfView]:
+        """Every VF of the node (in a pool or not), every VF a pool advertised, and every VF the
+        ledger still remembers."""
+        snapshot = self._inventory.snapshot
+        with self._lock:
+            # A VF that vanished stays listed under the pool that advertised it.
+            pool_of = {pci: pool for pool, pcis in self._advertised.items() for pci in pcis}
+            pool_of.update(self._pool_of)
+            types = {s.resource_name: s.device_type for s in self._pools.pools}
+        pcis = set(snapshot.vfs) | set(pool_of) | {r.pci for r in self._ledger.records()}
+        views = []
+        for pci in sorted(pcis):
+            pool = pool_of.get(pci)
+            views.append(self._view(snapshot, pci, pool, types.get(pool or "", "netdevice")))
+        return views
+
+    def pools_view(self) -> list[dict[str, Any]]:
+        views = self.vfs_view()
+        out = []
+        with self._lock:
+            specs = list(self._pools.pools)
+        for spec in specs:
+            mine = [v for v in views if v.pool == spec.resource_name]
+            out.append(
+                {
+                    "resourceName": spec.resource_name,
+                    "deviceType": spec.device_type,
+                    "env": env_name(spec.resource_name),
+                    "total": len(mine),
+                    "healthy": sum(v.healthy for v in mine),
+                    "free": sum(v.healthy and v.state == VfState.FREE for v in mine),
+                    "inUse": sum(v.state in HELD for v in mine),
+                }
+            )
+        return out
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._inventory.snapshot
+
+    def refresh(self) -> Snapshot:
+        """Re-read sysfs now (uevents do this on their own; for tests and `reload`)."""
+        return self._inventory.refresh()
+
+    def in_flight(self, pci: str) -> bool:
+        with self._lock:
+            return pci in self._in_flight
+
+    def pool_of(self, pci: str) -> str | None:
+        with self._lock:
+            return self._pool_of.get(pci)
+
+    def has_pool(self, resource_name: str) -> bool:
+        with self._lock:
+            return any(s.resource_name == resource_name for s in self._pools.pools)
+
+    # --- allocation (local mode: no kubelet picks devices) ------------------------------------
+
+    def allocate(self, resource_name: str, holder: Holder) -> str:
+        if not self.has_pool(resource_name):
+            raise DeviceNotFound(
+                f"no VF pool {resource_name} on this node (pools: "
+                f"{', '.join(s.resource_name for s in self._pools.pools) or 'none'}); check "
+                "the NAD's k8s.v1.cni.cncf.io/resourceName and the vfPools file",
+            )
+        if not self._verified:
+            raise DeviceUnavailable(
+                f"pool {resource_name}: VFs are not verified yet (the start-up audit is running)"
+            )
+        with self._lock:
+            record = self._ledger.reserve(resource_name, holder)
+            self._in_flight.add(record.pci)
+        log.info("vf_reserved", pci=record.pci, pool=resource_name, container=holder.container_id)
+        return record.pci
+
+    def release_unattached(self, container_id: str) -> list[str]:
+        """Free what a failed ADD reserved but never reached (local mode reserves at plan time)."""
+        freed = []
+        for record in self._ledger.records():
+            holder = record.holder
+            if (
+                record.state == VfState.RESERVED
+                and holder is not None
+                and holder.container_id == container_id
+                and record.host is None
+            ):
+                self._ledger.transition(record.pci, expect={VfState.RESERVED}, to=VfState.FREE)
+                self._done(record.pci)
+                freed.append(record.pci)
+        return freed
+
+    # --- VfOwner ------------------------------------------------------------------------------
+
+    def lookup(self, pci: str) -> Placement:
+        snapshot = self._inventory.snapshot
+        vf = snapshot.vf(pci)
+        if vf is None:
+            raise DeviceNotFound(
+                f"deviceID {pci} is not a VF of this node (no such PCI device with a physfn in "
+                "sysfs); `plexusctl vfs` lists the node's VFs"
+            )
+        pf = snapshot.pf_of(vf)
+        assert pf is not None  # a VF is only read through its PF
+        pool = self.pool_of(pci)
+        spec = self._spec(pool) if pool else None
+        device_type: DeviceType = (
+            spec.device_type if spec else ("vfio-pci" if vf.is_vfio else "netdevice")
+        )
+        mtu = spec.mtu if spec else None
+        return Placement(vf=vf, pf=pf, pool=pool, device_type=device_type, mtu=mtu)
+
+    def claim(self, pci: str, holder: Holder) -> VfRecord:
+        with self._lock:
+            record = self._ledger.get(pci)
+            if record.state == VfState.RESERVED and _same(record.holder, holder):
+                self._in_flight.add(pci)
+                return self._ledger.put(record.model_copy(update={"holder": holder}))
+            if not self._verified:
+                raise DeviceUnavailable(f"VF {pci} is not verified yet (start-up audit running)")
+            record = self._ledger.transition(
+                pci,
+                expect={VfState.FREE},
+                to=VfState.RESERVED,
+                holder=holder,
+                pool=self._pool_of.get(pci),
+            )
+            self._in_flight.add(pci)
+        return record
+
+    def prepare(
+        self,
+        pci: str,
+        holder: Holder,
+        *,
+        host: HostState | None,
+        pf_before: VfSettings,
+        pf_applied: tuple[str, ...],
+    ) -> None:
+        self._ledger.transition(
+            pci,
+            expect={VfState.RESERVED},
+            to=VfState.RESERVED,
+            holder=holder,
+            host=host,
+            pf_before=pf_before,
+            pf_applied=pf_applied,
+        )
+
+    def attached(self, pci: str, holder: Holder) -> None:
+        self._ledger.transition(pci, expect={VfState.RESERVED}, to=VfState.ATTACHED, holder=holder)
+        self._done(pci)
+        log.info("vf_attached", pci=pci, container=holder.container_id, ifname=holder.ifname)
+
+    def release_begin(self, pci: str, holder: Holder) -> VfRecord | None:
+        with self._lock:
+            record = self._ledger.get(pci)
+            if record.state not in HELD or not _same(record.holder, holder):
+                return None
+            self._in_flight.add(pci)
+            return self._ledger.transition(pci, expect=set(HELD), to=VfState.RELEASING)
+
+    def release_done(self, pci: str) -> None:
+        self._ledger.transition(pci, expect={VfState.RELEASING, VfState.RESERVED}, to=VfState.FREE)
+        self._done(pci)
+        log.info("vf_freed", pci=pci)
+
+    def mark_unhealthy(self, pci: str, reason: str) -> None:
+        record = self._ledger.get(pci)
+        again = record.state == VfState.UNHEALTHY and record.reason == reason
+        self._ledger.put(record.model_copy(update={"state": VfState.UNHEALTHY, "reason": reason}))
+        self._done(pci)
+        if not again:  # the periodic audit retries: say it once, not every minute
+            log.warning("vf_unhealthy", pci=pci, reason=reason)
+        self._reconcile("unhealthy")
+
+    def retry_unhealthy(self, pci: str) -> VfRecord | None:
+        with self._lock:
+            record = self._ledger.get(pci)
+            if record.state != VfState.UNHEALTHY or pci in self._in_flight:
+                return None
+            if record.holder is not None and (record.host or record.pf_applied):
+                self._in_flight.add(pci)
+                return self._ledger.transition(
+                    pci, expect={VfState.UNHEALTHY}, to=VfState.RELEASING
+                )
+            vf = self._inventory.snapshot.vf(pci)
+            pool = self._pool_of.get(pci)
+            dtype: DeviceType = self._spec(pool).device_type if pool else "netdevice"
+            if vf is None or _misfit(vf, dtype) is not None:
+                return None
+            freed = self._ledger.transition(pci, expect={VfState.UNHEALTHY}, to=VfState.FREE)
+        log.info("vf_recovered", pci=pci, was=record.reason)
+        self._reconcile("recovered")
+        return freed
+
+    def held_by(self, container_id: str, ifname: str) -> VfRecord | None:
+        return self._ledger.held_by(container_id, ifname)
+
+    def records(self) -> list[VfRecord]:
+        return self._ledger.records()
+
+    def _done(self, pci: str) -> None:
+        with self._lock:
+            self._in_flight.discard(pci)
+
+
+def _misfit(vf: Vf, device_type: DeviceType) -> str | None:
+    """Why a free VF cannot serve its pool yet, or None."""
+    if vf.driver is None:
+        return "no driver bound"
+    if device_type == "vfio-pci":
+        return None if vf.driver == VFIO_DRIVER else f"bound to {vf.driver}, pool wants vfio-pci"
+    if vf.driver in USERSPACE_DRIVERS:
+        return f"bound to {vf.driver}, pool wants a netdevice"
+    if vf.netdev is None:
+        return "no netdev in the node's namespace"
+    return None
+
+
+def _same(a: Holder | None, b: Holder) -> bool:
+    return a is not None and a.same_attachment(b)
+
+
+def _holder_text(holder: Holder | None) -> str:
+    if holder is None:
+        return ""
+    pod = f"{holder.pod_namespace}/{holder.pod_name}" if holder.pod_name else holder.container_id
+    return f"{pod} ({holder.ifname})"
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)

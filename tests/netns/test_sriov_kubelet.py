@@ -1,0 +1,133 @@
+"""The node's SR-IOV side as kubelet sees it, on the synthetic bed: plexusd's SR-IOV assembly
+(`SriovNode`, cluster mode) follows the bed's uevents in its node namespace and serves one device
+plugin per pool to the kubelet stand-in. What kubelet would see: nothing advertised before the
+audit, real health in ListAndWatch within a second of a change, new PFs without a restart,
+re-registration after a kubelet restart, and the devices PodResources says a pod was granted
+going into the attachment's config."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from delegates.netns import run_in_netns
+from metaplugin.cni import CniRequest
+from metaplugin.config import DaemonConfig
+from metaplugin.resolve import PlannedAttachment, PodInfo
+from metaplugin.sriov_node import SriovNode
+from sriov.uevents import KernelSource
+from tests.support.kubelet import KubeletStandin
+from tests.support.sriov_bed import SriovBed, sriov_bed  # noqa: F401 - fixture
+
+POOL = "plexus.dev/intel_vf"
+PF = "0000:03:00.0"
+
+
+@dataclass
+class World:
+    bed: SriovBed
+    kubelet: KubeletStandin
+    node: SriovNode
+
+    def seen(self) -> dict[str, str]:
+        return {pci: d.health for pci, d in self.kubelet.devices.get(POOL, {}).items()}
+
+
+@pytest.fixture
+def world(sriov_bed: SriovBed, tmp_path: Path) -> Iterator[World]:  # noqa: F811
+    sockets = Path(tempfile.mkdtemp(prefix="pxs", dir="/tmp"))  # unix paths <= 107 bytes
+    sriov_bed.add_pf(PF, ifname="pxpf0", num_vfs=4)
+    pools = tmp_path / "pools.yaml"
+    pools.write_text(
+        yaml.safe_dump({"pools": [{"resourceName": POOL, "selectors": {"vendors": ["8086"]}}]})
+    )
+    cfg = DaemonConfig.model_validate(
+        {
+            "stateDir": str(tmp_path / "state"),
+            "runDir": str(tmp_path / "run"),
+            "sysfsRoot": str(sriov_bed.root),
+            "vfPools": str(pools),
+            "devicePluginDir": str(sockets / "dp"),
+            "podResourcesSocket": str(sockets / "pr" / "kubelet.sock"),
+        }
+    )
+    kubelet = KubeletStandin(sockets / "dp", sockets / "pr").start()
+    node_ns = sriov_bed.node
+    assert node_ns is not None
+    node = SriovNode(cfg, source_factory=lambda: run_in_netns(node_ns.path, KernelSource))
+    try:
+        yield World(sriov_bed, kubelet, node)
+    finally:
+        node.stop()
+        kubelet.stop()
+        shutil.rmtree(sockets, ignore_errors=True)
+
+
+def test_nothing_is_advertised_before_the_audit(world: World) -> None:
+    world.node.start_agent()
+    time.sleep(0.5)
+    assert world.kubelet.registrations == []  # kubelet must not count unverified VFs
+    world.node.heal_and_open()
+    assert world.kubelet.wait_for(lambda k: k.registered(POOL) == 1)
+    assert world.kubelet.wait_for(lambda _: len(world.seen()) == 4)
+    assert set(world.seen().values()) == {"Healthy"}
+
+
+def test_health_follows_the_hardware_within_a_second(world: World) -> None:
+    world.node.start_agent()
+    world.node.heal_and_open()
+    assert world.kubelet.wait_for(lambda _: len(world.seen()) == 4)
+    vfs = sorted(world.seen())
+
+    started = time.monotonic()
+    world.bed.remove_vf(vfs[1])
+    assert world.kubelet.wait_for(lambda _: world.seen().get(vfs[1]) == "Unhealthy", 1.0)
+    took = time.monotonic() - started
+    assert took < 1.0, took
+    assert world.seen()[vfs[0]] == "Healthy"
+
+    world.bed.bind(vfs[2], "vfio-pci")  # a netdevice pool cannot use a vfio-bound VF
+    assert world.kubelet.wait_for(lambda _: world.seen().get(vfs[2]) == "Unhealthy", 1.0)
+    world.bed.bind(vfs[2], "iavf")
+    assert world.kubelet.wait_for(lambda _: world.seen().get(vfs[2]) == "Healthy", 1.0)
+
+    new = world.bed.add_pf("0000:05:00.0", ifname="pxpf1", num_vfs=2)
+    assert world.kubelet.wait_for(lambda _: set(new) <= set(world.seen()), 1.0)
+    assert {world.seen()[v] for v in new} == {"Healthy"}
+
+
+def test_kubelet_restart_and_allocate(world: World) -> None:
+    world.node.start_agent()
+    world.node.heal_and_open()
+    assert world.kubelet.wait_for(lambda _: len(world.seen()) == 4)
+    world.kubelet.restart()
+    assert world.kubelet.wait_for(lambda k: k.registered(POOL) == 2, 5.0)
+    assert world.kubelet.wait_for(lambda _: len(world.seen()) == 4)
+    vfs = sorted(world.seen())
+    reply = world.kubelet.allocate(POOL, vfs[:2])
+    envs = dict(reply.container_responses[0].envs)
+    assert envs["PCIDEVICE_PLEXUS_DEV_INTEL_VF"] == ",".join(vfs[:2])
+
+
+def test_an_attachment_gets_the_vf_kubelet_granted(world: World) -> None:
+    world.node.start_agent()
+    world.node.heal_and_open()
+    vfs = sorted(v.pci for v in world.node.agent.vfs_view())
+    world.kubelet.set_pod("default", "web", {POOL: [vfs[2], vfs[0]]})
+    plan = [
+        PlannedAttachment("default/sriov-a", "net1", False, {"type": "plexus-sriov"}, {}, None, POOL),
+        PlannedAttachment("default/sriov-b", "net2", False, {"type": "plexus-sriov"}, {}, None, POOL),
+    ]  # fmt: skip
+    req = CniRequest(command="ADD", container_id="c1", netns="/proc/self/ns/net", ifname="eth0")
+    got = world.node.devices.assign(req, PodInfo("default", "web", "uid-1"), plan)
+    assert [a.config["deviceID"] for a in got] == [vfs[2], vfs[0]]  # kubelet's order
+    assert [a.capability_args["deviceID"] for a in got] == [vfs[2], vfs[0]]
+    info = world.node.devices.device_info(vfs[2])
+    assert info == {"pci-address": vfs[2], "pf-pci-address": PF}

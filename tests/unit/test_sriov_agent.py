@@ -1,0 +1,230 @@
+"""The node agent over a synthetic sysfs tree (no links, no root): pool membership, health as a
+device plugin would report it, local-mode allocation, the one-holder rule, numVfs, and reloading
+the pools file without a restart."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from textwrap import dedent
+
+import pytest
+
+from metaplugin.errors import DeviceNotFound, DeviceUnavailable
+from sriov.agent import NodeAgent
+from sriov.records import Holder, HostState, VfSettings, VfState
+from sriov.sysfs import Sysfs
+from sriov.uevents import UEvent
+from tests.support.sriov_bed import SriovBed
+
+POOL = "plexus.dev/intel_vf"
+PF = "0000:03:00.0"
+
+
+class _Quiet:
+    """A uevent source that never reports anything: these tests change the tree and call
+    `refresh()` themselves (the uevent path is tested in the netns tier)."""
+
+    def fileno(self) -> int:
+        return -1
+
+    def receive(self, timeout: float) -> UEvent | None:
+        time.sleep(min(timeout, 0.05))
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def _pools(path: Path, body: str) -> Path:
+    path.write_text(dedent(body))
+    return path
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> SriovBed:
+    bed = SriovBed(tmp_path / "sys")
+    bed.add_pf(PF, ifname="ens1f0", num_vfs=4, announce=False)
+    return bed
+
+
+@pytest.fixture
+def pools_file(tmp_path: Path) -> Path:
+    return _pools(
+        tmp_path / "pools.yaml",
+        f"""
+        pools:
+          - resourceName: {POOL}
+            selectors:
+              rootDevices: ["{PF}#0-2"]
+        """,
+    )
+
+
+@pytest.fixture
+def agent(tree: SriovBed, pools_file: Path, tmp_path: Path) -> Iterator[NodeAgent]:
+    a = NodeAgent(
+        sysfs=Sysfs(tree.root),
+        pools_path=pools_file,
+        state_dir=tmp_path / "state",
+        source_factory=_Quiet,
+    )
+    a.start()
+    try:
+        yield a
+    finally:
+        a.stop()
+
+
+def _holder(cid: str, ifname: str = "net1") -> Holder:
+    return Holder(container_id=cid, ifname=ifname, pod_namespace="default", pod_name=cid)
+
+
+def test_nothing_is_given_out_before_the_audit(agent: NodeAgent) -> None:
+    views = agent.pool_devices(POOL)
+    assert [v.pci for v in views] == ["0000:03:02.0", "0000:03:02.1", "0000:03:02.2"]
+    assert not any(v.healthy for v in views)
+    assert {v.reason for v in views} == {"not yet verified by the audit"}
+    with pytest.raises(DeviceUnavailable, match="not verified"):
+        agent.allocate(POOL, _holder("c1"))
+
+    agent.audit_finished()
+    assert all(v.healthy for v in agent.pool_devices(POOL))
+
+
+def test_allocate_takes_each_vf_once_and_says_when_the_pool_is_empty(agent: NodeAgent) -> None:
+    agent.audit_finished()
+    got = [agent.allocate(POOL, _holder(f"c{i}")) for i in range(3)]
+    assert got == ["0000:03:02.0", "0000:03:02.1", "0000:03:02.2"]
+    assert agent.allocate(POOL, _holder("c0")) == got[0]  # a retried ADD keeps its VF
+    with pytest.raises(DeviceUnavailable, match="no free VF") as err:
+        agent.allocate(POOL, _holder("c9"))
+    assert err.value.code == 111
+    with pytest.raises(DeviceNotFound) as missing:
+        agent.allocate("plexus.dev/nope", _holder("c9"))
+    assert missing.value.code == 112 and POOL in missing.value.msg
+
+    assert agent.release_unattached("c1") == [got[1]]
+    assert agent.allocate(POOL, _holder("c9")) == got[1]
+
+
+def test_one_holder_per_vf_and_stale_del_touches_nothing(agent: NodeAgent) -> None:
+    agent.audit_finished()
+    vf = "0000:03:02.0"
+    first = agent.claim(vf, _holder("c1"))
+    assert first.state == VfState.RESERVED
+    with pytest.raises(DeviceUnavailable, match="default/c1"):
+        agent.claim(vf, _holder("c2"))
+    agent.prepare(
+        vf,
+        _holder("c1"),
+        host=HostState(name="ens1f0v0", mac="02:00:00:00:00:01", mtu=1500),
+        pf_before=VfSettings(vlan=0),
+        pf_applied=("vlan",),
+    )
+    agent.attached(vf, _holder("c1"))
+    assert agent.held_by("c1", "net1") is not None
+    assert agent.release_begin(vf, _holder("c2")) is None  # not its VF
+    record = agent.release_begin(vf, _holder("c1"))
+    assert record is not None and record.host is not None and record.host.name == "ens1f0v0"
+    agent.release_done(vf)
+    assert agent.held_by("c1", "net1") is None
+    view = {v.pci: v for v in agent.vfs_view()}[vf]
+    assert (view.state, view.healthy, view.holder) == ("free", True, "")
+    assert agent.allocate(POOL, _holder("c3")) == vf  # back in the pool at once
+
+
+def test_state_survives_a_restart(
+    tree: SriovBed, pools_file: Path, tmp_path: Path, agent: NodeAgent
+) -> None:
+    agent.audit_finished()
+    vf = agent.allocate(POOL, _holder("c1"))
+    agent.stop()
+    again = NodeAgent(
+        sysfs=Sysfs(tree.root),
+        pools_path=pools_file,
+        state_dir=tmp_path / "state",
+        source_factory=_Quiet,
+    )
+    again.start()
+    try:
+        again.audit_finished()
+        assert again.held_by("c1", "net1") is not None
+        assert vf not in {again.allocate(POOL, _holder(f"n{i}")) for i in range(2)}
+    finally:
+        again.stop()
+
+
+def test_a_vanished_vf_stays_listed_unhealthy(tree: SriovBed, agent: NodeAgent) -> None:
+    agent.audit_finished()
+    tree.remove_vf("0000:03:02.1", announce=False)
+    agent.refresh()
+    views = {v.pci: v for v in agent.pool_devices(POOL)}
+    assert views["0000:03:02.1"].healthy is False
+    assert views["0000:03:02.1"].reason == "gone from sysfs"
+    assert views["0000:03:02.0"].healthy is True
+
+
+def test_a_vf_bound_to_vfio_does_not_serve_a_netdevice_pool(
+    tree: SriovBed, agent: NodeAgent
+) -> None:
+    agent.audit_finished()
+    tree.bind("0000:03:02.2", "vfio-pci", announce=False)
+    agent.refresh()
+    view = {v.pci: v for v in agent.pool_devices(POOL)}["0000:03:02.2"]
+    assert view.healthy is False and "wants a netdevice" in view.reason
+    got = {agent.allocate(POOL, _holder(f"c{i}")) for i in range(2)}
+    assert "0000:03:02.2" not in got
+    with pytest.raises(DeviceUnavailable):
+        agent.allocate(POOL, _holder("c7"))
+
+
+def test_reload_applies_an_edited_file_and_keeps_the_old_one_when_broken(
+    pools_file: Path, agent: NodeAgent
+) -> None:
+    agent.audit_finished()
+    _pools(
+        pools_file,
+        f"""
+        pools:
+          - resourceName: {POOL}
+            selectors: {{rootDevices: ["{PF}#0"]}}
+          - resourceName: plexus.dev/other
+            selectors: {{rootDevices: ["{PF}#1-3"]}}
+        """,
+    )
+    deadline = time.monotonic() + 5  # the watcher notices within about a second
+    while not agent.has_pool("plexus.dev/other"):
+        assert time.monotonic() < deadline, "the edited pools file was not picked up"
+        time.sleep(0.05)
+    sizes = {p["resourceName"]: p["total"] for p in agent.pools_view()}
+    assert sizes == {POOL: 1, "plexus.dev/other": 3}
+
+    pools_file.write_text("pools:\n  - resourceName: [broken\n")
+    assert agent.reload() is False
+    assert agent.has_pool("plexus.dev/other")
+
+
+def test_num_vfs_is_applied_but_never_under_vfs_in_use(
+    tree: SriovBed, pools_file: Path, agent: NodeAgent
+) -> None:
+    agent.audit_finished()
+    numvfs = tree.root / "bus/pci/devices" / PF / "sriov_numvfs"
+    agent.claim("0000:03:02.0", _holder("c1"))
+    _pools(
+        pools_file,
+        f"""
+        pools:
+          - resourceName: {POOL}
+            numVfs: 2
+            selectors: {{rootDevices: ["{PF}"]}}
+        """,
+    )
+    assert agent.reload() is True
+    assert numvfs.read_text().strip() == "4"  # a pod holds a VF of this PF: not now
+
+    agent.release_begin("0000:03:02.0", _holder("c1"))
+    agent.release_done("0000:03:02.0")
+    assert agent.reload() is True
+    assert numvfs.read_text().strip() == "2"
