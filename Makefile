@@ -10,7 +10,8 @@ APT_PKGS := containernetworking-plugins iproute2 iptables containerd runc busybo
             linux-source-6.1 linux-headers-amd64 gcc make binutils xz-utils
 STAMP    := $(VENV)/.installed
 
-.PHONY: deps apt venv lint test unit netns kernel bench bench-cri bench-builtins clean demo
+.PHONY: deps apt venv lint test unit netns kernel bench bench-cri bench-builtins bench-sriov \
+        protos clean demo
 
 deps: apt venv
 
@@ -65,3 +66,13 @@ bench-builtins: deps
 
 bench-cri: deps
 	$(BIN)/python bench/cri_pods.py 25
+
+# SR-IOV: reserve + release against pool size (flat), and uevent -> pool updated latency.
+bench-sriov: deps
+	$(BIN)/python bench/sriov_alloc.py --n 1000
+	$(BIN)/python bench/sriov_uevents.py 30
+
+# Regenerate the kubelet API stubs from the .proto files (written from the public API reference).
+protos: venv
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
+	    sriov/kubeletapi/deviceplugin_v1beta1.proto sriov/kubeletapi/podresources_v1.proto

@@ -11,28 +11,20 @@ new device's ports in the writer's namespace), finds the PF netdev through the d
 from __future__ import annotations
 
 import errno
-import re
-import secrets
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TypeVar
 
 import pytest
 
-from delegates.netns import run_in_netns
 from metaplugin.errors import DeviceNotFound, DeviceSettingUnsupported
 from sriov import vfconfig
 from sriov.records import VfSettings
+from tests.support.netdevsim import NUM_VFS, Nsim, netdevsim
 from tests.support.netns import Netns
 
 pytestmark = pytest.mark.kernel
 
 NetnsFactory = Callable[[str], Netns]
-T = TypeVar("T")
-BUS = Path("/sys/bus/netdevsim")
 VF = 2  # not 0: an index mix-up shows
-NUM_VFS = 4  # netdevsim's default max_vfs
 # What netdevsim reports for a VF nobody configured (vlan_proto None: no VLAN).
 PRISTINE = VfSettings(
     mac="00:00:00:00:00:00",
@@ -55,61 +47,13 @@ EVERYTHING = VfSettings(
     min_tx_rate=10,
     max_tx_rate=100,
 )
-# `ip -d link` prints a VF's settings as one line of ", "-separated items; these are the items
-# a user checks, by VfSettings field. Items for a zero VLAN or QoS are left out by iproute2.
-IP_ITEMS = {
-    "mac": r"link/ether (\S+)",
-    "vlan": r"^vlan (\d+)$",
-    "qos": r"^qos (\d+)$",
-    "vlan_proto": r"^vlan protocol (\S+)$",
-    "spoofchk": r"^spoof checking (on|off)$",
-    "trust": r"^trust (on|off)$",
-    "link_state": r"^link-state (\w+)$",
-    "min_tx_rate": r"^min_tx_rate (\d+)Mbps$",
-    "max_tx_rate": r"^max_tx_rate (\d+)Mbps$",
-}
-
-
-@dataclass(frozen=True)
-class Nsim:
-    node: Netns
-    device: Path  # /sys/bus/netdevsim/devices/netdevsimN
-    pf: str  # the PF's netdev, in `node`
-
-    def call(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a vfconfig function the way the daemon does: in the node's namespace."""
-        return run_in_netns(self.node.path, lambda: fn(*args))
-
-    def shown(self) -> dict[int, dict[str, str]]:
-        """Every VF's settings as `ip -d link show <pf>` prints them, by VF index."""
-        text = self.node.run("ip", "-d", "link", "show", self.pf).stdout
-        vfs: dict[int, dict[str, str]] = {}
-        for index, rest in re.findall(r"^\s+vf (\d+)\s+(.*)$", text, re.MULTILINE):
-            items = [item.strip() for item in rest.split(",")]
-            vfs[int(index)] = {
-                field: found.group(1)
-                for field, pattern in IP_ITEMS.items()
-                for found in filter(None, (re.search(pattern, item) for item in items))
-            }
-        return vfs
 
 
 @pytest.fixture
 def nsim(require_kernel: Callable[..., None], netns: NetnsFactory) -> Iterator[Nsim]:
     require_kernel("netdevsim")
-    node = netns("node")
-    dev_id = 1000 + secrets.randbelow(1 << 20)  # ids are global to the kernel
-    while (BUS / "devices" / f"netdevsim{dev_id}").exists():
-        dev_id += 1
-    node.run("sh", "-c", f"echo '{dev_id} 1' > {BUS}/new_device")
-    device = BUS / "devices" / f"netdevsim{dev_id}"
-    try:
-        (device / "sriov_numvfs").write_text(str(NUM_VFS))
-        # Listed in the node's own view of sysfs: the PF lives in its namespace.
-        (pf,) = node.run("ls", f"{device}/net").stdout.split()
-        yield Nsim(node, device, pf)
-    finally:
-        (BUS / "del_device").write_text(str(dev_id))
+    with netdevsim(netns("node")) as made:
+        yield made
 
 
 def test_apply_sets_every_field_and_restore_puts_the_original_back(nsim: Nsim) -> None:

@@ -97,6 +97,7 @@ class SriovBed:
         for sub in (_PCI_ROOT, "bus/pci/devices", "bus/pci/drivers", "class/net"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         self._devices: dict[str, _Device] = {}
+        self._vfs_real: dict[str, bool] = {}  # PF -> whether its VFs get real links
         self._families: dict[str, _VfFamily] = {}
         self._seqnum = itertools.count(1)
         self._wire: Netns | None = None
@@ -123,13 +124,18 @@ class SriovBed:
         link_type: int = 1,
         make_links: bool = True,
         announce: bool = True,
+        pf_netdev_exists: bool = False,
     ) -> list[str]:
-        """Write a PF with `num_vfs` VFs (netdevs `{ifname}v{i}`); returns the VF addresses."""
+        """Write a PF with `num_vfs` VFs (netdevs `{ifname}v{i}`); returns the VF addresses.
+        `pf_netdev_exists`: the node already has a netdev `ifname` to stand for the PF (a
+        netdevsim port in the VM tier, whose driver really takes PF-side VF settings), so only
+        the VFs get veths."""
         for addr in [pci, *(vf_address(pci, i) for i in range(num_vfs))]:
             if addr in self._devices or (self.root / "bus/pci/devices" / addr).is_symlink():
                 raise ValueError(f"{addr} is already in the synthetic tree")
         real = make_links and self.node is not None
-        self._devices[pci] = _Device(pci, ifname, link_type, real)
+        self._devices[pci] = _Device(pci, ifname, link_type, real and not pf_netdev_exists)
+        self._vfs_real[pci] = real
         self._families[pci] = _VfFamily(vendor, vf_device, vf_driver, numa_node)
         self._write_device(pci, vendor, device, driver, numa_node)
         pf_dir = self._dir(pci)
@@ -162,7 +168,8 @@ class SriovBed:
         for i in indices:
             vf = vf_address(pf, i)
             ifname = f"{parent.ifname}v{i}"
-            self._devices[vf] = _Device(vf, ifname, parent.link_type, parent.real, pf, i)
+            real = self._vfs_real.get(pf, parent.real)
+            self._devices[vf] = _Device(vf, ifname, parent.link_type, real, pf, i)
             self._write_device(vf, family.vendor, family.device, family.driver, family.numa)
             (self._dir(vf) / "physfn").symlink_to(f"../{pf}")
             (self._dir(pf) / f"virtfn{i}").symlink_to(f"../{vf}")

@@ -1,0 +1,154 @@
+"""`plexus-sriov` end to end against a driver that really takes PF-side VF settings: the PF is a
+netdevsim port (VM tier, Debian's kernel), the sysfs tree and the VF netdevs come from the
+synthetic bed (netdevsim's VFs have no netdevs), and the node agent gives the VFs out of a
+pool as in local mode. Two pods get a VF each with their NAD's PF-side settings, seen by
+`ip -d link show <pf>` exactly as a node admin would; DEL puts every setting back."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from delegates._ipam import Ipam
+from delegates.external import RawExec
+from delegates.netns import run_in_netns
+from delegates.plugin import PluginRequest
+from delegates.sriov import Sriov
+from delegates.sriov_heal import audit
+from metaplugin.errors import CheckFailed
+from sriov.agent import NodeAgent
+from sriov.records import Holder
+from sriov.sysfs import Sysfs
+from sriov.uevents import UEvent
+from tests.support.netdevsim import Nsim, netdevsim
+from tests.support.netns import Netns
+from tests.support.sriov_bed import SriovBed
+
+pytestmark = pytest.mark.kernel
+
+T = TypeVar("T")
+POOL = "plexus.dev/nsim_vf"
+PF = "0000:03:00.0"
+NADS = {
+    "p1": {"vlan": 100, "vlanQoS": 3, "vlanProto": "802.1ad", "spoofchk": "on", "trust": "on",
+           "link_state": "enable", "min_tx_rate": 10, "max_tx_rate": 100},
+    "p2": {"vlan": 200, "spoofchk": "off", "trust": "off", "mac": "02:00:00:00:02:02"},
+}  # fmt: skip
+SHOWN = {  # what `ip -d link show <pf>` says of each pod's VF afterwards
+    "p1": {"vlan": "100", "qos": "3", "vlan_proto": "802.1ad", "spoofchk": "on", "trust": "on",
+           "link_state": "enable", "min_tx_rate": "10", "max_tx_rate": "100"},
+    "p2": {"vlan": "200", "spoofchk": "off", "trust": "off", "mac": "02:00:00:00:02:02"},
+}  # fmt: skip
+
+
+class _Quiet:
+    """No uevents: the bed here is written once, before the agent starts."""
+
+    def fileno(self) -> int:
+        return -1
+
+    def receive(self, timeout: float) -> UEvent | None:
+        time.sleep(min(timeout, 0.05))
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+@dataclass
+class Node:
+    nsim: Nsim
+    bed: SriovBed
+    agent: NodeAgent
+    plugin: Sriov
+    netns: Callable[[str], Netns]
+
+    def run(self, fn: Callable[[], T]) -> T:
+        """As plexusd runs it: on a thread in the node's namespace."""
+        return run_in_netns(self.nsim.node.path, fn)
+
+    def request(self, pod: Netns, cid: str, vf: str, keys: dict[str, Any]) -> PluginRequest:
+        config = {
+            "cniVersion": "1.0.0",
+            "name": "sriov-net",
+            "type": "plexus-sriov",
+            "deviceID": vf,
+            "ipam": {"type": "static", "addresses": [{"address": "10.77.0.2/24"}]},
+            **keys,
+        }
+        return PluginRequest(
+            container_id=cid,
+            netns=pod.path,
+            ifname="net1",
+            cni_args=f"K8S_POD_NAMESPACE=default;K8S_POD_NAME={cid}",
+            config=config,
+        )
+
+
+@pytest.fixture
+def node(
+    require_kernel: Callable[..., None], netns: Callable[[str], Netns], tmp_path: Path
+) -> Iterator[Node]:
+    require_kernel("netdevsim")
+    with netdevsim(netns("node")) as nsim:
+        bed = SriovBed(tmp_path / "sys", nsim.node)
+        try:
+            bed.add_pf(PF, ifname=nsim.pf, num_vfs=4, pf_netdev_exists=True, announce=False)
+            pools = tmp_path / "pools.yaml"
+            pools.write_text(
+                f"pools:\n  - resourceName: {POOL}\n    selectors: {{rootDevices: [{PF}]}}\n"
+            )
+            agent = NodeAgent(
+                sysfs=Sysfs(bed.root), pools_path=pools, state_dir=tmp_path / "state",
+                source_factory=_Quiet,
+            )  # fmt: skip
+            agent.start()
+            try:
+                run_in_netns(nsim.node.path, lambda: audit(agent, in_flight=agent.in_flight))
+                agent.audit_finished()
+                plugin = Sriov(ipam=Ipam(exec_=RawExec(), timeout=30), owner=agent)
+                yield Node(nsim, bed, agent, plugin, netns)
+            finally:
+                agent.stop()
+        finally:
+            bed.cleanup()
+
+
+def test_two_pods_get_their_nads_pf_settings_and_del_puts_them_back(node: Node) -> None:
+    shown_before = node.nsim.shown()
+    links_before = node.nsim.node.links()
+    pods, requests, indexes, results = {}, {}, {}, {}
+    for cid, keys in NADS.items():
+        pods[cid] = node.netns(cid)
+        vf = node.agent.allocate(POOL, Holder(container_id=cid, ifname="net1"))
+        indexes[cid] = node.agent.lookup(vf).vf.index
+        requests[cid] = node.request(pods[cid], cid, vf, keys)
+        results[cid] = node.run(lambda r=requests[cid]: node.plugin.add(r))
+
+    shown = node.nsim.shown()
+    for cid, want in SHOWN.items():
+        assert {k: shown[indexes[cid]][k] for k in want} == want, (cid, shown[indexes[cid]])
+        assert "net1" in pods[cid].links()
+    assert pods["p2"].links()["net1"]["address"] == "02:00:00:00:02:02"
+    untouched = set(shown) - set(indexes.values())
+    assert {i: shown[i] for i in untouched} == {i: shown_before[i] for i in untouched}
+
+    # CHECK compares the PF side with the NAD: a VLAN changed behind our back is reported.
+    node.run(lambda: node.plugin.check(requests["p1"], results["p1"]))
+    node.nsim.node.run("ip", "link", "set", node.nsim.pf, "vf", str(indexes["p1"]), "vlan", "5")
+    with pytest.raises(CheckFailed, match="vlan"):
+        node.run(lambda: node.plugin.check(requests["p1"], results["p1"]))
+
+    for cid in NADS:
+        node.run(lambda r=requests[cid]: node.plugin.delete(r))
+        node.run(lambda r=requests[cid]: node.plugin.delete(r))  # a second DEL is fine
+    assert node.nsim.shown() == shown_before  # every PF-side setting as it was
+    links = node.nsim.node.links()
+    for name, link in links_before.items():
+        assert (links[name]["address"], links[name]["mtu"]) == (link["address"], link["mtu"])
+    assert {p["resourceName"]: p["free"] for p in node.agent.pools_view()} == {POOL: 4}
