@@ -1,0 +1,131 @@
+"""SR-IOV in cluster mode with a real plexusd: NADs and pods from the API stand-in, kubelet's side
+from the kubelet stand-in (device-plugin registration, ListAndWatch, PodResources), VFs from the
+synthetic bed. What kubelet and an app team see: the pool advertised with real health, the pod's
+net1 being the VF kubelet granted it, that VF in the pod's network-status, and a clear error for
+a pod that requested no device."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from delegates.netns import run_in_netns
+from tests.k8s_standin import ApiStandin
+from tests.netns.conftest import NETWORKS, Bed, make_bed
+from tests.netns.test_cluster_mode import NODE, STATUS, add, pod_object, wait_for
+from tests.support.daemon import get
+from tests.support.kubelet import KubeletStandin
+from tests.support.manifests import host_local, nad
+from tests.support.netns import Netns
+from tests.support.sriov_bed import SriovBed
+
+POOL = "plexus.dev/intel_vf"
+PF = "0000:03:00.0"
+
+
+@dataclass
+class World:
+    bed: Bed
+    api: ApiStandin
+    kubelet: KubeletStandin
+    hw: SriovBed
+    vfs: list[str]
+
+    def advertised(self) -> dict[str, str]:
+        return {pci: d.health for pci, d in self.kubelet.devices.get(POOL, {}).items()}
+
+    def vf_table(self) -> dict[str, dict[str, Any]]:
+        status, body = get(self.bed.daemon.socket, "/v1/vfs")
+        assert status == 200, body
+        return {v["pci"]: v for v in json.loads(body)}
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    sockets = Path(tempfile.mkdtemp(prefix="pxc", dir="/tmp"))  # unix paths <= 107 bytes
+    kubelet = KubeletStandin(sockets / "dp", sockets / "pr").start()
+    pools = tmp_path / "vf-pools.yaml"
+    pools.write_text(
+        yaml.safe_dump({"pools": [{"resourceName": POOL, "selectors": {"rootDevices": [PF]}}]})
+    )
+    made: dict[str, Any] = {}
+
+    def api_mode(node: Netns, nads: list[dict[str, Any]]) -> dict[str, Any]:
+        hw = made["hw"] = SriovBed(tmp_path / "sys", node)
+        made["vfs"] = hw.add_pf(PF, ifname="pxpf0", num_vfs=4)
+        api = made["api"] = run_in_netns(node.path, lambda: ApiStandin().start())
+        sriov = {
+            "cniVersion": "1.0.0",
+            "name": "sriov-net",
+            "type": "plexus-sriov",
+            "ipam": host_local("10.56.219.0/24", tmp_path / "ipam"),
+        }
+        for obj in [*nads, nad("sriov-net", sriov, annotations={
+            "k8s.v1.cni.cncf.io/resourceName": POOL})]:  # fmt: skip
+            api.create(obj)
+        return {
+            "kubeconfig": api.kubeconfig(tmp_path / "kubeconfig"),
+            "nodeName": NODE,
+            "sysfsRoot": str(hw.root),
+            "vfPools": str(pools),
+            "devicePluginDir": str(kubelet.plugin_dir),
+            "podResourcesSocket": str(kubelet.pod_resources_socket),
+        }
+
+    try:
+        with make_bed(tmp_path, api_mode) as bed:
+            yield World(bed, made["api"], kubelet, made["hw"], made["vfs"])
+    finally:
+        if "api" in made:
+            made["api"].stop()
+        if "hw" in made:
+            made["hw"].cleanup()
+        kubelet.stop()
+        shutil.rmtree(sockets, ignore_errors=True)
+
+
+def test_the_pod_gets_the_vf_kubelet_granted(world: World) -> None:
+    assert world.kubelet.wait_for(lambda k: k.registered(POOL) == 1, 10.0)
+    assert world.kubelet.wait_for(lambda _: len(world.advertised()) == 4, 5.0)
+    assert set(world.advertised().values()) == {"Healthy"}
+
+    granted = world.vfs[2]  # not the first free one: the grant, not the pool, decides
+    world.kubelet.set_pod("default", "web", {POOL: [granted]})
+    created = world.api.create(pod_object("web", {NETWORKS: "sriov-net"}))
+    pod = world.bed.pod("web")
+    add(world.bed, "c1", pod.path, "web", created["metadata"]["uid"]).ok()
+
+    assert "net1" in pod.links()
+    row = world.vf_table()[granted]
+    assert (row["state"], row["holder"]) == ("attached", "default/web (net1)")
+
+    def status() -> list[dict[str, Any]] | None:
+        obj = world.api.get("Pod", "default", "web") or {}
+        raw = (obj.get("metadata", {}).get("annotations") or {}).get(STATUS)
+        return json.loads(raw) if raw else None
+
+    entry = next(e for e in wait_for(status) if e["name"] == "default/sriov-net")
+    assert entry["device-info"]["pci"] == {"pci-address": granted, "pf-pci-address": PF}
+
+    world.bed.runtime.delete("c1", pod.path).ok()
+    assert world.vf_table()[granted]["state"] == "free"
+    assert world.advertised()[granted] == "Healthy"
+
+
+def test_a_pod_without_a_device_request_gets_a_clear_error(world: World) -> None:
+    created = world.api.create(pod_object("greedy", {NETWORKS: "sriov-net"}))
+    world.kubelet.set_pod("default", "greedy", {})  # kubelet knows it, granted nothing
+    pod = world.bed.pod("greedy")
+    out = add(world.bed, "c1", pod.path, "greedy", created["metadata"]["uid"])
+    assert out.returncode == 1 and out.body["code"] == 111, out.body
+    assert f"limits: {{{POOL}: 1}}" in out.body["msg"]
+    assert set(pod.links()) == {"lo"}
+    assert {v["state"] for v in world.vf_table().values()} == {"free"}
