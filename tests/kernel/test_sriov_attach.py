@@ -6,7 +6,6 @@ pool as in local mode. Two pods get a VF each with their NAD's PF-side settings,
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +23,9 @@ from metaplugin.errors import CheckFailed
 from sriov.agent import NodeAgent
 from sriov.records import Holder
 from sriov.sysfs import Sysfs
-from sriov.uevents import UEvent
 from tests.support.netdevsim import Nsim, netdevsim
 from tests.support.netns import Netns
-from tests.support.sriov_bed import SriovBed
+from tests.support.sriov_bed import QuietSource, SriovBed
 
 pytestmark = pytest.mark.kernel
 
@@ -44,20 +42,6 @@ SHOWN = {  # what `ip -d link show <pf>` says of each pod's VF afterwards
            "link_state": "enable", "min_tx_rate": "10", "max_tx_rate": "100"},
     "p2": {"vlan": "200", "spoofchk": "off", "trust": "off", "mac": "02:00:00:00:02:02"},
 }  # fmt: skip
-
-
-class _Quiet:
-    """No uevents: the bed here is written once, before the agent starts."""
-
-    def fileno(self) -> int:
-        return -1
-
-    def receive(self, timeout: float) -> UEvent | None:
-        time.sleep(min(timeout, 0.05))
-        return None
-
-    def close(self) -> None:
-        return None
 
 
 @dataclass
@@ -105,7 +89,7 @@ def node(
             )
             agent = NodeAgent(
                 sysfs=Sysfs(bed.root), pools_path=pools, state_dir=tmp_path / "state",
-                source_factory=_Quiet,
+                source_factory=QuietSource,
             )  # fmt: skip
             agent.start()
             try:

@@ -30,10 +30,9 @@ from metaplugin.errors import DeviceSettingUnsupported, InvalidConfig, PlexusErr
 from sriov.agent import NodeAgent
 from sriov.records import Holder, HostState, VfRecord, VfSettings, VfState
 from sriov.sysfs import Sysfs
-from sriov.uevents import UEvent
 from tests.support.manifests import host_local, reservations
 from tests.support.netns import Netns, is_root, namespaces
-from tests.support.sriov_bed import SriovBed
+from tests.support.sriov_bed import QuietSource, SriovBed
 
 PF = "0000:03:00.0"
 PF_NAME = "pxsf0"
@@ -43,21 +42,6 @@ VFIO_POOL = "plexus.dev/bed_vfio"
 POOL_MTU = 1450
 CNI_ARGS = "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-1;K8S_POD_UID=uid-1"
 T = TypeVar("T")
-
-
-class _Quiet:
-    """A uevent source that reports nothing: the tree is complete before the agent starts, and
-    these tests are about attachment, not discovery."""
-
-    def fileno(self) -> int:
-        return -1
-
-    def receive(self, timeout: float) -> UEvent | None:
-        time.sleep(min(timeout, 0.05))
-        return None
-
-    def close(self) -> None:
-        return None
 
 
 @dataclass
@@ -106,7 +90,7 @@ def _agent(bed: SriovBed, tmp: Path) -> NodeAgent:
         sysfs=Sysfs(bed.root),
         pools_path=tmp / "pools.yaml",
         state_dir=tmp / "state",
-        source_factory=_Quiet,
+        source_factory=QuietSource,
     )
     agent.start()
     return agent

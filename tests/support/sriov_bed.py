@@ -42,6 +42,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ import pytest
 
 from delegates.netns import run_in_netns
 from sriov.model import USERSPACE_DRIVERS
+from sriov.uevents import UEvent
 from tests.support.netns import Netns, is_root
 from tests.support.require import missing
 
@@ -66,6 +68,22 @@ def vf_address(pf_pci: str, index: int) -> str:
     if rid > 0xFFFF:
         raise ValueError(f"VF {index} of {pf_pci} would fall off the last PCI bus")
     return f"{domain}:{rid >> 8:02x}:{(rid >> 3) & 0x1F:02x}.{rid & 7}"
+
+
+class QuietSource:
+    """A uevent source that reports nothing, for tests whose tree is complete before the agent
+    starts (or that call `refresh()` themselves): they are about something other than discovery.
+    """
+
+    def fileno(self) -> int:
+        return -1
+
+    def receive(self, timeout: float) -> UEvent | None:
+        time.sleep(min(timeout, 0.05))
+        return None
+
+    def close(self) -> None:
+        return None
 
 
 @dataclass

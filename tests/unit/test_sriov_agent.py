@@ -15,26 +15,10 @@ from metaplugin.errors import DeviceNotFound, DeviceUnavailable
 from sriov.agent import NodeAgent
 from sriov.records import Holder, HostState, VfSettings, VfState
 from sriov.sysfs import Sysfs
-from sriov.uevents import UEvent
-from tests.support.sriov_bed import SriovBed
+from tests.support.sriov_bed import QuietSource, SriovBed
 
 POOL = "plexus.dev/intel_vf"
 PF = "0000:03:00.0"
-
-
-class _Quiet:
-    """A uevent source that never reports anything: these tests change the tree and call
-    `refresh()` themselves (the uevent path is tested in the netns tier)."""
-
-    def fileno(self) -> int:
-        return -1
-
-    def receive(self, timeout: float) -> UEvent | None:
-        time.sleep(min(timeout, 0.05))
-        return None
-
-    def close(self) -> None:
-        return None
 
 
 def _pools(path: Path, body: str) -> Path:
@@ -68,7 +52,7 @@ def agent(tree: SriovBed, pools_file: Path, tmp_path: Path) -> Iterator[NodeAgen
         sysfs=Sysfs(tree.root),
         pools_path=pools_file,
         state_dir=tmp_path / "state",
-        source_factory=_Quiet,
+        source_factory=QuietSource,
     )
     a.start()
     try:
@@ -145,7 +129,7 @@ def test_state_survives_a_restart(
         sysfs=Sysfs(tree.root),
         pools_path=pools_file,
         state_dir=tmp_path / "state",
-        source_factory=_Quiet,
+        source_factory=QuietSource,
     )
     again.start()
     try:
