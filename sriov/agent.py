@@ -394,6 +394,11 @@ class NodeAgent:
     def lookup(self, pci: str) -> Placement:
         snapshot = self._inventory.snapshot
         vf = snapshot.vf(pci)
+        if vf is None or (vf.netdev is None and not vf.is_vfio):
+            # A VF netdev hides from the node's sysfs while in a pod and shows again when DEL
+            # brings it back; the uevent saying so may still be on its way: read afresh.
+            snapshot = self._inventory.refresh()
+            vf = snapshot.vf(pci)
         if vf is None:
             raise DeviceNotFound(
                 f"deviceID {pci} is not a VF of this node (no such PCI device with a physfn in "

@@ -64,8 +64,9 @@ class DeviceView:
 
 
 def socket_name(resource_name: str) -> str:
-    """`plexus.dev/intel_vf` -> `plexus-plexus-dev-intel_vf.sock`."""
-    return "plexus-" + re.sub(r"[/.]", "-", resource_name) + ".sock"
+    """`plexus.dev/intel_vf` -> `plexus-plexus.dev_intel_vf.sock`: one-to-one, since only the
+    one "/" needs replacing and a resource prefix (a DNS subdomain) never holds a "_"."""
+    return "plexus-" + resource_name.replace("/", "_", 1) + ".sock"
 
 
 FileId = tuple[int, int]  # (inode, ctime ns): an inode number alone may be reused at once
@@ -265,7 +266,15 @@ class PoolDevicePlugin:
                     continue  # woken without news: look at the client again
                 sent = self._generation
             # Read the devices outside the lock: the callback takes the agent's own locks.
-            yield pb.ListAndWatchResponse(devices=[_to_device(d) for d in self._devices()])
+            try:
+                devices = [_to_device(d) for d in self._devices()]
+            except Exception:
+                # kubelet never dials a finished stream again: it waits for a new Register.
+                self._log.exception("device_plugin_list_failed")
+                with self._cond:
+                    self._registered_with = None
+                return
+            yield pb.ListAndWatchResponse(devices=devices)
 
     def _wait_change(self, sent: int, epoch: int, context: Any) -> bool:
         """With `_cond` held: wait for a notify; False when the stream must end."""

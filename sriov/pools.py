@@ -210,7 +210,9 @@ class Selectors(_Model):
 
     @property
     def picks_pfs(self) -> bool:
-        return bool(self.pf_names or self.root_devices or self.vendors)
+        # Only a PF named by address or name may have sriov_numvfs written: a vendor alone
+        # would also pick the node's uplink, and a numVfs write resets a PF (its link drops).
+        return bool(self.pf_names or self.root_devices)
 
 
 class PoolSpec(_Model):
@@ -232,8 +234,8 @@ class PoolSpec(_Model):
     def _num_vfs_needs_pfs(self) -> PoolSpec:
         if self.num_vfs is not None and not self.selectors.picks_pfs:
             raise _invalid(
-                "numVfs needs pfNames, rootDevices or vendors in the selectors, to say which "
-                "PFs get that many VFs",
+                "numVfs needs rootDevices or pfNames in the selectors, to say which PFs get "
+                "that many VFs (writing sriov_numvfs resets a PF, so never by vendor alone)",
                 at=("numVfs",),
             )
         return self
@@ -246,8 +248,14 @@ def resource_name_problem(value: str) -> str:
     if not sep:
         return "is not a resource name like plexus.dev/intel_vf (prefix/name)"
     labels = prefix.split(".")
-    if len(prefix) > 253 or len(labels) < 2 or not all(_DNS_LABEL.match(x) for x in labels):
+    if len(prefix) > 253 or not all(_DNS_LABEL.match(x) for x in labels):
         return f"has prefix {prefix!r}: it must be a lowercase DNS subdomain like plexus.dev"
+    # kubelet refuses these for extended resources (IsExtendedResourceName): native
+    # kubernetes.io names, and "requests." which quota reserves.
+    if prefix == "kubernetes.io" or prefix.endswith(".kubernetes.io"):
+        return f"has prefix {prefix!r}: kubernetes.io names are kubelet's own, not a device's"
+    if value.startswith("requests."):
+        return "starts with 'requests.', which Kubernetes reserves for quota"
     if not _RESOURCE.match(name):
         return f"has name {name!r}: 1-63 of A-Z a-z 0-9 _ . -, starting and ending alphanumeric"
     return ""
@@ -259,12 +267,22 @@ class PoolsFile(_Model):
     @model_validator(mode="after")
     def _unique_names(self) -> PoolsFile:
         first: dict[str, int] = {}
+        envs: dict[str, int] = {}
         for i, pool in enumerate(self.pools):
             seen = first.setdefault(pool.resource_name, i)
             if seen != i:
                 raise _invalid(
                     f"{pool.resource_name!r} is already the resourceName of pools[{seen}]: "
                     "resourceNames must be unique",
+                    at=("pools", i, "resourceName"),
+                )
+            env = env_name(pool.resource_name)
+            seen = envs.setdefault(env, i)
+            if seen != i:
+                raise _invalid(
+                    f"{pool.resource_name!r} and pools[{seen}]'s resourceName "
+                    f"{self.pools[seen].resource_name!r} give pods the same variable {env}: "
+                    "rename one",
                     at=("pools", i, "resourceName"),
                 )
         return self
@@ -448,7 +466,7 @@ def assign(snapshot: Snapshot, pools: PoolsFile) -> dict[str, list[Vf]]:
 
 def picks_pf(spec: PoolSpec, pf: Pf) -> bool:
     """Whether the PF-level selectors of `spec` (pfNames, rootDevices, vendors, linkTypes; VF
-    ranges ignored) pick `pf`. A pool with none of pfNames/rootDevices/vendors picks no PF."""
+    ranges ignored) pick `pf`. A pool with neither pfNames nor rootDevices picks no PF."""
     sel = spec.selectors
     return (
         sel.picks_pfs

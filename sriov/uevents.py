@@ -114,8 +114,10 @@ class KernelSource:
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
-            ready, _, _ = select.select([self._sock], [], [], max(left, 0.0))
-            if not ready:
+            # poll, not select: select() cannot watch a descriptor numbered 1024 or more.
+            poller = select.poll()
+            poller.register(self._sock, select.POLLIN)
+            if not poller.poll(max(left, 0.0) * 1000):
                 return None
             try:
                 data = self._sock.recv(65536)

@@ -94,7 +94,7 @@ def test_registers_with_kubelet_and_streams_devices(kubelet, make_plugin):
     assert kubelet.wait_for(lambda k: len(k.devices.get(RESOURCE, {})) == 2)
     [reg] = kubelet.registrations
     assert (reg.version, reg.resource_name) == ("v1beta1", RESOURCE)
-    assert reg.endpoint == "plexus-plexus-dev-intel_vf.sock" == socket_name(RESOURCE)
+    assert reg.endpoint == "plexus-plexus.dev_intel_vf.sock" == socket_name(RESOURCE)
     assert reg.options.get_preferred_allocation_available
     assert (kubelet.plugin_dir / reg.endpoint).is_socket()
     assert plugin.registered

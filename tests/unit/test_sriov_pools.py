@@ -246,7 +246,7 @@ def test_missing_fields_point_at_the_pool_that_lacks_them() -> None:
     [
         ("intel_vf", "is not a resource name like plexus.dev/intel_vf"),
         ("Plexus.dev/x", "prefix 'Plexus.dev': it must be a lowercase DNS subdomain"),
-        ("plexus/x", "prefix 'plexus': it must be a lowercase DNS subdomain"),
+        ("plexus..dev/x", "prefix 'plexus..dev': it must be a lowercase DNS subdomain"),
         ("plexus.dev/x y", "has name 'x y'"),
         ("plexus.dev/_x", "has name '_x'"),
         ("plexus.dev/", "has name ''"),
@@ -291,7 +291,51 @@ def test_num_vfs_needs_a_selector_that_picks_pfs() -> None:
             numVfs: 4
         """
     )
-    assert msg.startswith(f"{SOURCE}:4: pools[0].numVfs: numVfs needs pfNames, rootDevices")
+    assert msg.startswith(f"{SOURCE}:4: pools[0].numVfs: numVfs needs rootDevices or pfNames")
+
+
+def test_num_vfs_is_never_written_to_every_pf_of_a_vendor() -> None:
+    # A vendor alone would also pick the node's uplink, and a numVfs write resets a PF.
+    msg = _error(
+        """        pools:
+          - resourceName: plexus.dev/a
+            selectors: {vendors: ["8086"], devices: ["154c"]}
+            numVfs: 8
+        """
+    )
+    assert "numVfs needs rootDevices or pfNames" in msg
+
+
+def test_pools_whose_pods_would_share_an_env_variable_are_refused() -> None:
+    msg = _error(
+        """        pools:
+          - resourceName: plexus.dev/intel.vf
+            selectors: {vendors: ["8086"]}
+          - resourceName: plexus.dev/intel-vf
+            selectors: {vendors: ["15b3"]}
+        """
+    )
+    assert msg.startswith(f"{SOURCE}:4: pools[1].resourceName: ")
+    assert "PCIDEVICE_PLEXUS_DEV_INTEL_VF" in msg
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("kubernetes.io/vf", "kubernetes.io names are kubelet's own"),
+        ("requests.plexus.dev/vf", "reserves for quota"),
+    ],
+)
+def test_resource_names_kubelet_refuses_are_refused(name: str, problem: str) -> None:
+    msg = _error(f"pools:\n  - resourceName: {name}\n    selectors: {{vendors: ['8086']}}\n")
+    assert problem in msg
+
+
+def test_a_single_label_prefix_is_a_resource_name_kubelet_takes() -> None:
+    pools = parse_pools(
+        "pools:\n  - resourceName: intel/vf\n    selectors: {vendors: ['8086']}\n", SOURCE
+    )
+    assert pools.pools[0].resource_name == "intel/vf"
 
 
 @pytest.mark.parametrize(
@@ -418,7 +462,7 @@ def test_desired_num_vfs_uses_pf_level_selectors_and_takes_the_largest() -> None
             selectors: {rootDevices: ["0000:3b:00.0"]}
             numVfs: 16
           - resourceName: plexus.dev/c
-            selectors: {vendors: ["15b3"]}
+            selectors: {vendors: ["15b3"], pfNames: [ib0]}
             numVfs: 8
           - resourceName: plexus.dev/d
             selectors: {pfNames: [ens2f0]}
@@ -426,7 +470,7 @@ def test_desired_num_vfs_uses_pf_level_selectors_and_takes_the_largest() -> None
           - resourceName: plexus.dev/e
             selectors: {pfNames: [ens2f0]}
           - resourceName: plexus.dev/f
-            selectors: {vendors: ["15b3"], linkTypes: [ether]}
+            selectors: {vendors: ["15b3"], pfNames: [ib0], linkTypes: [ether]}
             numVfs: 32
         """
     )
