@@ -14,7 +14,6 @@ This module and `sriov.podresources` are the only ones that import grpc (an impo
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -26,7 +25,7 @@ from typing import Any, Final
 import grpc  # type: ignore[import-untyped]
 import structlog
 
-from metaplugin.errors import InvalidConfig
+from metaplugin.errors import InvalidConfig, PlexusError
 from sriov.kubeletapi import deviceplugin_v1beta1_pb2 as pb
 from sriov.kubeletapi import deviceplugin_v1beta1_pb2_grpc as pb_grpc
 from sriov.owner import DeviceType
@@ -268,7 +267,7 @@ class PoolDevicePlugin:
             # Read the devices outside the lock: the callback takes the agent's own locks.
             try:
                 devices = [_to_device(d) for d in self._devices()]
-            except Exception:
+            except (PlexusError, OSError):  # e.g. the pool left the pools file meanwhile
                 # kubelet never dials a finished stream again: it waits for a new Register.
                 self._log.exception("device_plugin_list_failed")
                 with self._cond:
