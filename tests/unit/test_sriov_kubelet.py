@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from metaplugin.errors import InvalidConfig, TryAgainLater
+from metaplugin.errors import DeviceNotFound, InvalidConfig, TryAgainLater
 from sriov.deviceplugin import DeviceView, PoolDevicePlugin, preferred_allocation, socket_name
 from sriov.podresources import PodResourcesClient
 from tests.support.kubelet import KubeletStandin, wait_until
@@ -119,6 +119,29 @@ def test_unhealthy_vf_reaches_kubelet_within_a_second(kubelet, make_plugin):
     del pool.views[1]  # the VF left sysfs altogether
     plugin.notify()
     assert kubelet.wait_for(lambda k: health(k) == {VF1: "Healthy"}, timeout=1.0)
+
+
+class FailingOnce(Pool):
+    """A device list that cannot be read once (the pool left the pools file meanwhile)."""
+
+    failed = False
+
+    def __call__(self) -> list[DeviceView]:
+        if not self.failed and len(self.views) > 1:
+            self.failed = True
+            raise DeviceNotFound("no VF pool named plexus.dev/intel_vf on this node")
+        return super().__call__()
+
+
+def test_a_stream_that_fails_registers_again(kubelet, make_plugin):
+    # kubelet never dials a finished ListAndWatch again; it waits for a new Register.
+    pool = FailingOnce(vf(VF1))
+    plugin = make_plugin(pool)
+    assert kubelet.wait_for(lambda k: health(k) == {VF1: "Healthy"})
+    pool.views.append(vf(VF2))
+    plugin.notify()  # this list fails: the stream ends
+    assert kubelet.wait_for(lambda k: k.registered(RESOURCE) == 2, timeout=5.0)
+    assert kubelet.wait_for(lambda k: health(k) == {VF1: "Healthy", VF2: "Healthy"})
 
 
 def test_registration_is_retried_until_kubelet_appears(short_dir, make_plugin):
