@@ -19,6 +19,7 @@ import ctypes
 import ctypes.util
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -30,6 +31,9 @@ from delegates.netns import run_in_netns
 from metaplugin import cni
 from metaplugin.errors import PlexusError
 from sriov.records import HostState
+
+# How long a DEL waits for the kernel to hand a dead pod netns's VF back to the node.
+REFUND_WAIT: Final = 2.0
 
 ALIAS_PREFIX: Final = "plexus-vf"
 _CLONE_NEWNET: Final = 0x40000000
@@ -143,10 +147,14 @@ def locate(pci: str, pod_netns: str, host_name: str | None) -> Located | None:
     """Find a VF netdev: in the pod by our alias, else in the node by our alias, by its PCI
     parent, or (a crash before the alias was set) under its host name without an alias."""
     if pod_netns and cni.is_netns(pod_netns):
-        with Netlink.open(pod_netns) as pod:
-            for link in pod.links():
-                if alias_host_name(link.alias, pci) is not None:
-                    return Located(pod_netns, link)
+        try:
+            with Netlink.open(pod_netns) as pod:
+                links = pod.links()
+        except (OSError, PlexusError):
+            links = []  # the netns went between the check and the open: look in the node
+        for link in links:
+            if alias_host_name(link.alias, pci) is not None:
+                return Located(pod_netns, link)
     with Netlink.open() as node:
         links = node.links()
     matches: tuple[Callable[[Link], bool], ...] = (
@@ -183,13 +191,22 @@ def restore_to_node(where: Located, host: HostState) -> None:
         vf = node.require(host.name)
         node.modify(vf.index, mac=host.mac, what=f"restoring the MAC of VF {host.name}")
         node.modify(vf.index, mtu=host.mtu, what=f"restoring the MTU of VF {host.name}")
-        node.modify(vf.index, alias="", what=f"clearing the alias of VF {host.name}")
+        if host.up:
+            node.set_up(vf.index)
+        # Last: until here an interrupted restore is found again by our alias.
+        node.modify(vf.index, alias=host.alias or "", what=f"restoring the alias of VF {host.name}")
 
 
-def put_back(pci: str, pod_netns: str, host: HostState) -> str | None:
+def put_back(pci: str, pod_netns: str, host: HostState, *, patient: bool = False) -> str | None:
     """Find the VF netdev wherever it got to and restore it in the node; the reason when it is
     nowhere to be found (then there is nothing left to restore)."""
     where = locate(pci, pod_netns, host.name)
+    deadline = time.monotonic() + (REFUND_WAIT if patient else 0.0)
+    while where is None and time.monotonic() < deadline:
+        # When a pod's netns has just died the kernel hands its physical netdevs back to the
+        # node from a work queue, a moment later: wait for it before calling the VF lost.
+        time.sleep(0.05)
+        where = locate(pci, pod_netns, host.name)
     if where is None:
         return f"its netdev {host.name} is in neither the pod's nor the node's namespace"
     restore_to_node(where, host)

@@ -248,8 +248,18 @@ class _Attach:
         if fields and placement.pf.netdev is not None:
             pf, index = placement.pf.netdev, placement.vf.index
             applied = vfconfig.apply(pf, index, wanted, before)
-            what = f"VF {self.pci} PF-side"
-            self.undo.callback(_quietly, what, vfconfig.restore, pf, index, before, applied)
+            self.undo.callback(self._restore_pf_side, before, applied)
+
+    def _restore_pf_side(self, before: VfSettings, applied: tuple[str, ...]) -> None:
+        """Undo of the PF-side settings. When it fails the VF must not go back to the pool with
+        the NAD's VLAN or trust still on: `_abandon` marks it unhealthy, the audit retries."""
+        assert self.placement.pf.netdev is not None
+        pf, index = self.placement.pf.netdev, self.placement.vf.index
+        try:
+            vfconfig.restore(pf, index, before, applied)
+        except PlexusError as exc:
+            log.error("sriov_rollback_step_failed", step=f"VF {self.pci} PF-side", error=exc.msg)
+            self.broken.append(f"its PF-side settings could not be put back: {exc.msg}")
 
     def netdev(self, conf: SriovConf, req: PluginRequest, ipam: Ipam) -> Result:
         vf = self.placement.vf
@@ -261,7 +271,13 @@ class _Attach:
         mac = conf.wanted_mac(req.runtime_config)
         with Netlink.open() as node:
             link = node.require(vf.netdev)
-            host = HostState(name=link.name, mac=link.mac or None, mtu=link.mtu or None)
+            host = HostState(
+                name=link.name,
+                mac=link.mac or None,
+                mtu=link.mtu or None,
+                alias=link.alias or None,
+                up=link.up,
+            )
             self.pf_side(conf.pf_side(mac), host=host)
             node.modify(link.index, alias=vf_alias(vf.pci, host.name), what=f"VF {host.name}")
         self.undo.callback(_put_back, vf.pci, self.holder, host, self.broken)

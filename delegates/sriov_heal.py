@@ -40,14 +40,15 @@ def release_attachment(owner: VfOwner, pci: str, holder: Holder) -> None:
     or repeated DEL must touch nothing)."""
     rec = owner.release_begin(pci, holder)
     if rec is not None:
-        release_vf(owner, rec)
+        release_vf(owner, rec, patient=True)
 
 
-def release_vf(owner: VfOwner, rec: VfRecord) -> str | None:
+def release_vf(owner: VfOwner, rec: VfRecord, *, patient: bool = False) -> str | None:
     """A RELEASING VF back to its pool: PF-side settings as before, its netdev back in the node
     under its host name with its MAC and MTU, then free. A VF or netdev found nowhere is marked
     unhealthy and the reason returned. Other failures raise, leaving the record RELEASING for
-    DEL's retry or the next audit."""
+    DEL's retry or the next audit. `patient` (DEL): give the kernel a moment to hand back the
+    netdev of a pod netns that has just died."""
     try:
         placement: Placement | None = owner.lookup(rec.pci)
     except PlexusError:
@@ -62,7 +63,7 @@ def release_vf(owner: VfOwner, rec: VfRecord) -> str | None:
     if placement is not None and host is not None:
         netns = rec.holder.netns if rec.holder else ""
         try:
-            missing = put_back(rec.pci, netns, host)
+            missing = put_back(rec.pci, netns, host, patient=patient)
         except PlexusError as exc:
             failures.append(exc)
     if failures:
@@ -84,25 +85,32 @@ def _collect(failures: list[PlexusError], step: Callable[[], None]) -> None:
         failures.append(exc)
 
 
-def audit(owner: VfOwner, *, in_flight: Callable[[str], bool]) -> AuditReport:
-    """Compare every held VF with reality and heal what no ADD or DEL is working on."""
+def audit(owner: VfOwner) -> AuditReport:
+    """Compare every VF the ledger remembers with reality and heal what no ADD or DEL is
+    working on. Each VF is looked at under the agent's lease, so a DEL or ADD that starts
+    meanwhile waits its turn instead of racing the heal (or, for DEL, leaves it to the heal)."""
     report = AuditReport()
     for rec in owner.records():
-        if in_flight(rec.pci) or rec.state == VfState.FREE:
-            continue
-        if rec.state == VfState.UNHEALTHY:
-            _retry(owner, rec, report)
-            continue
-        holder = rec.holder or Holder(container_id="", ifname="")
+        if rec.state == VfState.FREE or not owner.lease(rec.pci, rec):
+            continue  # free, or busy / changed since listed: the next audit looks again
         try:
-            if rec.state == VfState.ATTACHED and _still_attached(rec, holder):
-                report.ok += 1
-                continue
-        except (PlexusError, OSError) as exc:  # a pod netns vanishing under our feet
+            _look_at(owner, rec, report)
+        except (PlexusError, OSError) as exc:  # e.g. a pod netns vanishing under our feet
             log.warning("vf_audit_skipped", pci=rec.pci, error=str(exc))
-            continue  # the next audit looks again
-        _heal(owner, rec, holder, report)
+        finally:
+            owner.unlease(rec.pci)
     return report
+
+
+def _look_at(owner: VfOwner, rec: VfRecord, report: AuditReport) -> None:
+    if rec.state == VfState.UNHEALTHY:
+        _retry(owner, rec, report)
+        return
+    holder = rec.holder or Holder(container_id="", ifname="")
+    if rec.state == VfState.ATTACHED and _still_attached(rec, holder):
+        report.ok += 1
+        return
+    _heal(owner, rec, holder, report)
 
 
 def _retry(owner: VfOwner, rec: VfRecord, report: AuditReport) -> None:
@@ -122,15 +130,16 @@ def _retry(owner: VfOwner, rec: VfRecord, report: AuditReport) -> None:
 
 
 def _still_attached(rec: VfRecord, holder: Holder) -> bool:
-    """The pod netns is there and holds the VF (by our alias) under the holder's ifname; a
-    vfio-pci VF has no netdev to look for, so its pod netns existing is all there is."""
+    """The pod netns is there and holds the VF, found by our alias under whatever name the pod
+    gave it (an app with NET_ADMIN may rename its interfaces); a vfio-pci VF has no netdev to
+    look for, so its pod netns existing is all there is."""
     if not holder.netns or not cni.is_netns(holder.netns):
         return False
     if rec.host is None:
         return True
     with Netlink.open(holder.netns) as pod:
-        link = pod.link(holder.ifname)
-    return link is not None and alias_host_name(link.alias, rec.pci) is not None
+        links = pod.links()
+    return any(alias_host_name(link.alias, rec.pci) is not None for link in links)
 
 
 def _heal(owner: VfOwner, rec: VfRecord, holder: Holder, report: AuditReport) -> None:
@@ -141,7 +150,7 @@ def _heal(owner: VfOwner, rec: VfRecord, holder: Holder, report: AuditReport) ->
         VfState.RELEASING: "DEL cut short",
     }.get(rec.state, str(rec.state))
     try:
-        releasing = owner.release_begin(rec.pci, holder)
+        releasing = owner.release_begin(rec.pci, holder, healing=True)
         if releasing is None:  # changed hands since we read it: nothing of ours to heal
             return
         missing = release_vf(owner, releasing)

@@ -17,10 +17,12 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 from metaplugin.cni import CniRequest
-from metaplugin.errors import DeviceNotFound, DeviceUnavailable
+from metaplugin.errors import DeviceNotFound, DeviceUnavailable, InvalidConfig
 from metaplugin.resolve import PlannedAttachment, PodInfo
 from sriov.agent import NodeAgent
 from sriov.records import Holder
+
+SRIOV_TYPE = "plexus-sriov"
 
 
 class DeviceSource(Protocol):
@@ -87,6 +89,7 @@ class LocalPools(_Base):
         try:
             for position, att in _wanting(plan):
                 assert att.resource_name is not None
+                _only_plexus_sriov(att)
                 holder = Holder(
                     container_id=req.container_id,
                     ifname=att.ifname,
@@ -105,13 +108,26 @@ class LocalPools(_Base):
         self._pools.release_unattached(container_id)
 
 
+def _only_plexus_sriov(att: PlannedAttachment) -> None:
+    # Only plexus-sriov tells the node agent when its VF is attached and released; another
+    # plugin given a VF from the pool would leave it reserved forever.
+    types = [str(p.get("type")) for p in _plugins(att.config) if isinstance(p, dict)]
+    if SRIOV_TYPE not in types:
+        raise InvalidConfig(
+            f"network {att.network}: in local mode a VF pool ({att.resource_name}) serves only "
+            f"{SRIOV_TYPE}, which gives the VF back on DEL; this network's plugins are "
+            f"{', '.join(types)}. Change its type to {SRIOV_TYPE} (it takes sriov-cni's keys)"
+        )
+
+
 class Devices(Protocol):
     def devices(self, namespace: str, name: str) -> dict[str, list[str]]: ...
 
 
 class KubeletGrants(_Base):
     """Cluster mode: the devices kubelet granted the pod, one per attachment of the resource,
-    in kubelet's order (two attachments of one SR-IOV NAD get two different VFs)."""
+    in the order PodResources lists them (two attachments of one SR-IOV NAD get two different
+    VFs; which gets which is not promised, as in Multus)."""
 
     def __init__(self, client: Devices, agent: NodeAgent | None) -> None:
         super().__init__(agent)

@@ -93,7 +93,7 @@ class SriovNode:
         self._loop.start()
 
     def audit_once(self) -> dict[str, Any]:
-        report = audit(self.agent, in_flight=self.agent.in_flight)
+        report = audit(self.agent)
         summary = asdict(report)
         counts = {k: v if isinstance(v, int) else len(v) for k, v in summary.items()}
         log.info("vf_audit_done", **counts)

@@ -92,7 +92,9 @@ class NodeAgent:
         self._pool_of: dict[str, str] = {}
         self._advertised: dict[str, set[str]] = {}
         self._forget_vanished = False  # the admin changed pools or numVfs: start afresh
-        self._in_flight: set[str] = set()
+        # PCI -> who is changing it now: "op" (an ADD or DEL) or "heal" (the audit's lease).
+        self._in_flight: dict[str, str] = {}
+        self._num_vfs_pending = False  # a numVfs change waits for pods to release VFs
         self._verified = False  # no VF is given out before the first audit finished
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -146,47 +148,58 @@ class NodeAgent:
             log.error("vf_pools_invalid", path=str(self._pools_path), error=exc.msg)
             return False
         with self._lock:
+            # The pools and their membership change together: a lookup in between would
+            # find a VF's pool gone.
             self._pools = pools
             self._forget_vanished = True
+            self._reconcile("reload")
         log.info("vf_pools_reloaded", path=str(self._pools_path), pools=len(pools.pools))
         self._apply_num_vfs()
-        self._inventory.refresh()
-        self._reconcile("reload")
         if self._verified:
             self._start_plugins()
         return True
 
     def _watch_pools(self) -> None:
         while not self._stop.wait(POOLS_CHECK_INTERVAL):
-            if self._pools_path is None:
-                continue
-            stamp = _stamp(self._pools_path)
-            if stamp != self._pools_stamp:
-                self._pools_stamp = stamp
-                self.reload()
+            if self._pools_path is not None:
+                stamp = _stamp(self._pools_path)
+                if stamp != self._pools_stamp:
+                    self._pools_stamp = stamp
+                    self.reload()
+                    continue
+            if self._num_vfs_pending:
+                self._apply_num_vfs()  # pods may have released what held a change back
 
     def _apply_num_vfs(self) -> None:
-        snapshot = self._inventory.snapshot
-        for pf_pci, wanted in desired_num_vfs(snapshot, self._pools).items():
-            pf = snapshot.pfs.get(pf_pci)
-            if pf is None or pf.num_vfs == wanted:
-                continue
-            held = [vf.pci for vf in pf.vfs if self._ledger.get(vf.pci).state in HELD]
-            if held:
-                # Changing sriov_numvfs goes through 0, which would pull every VF out of its pod.
-                log.warning(
-                    "num_vfs_deferred", pf=pf_pci, have=pf.num_vfs, want=wanted, in_use=held
-                )
-                continue
-            try:
-                self._sysfs.set_num_vfs(pf_pci, wanted)
-            except PlexusError as exc:
-                log.error("num_vfs_failed", pf=pf_pci, want=wanted, error=exc.msg)
-                continue
-            log.info("num_vfs_set", pf=pf_pci, was=pf.num_vfs, now=wanted)
+        """Write each PF's numVfs where it differs. The check that no pod holds a VF of the PF
+        and the write happen under the agent's lock, so no allocation slips in between (the
+        kernel goes through 0 VFs, which would pull a VF out of its pod)."""
+        pending = False
+        changed = False
+        for pf_pci, wanted in desired_num_vfs(self._inventory.snapshot, self._pools).items():
             with self._lock:
+                pf = self._inventory.snapshot.pfs.get(pf_pci)
+                if pf is None or pf.num_vfs == wanted:
+                    continue
+                held = [vf.pci for vf in pf.vfs if self._ledger.get(vf.pci).state in HELD]
+                if held:
+                    if not self._num_vfs_pending:
+                        log.warning(
+                            "num_vfs_deferred", pf=pf_pci, have=pf.num_vfs, want=wanted, in_use=held
+                        )
+                    pending = True
+                    continue
+                try:
+                    self._sysfs.set_num_vfs(pf_pci, wanted)
+                except PlexusError as exc:
+                    log.error("num_vfs_failed", pf=pf_pci, want=wanted, error=exc.msg)
+                    continue
                 self._forget_vanished = True  # VFs we removed ourselves are not faults
-        self._inventory.refresh()
+                changed = True
+            log.info("num_vfs_set", pf=pf_pci, was=pf.num_vfs, now=wanted)
+        self._num_vfs_pending = pending
+        if changed:
+            self._inventory.refresh()
 
     def _start_plugins(self) -> None:
         if self._plugin_factory is None:
@@ -342,10 +355,6 @@ class NodeAgent:
         """Re-read sysfs now (uevents do this on their own; for tests and `reload`)."""
         return self._inventory.refresh()
 
-    def in_flight(self, pci: str) -> bool:
-        with self._lock:
-            return pci in self._in_flight
-
     def pool_of(self, pci: str) -> str | None:
         with self._lock:
             return self._pool_of.get(pci)
@@ -369,7 +378,7 @@ class NodeAgent:
             )
         with self._lock:
             record = self._ledger.reserve(resource_name, holder)
-            self._in_flight.add(record.pci)
+            self._in_flight[record.pci] = "op"
         log.info("vf_reserved", pci=record.pci, pool=resource_name, container=holder.container_id)
         return record.pci
 
@@ -407,7 +416,7 @@ class NodeAgent:
         pf = snapshot.pf_of(vf)
         assert pf is not None  # a VF is only read through its PF
         pool = self.pool_of(pci)
-        spec = self._spec(pool) if pool else None
+        spec = self._pools.pool(pool) if pool else None
         device_type: DeviceType = (
             spec.device_type if spec else ("vfio-pci" if vf.is_vfio else "netdevice")
         )
@@ -418,7 +427,7 @@ class NodeAgent:
         with self._lock:
             record = self._ledger.get(pci)
             if record.state == VfState.RESERVED and _same(record.holder, holder):
-                self._in_flight.add(pci)
+                self._in_flight[pci] = "op"
                 return self._ledger.put(record.model_copy(update={"holder": holder}))
             if not self._verified:
                 raise DeviceUnavailable(f"VF {pci} is not verified yet (start-up audit running)")
@@ -429,7 +438,7 @@ class NodeAgent:
                 holder=holder,
                 pool=self._pool_of.get(pci),
             )
-            self._in_flight.add(pci)
+            self._in_flight[pci] = "op"
         return record
 
     def prepare(
@@ -456,13 +465,30 @@ class NodeAgent:
         self._done(pci)
         log.info("vf_attached", pci=pci, container=holder.container_id, ifname=holder.ifname)
 
-    def release_begin(self, pci: str, holder: Holder) -> VfRecord | None:
+    def release_begin(self, pci: str, holder: Holder, *, healing: bool = False) -> VfRecord | None:
         with self._lock:
+            actor = self._in_flight.get(pci)
+            if healing != (actor == "heal"):
+                return None  # the audit is putting it back (or, healing, lost its lease)
             record = self._ledger.get(pci)
             if record.state not in HELD or not _same(record.holder, holder):
                 return None
-            self._in_flight.add(pci)
+            self._in_flight[pci] = "heal" if healing else "op"
             return self._ledger.transition(pci, expect=set(HELD), to=VfState.RELEASING)
+
+    def lease(self, pci: str, seen: VfRecord) -> bool:
+        """The audit's exclusive hold on a VF, granted only when no ADD or DEL is working on
+        it and its record is still exactly what the audit read."""
+        with self._lock:
+            if pci in self._in_flight or self._ledger.get(pci) != seen:
+                return False
+            self._in_flight[pci] = "heal"
+            return True
+
+    def unlease(self, pci: str) -> None:
+        with self._lock:
+            if self._in_flight.get(pci) == "heal":
+                del self._in_flight[pci]
 
     def release_done(self, pci: str) -> None:
         self._ledger.transition(pci, expect={VfState.RELEASING, VfState.RESERVED}, to=VfState.FREE)
@@ -470,27 +496,35 @@ class NodeAgent:
         log.info("vf_freed", pci=pci)
 
     def mark_unhealthy(self, pci: str, reason: str) -> None:
-        record = self._ledger.get(pci)
-        again = record.state == VfState.UNHEALTHY and record.reason == reason
-        self._ledger.put(record.model_copy(update={"state": VfState.UNHEALTHY, "reason": reason}))
-        self._done(pci)
-        if not again:  # the periodic audit retries: say it once, not every minute
-            log.warning("vf_unhealthy", pci=pci, reason=reason)
-        self._reconcile("unhealthy")
+        with self._lock:
+            record = self._ledger.get(pci)
+            if record.state not in (VfState.RESERVED, VfState.RELEASING, VfState.UNHEALTHY):
+                # Only what is being put back (or already out) goes out of circulation: never
+                # a VF that meanwhile went free or to another pod.
+                log.error("vf_unhealthy_refused", pci=pci, state=record.state.value, reason=reason)
+                return
+            again = record.state == VfState.UNHEALTHY and record.reason == reason
+            self._ledger.put(
+                record.model_copy(update={"state": VfState.UNHEALTHY, "reason": reason})
+            )
+            self._in_flight.pop(pci, None)
+            if not again:  # the periodic audit retries: say it once, not every minute
+                log.warning("vf_unhealthy", pci=pci, reason=reason)
+            self._reconcile("unhealthy")
 
     def retry_unhealthy(self, pci: str) -> VfRecord | None:
         with self._lock:
             record = self._ledger.get(pci)
-            if record.state != VfState.UNHEALTHY or pci in self._in_flight:
-                return None
+            if record.state != VfState.UNHEALTHY or self._in_flight.get(pci) != "heal":
+                return None  # only under the audit's lease
             if record.holder is not None and (record.host or record.pf_applied):
-                self._in_flight.add(pci)
                 return self._ledger.transition(
                     pci, expect={VfState.UNHEALTHY}, to=VfState.RELEASING
                 )
             vf = self._inventory.snapshot.vf(pci)
             pool = self._pool_of.get(pci)
-            dtype: DeviceType = self._spec(pool).device_type if pool else "netdevice"
+            spec = self._pools.pool(pool) if pool else None
+            dtype: DeviceType = spec.device_type if spec else "netdevice"
             if vf is None or _misfit(vf, dtype) is not None:
                 return None
             freed = self._ledger.transition(pci, expect={VfState.UNHEALTHY}, to=VfState.FREE)
@@ -506,7 +540,7 @@ class NodeAgent:
 
     def _done(self, pci: str) -> None:
         with self._lock:
-            self._in_flight.discard(pci)
+            self._in_flight.pop(pci, None)
 
 
 def _misfit(vf: Vf, device_type: DeviceType) -> str | None:

@@ -52,21 +52,33 @@ class VfOwner(Protocol):
         """reserved -> attached, durably: ADD is done."""
         ...
 
-    def release_begin(self, pci: str, holder: Holder) -> VfRecord | None:
+    def release_begin(self, pci: str, holder: Holder, *, healing: bool = False) -> VfRecord | None:
         """reserved|attached|releasing -> releasing and the record to restore from; None when
-        `holder` does not hold this VF (a stale or repeated DEL must touch nothing)."""
+        `holder` does not hold this VF (a stale or repeated DEL must touch nothing), or when
+        the audit holds its lease on it (it is putting the VF back itself). The audit passes
+        `healing=True`, under its lease."""
         ...
+
+    def lease(self, pci: str, seen: VfRecord) -> bool:
+        """The audit's exclusive hold on a VF: only when no ADD or DEL works on it and its
+        record is still `seen`. Released by `unlease`, or by the VF's release or unhealthy."""
+        ...
+
+    def unlease(self, pci: str) -> None: ...
 
     def release_done(self, pci: str) -> None:
         """releasing -> free."""
         ...
 
-    def mark_unhealthy(self, pci: str, reason: str) -> None: ...
+    def mark_unhealthy(self, pci: str, reason: str) -> None:
+        """reserved|releasing|unhealthy -> unhealthy with the reason; refused (logged) for a VF
+        that meanwhile went free or to another holder."""
+        ...
 
     def retry_unhealthy(self, pci: str) -> VfRecord | None:
-        """An audit's second chance for an unhealthy VF: RELEASING (to heal like a DEL) when
-        it still knows what to restore, FREE when there is nothing to restore and the VF is
-        present and fits its pool again, None when it stays unhealthy."""
+        """Under the audit's lease, a second chance for an unhealthy VF: RELEASING (to heal
+        like a DEL) when it still knows what to restore, FREE when there is nothing to restore
+        and the VF is present and fits its pool again, None when it stays unhealthy."""
         ...
 
     def held_by(self, container_id: str, ifname: str) -> VfRecord | None:

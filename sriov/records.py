@@ -66,6 +66,8 @@ class HostState(BaseModel):
     name: str
     mac: str | None = None
     mtu: int | None = None
+    alias: str | None = None  # the admin's own alias, put back when ours comes off
+    up: bool | None = None  # VFs usually rest down in the node; one the admin had up stays up
 
 
 class VfRecord(BaseModel):

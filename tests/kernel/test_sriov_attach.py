@@ -93,7 +93,7 @@ def node(
             )  # fmt: skip
             agent.start()
             try:
-                run_in_netns(nsim.node.path, lambda: audit(agent, in_flight=agent.in_flight))
+                run_in_netns(nsim.node.path, lambda: audit(agent))
                 agent.audit_finished()
                 plugin = Sriov(ipam=Ipam(exec_=RawExec(), timeout=30), owner=agent)
                 yield Node(nsim, bed, agent, plugin, netns)

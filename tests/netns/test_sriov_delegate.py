@@ -27,6 +27,7 @@ from delegates.sriov import Sriov, SriovConf
 from delegates.sriov_heal import AuditReport, audit
 from metaplugin.cni import Result
 from metaplugin.errors import DeviceSettingUnsupported, InvalidConfig, PlexusError
+from sriov import vfconfig
 from sriov.agent import NodeAgent
 from sriov.records import Holder, HostState, VfRecord, VfSettings, VfState
 from sriov.sysfs import Sysfs
@@ -80,7 +81,7 @@ class World:
         return self.agent
 
     def audit(self) -> AuditReport:
-        report = self.in_node(lambda: audit(self.agent, in_flight=self.agent.in_flight))
+        report = self.in_node(lambda: audit(self.agent))
         self.agent.audit_finished()
         return report
 
@@ -198,7 +199,9 @@ def test_add_attaches_the_vf_check_passes_and_del_restores_it(world: World) -> N
     record = world.record(vf)
     assert record.state == VfState.ATTACHED
     assert (record.holder.pod_namespace, record.holder.pod_name) == ("default", "web-1")
-    assert record.host == HostState(name=before["ifname"], mac=before["address"], mtu=1500)
+    assert record.host == HostState(
+        name=before["ifname"], mac=before["address"], mtu=1500, alias=None, up=False
+    )
 
     world.in_node(lambda: world.plugin.check(request(pod, "c1", conf, result), result))
 
@@ -233,6 +236,41 @@ def test_a_stale_del_never_touches_a_vf_now_held_by_another_pod(world: World) ->
     assert "net1" in pod_b.links()
     assert world.record(vf).state == VfState.ATTACHED
     assert world.record(vf).holder.container_id == "cb"
+
+
+def test_the_audit_leaves_a_vf_the_pod_renamed(world: World) -> None:
+    vf = world.vfs[0]
+    pod = world.pod("p1")
+    world.in_node(lambda: world.plugin.add(request(pod, "c1", netconf(world, vf))))
+    pod.run("ip", "link", "set", "net1", "down")
+    pod.run("ip", "link", "set", "net1", "name", "data0")  # an app with NET_ADMIN
+
+    report = world.audit()
+
+    assert (report.ok, report.healed) == (1, [])
+    assert "data0" in pod.links()
+    assert world.record(vf).state == VfState.ATTACHED
+
+
+def test_a_pf_side_restore_that_fails_in_rollback_takes_the_vf_out_of_circulation(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The bed's veth PF takes no PF-side setting; our own vfconfig adaptor stands in for a
+    # driver that takes the VLAN but then refuses to clear it.
+    def refuse(*_: Any) -> None:
+        raise PlexusError("PF pxsf0 refused vlan=0 for VF 1: Device or resource busy")
+
+    monkeypatch.setattr(vfconfig, "read_vf", lambda *_: VfSettings(vlan=0, qos=0))
+    monkeypatch.setattr(vfconfig, "apply", lambda *_: ("vlan", "qos", "vlan_proto"))
+    monkeypatch.setattr(vfconfig, "restore", refuse)
+    vf = world.vfs[1]
+    pod = _pod_with_net1(world)  # the move fails: the rollback runs
+    with pytest.raises(LinkExists):
+        world.in_node(lambda: world.plugin.add(request(pod, "c1", netconf(world, vf, vlan=100))))
+
+    record = world.record(vf)
+    assert record.state == VfState.UNHEALTHY  # never back in the pool with VLAN 100 on it
+    assert "PF-side settings could not be put back" in record.reason
 
 
 def _pod_with_net1(world: World) -> Netns:

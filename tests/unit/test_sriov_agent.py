@@ -178,12 +178,11 @@ def test_reload_applies_an_edited_file_and_keeps_the_old_one_when_broken(
             selectors: {{rootDevices: ["{PF}#1-3"]}}
         """,
     )
+    wanted = {POOL: 1, "plexus.dev/other": 3}
     deadline = time.monotonic() + 5  # the watcher notices within about a second
-    while not agent.has_pool("plexus.dev/other"):
+    while {p["resourceName"]: p["total"] for p in agent.pools_view()} != wanted:
         assert time.monotonic() < deadline, "the edited pools file was not picked up"
         time.sleep(0.05)
-    sizes = {p["resourceName"]: p["total"] for p in agent.pools_view()}
-    assert sizes == {POOL: 1, "plexus.dev/other": 3}
 
     pools_file.write_text("pools:\n  - resourceName: [broken\n")
     assert agent.reload() is False
@@ -210,5 +209,39 @@ def test_num_vfs_is_applied_but_never_under_vfs_in_use(
 
     agent.release_begin("0000:03:02.0", _holder("c1"))
     agent.release_done("0000:03:02.0")
-    assert agent.reload() is True
-    assert numvfs.read_text().strip() == "2"
+    deadline = time.monotonic() + 5  # the deferred change goes in once nothing holds a VF
+    while numvfs.read_text().strip() != "2":
+        assert time.monotonic() < deadline, "the deferred numVfs was never applied"
+        time.sleep(0.05)
+
+
+def test_the_audit_lease_keeps_del_and_heal_apart(agent: NodeAgent) -> None:
+    agent.audit_finished()
+    vf, holder = "0000:03:02.0", _holder("c1")
+    agent.claim(vf, holder)
+    agent.attached(vf, holder)
+    seen = agent.held_by("c1", "net1")
+    assert seen is not None
+
+    assert agent.lease(vf, seen)
+    assert not agent.lease(vf, seen)  # one lease at a time
+    assert agent.release_begin(vf, holder) is None  # a DEL now leaves the VF to the heal
+    healing = agent.release_begin(vf, holder, healing=True)
+    assert healing is not None and healing.state == VfState.RELEASING
+    agent.release_done(vf)
+    agent.unlease(vf)
+    assert agent.allocate(POOL, _holder("c2")) == vf
+
+    stale = agent.held_by("c2", "net1")
+    assert stale is not None
+    agent.claim(vf, _holder("c2"))  # the record moves on after the audit read it
+    assert not agent.lease(vf, stale)
+
+
+def test_mark_unhealthy_never_takes_a_vf_from_its_new_holder(agent: NodeAgent) -> None:
+    agent.audit_finished()
+    vf = agent.allocate(POOL, _holder("c1"))
+    agent.attached(vf, _holder("c1"))
+    agent.mark_unhealthy(vf, "a late heal of an older attachment")
+    record = agent.held_by("c1", "net1")
+    assert record is not None and record.state == VfState.ATTACHED
