@@ -17,7 +17,8 @@ import structlog
 from delegates.sriov_heal import audit
 from metaplugin.config import DaemonConfig
 from metaplugin.devices import DeviceSource, KubeletGrants, LocalPools
-from sriov.agent import DevicePlugin, NodeAgent, VfView
+from sriov.agent import DevicePlugin, NodeAgent
+from sriov.health import VfView
 from sriov.pools import PoolSpec, env_name
 from sriov.sysfs import Sysfs
 from sriov.uevents import UeventSource, open_source

@@ -5,7 +5,8 @@ the durable VF ledger and, in cluster mode, one kubelet device plugin per pool. 
 VFs may be given out (present, bound to a driver that fits the pool's deviceType, not unhealthy,
 and verified by an audit), applies each PF's numVfs, and implements `VfOwner` for the
 `plexus-sriov` delegate and the audit. plexusd builds it (`metaplugin.daemon`); `plexusctl pools`
-and `plexusctl vfs` read `pools_view()` / `vfs_view()` through the daemon's API.
+and `plexusctl vfs` read `pools_view()` / `vfs_view()` through the daemon's API; the health rules
+and the views themselves are `sriov.health`.
 """
 
 from __future__ import annotations
@@ -14,25 +15,24 @@ import functools
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
 
 from metaplugin.errors import DeviceNotFound, DeviceUnavailable, PlexusError
+from sriov.health import VfView, givable, misfit, pool_summary, vf_view
 from sriov.inventory import Inventory
-from sriov.ledger import Ledger
-from sriov.model import USERSPACE_DRIVERS, VFIO_DRIVER, Snapshot, Vf
+from sriov.ledger import HELD, Ledger
+from sriov.model import Snapshot, Vf
 from sriov.owner import DeviceType, Placement
-from sriov.pools import PoolsFile, PoolSpec, assign, desired_num_vfs, env_name, load_pools
+from sriov.pools import PoolsFile, PoolSpec, assign, desired_num_vfs, load_pools
 from sriov.records import Holder, HostState, VfRecord, VfSettings, VfState
 from sriov.sysfs import Sysfs
 from sriov.uevents import UeventSource
 
 log = structlog.get_logger(__name__)
 POOLS_CHECK_INTERVAL = 1.0  # how soon an edited pools file takes effect
-HELD = frozenset({VfState.RESERVED, VfState.ATTACHED, VfState.RELEASING})
 
 
 class DevicePlugin(Protocol):
@@ -43,25 +43,6 @@ class DevicePlugin(Protocol):
     def notify(self) -> None: ...
 
     def stop(self) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class VfView:
-    """One VF as `plexusctl vfs` and the device plugins see it."""
-
-    pci: str
-    pf_pci: str
-    pf: str | None
-    index: int
-    pool: str | None
-    driver: str | None
-    netdev: str | None
-    numa_node: int
-    present: bool
-    healthy: bool
-    state: str
-    holder: str  # "namespace/pod (ifname)" or ""
-    reason: str
 
 
 PluginFactory = Callable[[PoolSpec, Callable[[], list[VfView]]], DevicePlugin]
@@ -259,26 +240,7 @@ class NodeAgent:
         raise DeviceNotFound(f"no VF pool named {pool} on this node")
 
     def _givable(self, vf: Vf, device_type: DeviceType) -> bool:
-        """May be given out once free: verified, not unhealthy, and (unless a pod holds it,
-        when its netdev is in the pod) bound to a driver that fits the pool."""
-        if not self._verified:
-            return False
-        state = self._ledger.get(vf.pci).state
-        if state == VfState.UNHEALTHY:
-            return False
-        return state in HELD or _misfit(vf, device_type) is None
-
-    def _health(self, vf: Vf | None, record: VfRecord, device_type: DeviceType) -> tuple[bool, str]:
-        if vf is None:
-            return False, "gone from sysfs"
-        if record.state == VfState.UNHEALTHY:
-            return False, record.reason
-        if not self._verified:
-            return False, "not yet verified by the audit"
-        if record.state in HELD:
-            return True, ""
-        misfit = _misfit(vf, device_type)
-        return (misfit is None), misfit or ""
+        return givable(vf, self._ledger.get(vf.pci).state, device_type, verified=self._verified)
 
     def pool_devices(self, pool: str) -> list[VfView]:
         """The pool's VFs with real health, for its device plugin (a VF that vanished stays
@@ -290,26 +252,8 @@ class NodeAgent:
         return [self._view(snapshot, pci, pool, spec.device_type) for pci in pcis]
 
     def _view(self, snapshot: Snapshot, pci: str, pool: str | None, dtype: DeviceType) -> VfView:
-        vf = snapshot.vf(pci)
         record = self._ledger.get(pci)
-        healthy, reason = self._health(vf, record, dtype)
-        pf = snapshot.pfs.get(vf.pf_pci) if vf else None
-        holder = record.holder
-        return VfView(
-            pci=pci,
-            pf_pci=vf.pf_pci if vf else "",
-            pf=pf.netdev if pf else None,
-            index=vf.index if vf else -1,
-            pool=pool,
-            driver=vf.driver if vf else None,
-            netdev=vf.netdev if vf else None,
-            numa_node=vf.numa_node if vf else -1,
-            present=vf is not None,
-            healthy=healthy,
-            state=record.state.value,
-            holder=_holder_text(holder),
-            reason=reason,
-        )
+        return vf_view(snapshot, pci, record, pool, dtype, verified=self._verified)
 
     def vfs_view(self) -> list[VfView]:
         """Every VF of the node (in a pool or not), every VF a pool advertised, and every VF the
@@ -328,24 +272,11 @@ class NodeAgent:
         return views
 
     def pools_view(self) -> list[dict[str, Any]]:
+        """One summary per pool, in file order, for `plexusctl pools`."""
         views = self.vfs_view()
-        out = []
         with self._lock:
             specs = list(self._pools.pools)
-        for spec in specs:
-            mine = [v for v in views if v.pool == spec.resource_name]
-            out.append(
-                {
-                    "resourceName": spec.resource_name,
-                    "deviceType": spec.device_type,
-                    "env": env_name(spec.resource_name),
-                    "total": len(mine),
-                    "healthy": sum(v.healthy for v in mine),
-                    "free": sum(v.healthy and v.state == VfState.FREE for v in mine),
-                    "inUse": sum(v.state in HELD for v in mine),
-                }
-            )
-        return out
+        return [pool_summary(spec, views) for spec in specs]
 
     @property
     def snapshot(self) -> Snapshot:
@@ -525,7 +456,7 @@ class NodeAgent:
             pool = self._pool_of.get(pci)
             spec = self._pools.pool(pool) if pool else None
             dtype: DeviceType = spec.device_type if spec else "netdevice"
-            if vf is None or _misfit(vf, dtype) is not None:
+            if vf is None or misfit(vf, dtype) is not None:
                 return None
             freed = self._ledger.transition(pci, expect={VfState.UNHEALTHY}, to=VfState.FREE)
         log.info("vf_recovered", pci=pci, was=record.reason)
@@ -543,28 +474,8 @@ class NodeAgent:
             self._in_flight.pop(pci, None)
 
 
-def _misfit(vf: Vf, device_type: DeviceType) -> str | None:
-    """Why a free VF cannot serve its pool yet, or None."""
-    if vf.driver is None:
-        return "no driver bound"
-    if device_type == "vfio-pci":
-        return None if vf.driver == VFIO_DRIVER else f"bound to {vf.driver}, pool wants vfio-pci"
-    if vf.driver in USERSPACE_DRIVERS:
-        return f"bound to {vf.driver}, pool wants a netdevice"
-    if vf.netdev is None:
-        return "no netdev in the node's namespace"
-    return None
-
-
 def _same(a: Holder | None, b: Holder) -> bool:
     return a is not None and a.same_attachment(b)
-
-
-def _holder_text(holder: Holder | None) -> str:
-    if holder is None:
-        return ""
-    pod = f"{holder.pod_namespace}/{holder.pod_name}" if holder.pod_name else holder.container_id
-    return f"{pod} ({holder.ifname})"
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:

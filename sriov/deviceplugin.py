@@ -1,6 +1,7 @@
 """kubelet device plugin (API v1beta1) for one VF pool: serves the DevicePlugin service on its own
 unix socket, registers with kubelet, streams the pool's VFs with their real health, answers
-Allocate (environment and vfio device nodes) and GetPreferredAllocation (one PF, one NUMA node).
+Allocate (environment and vfio device nodes) and GetPreferredAllocation (one PF, one NUMA node;
+the choice itself is `sriov.preference`).
 
 The node agent makes one `PoolDevicePlugin` per pool, passing `devices` (the pool's VFs as
 `DeviceView`s, read on every call) and calling `notify()` whenever they change. kubelet deletes
@@ -29,6 +30,7 @@ from metaplugin.errors import InvalidConfig, PlexusError
 from sriov.kubeletapi import deviceplugin_v1beta1_pb2 as pb
 from sriov.kubeletapi import deviceplugin_v1beta1_pb2_grpc as pb_grpc
 from sriov.owner import DeviceType
+from sriov.preference import preferred_allocation
 
 API_VERSION: Final = "v1beta1"
 HEALTHY: Final = "Healthy"
@@ -362,60 +364,6 @@ def _to_device(view: DeviceView) -> pb.Device:
         pb.TopologyInfo(nodes=[pb.NUMANode(ID=view.numa_node)]) if view.numa_node >= 0 else None
     )
     return pb.Device(ID=view.pci, health=HEALTHY if view.healthy else UNHEALTHY, topology=topology)
-
-
-def preferred_allocation(
-    views: Mapping[str, DeviceView],
-    *,
-    available: Sequence[str],
-    must_include: Sequence[str],
-    size: int,
-) -> list[str]:
-    """Pick `size` ids: `must_include` first, then whole PFs, so one pod's VFs share a PF.
-
-    The next PF is one already used, then (once a NUMA node is known from the first pick) one on
-    the same NUMA node, then the one with the most available VFs, then the lowest PCI address;
-    within a PF, lowest PCI address first. Ids this pool does not know, or knows unhealthy, come
-    last in kubelet's order. Deterministic for a given input.
-    """
-    picks = list(dict.fromkeys(must_include))
-    chosen = set(picks)
-    by_pf: dict[str, list[str]] = {}
-    unknown: list[str] = []
-    for pci in dict.fromkeys(available):
-        view = views.get(pci)
-        if pci in chosen:
-            continue
-        if view is None or not view.healthy:
-            unknown.append(pci)
-        else:
-            by_pf.setdefault(view.pf_pci, []).append(pci)
-    used_pfs = {views[p].pf_pci for p in picks if p in views}
-    anchor = _numa_of(views, picks)
-    while len(picks) < size and by_pf:
-        pf = min(by_pf, key=lambda pf: _pf_rank(pf, by_pf[pf], views, used_pfs, anchor))
-        take = sorted(by_pf.pop(pf))[: size - len(picks)]
-        picks.extend(take)
-        used_pfs.add(pf)
-        anchor = _numa_of(views, picks)
-    picks.extend(unknown[: max(size - len(picks), 0)])
-    return picks
-
-
-def _numa_of(views: Mapping[str, DeviceView], picks: Sequence[str]) -> int | None:
-    first = views.get(picks[0]) if picks else None
-    return first.numa_node if first is not None and first.numa_node >= 0 else None
-
-
-def _pf_rank(
-    pf: str,
-    ids: Sequence[str],
-    views: Mapping[str, DeviceView],
-    used_pfs: set[str],
-    anchor: int | None,
-) -> tuple[bool, bool, int, str]:
-    other_numa = anchor is not None and views[ids[0]].numa_node != anchor
-    return (pf not in used_pfs, other_numa, -len(ids), pf)
 
 
 class _Servicer:

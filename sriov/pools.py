@@ -3,7 +3,8 @@ line), which VFs each pool gets, and how many VFs each PF should have.
 
 The node agent (`sriov.agent`) calls `load_pools` at start and on reload, `assign` on every
 inventory change, and `desired_num_vfs` before writing `sriov_numvfs`; the device plugin names
-its environment variable with `env_name`. Everything here is pure: no sysfs, no kernel.
+its environment variable with `env_name`. Everything here is pure: no sysfs, no kernel. Reading
+the YAML so that errors carry line numbers is `sriov._yamllines`'s job.
 
     pools:
       - resourceName: plexus.dev/intel_vf
@@ -16,12 +17,11 @@ its environment variable with `env_name`. Everything here is pure: no sysfs, no 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -29,14 +29,13 @@ from pydantic import (
     Field,
     PlainSerializer,
     PlainValidator,
-    ValidationError,
     field_validator,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
-from pydantic_core import PydanticCustomError
 
 from metaplugin.errors import InvalidConfig
+from sriov._yamllines import invalid, load_validated
 from sriov.model import Pf, Snapshot, Vf
 
 DeviceType = Literal["netdevice", "vfio-pci"]
@@ -54,12 +53,6 @@ _LINK_TYPES: Final[dict[str, SelectorLinkType]] = {
     "infiniband": "infiniband",
     "ib": "infiniband",
 }
-
-
-def _invalid(reason: str, *, at: tuple[str | int, ...] = ()) -> PydanticCustomError:
-    """A validation error whose text is ours. `at` extends the error's location (a model
-    validator sees the whole model, but the admin wants the line of the field at fault)."""
-    return PydanticCustomError("vf_pools", "{reason}", {"reason": reason, "at": at})
 
 
 # --- selector values ----------------------------------------------------------------------------
@@ -87,24 +80,24 @@ def parse_ranges(text: str, entry: str) -> tuple[tuple[int, int], ...]:
     ranges: list[tuple[int, int]] = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
-            raise _invalid(f"{entry!r} has an empty VF range (write e.g. name#0-3,6)")
+            raise invalid(f"{entry!r} has an empty VF range (write e.g. name#0-3,6)")
         if part.startswith("-") or "--" in part:
-            raise _invalid(f"{entry!r} has a negative VF index: VF indexes start at 0")
+            raise invalid(f"{entry!r} has a negative VF index: VF indexes start at 0")
         bounds = part.split("-")
         if len(bounds) > 2 or not all(b.isascii() and b.isdigit() for b in bounds):
-            raise _invalid(f"{entry!r}: {part!r} is not a VF index or range (digits, 'a-b')")
+            raise invalid(f"{entry!r}: {part!r} is not a VF index or range (digits, 'a-b')")
         lo, hi = int(bounds[0]), int(bounds[-1])
         if lo > hi:
-            raise _invalid(f"{entry!r} has a range that runs backwards")
+            raise invalid(f"{entry!r} has a range that runs backwards")
         if hi > MAX_VF_INDEX:
-            raise _invalid(f"{entry!r}: VF index {hi} is beyond {MAX_VF_INDEX}")
+            raise invalid(f"{entry!r}: VF index {hi} is beyond {MAX_VF_INDEX}")
         ranges.append((lo, hi))
     return tuple(ranges)
 
 
 def _split_ref(value: object, what: str) -> tuple[str, tuple[tuple[int, int], ...] | None]:
     if not isinstance(value, str):
-        raise _invalid(f"{value!r} is not a {what} (write it as a string)")
+        raise invalid(f"{value!r} is not a {what} (write it as a string)")
     key, sep, ranges = value.strip().partition("#")
     return key, parse_ranges(ranges, value) if sep else None
 
@@ -112,7 +105,7 @@ def _split_ref(value: object, what: str) -> tuple[str, tuple[tuple[int, int], ..
 def _pf_name(value: object) -> PfRef:
     name, ranges = _split_ref(value, "PF name")
     if not 0 < len(name) <= 15 or "/" in name or any(c.isspace() for c in name):
-        raise _invalid(f"{value!r}: {name!r} is not a netdev name (1-15 characters, no / or space)")
+        raise invalid(f"{value!r}: {name!r} is not a netdev name (1-15 characters, no / or space)")
     return PfRef(name, ranges)
 
 
@@ -129,7 +122,7 @@ def _root_device(value: object) -> PfRef:
     address, ranges = _split_ref(value, "PCI address")
     pci = normalize_pci(address)
     if pci is None:
-        raise _invalid(f"{value!r}: {address!r} is not a PCI address like 0000:3b:00.0")
+        raise invalid(f"{value!r}: {address!r} is not a PCI address like 0000:3b:00.0")
     return PfRef(pci, ranges)
 
 
@@ -138,26 +131,26 @@ def _hex_id(value: object) -> str:
     text = str(value) if isinstance(value, str | int) and not isinstance(value, bool) else ""
     text = text.strip().lower().removeprefix("0x")
     if not _HEX_ID.match(text):
-        raise _invalid(f'{value!r} is not a PCI id: 4 hex digits, like "8086" or "0x8086"')
+        raise invalid(f'{value!r} is not a PCI id: 4 hex digits, like "8086" or "0x8086"')
     return text
 
 
 def _driver(value: object) -> str:
     if not isinstance(value, str) or not value or "/" in value or any(c.isspace() for c in value):
-        raise _invalid(f"{value!r} is not a driver name (as in /sys/bus/pci/drivers/)")
+        raise invalid(f"{value!r} is not a driver name (as in /sys/bus/pci/drivers/)")
     return value
 
 
 def _link_type(value: object) -> SelectorLinkType:
     found = _LINK_TYPES.get(value.strip().lower()) if isinstance(value, str) else None
     if found is None:
-        raise _invalid(f"{value!r} is not a link type: use ether (eth) or infiniband (ib)")
+        raise invalid(f"{value!r} is not a link type: use ether (eth) or infiniband (ib)")
     return found
 
 
 def _non_empty(entries: tuple[Any, ...]) -> tuple[Any, ...]:
     if not entries:
-        raise _invalid("an empty list matches nothing: list at least one entry, or leave it out")
+        raise invalid("an empty list matches nothing: list at least one entry, or leave it out")
     return entries
 
 
@@ -202,7 +195,7 @@ class Selectors(_Model):
     @model_validator(mode="after")
     def _not_empty(self) -> Selectors:
         if all(getattr(self, name) is None for name in type(self).model_fields):
-            raise _invalid(
+            raise invalid(
                 "empty selectors match no VF: give at least one of vendors, devices, drivers, "
                 "pfNames, rootDevices, linkTypes"
             )
@@ -227,13 +220,13 @@ class PoolSpec(_Model):
     def _resource_name(cls, value: str) -> str:
         problem = resource_name_problem(value)
         if problem:
-            raise _invalid(f"{value!r} {problem}")
+            raise invalid(f"{value!r} {problem}")
         return value
 
     @model_validator(mode="after")
     def _num_vfs_needs_pfs(self) -> PoolSpec:
         if self.num_vfs is not None and not self.selectors.picks_pfs:
-            raise _invalid(
+            raise invalid(
                 "numVfs needs rootDevices or pfNames in the selectors, to say which PFs get "
                 "that many VFs (writing sriov_numvfs resets a PF, so never by vendor alone)",
                 at=("numVfs",),
@@ -271,7 +264,7 @@ class PoolsFile(_Model):
         for i, pool in enumerate(self.pools):
             seen = first.setdefault(pool.resource_name, i)
             if seen != i:
-                raise _invalid(
+                raise invalid(
                     f"{pool.resource_name!r} is already the resourceName of pools[{seen}]: "
                     "resourceNames must be unique",
                     at=("pools", i, "resourceName"),
@@ -279,7 +272,7 @@ class PoolsFile(_Model):
             env = env_name(pool.resource_name)
             seen = envs.setdefault(env, i)
             if seen != i:
-                raise _invalid(
+                raise invalid(
                     f"{pool.resource_name!r} and pools[{seen}]'s resourceName "
                     f"{self.pools[seen].resource_name!r} give pods the same variable {env}: "
                     "rename one",
@@ -293,26 +286,6 @@ class PoolsFile(_Model):
 
 # --- loading ------------------------------------------------------------------------------------
 
-_INT, _FLOAT, _BOOL = (f"tag:yaml.org,2002:{t}" for t in ("int", "float", "bool"))
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 core scalars. YAML 1.1 would read an unquoted 0x8086 as 32902,
-    0000:3b:00.0 as a base-60 float and `no` as false: none of that is what an admin means."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT, _BOOL)]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(_INT, re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$"), list("-+0123456789"))
-_Loader.add_implicit_resolver(
-    _FLOAT, re.compile(r"^[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)$"), list("-+.0123456789")
-)
-_Loader.add_implicit_resolver(
-    _BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-
 
 def load_pools(path: Path) -> PoolsFile:
     """Read and validate the pools file; every problem raises InvalidConfig naming file:line."""
@@ -325,109 +298,14 @@ def load_pools(path: Path) -> PoolsFile:
 
 
 def parse_pools(text: str, source: str) -> PoolsFile:
-    root, data = _compose(text, source)
-    if root is None:
-        raise InvalidConfig(f"{source}:1: the file is empty: expected a top-level 'pools:' list")
-    _reject_duplicate_keys(root, source)
-    try:
-        return PoolsFile.model_validate(data)
-    except ValidationError as exc:
-        raise InvalidConfig(_describe(exc, root, source)) from None
-
-
-def _compose(text: str, source: str) -> tuple[yaml.Node | None, Any]:
-    """The node tree (it has the line marks) and the data built from it."""
-    loader = _Loader(text)
-    try:
-        root = loader.get_single_node()
-        return root, (loader.construct_document(root) if root is not None else None)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else 1
-        raise InvalidConfig(f"{source}:{line}: not valid YAML: {exc.problem or exc}") from None
-    except yaml.YAMLError as exc:
-        raise InvalidConfig(f"{source}: not valid YAML: {exc}") from None
-    finally:
-        loader.dispose()
-
-
-def _reject_duplicate_keys(node: yaml.Node, source: str) -> None:
-    # PyYAML lets the last of two equal keys win without a word: a typo'd copy of a pool's
-    # selectors would silently replace the first.
-    if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
-        for key, _ in node.value:
-            if isinstance(key, yaml.ScalarNode):
-                if key.value in seen:
-                    raise InvalidConfig(
-                        f"{source}:{key.start_mark.line + 1}: duplicate key {key.value!r}"
-                    )
-                seen.add(key.value)
-    for child in _children(node):
-        _reject_duplicate_keys(child, source)
-
-
-def _children(node: yaml.Node) -> Iterator[yaml.Node]:
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            yield key
-            yield value
-    elif isinstance(node, yaml.SequenceNode):
-        yield from node.value
-
-
-def _describe(exc: ValidationError, root: yaml.Node, source: str) -> str:
-    found: list[tuple[int, str]] = []
-    for err in exc.errors(include_url=False):
-        ctx = err.get("ctx") or {}
-        loc = (*err["loc"], *ctx.get("at", ()))
-        line = _line_of(root, loc)
-        found.append((line, f"{source}:{line}: {_loc_text(loc)}: {_message(err)}"))
-    found.sort(key=lambda item: item[0])
-    return "; ".join(text for _, text in found)
-
-
-def _line_of(root: yaml.Node, loc: Iterable[str | int]) -> int:
-    """The line (1-based) of the deepest node of `loc` that the file has; a missing field
-    points at the mapping that lacks it."""
-    node, line = root, root.start_mark.line
-    for part in loc:
-        step = _step(node, part)
-        if step is None:
-            break
-        line, node = step
-    return line + 1
-
-
-def _step(node: yaml.Node, part: str | int) -> tuple[int, yaml.Node] | None:
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            if isinstance(key, yaml.ScalarNode) and key.value == part:
-                return key.start_mark.line, value
-    elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-        item = node.value[part]
-        return item.start_mark.line, item
-    return None
-
-
-def _loc_text(loc: Iterable[str | int]) -> str:
-    text = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
-    return text or "(top level)"
-
-
-def _message(err: Any) -> str:
-    kind, given = err["type"], err.get("input")
-    if kind == "vf_pools":
-        return str(err["msg"])
-    if kind == "missing":
-        return "is required"
-    if kind == "extra_forbidden":
-        return "unknown field (fields are camelCase: resourceName, pfNames, numVfs, ...)"
-    if kind == "model_type" and not isinstance(given, dict):
-        return f"expected a mapping, got {type(given).__name__}"
-    if isinstance(given, str | int | float | bool) or given is None:
-        return f"{err['msg']} (got {given!r})"
-    return str(err["msg"])
+    """The pools file's `text`, read from `source` (named in every message)."""
+    return load_validated(
+        text,
+        source,
+        PoolsFile,
+        expect="expected a top-level 'pools:' list",
+        fields="fields are camelCase: resourceName, pfNames, numVfs, ...",
+    )
 
 
 # --- matching -----------------------------------------------------------------------------------

@@ -17,8 +17,9 @@ import grpc
 import pytest
 
 from metaplugin.errors import DeviceNotFound, InvalidConfig, TryAgainLater
-from sriov.deviceplugin import DeviceView, PoolDevicePlugin, preferred_allocation, socket_name
+from sriov.deviceplugin import DeviceView, PoolDevicePlugin, socket_name
 from sriov.podresources import PodResourcesClient
+from sriov.preference import preferred_allocation
 from tests.support.kubelet import KubeletStandin, wait_until
 
 RESOURCE = "plexus.dev/intel_vf"
