@@ -27,7 +27,10 @@ from tests.support.kubelet import KubeletStandin
 from tests.support.sriov_bed import SriovBed, sriov_bed  # noqa: F401 - fixture
 
 POOL = "plexus.dev/intel_vf"
+DPDK = "plexus.dev/intel_dpdk"
 PF = "0000:03:00.0"
+DPDK_PF = "0000:05:00.0"
+NEW_PF = "0000:03:00.1"  # appears while the agent runs
 
 
 @dataclass
@@ -44,9 +47,24 @@ class World:
 def world(sriov_bed: SriovBed, tmp_path: Path) -> Iterator[World]:  # noqa: F811
     sockets = Path(tempfile.mkdtemp(prefix="pxs", dir="/tmp"))  # unix paths <= 107 bytes
     sriov_bed.add_pf(PF, ifname="pxpf0", num_vfs=4)
+    sriov_bed.add_pf(DPDK_PF, ifname="pxpf9", num_vfs=2, vf_driver="vfio-pci")
     pools = tmp_path / "pools.yaml"
     pools.write_text(
-        yaml.safe_dump({"pools": [{"resourceName": POOL, "selectors": {"vendors": ["8086"]}}]})
+        yaml.safe_dump(
+            {
+                "pools": [
+                    {
+                        "resourceName": POOL,
+                        "selectors": {"vendors": ["8086"], "rootDevices": [PF, NEW_PF]},
+                    },
+                    {
+                        "resourceName": DPDK,
+                        "deviceType": "vfio-pci",
+                        "selectors": {"rootDevices": [DPDK_PF]},
+                    },
+                ]
+            }
+        )
     )
     cfg = DaemonConfig.model_validate(
         {
@@ -98,7 +116,7 @@ def test_health_follows_the_hardware_within_a_second(world: World) -> None:
     world.bed.bind(vfs[2], "iavf")
     assert world.kubelet.wait_for(lambda _: world.seen().get(vfs[2]) == "Healthy", 1.0)
 
-    new = world.bed.add_pf("0000:05:00.0", ifname="pxpf1", num_vfs=2)
+    new = world.bed.add_pf(NEW_PF, ifname="pxpf1", num_vfs=2)
     assert world.kubelet.wait_for(lambda _: set(new) <= set(world.seen()), 1.0)
     assert {world.seen()[v] for v in new} == {"Healthy"}
 
@@ -131,3 +149,18 @@ def test_an_attachment_gets_the_vf_kubelet_granted(world: World) -> None:
     assert [a.capability_args["deviceID"] for a in got] == [vfs[2], vfs[0]]
     info = world.node.devices.device_info(vfs[2])
     assert info == {"pci-address": vfs[2], "pf-pci-address": PF}
+
+
+def test_a_vfio_pool_hands_out_its_vfio_group(world: World) -> None:
+    world.node.start_agent()
+    world.node.heal_and_open()
+    assert world.kubelet.wait_for(lambda k: len(k.devices.get(DPDK, {})) == 2)
+    vf = sorted(world.kubelet.devices[DPDK])[0]
+    group = (world.bed.root / "bus/pci/devices" / vf / "iommu_group").readlink().name
+    reply = world.kubelet.allocate(DPDK, [vf])
+    specs = {(d.container_path, d.host_path) for d in reply.container_responses[0].devices}
+    assert specs == {
+        ("/dev/vfio/vfio", "/dev/vfio/vfio"),
+        (f"/dev/vfio/{group}", f"/dev/vfio/{group}"),
+    }
+    assert dict(reply.container_responses[0].envs) == {"PCIDEVICE_PLEXUS_DEV_INTEL_DPDK": vf}

@@ -118,6 +118,7 @@ class SriovBed:
         self._vfs_real: dict[str, bool] = {}  # PF -> whether its VFs get real links
         self._families: dict[str, _VfFamily] = {}
         self._seqnum = itertools.count(1)
+        self._groups = itertools.count(10)
         self._wire: Netns | None = None
         self._sock: socket.socket | None = None
         if node is not None:
@@ -347,6 +348,11 @@ class SriovBed:
         _put(d / "device", f"0x{device}")
         _put(d / "numa_node", str(numa))
         (self.root / "bus/pci/devices" / pci).symlink_to(f"../../../{_PCI_ROOT}/{pci}")
+        # Every device in its own IOMMU group, as on a platform with ACS: the group number is
+        # what vfio-pci users open as /dev/vfio/<group>.
+        group = self.root / "kernel/iommu_groups" / str(next(self._groups))
+        group.mkdir(parents=True)
+        (d / "iommu_group").symlink_to(f"../../../kernel/iommu_groups/{group.name}")
         if driver is not None:
             self._link_driver(pci, driver)
 
