@@ -244,7 +244,9 @@ class _Attach:
             # on the netdev. Where it does, both are set, or spoofchk would drop the pod's frames.
             wanted = wanted.model_copy(update={"mac": None})
         fields = tuple(wanted.model_dump(exclude_none=True))
-        self.owner.prepare(self.pci, self.holder, host=host, pf_before=before, pf_applied=fields)
+        self.owner.prepare(
+            self.pci, self.holder, host=host, pf_before=before, pf_applied=fields, pf_set=wanted
+        )
         if fields and placement.pf.netdev is not None:
             pf, index = placement.pf.netdev, placement.vf.index
             applied = vfconfig.apply(pf, index, wanted, before)

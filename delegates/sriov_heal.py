@@ -31,6 +31,7 @@ log = structlog.get_logger(__name__)
 @dataclass
 class AuditReport:
     healed: list[str] = field(default_factory=list)  # PCI addresses rolled back and freed
+    corrected: list[str] = field(default_factory=list)  # attached, PF-side settings put back
     unhealthy: list[str] = field(default_factory=list)  # marked unhealthy by this audit
     ok: int = 0  # records that matched reality
 
@@ -108,9 +109,41 @@ def _look_at(owner: VfOwner, rec: VfRecord, report: AuditReport) -> None:
         return
     holder = rec.holder or Holder(container_id="", ifname="")
     if rec.state == VfState.ATTACHED and _still_attached(rec, holder):
-        report.ok += 1
+        if _correct_drift(owner, rec):
+            report.corrected.append(rec.pci)
+        else:
+            report.ok += 1
         return
     _heal(owner, rec, holder, report)
+
+
+def _correct_drift(owner: VfOwner, rec: VfRecord) -> bool:
+    """An attached VF's PF-side settings as ADD set them: anyone who changed them behind our
+    back (`ip link set <pf> vf N ...`) is undone, and it is logged. True when something was."""
+    wanted = rec.pf_set
+    if wanted is None or not rec.pf_applied:
+        return False
+    placement = owner.lookup(rec.pci)
+    pf, index = placement.pf.netdev, placement.vf.index
+    if pf is None:
+        return False
+    now = vfconfig.read_vf(pf, index)
+    drifted = [
+        f
+        for f in rec.pf_applied
+        if getattr(wanted, f) is not None and getattr(now, f) != getattr(wanted, f)
+    ]
+    if not drifted:
+        return False
+    vfconfig.apply(pf, index, wanted, now)
+    holder = rec.holder
+    log.warning(
+        "vf_pf_settings_corrected",
+        pci=rec.pci,
+        pod=f"{holder.pod_namespace}/{holder.pod_name}" if holder else "",
+        fields={f: (getattr(now, f), getattr(wanted, f)) for f in drifted},
+    )
+    return True
 
 
 def _retry(owner: VfOwner, rec: VfRecord, report: AuditReport) -> None:

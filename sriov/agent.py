@@ -380,6 +380,7 @@ class NodeAgent:
         host: HostState | None,
         pf_before: VfSettings,
         pf_applied: tuple[str, ...],
+        pf_set: VfSettings | None = None,
     ) -> None:
         self._ledger.transition(
             pci,
@@ -389,6 +390,7 @@ class NodeAgent:
             host=host,
             pf_before=pf_before,
             pf_applied=pf_applied,
+            pf_set=pf_set,
         )
 
     def attached(self, pci: str, holder: Holder) -> None:

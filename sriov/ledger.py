@@ -39,6 +39,7 @@ _CLEARED_ON_FREE: Final[dict[str, Any]] = {
     "host": None,
     "pf_before": None,
     "pf_applied": (),
+    "pf_set": None,
     "reason": "",
 }
 _PCI: Final = re.compile(r"^[0-9a-f]{4,8}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")

@@ -44,6 +44,7 @@ class VfOwner(Protocol):
         host: HostState | None,
         pf_before: VfSettings,
         pf_applied: tuple[str, ...],
+        pf_set: VfSettings | None = None,
     ) -> None:
         """Record (durably, still reserved) what to put back, before ADD changes anything."""
         ...

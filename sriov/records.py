@@ -81,5 +81,6 @@ class VfRecord(BaseModel):
     host: HostState | None = None
     pf_before: VfSettings | None = None  # the PF-side settings as they were before ADD
     pf_applied: tuple[str, ...] = ()  # the VfSettings fields ADD set (only those are restored)
+    pf_set: VfSettings | None = None  # what ADD set them to: the audit puts back any drift
     reason: str = ""  # why unhealthy
     updated: float = 0.0

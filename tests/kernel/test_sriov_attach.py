@@ -127,6 +127,12 @@ def test_two_pods_get_their_nads_pf_settings_and_del_puts_them_back(node: Node) 
     node.nsim.node.run("ip", "link", "set", node.nsim.pf, "vf", str(indexes["p1"]), "vlan", "5")
     with pytest.raises(CheckFailed, match="vlan"):
         node.run(lambda: node.plugin.check(requests["p1"], results["p1"]))
+    # ...and the audit puts the NAD's VLAN back on the VF, which stays in its pod.
+    report = node.run(lambda: audit(node.agent))
+    assert report.corrected == [node.agent.held_by("p1", "net1").pci]  # type: ignore[union-attr]
+    assert node.nsim.shown()[indexes["p1"]]["vlan"] == "100"
+    node.run(lambda: node.plugin.check(requests["p1"], results["p1"]))
+    assert "net1" in pods["p1"].links()
 
     for cid in NADS:
         node.run(lambda r=requests[cid]: node.plugin.delete(r))

@@ -245,3 +245,17 @@ def test_mark_unhealthy_never_takes_a_vf_from_its_new_holder(agent: NodeAgent) -
     agent.mark_unhealthy(vf, "a late heal of an older attachment")
     record = agent.held_by("c1", "net1")
     assert record is not None and record.state == VfState.ATTACHED
+
+
+def test_lookup_reads_sysfs_again_when_a_netdev_seems_missing(
+    tree: SriovBed, agent: NodeAgent
+) -> None:
+    # A VF's netdev hides from the node's sysfs while in a pod; right after DEL brings it back
+    # the uevent saying so may still be on its way, and an ADD must not fail meanwhile.
+    agent.audit_finished()
+    vf = "0000:03:02.0"
+    tree.set_vf_netdev(vf, None, announce=False)
+    agent.refresh()
+    assert agent.snapshot.vf(vf).netdev is None  # type: ignore[union-attr]
+    tree.set_vf_netdev(vf, "ens1f0v0", announce=False)  # back; no uevent seen yet
+    assert agent.lookup(vf).vf.netdev == "ens1f0v0"
