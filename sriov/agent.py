@@ -2,11 +2,11 @@
 
 It keeps the live inventory (sysfs + uevents), the admin's pools file (reloaded when it changes),
 the durable VF ledger and, in cluster mode, one kubelet device plugin per pool. It decides which
-VFs may be given out (present, bound to a driver that fits the pool's deviceType, not unhealthy,
-and verified by an audit), applies each PF's numVfs, and implements `VfOwner` for the
-`plexus-sriov` delegate and the audit. plexusd builds it (`metaplugin.daemon`); `plexusctl pools`
-and `plexusctl vfs` read `pools_view()` / `vfs_view()` through the daemon's API; the health rules
-and the views themselves are `sriov.health`.
+VFs may be given out (present, bound to a driver that fits the pool's deviceType, on a PF with
+link, not unhealthy, and verified by an audit), applies each PF's numVfs, and implements
+`VfOwner` for the `plexus-sriov` delegate and the audit. plexusd builds it (`metaplugin.daemon`);
+`plexusctl pools` and `plexusctl vfs` read `pools_view()` / `vfs_view()` through the daemon's API;
+the health rules and the views themselves are `sriov.health`.
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ class NodeAgent:
             self._pool_of = {vf.pci: pool for pool, vfs in self._members.items() for vf in vfs}
             for pool, vfs in self._members.items():
                 spec = self._spec(pool)
-                givable = [vf.pci for vf in vfs if self._givable(vf, spec.device_type)]
+                givable = [vf.pci for vf in vfs if self._givable(snapshot, vf, spec.device_type)]
                 self._ledger.set_pool(pool, givable)
                 present = {vf.pci for vf in vfs}
                 # A VF that was advertised and vanished stays listed, unhealthy, so kubelet
@@ -239,8 +239,10 @@ class NodeAgent:
                 return spec
         raise DeviceNotFound(f"no VF pool named {pool} on this node")
 
-    def _givable(self, vf: Vf, device_type: DeviceType) -> bool:
-        return givable(vf, self._ledger.get(vf.pci).state, device_type, verified=self._verified)
+    def _givable(self, snapshot: Snapshot, vf: Vf, device_type: DeviceType) -> bool:
+        state = self._ledger.get(vf.pci).state
+        pf = snapshot.pf_of(vf)
+        return givable(vf, pf, state, device_type, verified=self._verified)
 
     def pool_devices(self, pool: str) -> list[VfView]:
         """The pool's VFs with real health, for its device plugin (a VF that vanished stays

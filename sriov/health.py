@@ -3,8 +3,9 @@
 `sriov.agent.NodeAgent` owns the state (inventory snapshot, ledger records, pool membership) and
 calls in here: `givable` when it recomputes each pool's free list, `misfit` before it returns an
 unhealthy VF to service, `vf_view` for `pool_devices()` / `vfs_view()` (the device plugins and
-`plexusctl vfs`), and `pool_summary` for `pools_view()` (`plexusctl pools`). Everything here is
-pure: the agent reads what is needed under its own lock and passes it in.
+`plexusctl vfs`), and `pool_summary` for `pools_view()` (`plexusctl pools`). A free VF whose PF
+has no link (`no_link`) is neither givable nor healthy. Everything here is pure: the agent reads
+what is needed under its own lock and passes it in.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sriov.ledger import HELD
-from sriov.model import USERSPACE_DRIVERS, VFIO_DRIVER, Snapshot, Vf
+from sriov.model import USERSPACE_DRIVERS, VFIO_DRIVER, Pf, Snapshot, Vf
 from sriov.owner import DeviceType
 from sriov.pools import PoolSpec, env_name
 from sriov.records import Holder, VfRecord, VfState
@@ -51,20 +52,31 @@ def misfit(vf: Vf, device_type: DeviceType) -> str | None:
     return None
 
 
-def givable(vf: Vf, state: VfState, device_type: DeviceType, *, verified: bool) -> bool:
+def no_link(pf: Pf | None) -> str | None:
+    """Why the PF's VFs cannot carry traffic now (cable pulled, switch port down), or None. An
+    operstate that says nothing (`Pf.link_up` None) is never held against the VFs."""
+    if pf is None or pf.link_up is not False:
+        return None
+    return f"PF {pf.name} has no link (operstate {pf.operstate})"
+
+
+def givable(
+    vf: Vf, pf: Pf | None, state: VfState, device_type: DeviceType, *, verified: bool
+) -> bool:
     """May be given out once free: verified, not unhealthy, and (unless a pod holds it,
-    when its netdev is in the pod) bound to a driver that fits the pool."""
+    when its netdev is in the pod) bound to a driver that fits the pool, on a PF with link."""
     if not verified:
         return False
     if state == VfState.UNHEALTHY:
         return False
-    return state in HELD or misfit(vf, device_type) is None
+    return state in HELD or (misfit(vf, device_type) is None and no_link(pf) is None)
 
 
 def vf_health(
-    vf: Vf | None, record: VfRecord, device_type: DeviceType, *, verified: bool
+    vf: Vf | None, pf: Pf | None, record: VfRecord, device_type: DeviceType, *, verified: bool
 ) -> tuple[bool, str]:
-    """(healthy, why not) as kubelet and `plexusctl vfs` are told."""
+    """(healthy, why not) as kubelet and `plexusctl vfs` are told. A VF a pod holds stays
+    healthy when its PF loses link: kubelet would evict nothing for it, and the link returns."""
     if vf is None:
         return False, "gone from sysfs"
     if record.state == VfState.UNHEALTHY:
@@ -73,7 +85,7 @@ def vf_health(
         return False, "not yet verified by the audit"
     if record.state in HELD:
         return True, ""
-    problem = misfit(vf, device_type)
+    problem = misfit(vf, device_type) or no_link(pf)
     return (problem is None), problem or ""
 
 
@@ -88,8 +100,8 @@ def vf_view(
 ) -> VfView:
     """VF `pci` (present in `snapshot` or not) with its ledger `record`, as a `VfView`."""
     vf = snapshot.vf(pci)
-    healthy, reason = vf_health(vf, record, device_type, verified=verified)
     pf = snapshot.pfs.get(vf.pf_pci) if vf else None
+    healthy, reason = vf_health(vf, pf, record, device_type, verified=verified)
     return VfView(
         pci=pci,
         pf_pci=vf.pf_pci if vf else "",

@@ -1,6 +1,7 @@
 """The node's live SR-IOV inventory: a `Snapshot` read from sysfs at start and re-read whenever a
-pci or net uevent says hardware came, went, moved or changed driver (and every
-`rescan_interval` seconds, in case a uevent was lost).
+pci or net uevent says hardware came, went, moved or changed driver, or a link's operstate
+changed (a PF's cable pulled or put back, seen through `sriov.linkwatch`), and every
+`rescan_interval` seconds in case an event was lost.
 
 Owned by the node agent (`sriov.agent`), which subscribes to changes to re-match pools and update
 the device plugins' health. A burst of uevents (enabling 64 VFs emits a few hundred) is
@@ -19,13 +20,13 @@ import structlog
 
 from sriov.model import Snapshot
 from sriov.sysfs import Sysfs
-from sriov.uevents import OVERFLOW, UEvent, UeventSource, open_source
+from sriov.uevents import OPERSTATE, OVERFLOW, UEvent, UeventSource, open_source
 
 log = structlog.get_logger(__name__)
 
 RELEVANT: Final = {
     "pci": frozenset({"add", "remove", "bind", "unbind", "change", "move"}),
-    "net": frozenset({"add", "remove", "move"}),
+    "net": frozenset({"add", "remove", "move", OPERSTATE}),  # a PF's link went or came
 }
 QUIET: Final = 0.010  # a burst is over when no uevent came for this long
 MAX_BURST: Final = 0.200  # ...or after this long, so a storm cannot delay an update forever
@@ -125,7 +126,7 @@ class Inventory:
             timeout = min(POLL, max(next_rescan - time.monotonic(), 0.0))
             try:
                 event = source.receive(timeout)
-                if event is not None and not is_relevant(event):
+                if event is not None and not self._matters(event):
                     continue
                 if event is not None:
                     self._drain(source, event)
@@ -136,6 +137,18 @@ class Inventory:
                 log.exception("sriov_inventory_follow_failed")
                 self._stop.wait(POLL)
             next_rescan = time.monotonic() + self._rescan_interval
+
+    def _matters(self, event: UEvent) -> bool:
+        """Relevant, and about hardware we could care for: a busy node's pod veths come and go
+        (and change operstate) all the time, and must not each cost a rescan."""
+        if not is_relevant(event):
+            return False
+        if event.action == OPERSTATE:
+            name = event.properties.get("INTERFACE")
+            return any(pf.netdev == name for pf in self._snapshot.pfs.values())
+        # The kernel files virtual links (veth, bridge, ...) under /devices/virtual: never a
+        # PF or a VF.
+        return not (event.subsystem == "net" and event.devpath.startswith("/devices/virtual/"))
 
     @staticmethod
     def _drain(source: UeventSource, first: UEvent) -> None:

@@ -17,6 +17,20 @@ VFIO_DRIVER: Final = "vfio-pci"
 USERSPACE_DRIVERS: Final = frozenset({"vfio-pci", "uio_pci_generic", "igb_uio"})
 
 LinkType = Literal["ether", "infiniband", "unknown"]
+# A netdev's `operstate` (RFC 2863, as sysfs spells it) -> does it have link. Only these are
+# known; "unknown" (drivers that never report carrier, e.g. netdevsim on 6.1), "dormant",
+# "testing" and a missing file say nothing, and must never take a VF out of service.
+_LINK_BY_OPERSTATE: Final[dict[str, bool]] = {
+    "up": True,
+    "down": False,
+    "lowerlayerdown": False,
+    "notpresent": False,
+}
+
+
+def link_up(operstate: str | None) -> bool | None:
+    """True/False when `operstate` says whether the netdev has link, None when it cannot tell."""
+    return _LINK_BY_OPERSTATE.get(operstate or "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +62,17 @@ class Pf:
     total_vfs: int
     num_vfs: int
     vfs: tuple[Vf, ...] = ()
+    operstate: str | None = None  # its netdev's `operstate`; None without a netdev or file
+
+    @property
+    def link_up(self) -> bool | None:
+        """Whether the PF has link (cable in, switch port up); None when unknown."""
+        return link_up(self.operstate)
+
+    @property
+    def name(self) -> str:
+        """How an admin knows the PF: its netdev, else its PCI address."""
+        return self.netdev or self.pci
 
 
 @dataclass(frozen=True, slots=True)

@@ -235,6 +235,8 @@ class Sysfs:
             total_vfs=max(total, 0),
             num_vfs=max(num, 0),
             vfs=tuple(self._read_vfs(rel, family, listing)),
+            # One read per PF; rtnetlink (sriov.linkwatch) says when to read it again.
+            operstate=_read(f"{dev}/net/{netdev}/operstate") if netdev else None,
         )
 
     def _read_vfs(self, pf_rel: str, family: _Family, listing: _Listing) -> list[Vf]:

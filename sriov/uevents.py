@@ -1,7 +1,9 @@
 """Device uevents for the `pci` and `net` subsystems, from udevd or straight from the kernel.
 
 `sriov.inventory` opens one source through `open_source` and rescans sysfs when a uevent says a
-PCI device or netdev came, went, moved or changed driver. Two sources:
+PCI device or netdev came, went, moved or changed driver, or a link's operstate changed (the
+kernel sends no uevent for that: `LinkSource` turns `sriov.linkwatch`'s rtnetlink reports into
+`net` events with the action `OPERSTATE`). `open_source` merges the link source with one of:
 
 - `UdevSource` (pyudev, udevd's "udev" group): used on nodes where udevd runs, so the inventory
   sees devices only once udev rules have renamed them.
@@ -24,12 +26,15 @@ from typing import Any, Final, Protocol
 
 import pyudev  # type: ignore[import-untyped]
 
+from sriov.linkwatch import LOST, LinkWatch
+
 SUBSYSTEMS: Final = frozenset({"pci", "net"})
 NETLINK_KOBJECT_UEVENT: Final = 15
 KERNEL_GROUP: Final = 1  # udevd re-broadcasts on group 2 with a "libudev" header
 RCVBUF: Final = 8 * 1024 * 1024  # enabling 256 VFs emits ~1,000 uevents at once
 UDEV_CONTROL: Final = Path("/run/udev/control")
 OVERFLOW: Final = "overflow"
+OPERSTATE: Final = "operstate"  # the action of a `net` event for a link's operstate change
 SO_RCVBUFFORCE: Final = 33  # Linux; missing from Python's socket module before 3.12
 
 
@@ -170,9 +175,74 @@ class UdevSource:
         self._monitor = None
 
 
+class LinkSource:
+    """`LinkWatch`'s operstate changes as `net` events (action `OPERSTATE`), in the network
+    namespace of the thread that creates it."""
+
+    def __init__(self) -> None:
+        self._watch = LinkWatch()
+
+    def fileno(self) -> int:
+        return self._watch.fileno()
+
+    def receive(self, timeout: float) -> UEvent | None:
+        change = self._watch.receive(timeout)
+        if change is None:
+            return None
+        if change.operstate == LOST:
+            return overflow()
+        return UEvent(
+            action=OPERSTATE,
+            subsystem="net",
+            devpath=f"/class/net/{change.ifname}",
+            properties={"INTERFACE": change.ifname, "OPERSTATE": change.operstate},
+        )
+
+    def close(self) -> None:
+        self._watch.close()
+
+
+class MergedSource:
+    """Several sources read as one: whichever has an event first. Owns (and closes) them."""
+
+    def __init__(self, *sources: UeventSource) -> None:
+        self.sources = sources
+
+    def fileno(self) -> int:
+        return self.sources[0].fileno()
+
+    def receive(self, timeout: float) -> UEvent | None:
+        deadline = time.monotonic() + timeout
+        poller = select.poll()  # not select(): it cannot watch descriptors numbered >= 1024
+        by_fd = {source.fileno(): source for source in self.sources}
+        for fd in by_fd:
+            poller.register(fd, select.POLLIN)
+        while True:
+            left = deadline - time.monotonic()
+            ready = poller.poll(max(left, 0.0) * 1000)
+            if not ready:
+                return None
+            for fd, _mask in ready:
+                # A ready source may still have nothing for us (a subsystem we skip).
+                event = by_fd[fd].receive(0)
+                if event is not None:
+                    return event
+
+    def close(self) -> None:
+        for source in self.sources:
+            source.close()
+
+
 def open_source(sysfs_root: Path, *, udev_control: Path = UDEV_CONTROL) -> UeventSource:
     """udevd's events when udevd runs and we watch the real /sys; the kernel's otherwise (no
-    udevd, or a synthetic tree whose events only the kernel group carries)."""
+    udevd, or a synthetic tree whose events only the kernel group carries); either merged
+    with the link state changes of the caller's network namespace."""
     if Path(sysfs_root) == Path("/sys") and udev_control.exists():
-        return UdevSource()
-    return KernelSource()
+        devices: UeventSource = UdevSource()
+    else:
+        devices = KernelSource()
+    try:
+        return MergedSource(devices, LinkSource())
+    except OSError:
+        devices.close()
+        raise

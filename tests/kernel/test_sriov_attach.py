@@ -80,6 +80,9 @@ def node(
 ) -> Iterator[Node]:
     require_kernel("netdevsim")
     with netdevsim(netns("node")) as nsim:
+        # A PF without link takes its free VFs out of service; the bed copies the port's
+        # operstate into the tree ("unknown" on 6.1's netdevsim, which reports no carrier).
+        nsim.node.run("ip", "link", "set", nsim.pf, "up")
         bed = SriovBed(tmp_path / "sys", nsim.node)
         try:
             bed.add_pf(PF, ifname=nsim.pf, num_vfs=4, pf_netdev_exists=True, announce=False)

@@ -4,6 +4,7 @@ it runs under `ip netns exec`)."""
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import time
@@ -15,6 +16,7 @@ import pytest
 
 from delegates.netns import run_in_netns
 from sriov.inventory import Inventory
+from sriov.linkwatch import LinkWatch
 from sriov.model import Snapshot
 from sriov.sysfs import Sysfs
 from sriov.uevents import OVERFLOW, KernelSource, UEvent
@@ -258,6 +260,31 @@ def test_kernel_source_reports_an_overflow(sriov: SriovBed) -> None:
         source.close()
     assert OVERFLOW in got, got
     assert len(got) < 500  # some were lost, and the reader was told
+
+
+# --- LinkWatch --------------------------------------------------------------------------------
+
+
+def test_link_watch_reports_operstate_changes_only(sriov: SriovBed) -> None:
+    node = node_of(sriov)
+    node.run("ip", "link", "add", "pxa", "type", "veth", "peer", "name", "pxb")
+    watch = run_in_netns(node.path, LinkWatch)
+    try:
+        node.run("ip", "link", "set", "pxa", "mtu", "1400")  # first sight of pxa: a change
+        assert watch.receive(SECOND) == ("pxa", "down")
+        node.run("ip", "link", "set", "pxa", "mtu", "1300")  # RTM_NEWLINK, same operstate
+        node.run("ip", "link", "set", "pxa", "alias", "pod veth churn")
+        assert watch.receive(0.1) is None
+        node.run("ip", "link", "set", "pxb", "up")
+        node.run("ip", "link", "set", "pxa", "up")
+        got: dict[str, list[str]] = {}
+        while (change := watch.receive(0.2)) is not None:
+            got.setdefault(change.ifname, []).append(change.operstate)
+        # Each report is a change (the steps on the way, e.g. lowerlayerdown, vary by kernel).
+        assert {name: states[-1] for name, states in got.items()} == {"pxa": "up", "pxb": "up"}
+        assert all(a != b for states in got.values() for a, b in itertools.pairwise(states)), got
+    finally:
+        watch.close()
 
 
 # --- Inventory mechanics, with a scripted source ----------------------------------------------

@@ -1,7 +1,8 @@
 """The node's SR-IOV side as kubelet sees it, on the synthetic bed: plexusd's SR-IOV assembly
 (`SriovNode`, cluster mode) follows the bed's uevents in its node namespace and serves one device
 plugin per pool to the kubelet stand-in. What kubelet would see: nothing advertised before the
-audit, real health in ListAndWatch within a second of a change, new PFs without a restart,
+audit, real health in ListAndWatch within a second of a change (a VF gone or rebound, its PF's
+link pulled), new PFs without a restart,
 re-registration after a kubelet restart, and the devices PodResources says a pod was granted
 going into the attachment's config."""
 
@@ -22,7 +23,8 @@ from metaplugin.cni import CniRequest
 from metaplugin.config import DaemonConfig
 from metaplugin.resolve import PlannedAttachment, PodInfo
 from metaplugin.sriov_node import SriovNode
-from sriov.uevents import KernelSource
+from sriov.records import Holder
+from sriov.uevents import open_source
 from tests.support.kubelet import KubeletStandin
 from tests.support.sriov_bed import SriovBed, sriov_bed  # noqa: F401 - fixture
 
@@ -79,7 +81,10 @@ def world(sriov_bed: SriovBed, tmp_path: Path) -> Iterator[World]:  # noqa: F811
     kubelet = KubeletStandin(sockets / "dp", sockets / "pr").start()
     node_ns = sriov_bed.node
     assert node_ns is not None
-    node = SriovNode(cfg, source_factory=lambda: run_in_netns(node_ns.path, KernelSource))
+    root = sriov_bed.root  # the daemon's own source (uevents + link changes), in the node's netns
+    node = SriovNode(
+        cfg, source_factory=lambda: run_in_netns(node_ns.path, lambda: open_source(root))
+    )
     try:
         yield World(sriov_bed, kubelet, node)
     finally:
@@ -119,6 +124,33 @@ def test_health_follows_the_hardware_within_a_second(world: World) -> None:
     new = world.bed.add_pf(NEW_PF, ifname="pxpf1", num_vfs=2)
     assert world.kubelet.wait_for(lambda _: set(new) <= set(world.seen()), 1.0)
     assert {world.seen()[v] for v in new} == {"Healthy"}
+
+
+def test_health_follows_the_pfs_link_within_a_second(world: World) -> None:
+    world.node.start_agent()
+    world.node.heal_and_open()
+    assert world.kubelet.wait_for(lambda _: len(world.seen()) == 4)
+    held, *free = sorted(world.seen())
+    holder = Holder(container_id="c1", ifname="net1")
+    world.node.agent.claim(held, holder)  # as ADD does with the VF kubelet granted
+    world.node.agent.attached(held, holder)
+
+    started = time.monotonic()
+    world.bed.set_pf_link(PF, False)  # the cable is pulled: the kernel says so by rtnetlink only
+    down = dict.fromkeys(free, "Unhealthy") | {held: "Healthy"}
+    assert world.kubelet.wait_for(lambda _: world.seen() == down, 1.0), world.seen()
+    took = time.monotonic() - started
+    assert took < 1.0, took
+    reasons = {v.pci: v.reason for v in world.node.agent.vfs_view() if v.pool == POOL}
+    assert {reasons[pci] for pci in free} == {"PF pxpf0 has no link (operstate lowerlayerdown)"}
+    assert reasons[held] == ""  # kubelet evicts nothing for it: the pod keeps its VF
+    pools = {p["resourceName"]: p for p in world.node.agent.pools_view()}
+    assert (pools[POOL]["healthy"], pools[POOL]["free"]) == (1, 0)
+
+    started = time.monotonic()
+    world.bed.set_pf_link(PF, True)
+    assert world.kubelet.wait_for(lambda _: set(world.seen().values()) == {"Healthy"}, 1.0)
+    assert time.monotonic() - started < 1.0
 
 
 def test_kubelet_restart_and_allocate(world: World) -> None:

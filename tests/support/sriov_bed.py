@@ -4,7 +4,7 @@ synthetic uevents in the kernel's wire format.
 
 The tree under `root` (relative symlinks, like the kernel's):
 
-    devices/pci0000:00/<addr>/{vendor,device,numa_node,driver->,net/<ifname>/{type,device->}}
+    devices/pci0000:00/<addr>/{vendor,device,numa_node,driver->,net/<ifname>/{type,operstate,device->}}
     devices/pci0000:00/<pf>/{sriov_totalvfs,sriov_numvfs,sriov_vf_device,virtfnN -> ../<vf>}
     devices/pci0000:00/<vf>/physfn -> ../<pf>
     bus/pci/devices/<addr> -> ../../../devices/pci0000:00/<addr>
@@ -20,6 +20,13 @@ Real links (when the bed has a node namespace and `make_links`): every netdev, P
 end of a veth pair in the node namespace, named as the tree names it; the other end, with the
 same name, is in the bed's "wire" namespace and up, so packets a pod sends on its VF can be
 captured there. Deleting the wire end deletes the pair wherever code under test moved the VF.
+
+Link state: `net/<ifname>/operstate` says "up" for a PF (its link is up, and so is the wire end)
+and "down" for a VF (fresh VFs are down; the bed does not follow what code under test does to
+them). `set_pf_link(pf, False)` pulls a PF's cable: the tree says "lowerlayerdown" (what the
+kernel says of a veth whose peer is down), then the wire end goes down, so the kernel really
+changes the node end's operstate and sends RTM_NEWLINK in the node namespace (no uevent: the
+kernel sends none for carrier changes).
 
 Moving a VF netdev away: when code under test moves a VF's link into a pod, the tree still
 says `net/<ifname>` as the bed wrote it (the real kernel would hide it from the node's sysfs).
@@ -58,6 +65,13 @@ from tests.support.require import missing
 
 _PCI_ROOT = "devices/pci0000:00"
 _NETLINK_KOBJECT_UEVENT = 15
+# NOTE: each netns numbers its links from 1, so a PF's veth ends (the first link of the node and
+# of the wire namespace) would share an ifindex. The kernel tells a device with a lower one by
+# `iflink != ifindex`, and a veth's iflink is its peer's ifindex: with equal ones it reports
+# carrier loss as "down", not "lowerlayerdown", and only through linkwatch's non-urgent path, up
+# to a second late (net/core/link_watch.c: default_operstate, linkwatch_urgent_event). So PF
+# node ends get ifindexes from here on.
+_PF_IFINDEX_BASE = 1 << 16
 
 
 def vf_address(pf_pci: str, index: int) -> str:
@@ -95,6 +109,7 @@ class _Device:
     pf: str | None = None  # for a VF
     index: int = -1  # for a VF: the N of the PF's virtfnN
     linked: bool = False  # its veth pair exists right now
+    borrowed: bool = False  # a PF whose netdev the node already had (pf_netdev_exists)
 
 
 @dataclass(frozen=True)
@@ -119,6 +134,7 @@ class SriovBed:
         self._families: dict[str, _VfFamily] = {}
         self._seqnum = itertools.count(1)
         self._groups = itertools.count(10)
+        self._pf_ifindexes = itertools.count(_PF_IFINDEX_BASE)
         self._wire: Netns | None = None
         self._sock: socket.socket | None = None
         if node is not None:
@@ -153,7 +169,9 @@ class SriovBed:
             if addr in self._devices or (self.root / "bus/pci/devices" / addr).is_symlink():
                 raise ValueError(f"{addr} is already in the synthetic tree")
         real = make_links and self.node is not None
-        self._devices[pci] = _Device(pci, ifname, link_type, real and not pf_netdev_exists)
+        self._devices[pci] = _Device(
+            pci, ifname, link_type, real and not pf_netdev_exists, borrowed=pf_netdev_exists
+        )
         self._vfs_real[pci] = real
         self._families[pci] = _VfFamily(vendor, vf_device, vf_driver, numa_node)
         self._write_device(pci, vendor, device, driver, numa_node)
@@ -291,6 +309,19 @@ class SriovBed:
         elif old is None and name is not None:
             self._announce_net("add", vf_pci, name)
 
+    def set_pf_link(self, pf_pci: str, up: bool, announce: bool = True) -> None:
+        """Pull the PF's cable (`up=False`) or plug it back: the tree's `operstate` first, then
+        the wire end of its link down or up, so a rescan that the kernel's RTM_NEWLINK triggers
+        reads the new state. `announce=False`, or a PF netdev the bed did not make
+        (`pf_netdev_exists`), changes the tree only."""
+        dev = self._devices[pf_pci]
+        netdev = self.vf_netdev(pf_pci)
+        if dev.pf is not None or netdev is None:
+            raise ValueError(f"{pf_pci} is not a PF with a netdev in the tree")
+        _put(self._dir(pf_pci) / "net" / netdev / "operstate", "up" if up else "lowerlayerdown")
+        if announce and dev.linked and self._wire is not None and dev.ifname:
+            self._wire.run("ip", "link", "set", dev.ifname, "up" if up else "down")
+
     def wire(self) -> Netns | None:
         return self._wire
 
@@ -378,8 +409,19 @@ class SriovBed:
         net = self._dir(pci) / "net" / ifname
         net.mkdir(parents=True)
         _put(net / "type", str(dev.link_type))
+        _put(net / "operstate", self._operstate(dev, ifname))
         (net / "device").symlink_to(f"../../../{pci}")
         (self.root / "class/net" / ifname).symlink_to(f"../../{_PCI_ROOT}/{pci}/net/{ifname}")
+
+    def _operstate(self, dev: _Device, ifname: str) -> str:
+        """What the tree says of a fresh netdev: VFs start down, PFs up (their links are made
+        up), a borrowed PF netdev whatever the kernel says of it."""
+        if dev.pf is not None:
+            return "down"
+        if dev.borrowed and self.node is not None:
+            (link,) = self.node.ip("link", "show", "dev", ifname)
+            return str(link["operstate"]).lower()
+        return "up"
 
     def _drop_netdev(self, pci: str) -> None:
         """Remove the tree's netdev of `pci` (not its real link)."""
@@ -403,12 +445,19 @@ class SriovBed:
         assert self.node is not None and self._wire is not None
         names = [self._devices[p].ifname or "" for p in pcis]
         wire = self._wire.name
-        node_cmds = [f"link add {n} type veth peer name {n} netns {wire}" for n in names]
+        node_cmds = [
+            f"link add {n}{self._ifindex(p)} type veth peer name {n} netns {wire}"
+            for p, n in zip(pcis, names, strict=True)
+        ]
         node_cmds += [f"link set {n} up" for n in names] if up else []
         _ip_batch(self.node.name, node_cmds)
         _ip_batch(wire, [f"link set {n} up" for n in names])
         for p in pcis:
             self._devices[p].linked = True
+
+    def _ifindex(self, pci: str) -> str:
+        """` index N` for a PF's node end (see _PF_IFINDEX_BASE), "" for a VF's."""
+        return f" index {next(self._pf_ifindexes)}" if self._devices[pci].pf is None else ""
 
     def _announce_pci(self, action: str, pci: str, **props: str) -> None:
         props.setdefault("PCI_SLOT_NAME", pci)

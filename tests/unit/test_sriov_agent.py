@@ -13,7 +13,9 @@ import pytest
 
 from metaplugin.errors import DeviceNotFound, DeviceUnavailable
 from sriov.agent import NodeAgent
-from sriov.records import Holder, HostState, VfSettings, VfState
+from sriov.health import givable, vf_health
+from sriov.model import Pf, Vf
+from sriov.records import Holder, HostState, VfRecord, VfSettings, VfState
 from sriov.sysfs import Sysfs
 from tests.support.sriov_bed import QuietSource, SriovBed
 
@@ -162,6 +164,58 @@ def test_a_vf_bound_to_vfio_does_not_serve_a_netdevice_pool(
     assert "0000:03:02.2" not in got
     with pytest.raises(DeviceUnavailable):
         agent.allocate(POOL, _holder("c7"))
+
+
+def test_a_pf_without_link_takes_its_free_vfs_out_of_service(
+    tree: SriovBed, agent: NodeAgent
+) -> None:
+    agent.audit_finished()
+    held = agent.allocate(POOL, _holder("c1"))
+    agent.attached(held, _holder("c1"))
+    tree.set_pf_link(PF, False, announce=False)
+    agent.refresh()
+    views = {v.pci: v for v in agent.pool_devices(POOL)}
+    assert views.pop(held).healthy is True  # the pod keeps it: kubelet evicts nothing for it
+    assert {(v.healthy, v.reason) for v in views.values()} == {
+        (False, "PF ens1f0 has no link (operstate lowerlayerdown)")
+    }
+    with pytest.raises(DeviceUnavailable, match="no free VF"):
+        agent.allocate(POOL, _holder("c2"))
+
+    tree.set_pf_link(PF, True, announce=False)
+    agent.refresh()
+    assert all(v.healthy for v in agent.pool_devices(POOL))
+    assert agent.allocate(POOL, _holder("c2")) != held
+
+
+_VF = Vf("0000:03:02.0", PF, 0, "8086", "154c", "iavf", 0, "ens1f0v0", "ether")
+
+
+def _pf(operstate: str | None) -> Pf:
+    return Pf(PF, "8086", "1572", "i40e", 0, "ens1f0", "ether", 8, 1, (_VF,), operstate)
+
+
+@pytest.mark.parametrize(
+    ("operstate", "link_up"),
+    [("up", True), ("down", False), ("lowerlayerdown", False), ("notpresent", False),
+     ("unknown", None), ("dormant", None), ("testing", None), (None, None)],
+)  # fmt: skip
+def test_health_follows_the_pf_link_only_when_the_operstate_says_so(
+    operstate: str | None, link_up: bool | None
+) -> None:
+    pf = _pf(operstate)
+    free, held = VfRecord(pci=_VF.pci), VfRecord(pci=_VF.pci, state=VfState.ATTACHED)
+
+    assert pf.link_up is link_up
+    healthy, reason = vf_health(_VF, pf, free, "netdevice", verified=True)
+    assert (healthy, reason) == (
+        (False, f"PF ens1f0 has no link (operstate {operstate})")
+        if link_up is False
+        else (True, "")
+    )
+    assert givable(_VF, pf, VfState.FREE, "netdevice", verified=True) is healthy
+    assert vf_health(_VF, pf, held, "netdevice", verified=True) == (True, "")
+    assert givable(_VF, pf, VfState.ATTACHED, "netdevice", verified=True) is True
 
 
 def test_reload_applies_an_edited_file_and_keeps_the_old_one_when_broken(

@@ -1,5 +1,6 @@
 """sriov.sysfs on synthetic trees (tests/support/sriov_bed.py without a namespace: files only),
-and the parsing of the kernel's uevent wire format."""
+the parsing of the kernel's uevent and rtnetlink link messages, and how the event sources are
+put together."""
 
 from __future__ import annotations
 
@@ -9,10 +10,23 @@ import time
 from pathlib import Path
 
 import pytest
+from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
 from metaplugin.errors import DeviceNotFound, DeviceSettingUnsupported, InvalidConfig
+from sriov.inventory import Inventory
+from sriov.linkwatch import parse_link_messages
+from sriov.model import Snapshot
 from sriov.sysfs import Sysfs
-from sriov.uevents import KernelSource, UdevSource, open_source, parse_kernel_uevent
+from sriov.uevents import (
+    OVERFLOW,
+    KernelSource,
+    LinkSource,
+    MergedSource,
+    UdevSource,
+    UEvent,
+    open_source,
+    parse_kernel_uevent,
+)
 from tests.support.sriov_bed import SriovBed, vf_address
 
 PF = "0000:03:00.0"
@@ -43,6 +57,21 @@ def test_scan_reads_pf_and_vfs_with_the_kernel_layout(bed: SriovBed) -> None:
     assert (vf.driver, vf.numa_node, vf.netdev, vf.link_type) == ("iavf", 1, "ens1f0v1", "ether")
     empty = snap.pfs["0000:03:00.1"]
     assert (empty.vfs, empty.num_vfs, empty.total_vfs, empty.link_type) == ((), 0, 4, "infiniband")
+
+
+def test_pf_operstate_is_read_once_per_pf(bed: SriovBed) -> None:
+    (vf,) = bed.add_pf(PF, ifname="ens1f0", num_vfs=1)
+    sysfs = Sysfs(bed.root)
+    assert (sysfs.scan().pfs[PF].operstate, sysfs.scan().pfs[PF].link_up) == ("up", True)
+    assert (bed.root / "class/net/ens1f0v0/operstate").read_text() == "down\n"  # a fresh VF
+
+    bed.set_pf_link(PF, False)  # no namespace: the tree only
+    pf = sysfs.scan().pfs[PF]
+    assert (pf.operstate, pf.link_up) == ("lowerlayerdown", False)
+    (bed.root / "class/net/ens1f0/operstate").unlink()
+    assert (sysfs.scan().pfs[PF].operstate, sysfs.scan().pfs[PF].link_up) == (None, None)
+    with pytest.raises(ValueError, match="not a PF"):
+        bed.set_pf_link(vf, False)
 
 
 def test_vf_link_type_comes_from_its_pf_even_without_a_vf_netdev(bed: SriovBed) -> None:
@@ -285,8 +314,135 @@ def test_open_source_uses_udevd_only_for_the_real_sys_with_udevd_running(tmp_pat
         if udevd:
             control.touch()
         source = open_source(root, udev_control=control)
-        try:
-            assert isinstance(source, kind)
+        try:  # always merged with the link state changes (rtnetlink): they have no uevents
+            assert isinstance(source, MergedSource)
+            assert [type(s) for s in source.sources] == [kind, LinkSource]
             assert source.fileno() >= 0
         finally:
             source.close()
+
+
+# --- rtnetlink link messages ----------------------------------------------------------------
+
+
+def _link_message(kind: int, index: int, attrs: list[tuple[str, object]]) -> bytes:
+    """An RTM_NEWLINK/RTM_DELLINK as pyroute2 encodes it (an encoder independent of ours)."""
+    msg = ifinfmsg()
+    msg["header"]["type"] = kind
+    msg["index"] = index
+    msg["attrs"] = attrs
+    msg.encode()
+    return bytes(msg.data)
+
+
+def test_parse_link_messages_reads_name_and_operstate() -> None:
+    data = (
+        _link_message(16, 7, [("IFLA_IFNAME", "ens1f0"), ("IFLA_MTU", 9000),
+                              ("IFLA_OPERSTATE", "LOWERLAYERDOWN")])
+        + _link_message(16, 8, [("IFLA_IFNAME", "veth1"), ("IFLA_OPERSTATE", "UP")])
+        + _link_message(17, 9, [("IFLA_IFNAME", "gone")])
+        + _link_message(16, 10, [("IFLA_IFNAME", "quiet")])
+    )  # fmt: skip
+    got = [(m.deleted, m.ifindex, m.ifname, m.operstate) for m in parse_link_messages(data)]
+    assert got == [
+        (False, 7, "ens1f0", "lowerlayerdown"),
+        (False, 8, "veth1", "up"),
+        (True, 9, "gone", ""),
+        (False, 10, "quiet", ""),
+    ]
+
+
+@pytest.mark.parametrize("cut", [0, 3, 16, 40, 50])
+def test_parse_link_messages_stops_at_a_truncated_message(cut: int) -> None:
+    whole = _link_message(16, 7, [("IFLA_IFNAME", "ens1f0"), ("IFLA_OPERSTATE", "UP")])
+    assert parse_link_messages(whole[:cut]) == []
+    assert len(parse_link_messages(whole + whole[:cut])) == 1
+
+
+class _PipeSource:
+    """A source whose fd is readable while `events` is not empty."""
+
+    def __init__(self, *events: UEvent) -> None:
+        self.events = list(events)
+        self.read_end, self.write_end = os.pipe()
+        os.write(self.write_end, b"x" * len(events))
+        self.closed = False
+
+    def fileno(self) -> int:
+        return self.read_end
+
+    def receive(self, timeout: float) -> UEvent | None:
+        if not self.events:
+            return None
+        os.read(self.read_end, 1)
+        return self.events.pop(0)
+
+    def close(self) -> None:
+        os.close(self.read_end)
+        os.close(self.write_end)
+        self.closed = True
+
+
+def test_merged_source_hands_out_whichever_source_has_an_event() -> None:
+    link = UEvent("operstate", "net", "/class/net/p", {"OPERSTATE": "down"})
+    quiet, busy = _PipeSource(), _PipeSource(link, UEvent(OVERFLOW, "", ""))
+    merged = MergedSource(quiet, busy)
+    try:
+        assert merged.receive(1.0) == link
+        assert merged.receive(1.0) is not None
+        started = time.monotonic()
+        assert merged.receive(0.05) is None
+        assert time.monotonic() - started >= 0.04
+    finally:
+        merged.close()
+    assert quiet.closed and busy.closed
+
+
+class _Counting(Sysfs):
+    """Counts scans (our own adaptor; the tree under it is real)."""
+
+    scans = 0
+
+    def scan(self) -> Snapshot:
+        self.scans += 1
+        return super().scan()
+
+
+class _Script:
+    """A uevent source that plays a list of events, then stays quiet."""
+
+    def __init__(self, events: list[UEvent]) -> None:
+        self.events = events
+
+    def fileno(self) -> int:
+        return -1
+
+    def receive(self, timeout: float) -> UEvent | None:
+        if self.events:
+            return self.events.pop(0)
+        time.sleep(min(timeout, 0.02))
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def test_pod_link_churn_costs_no_rescan(bed: SriovBed) -> None:
+    # A busy node's pod veths come and go all the time: only hardware events rescan.
+    bed.add_pf("0000:03:00.0", ifname="ens1f0", num_vfs=2, announce=False)
+    sysfs = _Counting(bed.root)
+    churn = [
+        UEvent("add", "net", "/devices/virtual/net/veth1a2b", {"INTERFACE": "veth1a2b"}),
+        UEvent("operstate", "net", "/class/net/veth1a2b", {"INTERFACE": "veth1a2b"}),
+        UEvent("remove", "net", "/devices/virtual/net/veth1a2b", {"INTERFACE": "veth1a2b"}),
+    ]
+    inventory = Inventory(sysfs=sysfs, source_factory=lambda: _Script(list(churn)))
+    inventory.start()
+    try:
+        time.sleep(0.3)
+        assert sysfs.scans == 1  # the start-up scan only
+        pf_down = UEvent("operstate", "net", "/class/net/ens1f0", {"INTERFACE": "ens1f0"})
+        assert inventory._matters(pf_down)
+        assert inventory._matters(UEvent("add", "pci", bed.devpath("0000:03:02.0"), {}))
+    finally:
+        inventory.stop()
