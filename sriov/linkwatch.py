@@ -19,13 +19,14 @@ messages (tests/netns/test_sriov_inventory.py).
 from __future__ import annotations
 
 import errno
-import select
 import socket
 import struct
 import time
 from collections import deque
 from collections.abc import Iterator
 from typing import Final, NamedTuple
+
+from sriov._poll import readable
 
 RTMGRP_LINK: Final = 1
 RTM_NEWLINK: Final = 16
@@ -128,10 +129,7 @@ class LinkWatch:
         deadline = time.monotonic() + timeout
         while not self._pending:
             left = deadline - time.monotonic()
-            # poll, not select: select() cannot watch a descriptor numbered 1024 or more.
-            poller = select.poll()
-            poller.register(self._sock, select.POLLIN)
-            if not poller.poll(max(left, 0.0) * 1000):
+            if not readable(self._sock, left):
                 return None
             try:
                 data = self._sock.recv(65536)  # link messages carry no VF list unless asked

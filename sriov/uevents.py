@@ -26,6 +26,7 @@ from typing import Any, Final, Protocol
 
 import pyudev  # type: ignore[import-untyped]
 
+from sriov._poll import readable
 from sriov.linkwatch import LOST, LinkWatch
 
 SUBSYSTEMS: Final = frozenset({"pci", "net"})
@@ -119,10 +120,7 @@ class KernelSource:
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
-            # poll, not select: select() cannot watch a descriptor numbered 1024 or more.
-            poller = select.poll()
-            poller.register(self._sock, select.POLLIN)
-            if not poller.poll(max(left, 0.0) * 1000):
+            if not readable(self._sock, left):
                 return None
             try:
                 data = self._sock.recv(65536)
