@@ -215,8 +215,7 @@ class Sriov(BuiltinPlugin):
         now = read_pf_side(placement, needed=True)
         differ = [
             f"{f} is {getattr(now, f)!r}, the NAD sets {getattr(wanted, f)!r}"
-            for f in fields
-            if getattr(now, f) != getattr(wanted, f)
+            for f in vfconfig.differences(wanted, now, fields)
         ]
         if differ:
             raise CheckFailed(

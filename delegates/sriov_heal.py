@@ -40,8 +40,13 @@ def release_attachment(owner: VfOwner, pci: str, holder: Holder) -> None:
     """DEL's part: release what `holder` holds; nothing when it no longer holds `pci` (a stale
     or repeated DEL must touch nothing)."""
     rec = owner.release_begin(pci, holder)
-    if rec is not None:
+    if rec is None:
+        return
+    try:
         release_vf(owner, rec, patient=True)
+    except BaseException:
+        owner.let_go(pci)  # stays RELEASING: the runtime's retry or the audit finishes it
+        raise
 
 
 def release_vf(owner: VfOwner, rec: VfRecord, *, patient: bool = False) -> str | None:
@@ -128,14 +133,13 @@ def _correct_drift(owner: VfOwner, rec: VfRecord) -> bool:
     if pf is None:
         return False
     now = vfconfig.read_vf(pf, index)
-    drifted = [
-        f
-        for f in rec.pf_applied
-        if getattr(wanted, f) is not None and getattr(now, f) != getattr(wanted, f)
-    ]
+    # A trusted VF may set its own MAC: that is not drift.
+    fields = [f for f in rec.pf_applied if not (f == "mac" and wanted.trust)]
+    drifted = vfconfig.differences(wanted, now, fields)
     if not drifted:
         return False
-    vfconfig.apply(pf, index, wanted, now)
+    # Only what drifted: re-sending a VF's MAC or VLAN resets it on some drivers (i40e, ice).
+    vfconfig.apply(pf, index, vfconfig.only(wanted, drifted), now)
     holder = rec.holder
     log.warning(
         "vf_pf_settings_corrected",
@@ -172,7 +176,11 @@ def _still_attached(rec: VfRecord, holder: Holder) -> bool:
         return True
     with Netlink.open(holder.netns) as pod:
         links = pod.links()
-    return any(alias_host_name(link.alias, rec.pci) is not None for link in links)
+    # By our alias, or by its PCI parent should the pod have changed the alias.
+    return any(
+        alias_host_name(link.alias, rec.pci) is not None or link.parent_dev == rec.pci
+        for link in links
+    )
 
 
 def _heal(owner: VfOwner, rec: VfRecord, holder: Holder, report: AuditReport) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from metaplugin.errors import DeviceNotFound, DeviceUnavailable, PlexusError
+from metaplugin.errors import DeviceNotFound, DeviceUnavailable, PlexusError, TryAgainLater
 from sriov.health import VfView, givable, misfit, pool_summary, vf_view
 from sriov.inventory import Inventory
 from sriov.ledger import HELD, Ledger
@@ -33,6 +33,7 @@ from sriov.uevents import UeventSource
 
 log = structlog.get_logger(__name__)
 POOLS_CHECK_INTERVAL = 1.0  # how soon an edited pools file takes effect
+HEAL_WAIT = 5.0  # how long a DEL waits for the audit to let go of its VF
 
 
 class DevicePlugin(Protocol):
@@ -78,6 +79,8 @@ class NodeAgent:
         self._num_vfs_pending = False  # a numVfs change waits for pods to release VFs
         self._verified = False  # no VF is given out before the first audit finished
         self._lock = threading.RLock()
+        self._lease_over = threading.Condition(self._lock)  # a heal let go of a VF
+        self._resizing: set[str] = set()  # PFs whose sriov_numvfs is being written
         self._stop = threading.Event()
         self._listeners: list[Callable[[], None]] = []
         self._watcher: threading.Thread | None = None
@@ -152,35 +155,49 @@ class NodeAgent:
                 self._apply_num_vfs()  # pods may have released what held a change back
 
     def _apply_num_vfs(self) -> None:
-        """Write each PF's numVfs where it differs. The check that no pod holds a VF of the PF
-        and the write happen under the agent's lock, so no allocation slips in between (the
-        kernel goes through 0 VFs, which would pull a VF out of its pod)."""
-        pending = False
-        changed = False
+        """Write each PF's numVfs where it differs, never under a VF a pod holds (the kernel
+        goes through 0 VFs, which would pull it out of its pod). The check and taking the
+        PF's VFs out of circulation happen under the agent's lock; the write itself (seconds
+        on real hardware) does not hold it."""
+        pending = changed = False
         for pf_pci, wanted in desired_num_vfs(self._inventory.snapshot, self._pools).items():
-            with self._lock:
-                pf = self._inventory.snapshot.pfs.get(pf_pci)
-                if pf is None or pf.num_vfs == wanted:
-                    continue
-                held = [vf.pci for vf in pf.vfs if self._ledger.get(vf.pci).state in HELD]
-                if held:
-                    if not self._num_vfs_pending:
-                        log.warning(
-                            "num_vfs_deferred", pf=pf_pci, have=pf.num_vfs, want=wanted, in_use=held
-                        )
-                    pending = True
-                    continue
-                try:
-                    self._sysfs.set_num_vfs(pf_pci, wanted)
-                except PlexusError as exc:
-                    log.error("num_vfs_failed", pf=pf_pci, want=wanted, error=exc.msg)
-                    continue
-                self._forget_vanished = True  # VFs we removed ourselves are not faults
-                changed = True
-            log.info("num_vfs_set", pf=pf_pci, was=pf.num_vfs, now=wanted)
+            outcome = self._resize(pf_pci, wanted)
+            pending |= outcome == "later"
+            changed |= outcome == "done"
         self._num_vfs_pending = pending
         if changed:
             self._inventory.refresh()
+
+    def _resize(self, pf_pci: str, wanted: int) -> str:
+        """ "done", "later" (pods hold VFs, or the kernel said busy), or "" (nothing to do or
+        a lasting failure, logged)."""
+        with self._lock:
+            pf = self._inventory.snapshot.pfs.get(pf_pci)
+            if pf is None or pf.num_vfs == wanted:
+                return ""
+            held = [vf.pci for vf in pf.vfs if self._ledger.get(vf.pci).state in HELD]
+            if held:
+                if not self._num_vfs_pending:
+                    log.warning(
+                        "num_vfs_deferred", pf=pf_pci, have=pf.num_vfs, want=wanted, in_use=held
+                    )
+                return "later"
+            self._resizing.add(pf_pci)  # claim() refuses its VFs from now on...
+            gone = {vf.pci for vf in pf.vfs}
+            for pool, vfs in self._members.items():  # ...and nothing allocates them
+                self._ledger.set_pool(pool, [v.pci for v in vfs if v.pci not in gone])
+        try:
+            self._sysfs.set_num_vfs(pf_pci, wanted)
+        except PlexusError as exc:
+            log.error("num_vfs_failed", pf=pf_pci, want=wanted, error=exc.msg)
+            return "later" if isinstance(exc, TryAgainLater) else ""
+        finally:
+            with self._lock:
+                self._resizing.discard(pf_pci)
+                self._forget_vanished = True  # VFs we removed ourselves are not faults
+            self._reconcile("num_vfs")
+        log.info("num_vfs_set", pf=pf_pci, was=pf.num_vfs, now=wanted)
+        return "done"
 
     def _start_plugins(self) -> None:
         if self._plugin_factory is None:
@@ -203,8 +220,8 @@ class NodeAgent:
 
     def _reconcile(self, why: str) -> None:
         started = time.monotonic()
-        snapshot = self._inventory.snapshot
         with self._lock:
+            snapshot = self._inventory.snapshot  # inside: a queued older one must not win
             self._members = assign(snapshot, self._pools)
             self._pool_of = {vf.pci: pool for pool, vfs in self._members.items() for vf in vfs}
             for pool, vfs in self._members.items():
@@ -336,9 +353,11 @@ class NodeAgent:
     def lookup(self, pci: str) -> Placement:
         snapshot = self._inventory.snapshot
         vf = snapshot.vf(pci)
-        if vf is None or (vf.netdev is None and not vf.is_vfio):
+        hidden = vf is not None and vf.netdev is None and not vf.is_vfio
+        if vf is None or (hidden and self._ledger.get(pci).state == VfState.FREE):
             # A VF netdev hides from the node's sysfs while in a pod and shows again when DEL
-            # brings it back; the uevent saying so may still be on its way: read afresh.
+            # brings it back; the uevent saying so may still be on its way: read afresh. (A
+            # held VF's netdev is in its pod: no point reading sysfs again for it.)
             snapshot = self._inventory.refresh()
             vf = snapshot.vf(pci)
         if vf is None:
@@ -348,8 +367,9 @@ class NodeAgent:
             )
         pf = snapshot.pf_of(vf)
         assert pf is not None  # a VF is only read through its PF
-        pool = self.pool_of(pci)
-        spec = self._pools.pool(pool) if pool else None
+        with self._lock:  # the pool and its spec from one generation of the pools file
+            pool = self._pool_of.get(pci)
+            spec = self._pools.pool(pool) if pool else None
         device_type: DeviceType = (
             spec.device_type if spec else ("vfio-pci" if vf.is_vfio else "netdevice")
         )
@@ -358,6 +378,11 @@ class NodeAgent:
 
     def claim(self, pci: str, holder: Holder) -> VfRecord:
         with self._lock:
+            vf = self._inventory.snapshot.vf(pci)
+            if vf is not None and vf.pf_pci in self._resizing:
+                raise TryAgainLater(
+                    f"VF {pci}: its PF {vf.pf_pci} is changing its number of VFs (numVfs)"
+                )
             record = self._ledger.get(pci)
             if record.state == VfState.RESERVED and _same(record.holder, holder):
                 self._in_flight[pci] = "op"
@@ -402,14 +427,26 @@ class NodeAgent:
 
     def release_begin(self, pci: str, holder: Holder, *, healing: bool = False) -> VfRecord | None:
         with self._lock:
-            actor = self._in_flight.get(pci)
-            if healing != (actor == "heal"):
-                return None  # the audit is putting it back (or, healing, lost its lease)
+            if healing:
+                if self._in_flight.get(pci) != "heal":
+                    return None  # the lease is gone
+            elif not self._lease_over.wait_for(
+                lambda: self._in_flight.get(pci) != "heal", timeout=HEAL_WAIT
+            ):
+                # The audit is on this VF (it may be putting it back itself): a DEL must not
+                # report done while the VF may still sit in the pod. The runtime retries.
+                raise TryAgainLater(f"VF {pci} is being audited; DEL again in a moment")
             record = self._ledger.get(pci)
             if record.state not in HELD or not _same(record.holder, holder):
                 return None
+            released = self._ledger.transition(pci, expect=set(HELD), to=VfState.RELEASING)
             self._in_flight[pci] = "heal" if healing else "op"
-            return self._ledger.transition(pci, expect=set(HELD), to=VfState.RELEASING)
+            return released
+
+    def let_go(self, pci: str) -> None:
+        """An ADD or DEL that failed half-way lets go of the VF: its record stays as it is
+        (RELEASING: the audit or the runtime's retry finishes the job)."""
+        self._done(pci)
 
     def lease(self, pci: str, seen: VfRecord) -> bool:
         """The audit's exclusive hold on a VF, granted only when no ADD or DEL is working on
@@ -424,6 +461,7 @@ class NodeAgent:
         with self._lock:
             if self._in_flight.get(pci) == "heal":
                 del self._in_flight[pci]
+                self._lease_over.notify_all()
 
     def release_done(self, pci: str) -> None:
         self._ledger.transition(pci, expect={VfState.RELEASING, VfState.RESERVED}, to=VfState.FREE)
@@ -442,7 +480,7 @@ class NodeAgent:
             self._ledger.put(
                 record.model_copy(update={"state": VfState.UNHEALTHY, "reason": reason})
             )
-            self._in_flight.pop(pci, None)
+            self._done(pci)
             if not again:  # the periodic audit retries: say it once, not every minute
                 log.warning("vf_unhealthy", pci=pci, reason=reason)
             self._reconcile("unhealthy")
@@ -475,7 +513,8 @@ class NodeAgent:
 
     def _done(self, pci: str) -> None:
         with self._lock:
-            self._in_flight.pop(pci, None)
+            if self._in_flight.pop(pci, None) == "heal":
+                self._lease_over.notify_all()
 
 
 def _same(a: Holder | None, b: Holder) -> bool:

@@ -60,6 +60,11 @@ class VfOwner(Protocol):
         `healing=True`, under its lease."""
         ...
 
+    def let_go(self, pci: str) -> None:
+        """An ADD or DEL that failed half-way lets go of the VF; its record stays as it is
+        (RELEASING: the runtime's retry or the audit finishes the job)."""
+        ...
+
     def lease(self, pci: str, seen: VfRecord) -> bool:
         """The audit's exclusive hold on a VF: only when no ADD or DEL works on it and its
         record is still `seen`. Released by `unlease`, or by the VF's release or unhealthy."""

@@ -271,6 +271,27 @@ def _requests(wanted: VfSettings, before: VfSettings) -> Iterator[tuple[_Setting
         yield setting, values
 
 
+def differences(wanted: VfSettings, now: VfSettings, fields: Sequence[str]) -> list[str]:
+    """The `fields` whose value in `now` is not the one `wanted` sets. Without a VLAN, its QoS
+    and protocol mean nothing, and drivers report them differently (netdevsim none, others
+    802.1Q): they are not compared then."""
+    no_vlan = not wanted.vlan
+    return [
+        f
+        for f in fields
+        if getattr(wanted, f) is not None
+        and not (no_vlan and f in ("qos", "vlan_proto"))
+        and getattr(now, f) != getattr(wanted, f)
+    ]
+
+
+def only(settings: VfSettings, fields: Sequence[str]) -> VfSettings:
+    """`settings` reduced to the requests that carry `fields` (VLAN, QoS and protocol go as
+    one; so do both rates): what re-applying just those fields sends."""
+    keep = {f for s in _SETTINGS if set(s.fields) & set(fields) for f in s.fields}
+    return VfSettings.model_validate({f: getattr(settings, f) for f in keep})
+
+
 def restore(pf_ifname: str, vf_index: int, before: VfSettings, fields: Sequence[str]) -> None:
     """Put back `fields` (as returned by `apply`) from `before`. Best effort: every setting is
     tried, then one PlexusError lists those that failed. A PF that is gone is DeviceNotFound."""

@@ -273,6 +273,36 @@ def test_a_pf_side_restore_that_fails_in_rollback_takes_the_vf_out_of_circulatio
     assert "PF-side settings could not be put back" in record.reason
 
 
+def test_a_del_that_fails_half_way_is_finished_by_the_audit(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The PF refuses to clear the VLAN once (busy): DEL fails (the runtime would retry), and if
+    # it never does, the audit finishes the job: the VF must not stay "in flight" for ever.
+    refusals = [PlexusError("PF pxsf0 refused vlan=0 for VF 1: Device or resource busy")]
+
+    def restore_once_busy(*args: Any) -> None:
+        if refusals:
+            raise refusals.pop()
+        # the bed's veth PF took nothing: nothing to put back
+
+    monkeypatch.setattr(vfconfig, "read_vf", lambda *_: VfSettings(vlan=0, qos=0))
+    monkeypatch.setattr(vfconfig, "apply", lambda *_: ("vlan", "qos", "vlan_proto"))
+    monkeypatch.setattr(vfconfig, "restore", restore_once_busy)
+    vf = world.vfs[1]
+    before = host_link(world, vf)
+    pod = world.pod("p1")
+    conf = netconf(world, vf, vlan=100)
+    world.in_node(lambda: world.plugin.add(request(pod, "c1", conf)))
+
+    with pytest.raises(PlexusError, match="restore incomplete"):
+        world.in_node(lambda: world.plugin.delete(request(pod, "c1", conf)))
+    assert world.record(vf).state == VfState.RELEASING
+
+    report = world.audit()
+    assert report.healed == [vf]
+    assert_back_in_node(world, vf, before)
+
+
 def _pod_with_net1(world: World) -> Netns:
     pod = world.pod("busy")
     pod.run("ip", "link", "add", "net1", "type", "veth", "peer", "name", "other1")

@@ -4,6 +4,7 @@ the pools file without a restart."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +12,8 @@ from textwrap import dedent
 
 import pytest
 
-from metaplugin.errors import DeviceNotFound, DeviceUnavailable
+from metaplugin.errors import DeviceNotFound, DeviceUnavailable, TryAgainLater
+from sriov import agent as agent_module
 from sriov.agent import NodeAgent
 from sriov.health import givable, vf_health
 from sriov.model import Pf, Vf
@@ -269,7 +271,9 @@ def test_num_vfs_is_applied_but_never_under_vfs_in_use(
         time.sleep(0.05)
 
 
-def test_the_audit_lease_keeps_del_and_heal_apart(agent: NodeAgent) -> None:
+def test_the_audit_lease_keeps_del_and_heal_apart(
+    agent: NodeAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
     agent.audit_finished()
     vf, holder = "0000:03:02.0", _holder("c1")
     agent.claim(vf, holder)
@@ -279,17 +283,35 @@ def test_the_audit_lease_keeps_del_and_heal_apart(agent: NodeAgent) -> None:
 
     assert agent.lease(vf, seen)
     assert not agent.lease(vf, seen)  # one lease at a time
-    assert agent.release_begin(vf, holder) is None  # a DEL now leaves the VF to the heal
-    healing = agent.release_begin(vf, holder, healing=True)
-    assert healing is not None and healing.state == VfState.RELEASING
-    agent.release_done(vf)
+    # A DEL meanwhile waits for the audit to let go, then releases the VF itself (the audit
+    # found it still attached and left it alone).
+    got: list[VfRecord | None] = []
+    deleter = threading.Thread(target=lambda: got.append(agent.release_begin(vf, holder)))
+    deleter.start()
+    time.sleep(0.2)
+    assert deleter.is_alive() and got == []
     agent.unlease(vf)
-    assert agent.allocate(POOL, _holder("c2")) == vf
+    deleter.join(5)
+    assert got and got[0] is not None and got[0].state == VfState.RELEASING
+    agent.release_done(vf)
+
+    # Under a lease that outlasts the wait, DEL says "try again" rather than "done".
+    vf2 = agent.allocate(POOL, _holder("c2"))
+    agent.attached(vf2, _holder("c2"))
+    held = agent.held_by("c2", "net1")
+    assert held is not None and agent.lease(vf2, held)
+    monkeypatch.setattr(agent_module, "HEAL_WAIT", 0.1)
+    with pytest.raises(TryAgainLater):
+        agent.release_begin(vf2, _holder("c2"))
+    healing = agent.release_begin(vf2, _holder("c2"), healing=True)
+    assert healing is not None and healing.state == VfState.RELEASING
+    agent.release_done(vf2)
+    agent.unlease(vf2)
 
     stale = agent.held_by("c2", "net1")
-    assert stale is not None
-    agent.claim(vf, _holder("c2"))  # the record moves on after the audit read it
-    assert not agent.lease(vf, stale)
+    assert stale is None
+    agent.claim(vf, _holder("c3"))  # the record moves on after the audit read it
+    assert not agent.lease(vf, seen)
 
 
 def test_mark_unhealthy_never_takes_a_vf_from_its_new_holder(agent: NodeAgent) -> None:
@@ -313,3 +335,37 @@ def test_lookup_reads_sysfs_again_when_a_netdev_seems_missing(
     assert agent.snapshot.vf(vf).netdev is None  # type: ignore[union-attr]
     tree.set_vf_netdev(vf, "ens1f0v0", announce=False)  # back; no uevent seen yet
     assert agent.lookup(vf).vf.netdev == "ens1f0v0"
+
+
+def test_a_num_vfs_write_takes_the_pf_out_without_stalling_the_agent(
+    pools_file: Path, agent: NodeAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Writing sriov_numvfs takes seconds on real NICs: meanwhile the PF's VFs are not given
+    # out, and everything else (ListAndWatch, other pools) goes on.
+    agent.audit_finished()
+    writing, done = threading.Event(), threading.Event()
+    real = agent._sysfs.set_num_vfs
+
+    def slow(pf: str, count: int) -> None:
+        writing.set()
+        done.wait(5)
+        real(pf, count)
+
+    monkeypatch.setattr(agent._sysfs, "set_num_vfs", slow)
+    _pools(pools_file, f"pools:\n  - resourceName: {POOL}\n    numVfs: 2\n"
+           f"    selectors: {{rootDevices: ['{PF}']}}\n")  # fmt: skip
+    reloader = threading.Thread(target=agent.reload)
+    reloader.start()
+    try:
+        assert writing.wait(5)
+        started = time.monotonic()
+        agent.pool_devices(POOL)
+        assert time.monotonic() - started < 0.5  # not behind the write
+        with pytest.raises(TryAgainLater, match="numVfs"):
+            agent.claim("0000:03:02.1", _holder("c1"))
+        with pytest.raises(DeviceUnavailable):
+            agent.allocate(POOL, _holder("c2"))
+    finally:
+        done.set()
+        reloader.join(10)
+    assert agent.allocate(POOL, _holder("c3")) == "0000:03:02.0"
