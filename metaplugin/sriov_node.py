@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -23,6 +23,9 @@ from sriov.pools import PoolSpec, env_name
 from sriov.sysfs import Sysfs
 from sriov.uevents import UeventSource, open_source
 
+if TYPE_CHECKING:
+    from sriov.podresources import PodResourcesClient
+
 log = structlog.get_logger(__name__)
 
 
@@ -34,23 +37,25 @@ class SriovNode:
         root = Path(cfg.sysfs_root)
         self._root = root
         self._cfg = cfg
+        kubelet = None if cfg.local else self._pod_resources()
         self.agent = NodeAgent(
             sysfs=Sysfs(root),
             pools_path=Path(cfg.vf_pools),
             state_dir=Path(cfg.state_dir) / "sriov",
             source_factory=source_factory or (lambda: open_source(root)),
             plugin_factory=None if cfg.local else self._device_plugin,
+            granted=kubelet.allocated if kubelet is not None else None,
         )
-        self.devices: DeviceSource = self._devices()
+        self.devices: DeviceSource = (
+            LocalPools(self.agent) if kubelet is None else KubeletGrants(kubelet, self.agent)
+        )
         self._stop = threading.Event()
         self._loop: threading.Thread | None = None
 
-    def _devices(self) -> DeviceSource:
-        if self._cfg.local:
-            return LocalPools(self.agent)
+    def _pod_resources(self) -> PodResourcesClient:
         from sriov.podresources import PodResourcesClient  # grpc: cluster mode only
 
-        return KubeletGrants(PodResourcesClient(Path(self._cfg.pod_resources_socket)), self.agent)
+        return PodResourcesClient(Path(self._cfg.pod_resources_socket))
 
     def _device_plugin(self, spec: PoolSpec, views: Callable[[], list[VfView]]) -> DevicePlugin:
         from sriov.deviceplugin import DeviceView, PoolDevicePlugin

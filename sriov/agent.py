@@ -24,7 +24,7 @@ from metaplugin.errors import DeviceNotFound, DeviceUnavailable, PlexusError, Tr
 from sriov.health import VfView, givable, misfit, pool_summary, vf_view
 from sriov.inventory import Inventory
 from sriov.ledger import HELD, Ledger
-from sriov.model import Snapshot, Vf
+from sriov.model import Pf, Snapshot, Vf
 from sriov.owner import DeviceType, Placement
 from sriov.pools import PoolsFile, PoolSpec, assign, desired_num_vfs, load_pools
 from sriov.records import Holder, HostState, VfRecord, VfSettings, VfState
@@ -59,6 +59,7 @@ class NodeAgent:
         source_factory: Callable[[], UeventSource] | None = None,
         plugin_factory: PluginFactory | None = None,
         rescan_interval: float = 30.0,
+        granted: Callable[[], set[str]] | None = None,
     ) -> None:
         self._sysfs = sysfs
         self._pools_path = pools_path
@@ -67,6 +68,9 @@ class NodeAgent:
         )
         self._ledger = Ledger(state_dir)
         self._plugin_factory = plugin_factory
+        # Cluster mode: the devices kubelet granted to pods (PodResources List). A vfio VF a
+        # DPDK pod got straight from the device plugin never shows in our ledger.
+        self._granted = granted
         self._plugins: dict[str, DevicePlugin] = {}
         self._pools = PoolsFile(pools=[])
         self._pools_stamp: tuple[int, int, int] | None = None
@@ -176,6 +180,7 @@ class NodeAgent:
             if pf is None or pf.num_vfs == wanted:
                 return ""
             held = [vf.pci for vf in pf.vfs if self._ledger.get(vf.pci).state in HELD]
+            held += self._granted_of(pf)
             if held:
                 if not self._num_vfs_pending:
                     log.warning(
@@ -198,6 +203,18 @@ class NodeAgent:
             self._reconcile("num_vfs")
         log.info("num_vfs_set", pf=pf_pci, was=pf.num_vfs, now=wanted)
         return "done"
+
+    def _granted_of(self, pf: Pf) -> list[str]:
+        """The PF's VFs kubelet has given to pods; all of them when kubelet cannot say (a
+        numVfs change waits rather than guess)."""
+        if self._granted is None:
+            return []
+        try:
+            granted = self._granted()
+        except PlexusError as exc:
+            log.warning("num_vfs_kubelet_unknown", pf=pf.pci, error=exc.msg)
+            return [vf.pci for vf in pf.vfs]
+        return [vf.pci for vf in pf.vfs if vf.pci in granted]
 
     def _start_plugins(self) -> None:
         if self._plugin_factory is None:

@@ -86,6 +86,25 @@ class PodResourcesClient:
             )
         return _device_map(pod.containers)
 
+    def allocated(self) -> set[str]:
+        """Every device id kubelet has granted to any pod on the node (List): what a numVfs
+        change must not pull away, whether or not a Plexus NAD uses it."""
+        if not self._socket.exists():
+            raise TryAgainLater(f"kubelet's PodResources socket {self._socket} does not exist")
+        stub = pb_grpc.PodResourcesListerStub(self._connect())
+        try:
+            reply = stub.List(
+                pb.ListPodResourcesRequest(), timeout=self._timeout, wait_for_ready=True
+            )
+        except grpc.RpcError as exc:
+            raise self._translate(exc, "List") from exc
+        return {
+            device
+            for pod in reply.pod_resources
+            for ids in _device_map(pod.containers).values()
+            for device in ids
+        }
+
     def close(self) -> None:
         with self._lock:
             if self._channel is not None:

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from textwrap import dedent
+from typing import Any
 
 import pytest
 
@@ -369,3 +370,53 @@ def test_a_num_vfs_write_takes_the_pf_out_without_stalling_the_agent(
         done.set()
         reloader.join(10)
     assert agent.allocate(POOL, _holder("c3")) == "0000:03:02.0"
+
+
+@pytest.mark.parametrize(
+    ("granted", "written"),
+    [
+        (lambda: {"0000:03:02.1"}, False),  # a DPDK pod has a VF of the PF straight from kubelet
+        (lambda: {"0000:99:02.0"}, True),  # kubelet granted only VFs of other PFs
+        (None, True),  # local mode: no kubelet, the ledger knows every VF in use
+    ],
+)
+def test_num_vfs_waits_for_vfs_kubelet_granted(
+    tree: SriovBed, pools_file: Path, tmp_path: Path, granted: Any, written: bool
+) -> None:
+    _pools(pools_file, f"pools:\n  - resourceName: {POOL}\n    numVfs: 2\n"
+           f"    selectors: {{rootDevices: ['{PF}']}}\n")  # fmt: skip
+    agent = NodeAgent(
+        sysfs=Sysfs(tree.root),
+        pools_path=pools_file,
+        state_dir=tmp_path / "state",
+        source_factory=QuietSource,
+        granted=granted,
+    )
+    agent.start()
+    try:
+        numvfs = (tree.root / "bus/pci/devices" / PF / "sriov_numvfs").read_text().strip()
+        assert numvfs == ("2" if written else "4")
+    finally:
+        agent.stop()
+
+
+def test_num_vfs_waits_when_kubelet_cannot_say(
+    tree: SriovBed, pools_file: Path, tmp_path: Path
+) -> None:
+    def unreachable() -> set[str]:
+        raise TryAgainLater("kubelet's PodResources socket does not exist")
+
+    _pools(pools_file, f"pools:\n  - resourceName: {POOL}\n    numVfs: 2\n"
+           f"    selectors: {{rootDevices: ['{PF}']}}\n")  # fmt: skip
+    agent = NodeAgent(
+        sysfs=Sysfs(tree.root),
+        pools_path=pools_file,
+        state_dir=tmp_path / "state",
+        source_factory=QuietSource,
+        granted=unreachable,
+    )
+    agent.start()
+    try:
+        assert (tree.root / "bus/pci/devices" / PF / "sriov_numvfs").read_text().strip() == "4"
+    finally:
+        agent.stop()

@@ -326,6 +326,13 @@ def test_podresources_get_returns_pod_devices(kubelet, client):
     assert kubelet.calls == {"Get": 1}
 
 
+def test_podresources_allocated_is_every_pods_devices(kubelet, client):
+    kubelet.set_pod("default", "dpdk", {"plexus.dev/intel_dpdk": [VF1]})
+    kubelet.set_pod("web", "frontend", {RESOURCE: [VF2]})
+    kubelet.set_pod("web", "idle", {})
+    assert client.allocated() == {VF1, VF2}
+
+
 def test_podresources_pod_without_devices_is_empty(kubelet, client):
     kubelet.set_pod("ns1", "plain", {})
     assert client.devices("ns1", "plain") == {}
