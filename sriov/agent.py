@@ -322,10 +322,6 @@ class NodeAgent:
         """Re-read sysfs now (uevents do this on their own; for tests and `reload`)."""
         return self._inventory.refresh()
 
-    def pool_of(self, pci: str) -> str | None:
-        with self._lock:
-            return self._pool_of.get(pci)
-
     def has_pool(self, resource_name: str) -> bool:
         with self._lock:
             return any(s.resource_name == resource_name for s in self._pools.pools)

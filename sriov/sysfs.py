@@ -7,7 +7,7 @@ leaves the root is treated as absent: a test tree can never make the daemon read
 real /sys, and a hostile tree cannot point us anywhere else.
 
 Called by `sriov.inventory` (scan on start and on every uevent burst), by the pool manager
-(`set_num_vfs`) and by the `plexus-sriov` delegate (`pci_of_netdev`). A device that is half
+(`set_num_vfs`). A device that is half
 written (udev still populating it, a VF being removed) yields defaults, never an exception.
 """
 
@@ -206,11 +206,6 @@ class Sysfs:
                 seen_vfs.update(vf.pci for vf in pf.vfs)
         return Snapshot(pfs=pfs)
 
-    def read_pf(self, pf_pci: str) -> Pf | None:
-        """The PF at `pf_pci` with its VFs; None when there is no such device or it is not a PF
-        (it has neither `sriov_totalvfs` nor `sriov_numvfs`)."""
-        return self._read_pf(pf_pci, _Listing(self._root))
-
     def _read_pf(self, pf_pci: str, listing: _Listing) -> Pf | None:
         rel = self._device_dir(pf_pci, listing)
         if rel is None:
@@ -257,27 +252,6 @@ class Sysfs:
         if netdev is None:
             return "unknown"
         return _LINK_TYPES.get(_read(f"{dev}/net/{netdev}/type") or "", "unknown")
-
-    def pci_of_netdev(self, ifname: str) -> str | None:
-        """The PCI address behind the netdev `ifname` of this netns; None for a virtual device
-        (veth, bridge) or a name that does not exist."""
-        if "/" in ifname or ifname in ("", ".", ".."):
-            return None
-        dev = self._walk("", f"class/net/{ifname}/device")
-        pci = posixpath.basename(dev) if dev else ""
-        return pci if PCI_ADDRESS.match(pci) else None
-
-    @staticmethod
-    def pci_from_devpath(devpath: str) -> str | None:
-        """The PCI address a uevent's DEVPATH is about: the last PCI component before any
-        `net/<ifname>` tail. None for devices that are not on PCI (`/devices/virtual/...`)."""
-        found = None
-        for part in devpath.split("/"):
-            if part == "net":
-                break
-            if PCI_ADDRESS.match(part):
-                found = part
-        return found
 
     # --- writes -----------------------------------------------------------------------------
 

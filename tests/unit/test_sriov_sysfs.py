@@ -130,12 +130,8 @@ def test_half_written_devices_give_defaults(bed: SriovBed) -> None:
 
 
 def test_a_device_without_sriov_files_is_not_a_pf(bed: SriovBed) -> None:
-    (vf,) = bed.add_pf(PF, ifname="p", num_vfs=1)
-    sysfs = Sysfs(bed.root)
-    assert sysfs.read_pf(vf) is None
-    assert sysfs.read_pf("0000:99:00.0") is None
-    assert sysfs.read_pf("../../etc") is None
-    assert sysfs.read_pf(PF) == sysfs.scan().pfs[PF]
+    bed.add_pf(PF, ifname="p", num_vfs=1)
+    assert set(Sysfs(bed.root).scan().pfs) == {PF}  # its VF is read as a VF, not as a PF
 
 
 def test_symlinks_leading_out_of_the_root_are_not_followed(bed: SriovBed, tmp_path: Path) -> None:
@@ -150,38 +146,6 @@ def test_symlinks_leading_out_of_the_root_are_not_followed(bed: SriovBed, tmp_pa
     sysfs = Sysfs(bed.root)
 
     assert sysfs.scan().pfs == {}
-    assert sysfs.read_pf("0000:aa:00.0") is None
-    assert sysfs.read_pf("0000:bb:00.0") is None
-    assert sysfs.pci_of_netdev("evil") is None
-
-
-def test_pci_of_netdev(bed: SriovBed) -> None:
-    bed.add_pf(PF, ifname="ens1f0", num_vfs=2)
-    virtual = bed.root / "devices/virtual/net/veth0"
-    virtual.mkdir(parents=True)
-    (bed.root / "class/net/veth0").symlink_to("../../devices/virtual/net/veth0")
-    sysfs = Sysfs(bed.root)
-
-    assert sysfs.pci_of_netdev("ens1f0") == PF
-    assert sysfs.pci_of_netdev("ens1f0v1") == "0000:03:02.1"
-    assert sysfs.pci_of_netdev("veth0") is None
-    assert sysfs.pci_of_netdev("nosuch") is None
-    assert sysfs.pci_of_netdev("../..") is None
-
-
-@pytest.mark.parametrize(
-    ("devpath", "pci"),
-    [
-        ("/devices/pci0000:00/0000:00:02.0/0000:03:02.3", "0000:03:02.3"),
-        ("/devices/pci0000:00/0000:00:02.0/0000:03:02.3/net/eth5", "0000:03:02.3"),
-        ("/devices/pci0000:00/0000:03:00.0", "0000:03:00.0"),
-        ("/devices/pci0000:00", None),
-        ("/devices/virtual/net/veth0", None),
-        ("", None),
-    ],
-)
-def test_pci_from_devpath(devpath: str, pci: str | None) -> None:
-    assert Sysfs.pci_from_devpath(devpath) == pci
 
 
 def numvfs(bed: SriovBed) -> Path:
@@ -238,8 +202,7 @@ def test_the_bed_applies_a_num_vfs_write_like_the_kernel(bed: SriovBed) -> None:
 
     sysfs.set_num_vfs(PF, 5)
     assert bed.apply_num_vfs(PF) == [vf_address(PF, i) for i in range(5)]
-    pf = sysfs.read_pf(PF)
-    assert pf is not None
+    pf = sysfs.scan().pfs[PF]
     assert (pf.num_vfs, [vf.netdev for vf in pf.vfs]) == (5, [f"pv{i}" for i in range(5)])
 
     sysfs.set_num_vfs(PF, 1)
