@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from textwrap import dedent
 from typing import Any
@@ -51,19 +52,23 @@ def pools_file(tmp_path: Path) -> Path:
     )
 
 
-@pytest.fixture
-def agent(tree: SriovBed, pools_file: Path, tmp_path: Path) -> Iterator[NodeAgent]:
+@contextmanager
+def started(tree: SriovBed, pools: Path, state: Path, **extra: Any) -> Iterator[NodeAgent]:
     a = NodeAgent(
-        sysfs=Sysfs(tree.root),
-        pools_path=pools_file,
-        state_dir=tmp_path / "state",
-        source_factory=QuietSource,
-    )
+        sysfs=Sysfs(tree.root), pools_path=pools, state_dir=state, source_factory=QuietSource,
+        **extra,
+    )  # fmt: skip
     a.start()
     try:
         yield a
     finally:
         a.stop()
+
+
+@pytest.fixture
+def agent(tree: SriovBed, pools_file: Path, tmp_path: Path) -> Iterator[NodeAgent]:
+    with started(tree, pools_file, tmp_path / "state") as a:
+        yield a
 
 
 def _holder(cid: str, ifname: str = "net1") -> Holder:
@@ -130,19 +135,10 @@ def test_state_survives_a_restart(
     agent.audit_finished()
     vf = agent.allocate(POOL, _holder("c1"))
     agent.stop()
-    again = NodeAgent(
-        sysfs=Sysfs(tree.root),
-        pools_path=pools_file,
-        state_dir=tmp_path / "state",
-        source_factory=QuietSource,
-    )
-    again.start()
-    try:
+    with started(tree, pools_file, tmp_path / "state") as again:
         again.audit_finished()
         assert again.held_by("c1", "net1") is not None
         assert vf not in {again.allocate(POOL, _holder(f"n{i}")) for i in range(2)}
-    finally:
-        again.stop()
 
 
 def test_a_vanished_vf_stays_listed_unhealthy(tree: SriovBed, agent: NodeAgent) -> None:
@@ -385,19 +381,9 @@ def test_num_vfs_waits_for_vfs_kubelet_granted(
 ) -> None:
     _pools(pools_file, f"pools:\n  - resourceName: {POOL}\n    numVfs: 2\n"
            f"    selectors: {{rootDevices: ['{PF}']}}\n")  # fmt: skip
-    agent = NodeAgent(
-        sysfs=Sysfs(tree.root),
-        pools_path=pools_file,
-        state_dir=tmp_path / "state",
-        source_factory=QuietSource,
-        granted=granted,
-    )
-    agent.start()
-    try:
+    with started(tree, pools_file, tmp_path / "state", granted=granted):
         numvfs = (tree.root / "bus/pci/devices" / PF / "sriov_numvfs").read_text().strip()
         assert numvfs == ("2" if written else "4")
-    finally:
-        agent.stop()
 
 
 def test_num_vfs_waits_when_kubelet_cannot_say(
@@ -408,15 +394,5 @@ def test_num_vfs_waits_when_kubelet_cannot_say(
 
     _pools(pools_file, f"pools:\n  - resourceName: {POOL}\n    numVfs: 2\n"
            f"    selectors: {{rootDevices: ['{PF}']}}\n")  # fmt: skip
-    agent = NodeAgent(
-        sysfs=Sysfs(tree.root),
-        pools_path=pools_file,
-        state_dir=tmp_path / "state",
-        source_factory=QuietSource,
-        granted=unreachable,
-    )
-    agent.start()
-    try:
+    with started(tree, pools_file, tmp_path / "state", granted=unreachable):
         assert (tree.root / "bus/pci/devices" / PF / "sriov_numvfs").read_text().strip() == "4"
-    finally:
-        agent.stop()
