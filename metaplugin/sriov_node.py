@@ -37,7 +37,7 @@ class SriovNode:
         root = Path(cfg.sysfs_root)
         self._root = root
         self._cfg = cfg
-        kubelet = None if cfg.local else self._pod_resources()
+        kubelet = self._kubelet = None if cfg.local else self._pod_resources()
         self.agent = NodeAgent(
             sysfs=Sysfs(root),
             pools_path=Path(cfg.vf_pools),
@@ -116,6 +116,8 @@ class SriovNode:
         self._stop.set()
         if self._loop is not None:
             self._loop.join(timeout=5)
+        if self._kubelet is not None:
+            self._kubelet.close()
         self.agent.stop()
 
     def pools(self) -> list[dict[str, Any]]:
