@@ -53,24 +53,24 @@ netns: deps
 	$(BIN)/python -m pytest -m netns
 
 bench: deps
-	$(BIN)/python bench/shim_cost.py
+	$(BIN)/python -m bench.shim_cost
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache build *.egg-info
 
 demo: deps
-	$(BIN)/python demo/local_demo.py
+	$(BIN)/python -m demo.local_demo
 
 bench-builtins: deps
-	$(BIN)/python bench/builtins.py 60
+	$(BIN)/python -m bench.builtins 60
 
 bench-cri: deps
-	$(BIN)/python bench/cri_pods.py 25
+	$(BIN)/python -m bench.cri_pods 25
 
 # SR-IOV: reserve + release against pool size (flat), and uevent -> pool updated latency.
 bench-sriov: deps
-	$(BIN)/python bench/sriov_alloc.py --n 1000
-	$(BIN)/python bench/sriov_uevents.py 30
+	$(BIN)/python -m bench.sriov_alloc --n 1000
+	$(BIN)/python -m bench.sriov_uevents 30
 
 # Regenerate the kubelet API stubs from the .proto files (written from the public API reference).
 protos: venv

@@ -9,7 +9,7 @@ Rows, measured in the same run, pod by pod in turn so drift hits them alike:
 (a) and (b) go through the installed shim exactly as a runtime calls it; their "daemon" columns
 are plexusd's own time per request (from its log), i.e. without the shim's exec.
 
-Run as root: `sudo make bench-builtins` (or `.venv/bin/python bench/builtins.py [N]`, N >= 50).
+Run as root: `sudo make bench-builtins` (or `.venv/bin/python -m bench.builtins [N]`, N >= 50).
 """
 
 from __future__ import annotations
@@ -26,15 +26,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import yaml
 
-import yaml  # noqa: E402
-
-from tests.support.daemon import DaemonProcess  # noqa: E402
-from tests.support.manifests import host_local, nad  # noqa: E402
-from tests.support.netns import Netns, namespaces  # noqa: E402
-from tests.support.runtime import CniRuntime  # noqa: E402
+from testbed.daemon import DaemonProcess
+from testbed.manifests import host_local, nad
+from testbed.netns import Netns, namespaces
+from testbed.runtime import CniRuntime
 
 PLUGINS = Path("/usr/lib/cni")
 WARMUP = 3
@@ -156,9 +153,7 @@ MIN_RUNS = 50
 def main() -> int:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 60
     if n < MIN_RUNS:
-        print(
-            f"bench/builtins.py: N must be at least {MIN_RUNS} for stable medians", file=sys.stderr
-        )
+        print(f"bench.builtins: N must be at least {MIN_RUNS} for stable medians", file=sys.stderr)
         return 2
     timings: dict[str, dict[str, list[float]]] = {k: {"ADD": [], "DEL": []} for k in "abc"}
     with tempfile.TemporaryDirectory(prefix="plexus-bench-builtins-") as tmp, namespaces() as made:

@@ -8,7 +8,7 @@ Columns: RunPodSandbox wall time and the CNI phase containerd itself logs ('begi
 'cni result': loopback, the plugin, libcni's cache write), medians and p90 over N pods each, and
 the ratio of medians to (c). (b) and (a) alternate pod by pod so drift hits both alike.
 
-Run as root: `sudo make bench-cri` (or `.venv/bin/python bench/cri_pods.py [N]`, N >= 20).
+Run as root: `sudo make bench-cri` (or `.venv/bin/python -m bench.cri_pods [N]`, N >= 20).
 """
 
 from __future__ import annotations
@@ -19,13 +19,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import yaml
 
-import yaml  # noqa: E402
-
-from tests.support.cri import ContainerdBed, containerd_bed  # noqa: E402
-from tests.support.manifests import bridge_conflist, host_local, macvlan, nad  # noqa: E402
+from testbed.cri import ContainerdBed, containerd_bed
+from testbed.manifests import bridge_conflist, host_local, macvlan, nad
 
 NETWORKS = "k8s.v1.cni.cncf.io/networks"
 OVERRIDE = "v1.multus-cni.io/default-network"

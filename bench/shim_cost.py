@@ -6,7 +6,7 @@ Rows (each `subprocess.run` wall time, median and p90 over N calls after a warm-
   plexus VERSION                   the shim's own start-up (answered without the daemon)
   plexus STATUS via plexusd        shim + unix socket + daemon round trip (no delegate exec)
 
-Run as root: `sudo make bench` (or `.venv/bin/python bench/shim_cost.py [N]`). Everything lives in
+Run as root: `sudo make bench` (or `.venv/bin/python -m bench.shim_cost [N]`). Everything lives in
 a temp dir; the daemon runs in local mode with a cluster network that STATUS does not exec.
 """
 
@@ -21,10 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tests.support.daemon import DaemonProcess  # noqa: E402
+from testbed.daemon import DaemonProcess
 
 GO_PLUGIN = Path("/usr/lib/cni/host-local")
 

@@ -7,7 +7,7 @@ Each pool is half taken before timing (the free index then has holes, as in a bu
 reserves the lowest free VF and frees a random held one. Sizes take turns op by op, so drift in
 disk latency hits them alike. Also prints the memory (tracemalloc) of 1,024 VF records.
 
-Run: `.venv/bin/python bench/sriov_alloc.py [--n 300] [--dir /var/tmp]` (no root needed;
+Run: `.venv/bin/python -m bench.sriov_alloc [--n 300] [--dir /var/tmp]` (no root needed;
 `--dir /dev/shm` shows the cost without the disk).
 """
 
@@ -23,11 +23,9 @@ import tracemalloc
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from sriov.ledger import Ledger  # noqa: E402
-from sriov.records import Holder, HostState, VfRecord, VfSettings, VfState  # noqa: E402
+from cnispec.identity import Holder
+from sriov.ledger import Ledger
+from sriov.records import HostState, VfRecord, VfSettings, VfState
 
 POOL = "plexus.dev/bench_vf"
 SIZES = (64, 256, 1024, 4096)

@@ -14,7 +14,7 @@ each rescan reads.
 The reference stack has no row here: sriov-network-device-plugin discovers devices only at
 start (sriov-network-device-plugin#276), so a new PF waits for a restart of the plugin.
 
-Run as root: `sudo make bench-sriov` (or `.venv/bin/python bench/sriov_uevents.py [N]`, N >= 20).
+Run as root: `sudo make bench-sriov` (or `.venv/bin/python -m bench.sriov_uevents [N]`, N >= 20).
 """
 
 from __future__ import annotations
@@ -26,16 +26,14 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from delegates.netns import run_in_netns  # noqa: E402
-from metaplugin import logs  # noqa: E402
-from sriov.agent import NodeAgent  # noqa: E402
-from sriov.sysfs import Sysfs  # noqa: E402
-from sriov.uevents import KernelSource  # noqa: E402
-from tests.support.netns import Netns  # noqa: E402
-from tests.support.sriov_bed import SriovBed  # noqa: E402
+from kernel.netns import run_in_netns
+from metaplugin import logs
+from sriov.agent import NodeAgent
+from sriov.pools_source import PoolsFileSource
+from sriov.sysfs import Sysfs
+from sriov.uevents import KernelSource
+from testbed.netns import Netns
+from testbed.sriov_bed import SriovBed
 
 POOL = "plexus.dev/bench_vf"
 VFS_PER_PF = 8
@@ -51,7 +49,7 @@ class Watch:
     def __init__(self, agent: NodeAgent) -> None:
         self._agent = agent
         self._cond = threading.Condition()
-        agent.on_pools_changed(self._changed)
+        agent.membership.on_change(self._changed)
 
     def _changed(self) -> None:
         with self._cond:
@@ -82,21 +80,30 @@ def _round(bed: SriovBed, agent: NodeAgent, watch: Watch, n: int) -> tuple[float
     started = time.monotonic()
     for address in [pci, *vfs]:
         bed.uevent("add", "pci", bed.devpath(address))
-    members = lambda: {v.pci for v in agent.pool_devices(POOL)}  # noqa: E731
+
+    def members() -> set[str]:
+        return {v.pci for v in agent.membership.pool_devices(POOL)}
+
     added = watch.wait(lambda: set(vfs) <= members()) - started
     gone = vfs[0]
     bed.remove_vf(gone, announce=False)
     started = time.monotonic()
     bed.uevent("remove", "pci", bed.devpath(gone))
-    healthy = lambda: {v.pci: v.healthy for v in agent.pool_devices(POOL)}  # noqa: E731
+
+    def healthy() -> dict[str, bool]:
+        return {v.pci: v.healthy for v in agent.membership.pool_devices(POOL)}
+
     removed = watch.wait(lambda: healthy().get(gone) is False) - started
     return added * 1000, removed * 1000
+
+
+def p95(xs: list[float]) -> float:
+    return xs[min(len(xs) - 1, int(len(xs) * 0.95))]
 
 
 def _row(label: str, samples: list[tuple[float, float]]) -> str:
     add = sorted(s[0] for s in samples)
     rem = sorted(s[1] for s in samples)
-    p95 = lambda xs: xs[min(len(xs) - 1, int(len(xs) * 0.95))]  # noqa: E731
     return (
         f"| {label:<26} | {statistics.median(add):8.1f} | {p95(add):8.1f} "
         f"| {statistics.median(rem):8.1f} | {p95(rem):8.1f} |"
@@ -118,7 +125,7 @@ def main() -> int:
         )
         agent = NodeAgent(
             sysfs=Sysfs(bed.root),
-            pools_path=pools,
+            pools=PoolsFileSource(pools),
             state_dir=Path(tmp) / "state",
             source_factory=lambda: run_in_netns(node.path, KernelSource),
         )

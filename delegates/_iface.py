@@ -7,9 +7,9 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Sequence
 
-from delegates._nl import MAIN_TABLE, Link, Netlink
-from metaplugin.cni import Interface, IPConfig, Result, Route
-from metaplugin.errors import CheckFailed
+from cnispec.cni import Interface, IPConfig, Result, Route
+from cnispec.errors import CheckFailed
+from kernel.netlink import MAIN_TABLE, Link, Netlink
 
 
 def gateway_for(route: Route, ips: Sequence[IPConfig]) -> str | None:

@@ -8,12 +8,12 @@ import json
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from cnispec import cni
+from cnispec.cni import Result
+from cnispec.errors import DecodeFailure, InvalidConfig
 from delegates.external import Exec, plugin_env, plugin_error
 from delegates.ipam import HostLocalIpam, StaticIpam
 from delegates.plugin import PluginRequest
-from metaplugin import cni
-from metaplugin.cni import Result
-from metaplugin.errors import DecodeFailure, InvalidConfig
 
 
 class _InProcess(Protocol):
@@ -36,6 +36,7 @@ class Ipam:
     ) -> None:
         self._exec = exec_
         self._timeout = timeout
+        self.data_dir = data_dir  # host-local's, when a config names no dataDir
         self._builtin: dict[str, _InProcess] = {
             "host-local": HostLocalIpam(default_data_dir=data_dir),
             "static": StaticIpam(),

@@ -4,21 +4,22 @@ later step fails."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
+from cnispec import cni
+from cnispec.cni import Result
+from cnispec.errors import InvalidConfig
+from delegates._common import best_effort, parse
 from delegates._garp import announce_on_up
 from delegates._iface import check, configure, result_for
 from delegates._ipam import Ipam
-from delegates._nl import PLEXUS_GROUP, Link, Netlink
 from delegates.plugin import BuiltinPlugin, PluginRequest
-from metaplugin import cni
-from metaplugin.cni import Result
-from metaplugin.errors import InvalidConfig, PlexusError
+from delegates.podlinks import PLEXUS_GROUP
+from kernel.netlink import Netlink
+from kernel.netns import netns_fd
 
 
 class SubLinkConf(BaseModel):
@@ -31,47 +32,6 @@ class SubLinkConf(BaseModel):
     master: str | None = None
     mtu: int | None = Field(default=None, ge=68, le=65535)
     link_in_container: bool = Field(default=False, alias="linkInContainer")
-
-
-def parse(model: type[Any], req: PluginRequest) -> Any:
-    try:
-        conf = model.model_validate(dict(req.config))
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise InvalidConfig(f"network {req.network_name}: {where}: {first['msg']}") from None
-    if conf.link_in_container:
-        raise InvalidConfig(f"network {req.network_name}: linkInContainer is not supported")
-    return conf
-
-
-def best_effort(req: PluginRequest, *steps: Callable[[], None]) -> None:
-    """DEL runs every step even when one fails (a link that will not go must not keep the
-    address leased), then reports every failure at once."""
-    failures = []
-    for step in steps:
-        try:
-            step()
-        except PlexusError as exc:
-            failures.append(exc)
-    if len(failures) == 1:
-        raise failures[0]
-    if failures:
-        raise PlexusError(
-            f"DEL of {req.ifname} on network {req.network_name}: "
-            + "; ".join(f.msg for f in failures),
-            code=failures[0].code,
-        )
-
-
-def default_route_link(nl: Netlink) -> Link:
-    """The node's default-route interface: the master when a config names none."""
-    for route in nl.routes():
-        if route.dst in ("0.0.0.0/0", "::/0") and route.oif:
-            for link in nl.links():
-                if link.index == route.oif:
-                    return link
-    raise InvalidConfig("no 'master' given and the node has no default route to take it from")
 
 
 class SubLinkPlugin(BuiltinPlugin):
@@ -108,29 +68,27 @@ class SubLinkPlugin(BuiltinPlugin):
         return result_for(link, req.netns, addresses)
 
     def _create(self, conf: Any, req: PluginRequest) -> None:
-        with Netlink.open() as node:
-            master = node.link(conf.master) if conf.master else default_route_link(node)
+        with Netlink.open() as node, netns_fd(req.netns) as fd:
+            master = node.link(conf.master) if conf.master else node.default_route_link()
             if master is None:
                 raise InvalidConfig(
                     f"network {req.network_name}: master interface {conf.master} does not exist "
-                    "on this node",
+                    "on this node"
+                    if conf.master
+                    else "no 'master' given and the node has no default route to take it from",
                 )
-            fd = os.open(req.netns, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                node.create(
-                    req.ifname,
-                    self.kind,
-                    what=f"{self.kind} {req.ifname} on {master.name}",
-                    link=master.index,
-                    netns_fd=fd,
-                    mtu=conf.mtu,
-                    mac=self.link_mac(conf, req),
-                    group=PLEXUS_GROUP,
-                    up=not self.announces,  # announcing links go up once addressed
-                    data=self.link_data(conf, req),
-                )
-            finally:
-                os.close(fd)
+            node.create(
+                req.ifname,
+                self.kind,
+                what=f"{self.kind} {req.ifname} on {master.name}",
+                link=master.index,
+                netns_fd=fd,
+                mtu=conf.mtu,
+                mac=self.link_mac(conf, req),
+                group=PLEXUS_GROUP,
+                up=not self.announces,  # announcing links go up once addressed
+                data=self.link_data(conf, req),
+            )
 
     @staticmethod
     def _remove_link(req: PluginRequest) -> None:

@@ -14,145 +14,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from cnispec import cni
+from cnispec.cni import SUPPORTED_VERSIONS, Result
+from cnispec.errors import DelegateFailed, IncompatibleVersion, InternalError, PlexusError
+from cnispec.netconf import NetworkConfigList, PreparedNetwork, PreparedPlugin
 from delegates.external import ExecPlugin
 from delegates.plugin import Plugin, PluginRequest
 from delegates.registry import PluginRegistry
-from metaplugin import cni
-from metaplugin.cni import SUPPORTED_VERSIONS, Result
-from metaplugin.errors import (
-    DelegateFailed,
-    IncompatibleVersion,
-    InternalError,
-    InvalidConfig,
-    PlexusError,
-)
-
-
-@dataclass(frozen=True, slots=True)
-class NetworkConfigList:
-    """A network config normalised to list form."""
-
-    name: str
-    version: str
-    plugins: tuple[Mapping[str, Any], ...]
-    disable_check: bool = False
-    disable_gc: bool = False
-
-    @classmethod
-    def parse(cls, config: Mapping[str, Any]) -> NetworkConfigList:
-        name = config.get("name")
-        if not isinstance(name, str) or not cni.valid_network_name(name):
-            raise InvalidConfig(
-                f"network config name {name!r} is missing or not of the form "
-                "[A-Za-z0-9][A-Za-z0-9_.-]*",
-            )
-        version = _network_version(name, config)
-        if "plugins" in config:
-            plugins = config["plugins"]
-            if not isinstance(plugins, list) or not plugins:
-                raise InvalidConfig(f"network {name}: 'plugins' must be a non-empty list")
-        elif "type" in config:
-            plugins = [config]
-        else:
-            raise InvalidConfig(f"network {name}: config has neither 'type' nor 'plugins'")
-        for i, plugin in enumerate(plugins):
-            if not isinstance(plugin, dict) or not isinstance(plugin.get("type"), str):
-                raise InvalidConfig(f"network {name}: plugin {i} has no string 'type'")
-        return cls(
-            name=name,
-            version=version,
-            plugins=tuple(plugins),
-            disable_check=bool(config.get("disableCheck", False)),
-            disable_gc=bool(config.get("disableGC", False)),
-        )
-
-    def declared_capabilities(self) -> frozenset[str]:
-        caps: set[str] = set()
-        for plugin in self.plugins:
-            declared = plugin.get("capabilities")
-            if isinstance(declared, dict):
-                caps.update(k for k, v in declared.items() if v)
-        return frozenset(caps)
-
-
-def _network_version(name: str, config: Mapping[str, Any]) -> str:
-    versions = config.get("cniVersions")
-    if isinstance(versions, list) and versions:
-        ours = [v for v in versions if v in SUPPORTED_VERSIONS]
-        if not ours:
-            raise IncompatibleVersion(
-                f"network {name}: none of cniVersions {versions} is supported by Plexus",
-            )
-        return str(max(ours, key=cni.version_key))
-    version = config.get("cniVersion")
-    if not isinstance(version, str):
-        raise InvalidConfig(f"network {name}: cniVersion is missing")
-    if version not in SUPPORTED_VERSIONS:
-        raise IncompatibleVersion(
-            f"network {name} has cniVersion {version}; Plexus runs {', '.join(SUPPORTED_VERSIONS)}",
-        )
-    return version
-
-
-@dataclass(frozen=True, slots=True)
-class PreparedPlugin:
-    """One plugin of a network, ready to run: its binary (empty for a built-in), the version
-    negotiated with it, and its exact config (name, cniVersion and runtimeConfig injected,
-    capabilities removed) without prevResult, which each call adds."""
-
-    type: str
-    path: str
-    version: str
-    config: Mapping[str, Any]
-
-    def request(self, env: CallEnv, prev: Result | None = None) -> PluginRequest:
-        body = dict(self.config)
-        if prev is not None:
-            body["prevResult"] = prev.to_wire(self.version)
-        return PluginRequest(
-            container_id=env.container_id,
-            netns=env.netns,
-            ifname=env.ifname,
-            cni_args=env.cni_args,
-            path=env.path,
-            config=body,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "type": self.type,
-            "path": self.path,
-            "version": self.version,
-            "config": dict(self.config),
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> PreparedPlugin:
-        return cls(str(data["type"]), str(data["path"]), str(data["version"]), dict(data["config"]))
-
-
-@dataclass(frozen=True, slots=True)
-class PreparedNetwork:
-    """A network config resolved to what will run: recorded before ADD, replayed by DEL."""
-
-    name: str
-    plugins: tuple[PreparedPlugin, ...]
-    disable_check: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "disableCheck": self.disable_check,
-            "plugins": [p.to_dict() for p in self.plugins],
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> PreparedNetwork:
-        return cls(
-            name=str(data["name"]),
-            plugins=tuple(PreparedPlugin.from_dict(p) for p in data["plugins"]),
-            disable_check=bool(data.get("disableCheck", False)),
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +32,23 @@ class CallEnv:
     ifname: str = ""
     cni_args: str = ""
     path: tuple[str, ...] = ()
+
+
+def plugin_request(
+    prepared: PreparedPlugin, env: CallEnv, prev: Result | None = None
+) -> PluginRequest:
+    """The request of one call: the prepared config plus prevResult in the plugin's version."""
+    body = dict(prepared.config)
+    if prev is not None:
+        body["prevResult"] = prev.to_wire(prepared.version)
+    return PluginRequest(
+        container_id=env.container_id,
+        netns=env.netns,
+        ifname=env.ifname,
+        cni_args=env.cni_args,
+        path=env.path,
+        config=body,
+    )
 
 
 class ChainRunner:
@@ -192,13 +77,22 @@ class ChainRunner:
                 if runtime:
                     body["runtimeConfig"] = runtime
             binary = plugin.path if isinstance(plugin, ExecPlugin) else ""
-            plugins.append(PreparedPlugin(plugin.type, binary, version, body))
-        return PreparedNetwork(net.name, tuple(plugins), net.disable_check)
+            plugins.append(
+                PreparedPlugin(
+                    type=plugin.type, path=binary, version=version, config=plugin.prepare(body)
+                )
+            )
+        return PreparedNetwork(
+            name=net.name,
+            plugins=tuple(plugins),
+            disable_check=net.disable_check,
+            disable_gc=net.disable_gc,
+        )
 
     def add(self, net: PreparedNetwork, env: CallEnv) -> Result:
         prev: Result | None = None
         for prepared in net.plugins:
-            prev = self._plugin(prepared, env.path).add(prepared.request(env, prev))
+            prev = self._plugin(prepared, env.path).add(plugin_request(prepared, env, prev))
         assert prev is not None  # a network has at least one plugin
         return prev
 
@@ -208,7 +102,7 @@ class ChainRunner:
         for prepared in reversed(net.plugins):
             carried = prev if cni.at_least(prepared.version, "0.4.0") else None
             try:
-                self._plugin(prepared, env.path).delete(prepared.request(env, carried))
+                self._plugin(prepared, env.path).delete(plugin_request(prepared, env, carried))
             except PlexusError as exc:
                 failures.append(exc)
             except Exception as exc:  # noqa: BLE001 - the next plugin still gets its DEL
@@ -220,16 +114,16 @@ class ChainRunner:
             return
         for prepared in net.plugins:
             if cni.at_least(prepared.version, "0.4.0"):
-                self._plugin(prepared, env.path).check(prepared.request(env, prev), prev)
+                self._plugin(prepared, env.path).check(plugin_request(prepared, env, prev), prev)
 
     def gc(
-        self, config: Mapping[str, Any], valid: Sequence[Mapping[str, str]], path: tuple[str, ...]
+        self, net: PreparedNetwork, valid: Sequence[Mapping[str, str]], path: tuple[str, ...]
     ) -> None:
-        if NetworkConfigList.parse(config).disable_gc:
+        """GC on every plugin of `net` that speaks 1.1.0, told which attachments are valid."""
+        if net.disable_gc:
             return
-        net = self.prepare(config, {}, path)
         failures: list[PlexusError] = []
-        for prepared in net.plugins:
+        for prepared in net.without_runtime_config().plugins:
             if not cni.at_least(prepared.version, "1.1.0"):
                 continue
             body = dict(prepared.config)
@@ -245,7 +139,7 @@ class ChainRunner:
         net = self.prepare(config, {}, path)
         for prepared in net.plugins:
             if cni.at_least(prepared.version, "1.1.0"):
-                self._plugin(prepared, path).status(prepared.request(CallEnv(path=path)))
+                self._plugin(prepared, path).status(plugin_request(prepared, CallEnv(path=path)))
 
     def _plugin(self, prepared: PreparedPlugin, path: tuple[str, ...]) -> Plugin:
         return self._registry.recorded(prepared.type, prepared.path, path)

@@ -22,16 +22,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from delegates.plugin import PluginRequest
-from metaplugin import cni
-from metaplugin.cni import Result
-from metaplugin.errors import (
+from cnispec import cni
+from cnispec.cni import Result
+from cnispec.errors import (
     DecodeFailure,
     DelegateFailed,
     DelegateTimeout,
     InvalidConfig,
     PluginNotFound,
 )
+from delegates.plugin import PluginRequest
 
 DEFAULT_TIMEOUT: Final = 60.0
 _SAFE_TYPE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -281,6 +281,9 @@ class ExecPlugin:
 
     def versions(self) -> tuple[str, ...]:
         return self._exec.decode_version(self._path, self._timeout)
+
+    def prepare(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        return dict(config)  # a binary gets its config as the network says it
 
     def _invoke(self, command: str, req: PluginRequest) -> bytes:
         out = self._exec.run(self._path, plugin_env(command, req), req.stdin(), self._timeout)

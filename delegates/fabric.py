@@ -25,9 +25,9 @@ from typing import Final, Literal
 
 import structlog
 
-from delegates._nl import RTN_UNICAST, RTN_UNREACHABLE, Link, Netlink, RouteInfo, family_of
+from cnispec.errors import InvalidConfig, PlexusError
 from delegates.forwarding import ensure_forwarding
-from metaplugin.errors import InvalidConfig, PlexusError
+from kernel.netlink import RTN_UNICAST, RTN_UNREACHABLE, Link, Netlink, RouteInfo, family_of
 
 VXLAN_DEVICE: Final = "plexus.vxlan"
 RTPROT_PLEXUS: Final = 0x50  # our routes' rtm_protocol ("P"), unused by the kernel and daemons
@@ -285,9 +285,10 @@ class Fabric:
             if link is None:
                 raise InvalidConfig(f"fabric interface {self.config.interface} does not exist")
             return link
-        from delegates._sublink import default_route_link
-
-        return default_route_link(node)
+        link = node.default_route_link()
+        if link is None:
+            raise InvalidConfig("no fabric 'interface' given and the node has no default route")
+        return link
 
     @staticmethod
     def _first_address(node: Netlink, link: Link) -> str:

@@ -15,7 +15,7 @@ from typing import Final
 
 import structlog
 
-from delegates._nl import RTPROT_RA, Netlink
+from kernel.netlink import RTPROT_RA, Netlink
 
 _FORWARDING: Final = {
     4: Path("/proc/sys/net/ipv4/ip_forward"),

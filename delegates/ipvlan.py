@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from delegates._nl import IPVLAN_FLAGS, IPVLAN_MODES
 from delegates._sublink import SubLinkConf, SubLinkPlugin
 from delegates.plugin import PluginRequest
+from kernel.netlink import IPVLAN_FLAGS, IPVLAN_MODES
 
 
 class IpvlanConf(SubLinkConf):

@@ -8,9 +8,9 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from delegates._nl import MACVLAN_MODES
 from delegates._sublink import SubLinkConf, SubLinkPlugin
 from delegates.plugin import PluginRequest
+from kernel.netlink import MACVLAN_MODES
 
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 

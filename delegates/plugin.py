@@ -3,7 +3,10 @@
 The chain runner (`delegates.chain`) derives each plugin's request exactly as libcni would
 (name, cniVersion, runtimeConfig, prevResult injected) and calls these methods. A built-in
 delegate implements `Plugin` directly (usually by subclassing `BuiltinPlugin`); any other `type`
-is served by `delegates.external.ExecPlugin`.
+is served by `delegates.external.ExecPlugin`. `prepare` is the one moment a plugin may complete
+its config from what only the node knows (the routed primary's IPAM from the node's pod
+subnets): what it returns is recorded with the attachment, so DEL, CHECK and GC replay it and
+never consult live state.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from metaplugin.cni import SUPPORTED_VERSIONS, Result
+from cnispec.cni import SUPPORTED_VERSIONS, Result
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +57,10 @@ class Plugin(Protocol):
         """CNI versions this plugin speaks (an exec'd plugin answers VERSION)."""
         ...
 
+    def prepare(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """The exact config every later call of this attachment gets, decided before ADD."""
+        ...
+
     def add(self, req: PluginRequest) -> Result: ...
 
     def delete(self, req: PluginRequest) -> None: ...
@@ -73,6 +80,9 @@ class BuiltinPlugin:
 
     def versions(self) -> tuple[str, ...]:
         return SUPPORTED_VERSIONS
+
+    def prepare(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        return dict(config)
 
     def gc(self, req: PluginRequest) -> None:
         return None

@@ -6,29 +6,33 @@ through a link-local next hop: 169.254.1.1 and fe80::1, pinned in the pod as per
 neighbours at the node end's MAC (fe80::1 is also that end's address), so pods never need a
 node address in their subnet and never wait on ARP/NDP for their gateway. The MTU
 comes from the fabric (the underlay's, minus the VXLAN overhead in overlay mode). Without an
-`ipam` section, host-local allocates from the node's pod subnets.
+`ipam` section, host-local allocates from the node's pod subnets: that section is derived once,
+when the attachment is prepared, and recorded with it, so DEL releases the lease even when the
+daemon restarted without knowing the node's pod subnets (the API down at start).
 """
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
-import os
+from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import replace
 from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cnispec.cni import Interface, IPConfig, Result, Route
+from cnispec.errors import CheckFailed, InvalidConfig, TryAgainLater
+from delegates._common import best_effort, parse
 from delegates._iface import check
 from delegates._ipam import Ipam
-from delegates._nl import PLEXUS_GROUP, RT_SCOPE_LINK, Link, Netlink
-from delegates._sublink import best_effort, parse
 from delegates.fabric import Fabric
 from delegates.forwarding import ensure_forwarding
 from delegates.plugin import BuiltinPlugin, PluginRequest
-from metaplugin.cni import Interface, IPConfig, Result, Route
-from metaplugin.errors import CheckFailed, InvalidConfig, TryAgainLater
+from delegates.podlinks import PLEXUS_GROUP
+from kernel.netlink import RT_SCOPE_LINK, Link, Netlink
+from kernel.netns import netns_fd
 
 GATEWAY_V4: Final = "169.254.1.1"
 GATEWAY_V6: Final = "fe80::1"
@@ -53,13 +57,23 @@ class Routed(BuiltinPlugin):
         self._ipam = ipam
         self._fabric = fabric
 
+    def prepare(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """Without an `ipam` section: host-local over this node's pod subnets, in the daemon's
+        lease directory, written into the config that is recorded and replayed."""
+        out = dict(config)
+        if Ipam.configured(out) or self._fabric is None or not self._fabric.pod_cidrs:
+            return out  # add() says what is missing
+        ranges = [[{"subnet": cidr}] for cidr in self._fabric.pod_cidrs]
+        out["ipam"] = {"type": "host-local", "dataDir": self._ipam.data_dir, "ranges": ranges}
+        return out
+
     def add(self, req: PluginRequest) -> Result:
         conf = parse(RoutedConf, req)
-        ipam_req = self._ipam_request(req)
+        self._require_ipam(req)
         host = host_veth_name(req.container_id, req.ifname)
         with ExitStack() as undo:
-            addresses = self._ipam.add(ipam_req)
-            undo.callback(self._ipam.delete, ipam_req)
+            addresses = self._ipam.add(req)
+            undo.callback(self._ipam.delete, req)
             pod_ips = [ipaddress.ip_interface(ip.address).ip for ip in addresses.ips]
             host_link = self._node_side(undo, host, req, conf.mtu or self._fabric_mtu(), pod_ips)
             pod_link = self._configure_pod(req, pod_ips, host_link.mac)
@@ -69,21 +83,30 @@ class Routed(BuiltinPlugin):
     def _fabric_mtu(self) -> int | None:
         return self._fabric.pod_mtu() if self._fabric is not None else None
 
-    def _ipam_request(self, req: PluginRequest) -> PluginRequest:
+    def _require_ipam(self, req: PluginRequest) -> None:
         if Ipam.configured(req.config):
-            return req
+            return
         if self._fabric is None:
             raise InvalidConfig(
                 f"network {req.network_name}: plexus-routed needs an 'ipam' section, or the "
                 "daemon's 'fabric' config with this node's podCIDRs",
             )
-        if not self._fabric.pod_cidrs:
-            raise TryAgainLater(
-                f"network {req.network_name}: this node has no pod subnet yet (its Node's "
-                "spec.podCIDRs is not assigned, or the API has not been reached); try again",
-            )
-        ranges = [[{"subnet": cidr}] for cidr in self._fabric.pod_cidrs]
-        return replace(req, config={**req.config, "ipam": {"type": "host-local", "ranges": ranges}})
+        raise TryAgainLater(
+            f"network {req.network_name}: this node has no pod subnet yet (its Node's "
+            "spec.podCIDRs is not assigned, or the API has not been reached); try again",
+        )
+
+    def _recorded_ipam(self, req: PluginRequest) -> PluginRequest:
+        """The request as prepared at ADD. A record of a plexusd from before IPAM was recorded
+        (records version 1) has none: derive it now when the node knows its pod subnets, else
+        name host-local alone, which DEL and GC need (leases are found by container and
+        interface in the lease directory; the ranges play no part)."""
+        if Ipam.configured(req.config):
+            return req
+        config = self.prepare(req.config)
+        if not Ipam.configured(config):
+            config["ipam"] = {"type": "host-local", "dataDir": self._ipam.data_dir}
+        return replace(req, config=config)
 
     def _node_side(
         self, undo: ExitStack, host: str, req: PluginRequest, mtu: int | None, pod_ips: list[Any]
@@ -91,23 +114,19 @@ class Routed(BuiltinPlugin):
         """The veth pair (the pod's end born in the pod), and on the node's end the routes to
         the pod and, for IPv6, fe80::1; one netlink handle for all of it. The pair's removal
         joins `undo` the moment it exists."""
-        fd = os.open(req.netns, os.O_RDONLY | os.O_CLOEXEC)
-        try:
+        ensure_forwarding({ip.version for ip in pod_ips})
+        with netns_fd(req.netns) as fd, Netlink.open() as node:
             peer = {"name": req.ifname, "netns_fd": fd, "group": PLEXUS_GROUP, "mtu": mtu}
-            ensure_forwarding({ip.version for ip in pod_ips})
-            with Netlink.open() as node:
-                node.create(
-                    host, "veth", what=f"veth {host} <-> {req.ifname}", mtu=mtu, up=True, peer=peer
-                )
-                undo.callback(self._remove_pair, host)
-                link = node.require(host)
-                if any(ip.version == 6 for ip in pod_ips):
-                    node.add_address(link.index, f"{GATEWAY_V6}/64", nodad=True)
-                for ip in pod_ips:
-                    node.add_route(f"{ip}/{ip.max_prefixlen}", oif=link.index, scope=RT_SCOPE_LINK)
-                return link
-        finally:
-            os.close(fd)
+            node.create(
+                host, "veth", what=f"veth {host} <-> {req.ifname}", mtu=mtu, up=True, peer=peer
+            )
+            undo.callback(self._remove_pair, host)
+            link = node.require(host)
+            if any(ip.version == 6 for ip in pod_ips):
+                node.add_address(link.index, f"{GATEWAY_V6}/64", nodad=True)
+            for ip in pod_ips:
+                node.add_route(f"{ip}/{ip.max_prefixlen}", oif=link.index, scope=RT_SCOPE_LINK)
+            return link
 
     @staticmethod
     def _remove_pair(host: str) -> None:
@@ -137,7 +156,7 @@ class Routed(BuiltinPlugin):
         best_effort(
             req,
             lambda: self._remove_pair(host_veth_name(req.container_id, req.ifname)),
-            lambda: self._ipam.delete(self._ipam_request(req)),
+            lambda: self._ipam.delete(self._recorded_ipam(req)),
         )
 
     def check(self, req: PluginRequest, prev: Result) -> None:
@@ -153,10 +172,10 @@ class Routed(BuiltinPlugin):
                 dst = f"{ip.ip.ip}/{ip.ip.ip.max_prefixlen}"
                 if dst not in routes:
                     raise CheckFailed(f"the node has no route to the pod's {ip.ip.ip} via {host}")
-        self._ipam.check(self._ipam_request(req))
+        self._ipam.check(self._recorded_ipam(req))
 
     def gc(self, req: PluginRequest) -> None:
-        self._ipam.gc(self._ipam_request(req))
+        self._ipam.gc(self._recorded_ipam(req))
 
 
 def _result(host: Link, pod: Link, netns: str, pod_ips: list[Any], ipam: Result) -> Result:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from delegates._nl import MAIN_TABLE, Netlink
+from cnispec import cni
+from cnispec.cni import IPConfig, Result
+from cnispec.errors import CheckFailed, InvalidConfig
 from delegates.plugin import BuiltinPlugin, PluginRequest
-from metaplugin import cni
-from metaplugin.cni import IPConfig, Result
-from metaplugin.errors import CheckFailed, InvalidConfig
+from kernel.netlink import MAIN_TABLE, Netlink
 
 FIRST_TABLE = 100
 RULE_PRIORITY = 30000

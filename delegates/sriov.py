@@ -4,10 +4,10 @@ max_tx_rate, ipam), so switching a NAD is changing its `type`.
 
 Every VF state change goes through the node agent (`sriov.owner.VfOwner`), which records what
 to put back before ADD changes anything. ADD changes only the PF-side settings the NAD sets,
-moves the VF netdev into the pod (`delegates._vfmove`), configures it and lets the kernel
-announce it; DEL and the audit share `delegates.sriov_heal.release_vf`, which puts everything
-back. vfio-pci VFs have no netdev: only their PF-side settings are applied, and the orchestrator
-reports them in network-status `device-info`. Built by `delegates.builtins`.
+moves the VF netdev into the pod (`sriov.netdev`), configures it and lets the kernel announce
+it; DEL and the audit share `sriov.release.release_vf`, which puts everything back. vfio-pci
+VFs have no netdev: only their PF-side settings are applied, and the orchestrator reports them
+in network-status `device-info`. Built by `delegates.builtins`.
 """
 
 from __future__ import annotations
@@ -18,22 +18,23 @@ from contextlib import ExitStack
 from typing import Any, Literal
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cnispec.cni import Interface, Result
+from cnispec.errors import CheckFailed, DeviceUnavailable, InvalidConfig, PlexusError
+from cnispec.identity import Holder
+from delegates._common import best_effort, parse
+from delegates._garp import announce_on_up
 from delegates._iface import check as check_iface
 from delegates._iface import configure, result_for
 from delegates._ipam import Ipam
-from delegates._nl import Netlink
-from delegates._sublink import best_effort
-from delegates._vfmove import alias_host_name, announce_on_up, move_into_pod, put_back, vf_alias
 from delegates.plugin import BuiltinPlugin, PluginRequest
-from delegates.sriov_heal import release_attachment
-from metaplugin import cni
-from metaplugin.cni import Interface, Result
-from metaplugin.errors import CheckFailed, DeviceUnavailable, InvalidConfig, PlexusError
+from kernel.netlink import Netlink
 from sriov import failpoints, vfconfig
+from sriov.netdev import alias_host_name, move_into_pod, put_back, vf_alias
 from sriov.owner import Placement, VfOwner
-from sriov.records import Holder, HostState, VfSettings
+from sriov.records import HostState, VfSettings
+from sriov.release import release_attachment
 
 log = structlog.get_logger(__name__)
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
@@ -103,31 +104,6 @@ class SriovConf(BaseModel):
         return str(mac).lower() if mac else None
 
 
-def parse(req: PluginRequest) -> SriovConf:
-    try:
-        return SriovConf.model_validate(dict(req.config))
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        where = f"{where}: " if where else ""
-        raise InvalidConfig(f"network {req.network_name}: {where}{first['msg']}") from None
-
-
-def holder_of(req: PluginRequest) -> Holder:
-    try:
-        args = cni.parse_cni_args(req.cni_args)
-    except PlexusError:
-        args = {}  # the pod fields are for people; (container, ifname) is the attachment key
-    return Holder(
-        container_id=req.container_id,
-        ifname=req.ifname,
-        netns=req.netns,
-        pod_namespace=args.get(cni.ARG_POD_NAMESPACE, ""),
-        pod_name=args.get(cni.ARG_POD_NAME, ""),
-        pod_uid=args.get(cni.ARG_POD_UID, ""),
-    )
-
-
 def read_pf_side(placement: Placement, *, needed: bool) -> VfSettings:
     """The VF's PF-side settings now; empty when the PF has no netdev and the NAD sets none."""
     if placement.pf.netdev is None:
@@ -156,7 +132,7 @@ class Sriov(BuiltinPlugin):
         return self._owner
 
     def add(self, req: PluginRequest) -> Result:
-        conf = parse(req)
+        conf = parse(SriovConf, req)
         if not conf.device_id:
             raise InvalidConfig(
                 f"network {req.network_name}: plexus-sriov needs a VF: annotate the NAD with "
@@ -165,7 +141,12 @@ class Sriov(BuiltinPlugin):
             )
         placement = self._vf_owner().lookup(conf.device_id)
         with ExitStack() as undo:
-            attach = _Attach(self._vf_owner(), placement, holder_of(req), undo)
+            attach = _Attach(
+                self._vf_owner(),
+                placement,
+                Holder.from_cni_args(req.container_id, req.ifname, req.netns, req.cni_args),
+                undo,
+            )
             if placement.device_type == "vfio-pci" or placement.vf.is_vfio:
                 attach.pf_side(conf.pf_side(conf.wanted_mac(req.runtime_config)), host=None)
                 iface = Interface(name=req.ifname, sandbox=req.netns, pci_id=placement.vf.pci)
@@ -188,7 +169,7 @@ class Sriov(BuiltinPlugin):
         best_effort(req, *steps)
 
     def check(self, req: PluginRequest, prev: Result) -> None:
-        conf = parse(req)
+        conf = parse(SriovConf, req)
         owner = self._vf_owner()
         rec = owner.held_by(req.container_id, req.ifname)
         if rec is None:
@@ -291,7 +272,7 @@ class _Attach:
         with Netlink.open(req.netns) as pod:
             moved = pod.require(req.ifname)
             pod.modify(moved.index, mac=mac, mtu=self.placement.mtu, what=f"VF {req.ifname}")
-            announce_on_up(req.netns, req.ifname)
+            announce_on_up(req.netns, req.ifname, ipv6=True)
             configure(pod, moved, addresses)
             final = pod.require(req.ifname)
         result = result_for(final, req.netns, addresses)

@@ -5,24 +5,25 @@ It starts containerd and plexusd in their own mount and network namespace, defin
 networks as NAD manifests, runs three pods that ask for them through the
 k8s.v1.cni.cncf.io/networks annotation, prints each pod's interfaces, addresses and
 network-status, checks that two pods reach each other over a secondary network, and removes
-everything it made. Run it with `sudo make demo`.
+everything it made. Run it with `sudo make demo` (or `.venv/bin/python -m demo.local_demo` as
+root from the repository's top directory); `tests/e2e/test_demo.py` runs it on every CI run.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import yaml
 
-import yaml  # noqa: E402
-
-from tests.support.cri import ContainerdBed, Pod, containerd_bed  # noqa: E402
-from tests.support.manifests import bridge_conflist, nad  # noqa: E402
+from metaplugin.ctl import table
+from testbed import BedUnavailable
+from testbed.cri import ContainerdBed, Pod, containerd_bed
+from testbed.manifests import bridge_conflist, macvlan, nad
 
 PLEXUSCTL = str(Path(sys.executable).with_name("plexusctl"))
 NETWORKS = "k8s.v1.cni.cncf.io/networks"
@@ -42,22 +43,20 @@ PODS: list[tuple[str, str]] = [
 ]
 
 
-def table(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for n, row in enumerate(rows):
-        print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-        if n == 0:
-            print("  " + "  ".join("-" * w for w in widths))
-
-
 def setup(root: Path) -> tuple[Path, Path]:
     ipam_dir = root / "ipam"
     (root / "nads").mkdir()
     (root / "nads" / "networks.yaml").write_text(
         yaml.safe_dump_all(
             [
-                nad("blue", "10.10.0.0/24", ipam_dir),
-                nad("red", "10.20.0.0/24", ipam_dir, capabilities={"ips": True, "mac": True}),
+                # blue runs in plexusd (the built-in macvlan); red execs Debian's reference plugin.
+                nad("blue", macvlan("demo0", "10.10.0.0/24", ipam_dir, type="plexus-macvlan")),
+                nad(
+                    "red",
+                    macvlan(
+                        "demo0", "10.20.0.0/24", ipam_dir, capabilities={"ips": True, "mac": True}
+                    ),
+                ),
             ]
         )
     )
@@ -76,7 +75,7 @@ def show(rt: ContainerdBed, pods: list[Pod], socket: str) -> None:
             addrs = ",".join(rt.addresses(pod.netns, name)) or "-"
             rows.append((pod.name, name, kind, addrs, link.get("address", "")))
     print("\nInterfaces, as `ip -d addr` shows them inside each pod:")
-    table(rows)
+    table(rows, indent="  ", rule=True)
     print("\nk8s.v1.cni.cncf.io/network-status (from `plexusctl network-status`):")
     for pod in pods:
         out = subprocess.run(
@@ -106,6 +105,17 @@ def ping(rt: ContainerdBed, src: Pod, dst: Pod, dst_if: str, via: str) -> bool:
 
 
 def main() -> int:
+    if os.geteuid() != 0:
+        print("demo: run it as root (sudo make demo): it makes network namespaces", file=sys.stderr)
+        return 2
+    try:
+        return run()
+    except BedUnavailable as exc:
+        print(f"demo: this machine cannot run it: {exc}", file=sys.stderr)
+        return 2
+
+
+def run() -> int:
     with tempfile.TemporaryDirectory(prefix="plexus-demo-") as tmp:
         root = Path(tmp)
         nads, cluster = setup(root)
@@ -143,6 +153,7 @@ def main() -> int:
             ok &= not left
             print(f"  attachments left on the node: {len(left)}")
         print("Done: containerd, plexusd and their namespaces are gone; the machine is as before.")
+    print("demo: OK" if ok else "demo: FAILED (see above)")
     return 0 if ok else 1
 
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from metaplugin.errors import InvalidConfig
+from cnispec.errors import InvalidConfig
 
 CONF_FILE_NAME = "00-plexus.conflist"
 NETWORK_NAME = "plexus"

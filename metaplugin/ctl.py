@@ -13,42 +13,25 @@ runDir from the daemon config).
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
-import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from delegates.chain import NetworkConfigList
-from metaplugin import cni
+from cnispec import cni
+from cnispec.errors import PlexusError
+from cnispec.nad import network_config, parse_manifests
+from cnispec.netconf import NetworkConfigList
+from metaplugin import client
 from metaplugin import config as daemon_config
-from metaplugin.errors import PlexusError
-from metaplugin.nad import network_config, parse_manifests
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float = 10.0) -> None:
-        super().__init__("plexusd", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
-        self.sock = sock
 
 
 def _get(sock_path: str, url: str) -> tuple[int, bytes]:
-    conn = _UnixConnection(sock_path)
     try:
-        conn.request("GET", url)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
+        return client.get(sock_path, url)
     except OSError as exc:
         raise SystemExit(f"plexusctl: cannot reach plexusd at {sock_path}: {exc}") from None
-    finally:
-        conn.close()
 
 
 def _socket_path(args: argparse.Namespace) -> str:
@@ -86,7 +69,7 @@ def cmd_attachments(args: argparse.Namespace) -> int:
                     ",".join(ips) or "-",
                 )
             )
-    _table(rows)
+    table(rows)
     _, body = _get(_socket_path(args), "/v1/quarantine")
     for path in json.loads(body):
         print(f"quarantined (unreadable) record: {path}")
@@ -161,7 +144,7 @@ def cmd_pools(args: argparse.Namespace) -> int:
                 p["env"],
             )
         )
-    _table(rows)
+    table(rows)
     return 0
 
 
@@ -190,14 +173,18 @@ def cmd_vfs(args: argparse.Namespace) -> int:
                 v["holder"] or "-",
             )
         )
-    _table(rows)
+    table(rows)
     return 0
 
 
-def _table(rows: list[tuple[str, ...]]) -> None:
+def table(rows: Sequence[tuple[str, ...]], *, indent: str = "", rule: bool = False) -> None:
+    """Print rows as aligned columns (the first row is the header; `rule` underlines it)."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    lines = [[cell.ljust(w) for cell, w in zip(row, widths, strict=True)] for row in rows]
+    if rule:
+        lines.insert(1, ["-" * w for w in widths])
+    for cells in lines:
+        print((indent + "  ".join(cells)).rstrip())
 
 
 def main(argv: list[str] | None = None) -> int:

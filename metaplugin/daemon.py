@@ -18,27 +18,29 @@ from typing import Any
 
 import structlog
 
+from cnispec import cni
+from cnispec.cni import CniRequest
+from cnispec.errors import PlexusError
+from cnispec.netconf import NetworkConfigList
 from delegates.builtins import builtin_plugins
-from delegates.chain import ChainRunner, NetworkConfigList
+from delegates.chain import ChainRunner
 from delegates.external import ChildTracker, RawExec
 from delegates.fabric import Fabric, Peer
 from delegates.registry import PluginRegistry
-from metaplugin import cni, install, logs
 from metaplugin import config as daemon_config
-from metaplugin.cni import CniRequest
+from metaplugin import install, logs
 from metaplugin.config import DaemonConfig
-from metaplugin.errors import PlexusError
 from metaplugin.fabric_sync import FabricSync, config_peers, fabric_from_config
 from metaplugin.gc import Collector
-from metaplugin.nad import LocalNadSource, NadSource
+from metaplugin.nad_source import LocalNadSource, NadSource
 from metaplugin.orchestrator import Orchestrator, PodSource
 from metaplugin.resolve import Resolver
 from metaplugin.scheduler import Scheduler
 from metaplugin.server import Api, SocketServer
 from metaplugin.spool import SpoolReplayer
-from metaplugin.sriov_node import SriovNode
 from metaplugin.status import NullSink, StatusSink
 from metaplugin.store import AttachmentStore, StateLock
+from sriov.node import SriovNode, SriovSettings
 
 log = structlog.get_logger(__name__)
 CONF_CHECK_INTERVAL = 2.0  # how soon a removed conf comes back, or an uninstall is honoured
@@ -77,6 +79,19 @@ def cluster_sources(cfg: DaemonConfig) -> Sources:
         stop=cluster.stop,
         peers=cluster.peers if cfg.fabric is not None else None,
         own_pod_cidrs=cluster.own_pod_cidrs,
+    )
+
+
+def sriov_settings(cfg: DaemonConfig) -> SriovSettings:
+    assert cfg.vf_pools is not None
+    return SriovSettings(
+        vf_pools=Path(cfg.vf_pools),
+        sysfs_root=Path(cfg.sysfs_root),
+        state_dir=Path(cfg.state_dir) / "sriov",
+        audit_interval=cfg.vf_audit_interval,
+        kubelet=not cfg.local,
+        device_plugin_dir=Path(cfg.device_plugin_dir),
+        pod_resources_socket=Path(cfg.pod_resources_socket),
     )
 
 
@@ -157,7 +172,7 @@ class Daemon:
     def _sriov(self) -> SriovNode | None:
         if self.cfg.vf_pools is None:
             return None
-        sriov = SriovNode(self.cfg)
+        sriov = SriovNode(sriov_settings(self.cfg))
         sriov.start_agent()
         return sriov
 
@@ -174,7 +189,7 @@ class Daemon:
             timeout=self.cfg.delegate_timeout,
             ipam_data_dir=self.cfg.host_local_data_dir,
             fabric=fabric,
-            vf_owner=sriov.agent if sriov is not None else None,
+            vf_owner=sriov.agent.vfs if sriov is not None else None,
         )
         return PluginRegistry(builtins=builtins, exec_=exec_, timeout=self.cfg.delegate_timeout)
 

@@ -12,9 +12,9 @@ from collections.abc import Callable
 
 import structlog
 
+from cnispec.errors import InvalidConfig, PlexusError
 from delegates.fabric import Fabric, FabricConfig, Peer
 from metaplugin.config import DaemonConfig
-from metaplugin.errors import InvalidConfig, PlexusError
 
 log = structlog.get_logger(__name__)
 RESYNC_EVERY = 60.0

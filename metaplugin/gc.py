@@ -16,17 +16,19 @@ from typing import Any
 
 import structlog
 
-from delegates.chain import ChainRunner, NetworkConfigList
-from metaplugin import cni
-from metaplugin.cni import CniRequest
-from metaplugin.errors import InvalidConfig, PlexusError, TeardownIncomplete
+from cnispec import cni
+from cnispec.cni import CniRequest
+from cnispec.errors import InvalidConfig, PlexusError, TeardownIncomplete
+from cnispec.netconf import PreparedNetwork
+from delegates.chain import ChainRunner
 from metaplugin.orchestrator import Orchestrator
 from metaplugin.resolve import Resolver
-from metaplugin.store import AttachmentRecord, AttachmentStore
+from metaplugin.store import AttachmentStore
 
 log = structlog.get_logger(__name__)
 
-Networks = dict[str, tuple[dict[str, Any], tuple[str, ...]]]  # name -> (config, cni path)
+# network name -> (the network as a record prepared it, or a config to prepare; its CNI path)
+Networks = dict[str, tuple[PreparedNetwork | dict[str, Any], tuple[str, ...]]]
 
 
 class Collector:
@@ -64,9 +66,7 @@ class Collector:
             with self._lock_container(container_id):
                 loaded = self._store.load(container_id)
                 for record in loaded.records:
-                    networks.setdefault(
-                        network_name(record), (record.config_dict(), tuple(record.cni_path))
-                    )
+                    networks.setdefault(record.prepared.name, (record.prepared, record.cni_path))
                 if not loaded or (container_id, loaded.runtime_ifname) in valid:
                     continue
                 log.info("gc_stale_container", stale_container=container_id)
@@ -79,24 +79,22 @@ class Collector:
     def _collect(self, networks: Networks, request_path: tuple[str, ...]) -> list[str]:
         remaining = [r for loaded in self._store.all() for r in loaded.records]
         failures = []
-        for name, (config, path) in networks.items():
+        for name, (net, path) in networks.items():
             still_valid = [
                 {"containerID": r.container_id, "ifname": r.ifname}
                 for r in remaining
-                if network_name(r) == name
+                if r.prepared.name == name
             ]
+            search = self._orchestrator.path(path + request_path)
             try:
-                self._runner.gc(config, still_valid, self._orchestrator.path(path + request_path))
+                prepared = net if isinstance(net, PreparedNetwork) else self._prepare(net, search)
+                self._runner.gc(prepared, still_valid, search)
             except PlexusError as exc:
                 failures.append(f"network {name}: {exc.msg}")
         return failures
 
-
-def network_name(record: AttachmentRecord) -> str:
-    try:
-        return NetworkConfigList.parse(record.config_dict()).name
-    except PlexusError:
-        return record.network
+    def _prepare(self, config: dict[str, Any], path: tuple[str, ...]) -> PreparedNetwork:
+        return self._runner.prepare(config, {}, path)
 
 
 def valid_attachments(config: Mapping[str, Any]) -> set[tuple[str, str]]:

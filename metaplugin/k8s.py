@@ -31,13 +31,13 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 from urllib3.exceptions import HTTPError
 
+from cnispec import nad as nadmod
+from cnispec.annotations import NETWORK_STATUS_ANNOTATION
+from cnispec.errors import InvalidConfig, TryAgainLater
+from cnispec.identity import PodInfo
+from cnispec.nad import NetworkAttachmentDefinition
 from delegates.fabric import Peer
-from metaplugin import nad as nadmod
-from metaplugin.annotations import NETWORK_STATUS_ANNOTATION
 from metaplugin.config import DaemonConfig
-from metaplugin.errors import InvalidConfig, TryAgainLater
-from metaplugin.nad import NetworkAttachmentDefinition
-from metaplugin.resolve import PodInfo
 
 log = structlog.get_logger(__name__)
 

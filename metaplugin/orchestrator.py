@@ -1,32 +1,28 @@
 """ADD, DEL, CHECK and STATUS for one pod, as named steps (GC lives in `metaplugin.gc`).
 
-ADD: find the pod's requests → plan the attachments → prepare each (binary, version, exact
-config) → record them durably → attach each, rolling back in reverse on failure → publish
-network-status → answer with the cluster network's result in the caller's version. DEL replays
-what ADD recorded, in reverse, and needs neither the API, the netns nor prevResult. The daemon
-serialises calls per container, so nothing here locks.
+ADD: find the pod's requests → plan the attachments → give each that needs one its device →
+prepare each (binary, version, exact config) and record them durably → attach each → run the
+pod-wide steps (`metaplugin.podwide`) → publish network-status → answer with the cluster
+network's result in the caller's version. Every step that changes something registers its undo
+on one stack the moment it succeeds; a failure anywhere runs them all, newest first (a failed
+attachment is DEL'd too, its delegates may have half-made it). DEL replays what ADD recorded,
+in reverse, and needs neither the API, the netns nor prevResult. The daemon serialises calls per
+container, so nothing here locks.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import json
-import socket
 import time
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Final, Protocol
 
 import structlog
 
-from delegates import _nl, podnet
-from delegates.chain import CallEnv, ChainRunner, PreparedNetwork
-from delegates.netns import existing_interfaces
-from metaplugin import cni
-from metaplugin.cni import CniRequest, Result, Route
-from metaplugin.config import DaemonConfig
-from metaplugin.devices import DeviceSource
-from metaplugin.errors import (
+from cnispec import cni
+from cnispec.cni import CniRequest, Result
+from cnispec.errors import (
     AttachmentConflict,
     InternalError,
     InvalidConfig,
@@ -38,9 +34,17 @@ from metaplugin.errors import (
     TryAgainLater,
     UnknownContainer,
 )
-from metaplugin.resolve import PlannedAttachment, PodInfo, Resolver
+from cnispec.identity import Holder, PodInfo
+from cnispec.netconf import NetworkConfigList, has_plugin_key, with_plugin_key
+from delegates import podlinks
+from delegates.chain import CallEnv, ChainRunner
+from kernel.netns import existing_interfaces
+from metaplugin.config import DaemonConfig
+from metaplugin.podwide import DefaultRoute, PodStep
+from metaplugin.resolve import PlannedAttachment, Resolver
 from metaplugin.status import StatusSink, added_interface_message, network_status
-from metaplugin.store import AttachmentRecord, AttachmentStore, ContainerRecords
+from metaplugin.store import Attachment, AttachmentKey, AttachmentStore, ContainerRecords
+from sriov.devices import DeviceRequest, DeviceSource
 
 POD_ANNOTATIONS_KEY: Final = "io.kubernetes.cri.pod-annotations"
 READINESS_WAIT: Final = 10.0
@@ -52,6 +56,32 @@ class PodSource(Protocol):
     """Cluster mode: a pod's identity and annotations from the API (watch-fed cache)."""
 
     def get(self, namespace: str, name: str, uid: str) -> PodInfo | None: ...
+
+
+class _Undo:
+    """ADD's one undo stack. Each undo is registered right after the step it undoes succeeded
+    (an attachment's before it runs: a failed delegate may have half-made it); on failure they
+    all run, newest first, and the ones that fail are collected for the error."""
+
+    def __init__(self) -> None:
+        self._stack = ExitStack()
+        self.failures: list[str] = []
+        self.culprit: Attachment | None = None  # the attachment being made, if any
+
+    def push(self, what: str, fn: Callable[..., Any], *args: Any) -> None:
+        self._stack.callback(self._run, what, fn, *args)
+
+    def _run(self, what: str, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception as exc:  # noqa: BLE001 - reported in the error, the rollback goes on
+            self.failures.append(f"{what}: {_msg(exc)}")
+
+    def commit(self) -> None:
+        self._stack.pop_all()
+
+    def rollback(self) -> None:
+        self._stack.close()
 
 
 class Orchestrator:
@@ -66,8 +96,8 @@ class Orchestrator:
         pods: PodSource | None = None,
         devices: DeviceSource | None = None,
         existing: Callable[[str, list[str]], list[str]] = existing_interfaces,
-        move_default_route: Callable[[str, str, list[str]], set[int]] = podnet.move_default_route,
-        reap_links: Callable[[str], None] = podnet.delete_pod_links,
+        pod_steps: tuple[PodStep, ...] = (DefaultRoute(),),
+        reap_links: Callable[[str], None] = podlinks.reap,
     ) -> None:
         self._cfg = config
         self._resolver = resolver
@@ -77,10 +107,11 @@ class Orchestrator:
         self._pods = pods
         self._devices = devices
         self._existing = existing
-        self._move_default_route = move_default_route
+        self._pod_steps = pod_steps
         self._reap_links = reap_links
 
     def handle(self, req: CniRequest) -> dict[str, Any] | None:
+        """ADD, DEL, CHECK, STATUS (GC is `metaplugin.gc`; the shim answers VERSION itself)."""
         if req.command == cni.ADD:
             return self.add(req)
         if req.command == cni.DEL:
@@ -102,19 +133,19 @@ class Orchestrator:
         plan = self._plan(req, pod, runtime_config)
         self._refuse_leftovers(req)
         self._refuse_foreign_interfaces(req, plan)
-        if self._devices is not None:
-            plan = self._devices.assign(req, pod, plan)
+        undo = _Undo()
         try:
-            records = self._record_plan(req, pod, plan)
-            added = self._attach_all(req, records)
-            added = self._apply_default_routes(req, records, added)
-        except Exception:
-            if self._devices is not None:
-                self._devices.release_unattached(req.container_id)
-            raise
+            plan = self._assign_devices(req, pod, plan, undo)
+            planned = self._record_plan(req, pod, plan, undo)
+            added = [self._attach(att, req.netns, undo) for att in planned]
+            added = self._finish_pod(req.netns, added, undo)
+        except Exception as exc:  # noqa: BLE001 - everything is undone, then re-raised
+            undo.rollback()
+            raise _add_error(undo.culprit, exc, undo.failures) from None
+        undo.commit()
         if pod is not None:
             self._publish(pod, added)
-        primary = added[0].parsed_result()
+        primary = added[0].result
         assert primary is not None
         return primary.to_wire(req.cni_version)
 
@@ -182,111 +213,95 @@ class Orchestrator:
                 "take over an interface it did not create",
             )
 
+    def _assign_devices(
+        self, req: CniRequest, pod: PodInfo | None, plan: list[PlannedAttachment], undo: _Undo
+    ) -> list[PlannedAttachment]:
+        """Each attachment of a network with a resourceName gets its device (VF) as `deviceID`
+        in every plugin's config and as the deviceID capability, as Multus does."""
+        wanting = [
+            (i, att)
+            for i, att in enumerate(plan)
+            if att.resource_name and not has_plugin_key(att.config, "deviceID")
+        ]
+        if self._devices is None or not wanting:
+            return plan
+        requests = [
+            DeviceRequest(
+                holder=Holder.of(req.container_id, att.ifname, req.netns, pod, uid=req.pod_uid),
+                network=att.network,
+                resource=att.resource_name or "",
+                plugin_types=NetworkConfigList.parse(att.config).types,
+            )
+            for _, att in wanting
+        ]
+        devices = self._devices.assign(pod, requests)
+        undo.push("devices", self._devices.release_unattached, req.container_id)
+        out = list(plan)
+        for (i, att), pci in zip(wanting, devices, strict=True):
+            out[i] = att.with_config(
+                with_plugin_key(att.config, "deviceID", pci),
+                capability_args={**att.capability_args, "deviceID": pci},
+            )
+        return out
+
     def _record_plan(
-        self, req: CniRequest, pod: PodInfo | None, plan: list[PlannedAttachment]
-    ) -> list[AttachmentRecord]:
+        self, req: CniRequest, pod: PodInfo | None, plan: list[PlannedAttachment], undo: _Undo
+    ) -> list[Attachment]:
         """Prepare every attachment (a missing plugin fails here, before anything ran) and
         record exactly what will run, durably, before the first delegate starts."""
         cni_args = _delegate_cni_args(req)
         path = self.path(req.path)
-        records = []
-        for index, att in enumerate(plan):
+        planned = []
+        for seq, att in enumerate(plan):
             try:
                 prepared = self._runner.prepare(att.config, att.capability_args, path)
             except PlexusError as exc:
-                raise type(exc)(
-                    f"network {att.network} ({att.ifname}): {exc.msg}", exc.details, code=exc.code
-                ) from None
-            records.append(
-                AttachmentRecord(
-                    container_id=req.container_id,
-                    index=index,
+                raise exc.prefixed(f"network {att.network} ({att.ifname})") from None
+            planned.append(
+                Attachment(
+                    holder=Holder.of(req.container_id, att.ifname, req.netns, pod, uid=req.pod_uid),
                     network=att.network,
-                    ifname=att.ifname,
+                    seq=seq,
                     is_default=att.is_default,
                     runtime_ifname=req.ifname,
-                    netns=req.netns,
-                    pod_namespace=pod.namespace if pod else "",
-                    pod_name=pod.name if pod else "",
-                    pod_uid=pod.uid if pod else req.pod_uid,
                     cni_args=cni_args,
-                    cni_path=list(path),
-                    config=json.dumps(att.config, separators=(",", ":")),
-                    prepared=prepared.to_dict(),
-                    default_route=list(att.default_route)
-                    if att.default_route is not None
-                    else None,
+                    cni_path=path,
+                    prepared=prepared,
+                    default_route=att.default_route,
                 )
             )
-        self._store.plan(records)
-        return records
+        self._store.plan(planned)
+        undo.push("attachment records", self._store.discard_planned, req.container_id)
+        return planned
 
-    def _attach_all(
-        self, req: CniRequest, records: list[AttachmentRecord]
-    ) -> list[AttachmentRecord]:
-        added: list[AttachmentRecord] = []
-        for position, record in enumerate(records):
-            try:
-                result = self._runner.add(_prepared(record), self._env(record, req.netns))
-                added.append(self._store.mark_added(record, result))
-            except Exception as exc:  # noqa: BLE001 - every failure rolls back, then re-raises
-                raise self._rollback(records, added, position, exc) from None
-            log.info(
-                "attachment_added",
-                network=record.network,
-                attachment=record.ifname,
-                ips=[ip.address for ip in result.ips],
-            )
+    def _attach(self, att: Attachment, netns: str, undo: _Undo) -> Attachment:
+        """ADD of one attachment; its DEL is on the undo stack before its delegates run."""
+        undo.culprit = att
+        undo.push(att.label, self.detach, att.key, netns)
+        result = self._runner.add(att.prepared, self._env(att, netns))
+        added = self._store.mark_added(att, result)
+        log.info(
+            "attachment_added",
+            network=att.network,
+            attachment=att.ifname,
+            ips=[ip.address for ip in result.ips],
+        )
         return added
 
-    def _apply_default_routes(
-        self, req: CniRequest, records: list[AttachmentRecord], added: list[AttachmentRecord]
-    ) -> list[AttachmentRecord]:
-        """NPWG default-route: the attachment that asks for it carries the pod's default route
-        for that family; every other attachment's default route of that family goes, in the
-        pod and in the recorded results (which DEL, CHECK and network-status read)."""
-        for chosen in [r for r in added if r.default_route is not None]:
-            try:
-                families = self._move_default_route(
-                    req.netns, chosen.ifname, list(chosen.default_route or [])
-                )
-                added = [self._store.mark_added(r, _rerouted(r, chosen, families)) for r in added]
-            except Exception as exc:  # noqa: BLE001 - the whole ADD is undone
-                raise self._rollback(records, added, len(records), exc, culprit=chosen) from None
+    def _finish_pod(self, netns: str, added: list[Attachment], undo: _Undo) -> list[Attachment]:
+        """The pod-wide steps, once every attachment is in place; results they change are
+        recorded (DEL, CHECK and network-status read them)."""
+        undo.culprit = None  # a step's own error names the attachment it is about
+        for step in self._pod_steps:
+            applied = step.apply(netns, added)
+            undo.push(step.name, applied.undo)
+            added = [
+                self._store.mark_added(new, new.result or Result()) if new != old else old
+                for old, new in zip(added, applied.attachments, strict=True)
+            ]
         return added
 
-    def _rollback(
-        self,
-        records: list[AttachmentRecord],
-        added: list[AttachmentRecord],
-        failed_at: int,
-        cause: Exception,
-        *,
-        culprit: AttachmentRecord | None = None,
-    ) -> PlexusError:
-        """Undo an ADD that failed at `failed_at` (len(records): after every delegate ran): DEL
-        the failed attachment and every earlier one once, in reverse. The failed attachment's
-        record goes either way; an earlier one whose DEL fails stays recorded so a later DEL or
-        GC retries it."""
-        failures: list[str] = []
-        failed = records[failed_at] if failed_at < len(records) else None
-        if failed is not None:
-            try:
-                self._runner.delete(_prepared(failed), self._env(failed, failed.netns), None)
-            except Exception as exc:  # noqa: BLE001 - reported in the error, rollback goes on
-                failures.append(f"{failed.network} ({failed.ifname}): {_msg(exc)}")
-        for record in records[failed_at:]:
-            self._store.remove(record)
-        for record in reversed(added):
-            try:
-                self._delete_one(record, record.netns)
-            except Exception as exc:  # noqa: BLE001 - reported in the error, rollback goes on
-                failures.append(f"{record.network} ({record.ifname}): {_msg(exc)}")
-        blamed = failed or culprit or records[-1]
-        self._store.remove_container(blamed.container_id)
-        return _attachment_error(blamed, cause, failures)
-
-    def _publish(self, pod: PodInfo, added: list[AttachmentRecord]) -> None:
+    def _publish(self, pod: PodInfo, added: list[Attachment]) -> None:
         # network-status is informational (NPWG §5): a failure to publish it must never fail,
         # or half-undo, a pod whose interfaces are all in place.
         try:
@@ -300,11 +315,18 @@ class Orchestrator:
 
     # --- DEL ----------------------------------------------------------------------------------
 
-    def delete(
-        self, req: CniRequest, *, prefer_recorded_netns: bool = False, issued_at: float = 0.0
-    ) -> None:
-        """DEL the container's attachments. A late DEL (`issued_at`, from the spool) never
-        touches attachments made after it was issued, or for another pod."""
+    def delete(self, req: CniRequest) -> None:
+        """DEL the container's attachments, in the netns the runtime names (or none)."""
+        self._delete(req, issued_at=None)
+
+    def delete_spooled(self, req: CniRequest, spooled_at: float) -> None:
+        """A DEL the shim spooled while the daemon was down. It is late: it never touches
+        attachments made after it was issued, or for another pod, and without a netns from the
+        runtime it uses the recorded one (if that still exists, it is the pod's)."""
+        self._delete(req, issued_at=spooled_at)
+
+    def _delete(self, req: CniRequest, *, issued_at: float | None) -> None:
+        """`issued_at` None: the runtime's own DEL; else when the shim spooled it (0: unknown)."""
         loaded = self._store.load(req.container_id)
         if loaded.quarantined:
             log.error("attachment_records_quarantined", files=list(loaded.quarantined))
@@ -317,12 +339,11 @@ class Orchestrator:
         first = loaded.records[0]
         if issued_at and (
             first.created_at > issued_at
-            or (req.pod_uid and first.pod_uid and req.pod_uid != first.pod_uid)
+            or (req.pod_uid and first.holder.pod_uid and req.pod_uid != first.holder.pod_uid)
         ):
             log.warning("stale_del_ignored", recorded_at=first.created_at, issued_at=issued_at)
             return
-        netns = req.netns or (loaded.netns if prefer_recorded_netns else "")
-        self.teardown(loaded, netns)
+        self.teardown(loaded, req.netns or (loaded.netns if issued_at is not None else ""))
 
     def teardown(self, loaded: ContainerRecords, netns: str) -> None:
         """DEL every recorded attachment in reverse; keep (and report) the ones that fail."""
@@ -330,17 +351,15 @@ class Orchestrator:
         usable = netns if netns and cni.is_netns(netns) else ""
         # Reaping first is only safe when every plugin is a built-in: an exec'd plugin's DEL
         # (tuning, a vendor's) may need to find its interface to clean up after it.
-        reap_first = usable and all(
-            not plugin.path for record in loaded.records for plugin in _prepared(record).plugins
-        )
+        reap_first = usable and all(r.prepared.builtin_only for r in loaded.records)
         if reap_first:
             self._reap_pod_links(usable)
         failures: list[str] = []
         for record in reversed(loaded.records):
             try:
-                self._delete_one(record, usable)
+                self.detach(record.key, usable)
             except Exception as exc:  # noqa: BLE001 - DEL tries every attachment
-                failures.append(f"{record.network} ({record.ifname}): {_msg(exc)}")
+                failures.append(f"{record.label}: {_msg(exc)}")
         if usable and not reap_first and not failures:
             self._reap_pod_links(usable)  # whatever a built-in left behind
         if failures:
@@ -351,6 +370,22 @@ class Orchestrator:
         self._store.remove_container(loaded.container_id)
         log.info("attachments_deleted", count=len(loaded.records))
 
+    def detach(self, key: AttachmentKey, netns: str) -> None:
+        """DEL of one attachment, replaying its record: with its result as prevResult once ADD
+        finished, without before. The record goes when DEL succeeds; one that never finished
+        ADD goes either way (nothing recorded is left to replay), an added one whose DEL failed
+        stays for the retry."""
+        record = self._store.get(key)
+        if record is None:
+            return
+        try:
+            self._runner.delete(record.prepared, self._env(record, netns), record.result)
+        except Exception:
+            if record.state == "planned":
+                self._store.remove(record)
+            raise
+        self._store.remove(record)
+
     def _reap_pod_links(self, netns: str) -> None:
         """Remove every link the built-ins made in the pod in one go (one RCU wait instead of
         one per link); their DELs then find them gone, which DEL takes in its stride."""
@@ -359,10 +394,6 @@ class Orchestrator:
             log.debug("pod_links_reaped", netns=netns)
         except Exception as exc:  # noqa: BLE001 - each delegate's DEL still removes its own
             log.warning("pod_links_not_reaped", error=_msg(exc))
-
-    def _delete_one(self, record: AttachmentRecord, netns: str) -> None:
-        self._runner.delete(_prepared(record), self._env(record, netns), _prev_result(record))
-        self._store.remove(record)
 
     # --- CHECK --------------------------------------------------------------------------------
 
@@ -373,15 +404,12 @@ class Orchestrator:
                 f"no attachments recorded for container {req.container_id} ({req.ifname})",
             )
         for record in loaded.records:
-            prev = _prev_result(record)
-            if record.state != "added" or prev is None:
-                raise InvalidConfig(
-                    f"network {record.network} ({record.ifname}): its ADD never completed",
-                )
+            if record.state != "added" or record.result is None:
+                raise InvalidConfig(f"network {record.label}: its ADD never completed")
             try:
-                self._runner.check(_prepared(record), self._env(record, req.netns), prev)
+                self._runner.check(record.prepared, self._env(record, req.netns), record.result)
             except PlexusError as exc:
-                raise _attachment_error(record, exc, []) from None
+                raise exc.prefixed(f"network {record.label}") from None
 
     # --- STATUS -------------------------------------------------------------------------------
 
@@ -402,14 +430,10 @@ class Orchestrator:
     # --- queries (plexusctl) ------------------------------------------------------------------
 
     def pod_network_status(self, namespace: str, name: str) -> list[dict[str, Any]] | None:
-        newest: ContainerRecords | None = None
-        for loaded in self._store.all():
-            first = loaded.records[0]
-            if (first.pod_namespace, first.pod_name) != (namespace, name):
-                continue
-            if newest is None or first.created_at > newest.records[0].created_at:
-                newest = loaded
-        return network_status(newest.records, self._device_info) if newest else None
+        containers = self._store.of_pod(namespace, name)
+        if not containers:
+            return None
+        return network_status(containers[-1].records, self._device_info)
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -422,54 +446,14 @@ class Orchestrator:
         """Where delegates are looked up: cniPath first, then the runtime's CNI_PATH."""
         return tuple(dict.fromkeys([*self._cfg.cni_path, *request_path]))
 
-    def _env(self, record: AttachmentRecord, netns: str) -> CallEnv:
+    def _env(self, record: Attachment, netns: str) -> CallEnv:
         return CallEnv(
             container_id=record.container_id,
             netns=netns,
             ifname=record.ifname,
             cni_args=record.cni_args,
-            path=self.path(tuple(record.cni_path)),
+            path=self.path(record.cni_path),
         )
-
-
-def _prepared(record: AttachmentRecord) -> PreparedNetwork:
-    return PreparedNetwork.from_dict(record.prepared)
-
-
-def _prev_result(record: AttachmentRecord) -> Result | None:
-    """The recorded result, or None when it no longer decodes (DEL then runs without it, as
-    the spec allows, rather than never running)."""
-    try:
-        return record.parsed_result()
-    except PlexusError as exc:
-        log.error("attachment_result_unreadable", attachment=record.ifname, error=exc.msg)
-        return None
-
-
-def _rerouted(record: AttachmentRecord, chosen: AttachmentRecord, families: set[int]) -> Result:
-    """The record's result once `chosen` carries the default route of `families`."""
-    result = record.parsed_result() or Result()
-    keep = [r for r in result.routes if not (_is_default(r.dst) and _family(r.dst) in families)]
-    if record.index == chosen.index:
-        keep += [
-            Route(dst="0.0.0.0/0" if _nl.family_of(gw) == socket.AF_INET else "::/0", gw=gw)
-            for gw in chosen.default_route or []
-        ]
-        keep += [
-            r
-            for r in result.routes
-            if _is_default(r.dst) and _family(r.dst) in families and not chosen.default_route
-        ]
-    return result.model_copy(update={"routes": keep})
-
-
-def _is_default(dst: str) -> bool:
-    return ipaddress.ip_network(dst, strict=False).prefixlen == 0
-
-
-def _family(dst: str) -> int:
-    version = ipaddress.ip_network(dst, strict=False).version
-    return socket.AF_INET if version == 4 else socket.AF_INET6
 
 
 def _runtime_config(req: CniRequest) -> dict[str, Any]:
@@ -487,18 +471,16 @@ def _msg(exc: BaseException) -> str:
     return exc.msg if isinstance(exc, PlexusError) else f"{type(exc).__name__}: {exc}"
 
 
-def _attachment_error(
-    record: AttachmentRecord, cause: BaseException, rollback_failures: list[str]
+def _add_error(
+    culprit: Attachment | None, cause: BaseException, rollback_failures: list[str]
 ) -> PlexusError:
-    """Our error for a failed attachment: msg names the network, details carry the delegate's
-    own error JSON first, then any rollback DEL that failed."""
-    if isinstance(cause, PlexusError):
-        msg, details, code, cls = cause.msg, cause.details, cause.code, type(cause)
-    else:
-        msg, details, code, cls = _msg(cause), "", InternalError.cni_code, InternalError
-    text = f"network {record.network} ({record.ifname}): {msg}"
+    """Our error for a failed ADD: msg names the attachment being made when it failed, details
+    carry the delegate's own error JSON first, then any undo that failed."""
+    error = cause if isinstance(cause, PlexusError) else InternalError(_msg(cause))
+    if culprit is not None:
+        error = error.prefixed(f"network {culprit.label}")
     if rollback_failures:
-        note = "rollback DEL failed for " + "; ".join(rollback_failures)
-        text = f"{text}; {note}"
-        details = f"{details}; {note}" if details else note
-    return cls(text, details, code=code)
+        note = "rollback failed for " + "; ".join(rollback_failures)
+        details = f"{error.details}; {note}" if error.details else note
+        error = error.with_msg(f"{error.msg}; {note}", details)
+    return error

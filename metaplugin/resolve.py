@@ -13,24 +13,26 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
 import structlog
 
-from delegates.chain import NetworkConfigList
-from metaplugin import confdir
-from metaplugin.annotations import (
+from cnispec import confdir
+from cnispec.annotations import (
     DEFAULT_NETWORK_ANNOTATION,
     NETWORKS_ANNOTATION,
     NetworkSelection,
     parse_default_network,
     parse_networks,
 )
+from cnispec.errors import InvalidConfig, NetworkNotFound, NetworkNotPermitted, PlexusError
+from cnispec.identity import PodInfo
+from cnispec.nad import network_config
+from cnispec.netconf import NetworkConfigList, plugin_configs, with_plugin_key
 from metaplugin.config import DaemonConfig
-from metaplugin.errors import InvalidConfig, NetworkNotFound, NetworkNotPermitted, PlexusError
-from metaplugin.nad import NadSource, network_config
+from metaplugin.nad_source import NadSource
 
 log = structlog.get_logger(__name__)
 
@@ -42,18 +44,6 @@ _CAPABILITIES: Final = (
     ("bandwidth", "bandwidth", "bandwidth"),
     ("infiniband_guid", "infinibandGUID", "infiniband-guid"),
 )
-
-
-@dataclass(frozen=True, slots=True)
-class PodInfo:
-    namespace: str
-    name: str
-    uid: str = ""
-    annotations: Mapping[str, str] = field(default_factory=dict)
-
-    @property
-    def ref(self) -> str:
-        return f"{self.namespace}/{self.name}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +62,11 @@ class PlannedAttachment:
     capability_args: dict[str, Any] = field(default_factory=dict)
     default_route: tuple[str, ...] | None = None
     resource_name: str | None = None
+
+    def with_config(
+        self, config: dict[str, Any], *, capability_args: dict[str, Any]
+    ) -> PlannedAttachment:
+        return replace(self, config=config, capability_args=capability_args)
 
 
 class Resolver:
@@ -221,7 +216,7 @@ class Resolver:
         if selection.device_id:
             # As Multus does: the device goes into each plugin's config (sriov-cni reads
             # `deviceID`) and to plugins that declare the deviceID capability.
-            _set_in_plugins(config, "deviceID", selection.device_id)
+            config = with_plugin_key(config, "deviceID", selection.device_id)
             capability_args["deviceID"] = selection.device_id
         return PlannedAttachment(
             network=net.network,
@@ -275,27 +270,15 @@ def _capability_value(value: Any) -> Any:
     return value
 
 
-def _plugins(config: dict[str, Any]) -> list[dict[str, Any]]:
-    plugins = config.get("plugins")
-    if isinstance(plugins, list):
-        return [p for p in plugins if isinstance(p, dict)]
-    return [config]
-
-
 def _merge_cni_args(config: dict[str, Any], cni_args: Mapping[str, Any]) -> None:
     """NPWG §4.1.2.1.5: annotation cni-args go to `args.cni` and win over the NAD's own."""
-    for plugin in _plugins(config):
+    for plugin in plugin_configs(config):
         args = plugin.setdefault("args", {})
         if not isinstance(args, dict):
             raise InvalidConfig(f"network {config.get('name')}: 'args' must be an object")
         merged = dict(args.get("cni") or {})
         merged.update(cni_args)
         args["cni"] = merged
-
-
-def _set_in_plugins(config: dict[str, Any], key: str, value: Any) -> None:
-    for plugin in _plugins(config):
-        plugin[key] = value
 
 
 def _check_ifnames(plan: list[PlannedAttachment], pod: PodInfo | None) -> None:

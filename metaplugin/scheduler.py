@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
-from metaplugin.errors import TryAgainLater
+from cnispec.errors import TryAgainLater
 
 
 class _Gate:

@@ -25,9 +25,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import structlog
 
-from delegates.netns import current_netns_inode
-from metaplugin import cni
-from metaplugin.errors import DecodeFailure, PlexusError
+from cnispec import cni
+from cnispec.errors import DecodeFailure, PlexusError
+from kernel.netns import current_netns_inode
 from metaplugin.orchestrator import Orchestrator
 from metaplugin.scheduler import Scheduler
 from metaplugin.store import AttachmentStore
@@ -68,11 +68,15 @@ class Metrics:
 class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     allow_reuse_address = False
+    # A node starting a burst of pods connects many shims at once. With socketserver's default
+    # backlog of 5 the kernel refuses the rest (EAGAIN): each such ADD answered 11 and each DEL
+    # spooled for no reason. Admission (maxConcurrent, maxQueue) is the scheduler's job.
+    request_queue_size = 1024
     app: Api
 
 
 class SriovView(Protocol):
-    """What `plexusctl pools` / `plexusctl vfs` read (metaplugin.sriov_node.SriovNode)."""
+    """What `plexusctl pools` / `plexusctl vfs` read (sriov.node.SriovNode)."""
 
     def pools(self) -> list[dict[str, Any]]: ...
 
@@ -145,7 +149,7 @@ class Api:
             out.append(
                 {
                     "containerID": loaded.container_id,
-                    "attachments": [r.model_dump(mode="json") for r in loaded.records],
+                    "attachments": [r.view() for r in loaded.records],
                     "quarantined": list(loaded.quarantined),
                 }
             )

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import structlog
 
-from metaplugin import cni
+from cnispec import cni
 from metaplugin.orchestrator import Orchestrator
 from metaplugin.scheduler import Scheduler
 
@@ -59,7 +59,7 @@ class SpoolReplayer:
         bound = log.bind(container_id=req.container_id, ifname=req.ifname, spool_file=path.name)
         try:
             with self._scheduler.container(req.container_id):
-                self._orchestrator.delete(req, prefer_recorded_netns=True, issued_at=spooled_at)
+                self._orchestrator.delete_spooled(req, spooled_at)
         except Exception as exc:  # noqa: BLE001 - stays pending; the timer retries it
             bound.warning("spooled_del_failed", error=getattr(exc, "msg", repr(exc)))
             return False

@@ -13,9 +13,9 @@ import ipaddress
 from collections.abc import Callable, Iterable
 from typing import Any, Final, Protocol
 
-from metaplugin.cni import Interface, Result
-from metaplugin.resolve import PodInfo
-from metaplugin.store import AttachmentRecord
+from cnispec.cni import Interface, Result
+from cnispec.identity import PodInfo
+from metaplugin.store import Attachment
 
 DEVICE_INFO_VERSION: Final = "1.1.0"
 
@@ -35,9 +35,9 @@ def _pci_only(pci: str) -> dict[str, str]:
     return {"pci-address": pci}
 
 
-def entry(record: AttachmentRecord, device_info: DeviceInfo = _pci_only) -> dict[str, Any]:
+def entry(record: Attachment, device_info: DeviceInfo = _pci_only) -> dict[str, Any]:
     out: dict[str, Any] = {"name": record.network, "interface": record.ifname}
-    result = record.parsed_result()
+    result = record.result
     if result is not None:
         picked = _pick_interface(result, record.ifname)
         index = picked[0] if picked else None
@@ -64,14 +64,13 @@ def entry(record: AttachmentRecord, device_info: DeviceInfo = _pci_only) -> dict
 
 
 def network_status(
-    records: Iterable[AttachmentRecord], device_info: DeviceInfo = _pci_only
+    records: Iterable[Attachment], device_info: DeviceInfo = _pci_only
 ) -> list[dict[str, Any]]:
     return [entry(r, device_info) for r in records if r.state == "added"]
 
 
-def added_interface_message(record: AttachmentRecord) -> str:
-    result = record.parsed_result()
-    ips = [ip.address for ip in result.ips] if result else []
+def added_interface_message(record: Attachment) -> str:
+    ips = [ip.address for ip in record.result.ips] if record.result else []
     return f"Add {record.ifname} [{', '.join(ips)}] from {record.network}"
 
 

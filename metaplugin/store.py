@@ -1,80 +1,154 @@
-"""Durable attachment records: what ADD ran, so DEL, CHECK and GC can replay it exactly.
+"""Durable attachment records: what ADD ran, so DEL, CHECK and GC replay it exactly.
 
-Layout: `<stateDir>/attachments/<container id>/<index>-<ifname>.json`, one file per attachment,
-each self-contained (container, netns, pod, the exact network config text, CNI_ARGS, capability
-arguments, result). Every write is temp file + fsync + rename + directory fsync, so a crash leaves
-either the old or the new file. ADD writes every planned attachment *before* running any
-delegate, so a crash mid-ADD still leaves enough to undo what ran.
+An attachment is one network on one interface of one container, and that is its identity:
+(container, network, interface name). Its record (`Attachment`) holds who it is for, the network
+as prepared to run (each plugin's binary, negotiated version and exact config, including any
+IPAM a built-in derived), and the parsed result; DEL and CHECK read nothing else, so they
+consult no live state (no API, no fabric, no netns needed). `seq` orders a container's
+attachments (ADD ascending, DEL descending); it is not part of the identity.
+
+Layout: `<stateDir>/attachments/<container id>/<ifname>@<network digest>.json`, one
+self-contained file per attachment. Every write is temp file + fsync + rename + directory fsync
+(`cnispec.durable`), so a crash leaves either the old or the new file. ADD writes every planned
+attachment *before* running any delegate, so a crash mid-ADD still leaves enough to undo what
+ran. Records written by an older plexusd are migrated when the store opens
+(`metaplugin.store_v1`); one written by a newer plexusd is refused, never guessed at.
 
 A record that cannot be read is moved to `<stateDir>/quarantine/` and reported; the container's
-other records are still usable ("reconstruct what we can", never a crash). Concurrency: the daemon
+other records are still usable ("reconstruct what we can", never a crash). An index kept in
+memory answers "what does this pod have" without reading every record. Concurrency: the daemon
 serialises operations per container; `StateLock` keeps two daemons off one state dir.
 """
 
 from __future__ import annotations
 
 import fcntl
-import json
+import hashlib
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, NamedTuple
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
 
-from metaplugin import cni
-from metaplugin.cni import Result
-from metaplugin.errors import IOFailure, TryAgainLater
+from cnispec import cni
+from cnispec.cni import Result
+from cnispec.durable import atomic_write, fsync_dir
+from cnispec.errors import IOFailure, TryAgainLater
+from cnispec.identity import Holder
+from cnispec.netconf import PreparedNetwork
+from metaplugin import store_v1
 
-RECORD_VERSION: Final = 1
+RECORD_VERSION: Final = 2
 log = structlog.get_logger(__name__)
 
 
-class AttachmentRecord(BaseModel):
+class AttachmentKey(NamedTuple):
+    container_id: str
+    network: str
+    ifname: str
+
+
+class Attachment(BaseModel):
+    """One attachment as ADD planned and ran it."""
+
     model_config = ConfigDict(frozen=True)
 
     version: int = RECORD_VERSION
-    container_id: str
-    index: int
-    network: str
-    ifname: str
+    holder: Holder  # the container, this attachment's interface, the netns and the pod
+    network: str  # "namespace/name" of a NAD, or a conf's own name
+    seq: int  # position among the container's attachments
     is_default: bool
-    runtime_ifname: str
-    netns: str
-    pod_namespace: str = ""
-    pod_name: str = ""
-    pod_uid: str = ""
+    runtime_ifname: str  # CNI_IFNAME of the ADD (DEL comes for it)
     cni_args: str = ""
-    cni_path: list[str] = Field(default_factory=list)
-    config: str  # the network config as resolved (GC and plexusctl read it)
-    # What runs, exactly: each plugin's binary, negotiated version and config (PreparedNetwork).
-    prepared: dict[str, Any]
-    default_route: list[str] | None = None
+    cni_path: tuple[str, ...] = ()
+    prepared: PreparedNetwork  # what runs, exactly
+    default_route: tuple[str, ...] | None = None  # NPWG default-route gateways asked for
     state: Literal["planned", "added"] = "planned"
-    result: dict[str, Any] | None = None
+    result: Result | None = None
     created_at: float = Field(default_factory=time.time)
+
+    @field_validator("result", mode="wrap")
+    @classmethod
+    def _readable_result(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Result | None:
+        """A recorded result that no longer decodes is dropped, not the whole record: DEL then
+        runs without prevResult, as the spec allows, rather than never running."""
+        try:
+            result: Result | None = handler(value)
+        except ValidationError as exc:
+            log.error("attachment_result_unreadable", error=str(exc)[:300])
+            return None
+        return result
+
+    @property
+    def key(self) -> AttachmentKey:
+        return AttachmentKey(self.holder.container_id, self.network, self.holder.ifname)
+
+    @property
+    def container_id(self) -> str:
+        return self.holder.container_id
+
+    @property
+    def ifname(self) -> str:
+        return self.holder.ifname
+
+    @property
+    def netns(self) -> str:
+        return self.holder.netns
+
+    @property
+    def label(self) -> str:
+        """How errors and logs name it: `network (ifname)`."""
+        return f"{self.network} ({self.ifname})"
 
     @property
     def file_name(self) -> str:
-        return f"{self.index:02d}-{self.ifname}.json"
+        return file_name(self.network, self.ifname)
 
-    def config_dict(self) -> dict[str, Any]:
-        data = json.loads(self.config)
-        assert isinstance(data, dict)
-        return data
+    def view(self) -> dict[str, Any]:
+        """The record as plexusctl and the daemon's API show it (flat, result on the wire)."""
+        return {
+            "container_id": self.container_id,
+            "network": self.network,
+            "ifname": self.ifname,
+            "netns": self.netns,
+            "pod_namespace": self.holder.pod_namespace,
+            "pod_name": self.holder.pod_name,
+            "pod_uid": self.holder.pod_uid,
+            "seq": self.seq,
+            "is_default": self.is_default,
+            "runtime_ifname": self.runtime_ifname,
+            "default_route": list(self.default_route) if self.default_route else None,
+            "state": self.state,
+            "result": self.result.to_wire(cni.LATEST_VERSION) if self.result else None,
+            "prepared": self.prepared.model_dump(mode="json", by_alias=True),
+            "created_at": self.created_at,
+        }
 
-    def parsed_result(self) -> Result | None:
-        return Result.from_wire(self.result) if self.result else None
+
+def file_name(network: str, ifname: str) -> str:
+    # The interface name makes it readable; the network's digest makes (network, ifname) the
+    # key (a network name holds '/' and may be long).
+    digest = hashlib.sha256(network.encode()).hexdigest()[:12]
+    return f"{ifname}@{digest}.json"
 
 
 @dataclass(frozen=True, slots=True)
 class ContainerRecords:
     container_id: str
-    records: tuple[AttachmentRecord, ...]
+    records: tuple[Attachment, ...]
     quarantined: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
@@ -88,28 +162,9 @@ class ContainerRecords:
     def netns(self) -> str:
         return self.records[0].netns if self.records else ""
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o600, sync_dir: bool = True) -> None:
-    """Write `data` to `path` so that a crash leaves the old or the new content, never a mix.
-    `sync_dir=False` leaves the directory fsync to the caller (one for a batch of files)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    if sync_dir:
-        _fsync_dir(path.parent)
+    @property
+    def created_at(self) -> float:
+        return self.records[0].created_at if self.records else 0.0
 
 
 class AttachmentStore:
@@ -117,44 +172,69 @@ class AttachmentStore:
         self._root = Path(state_dir) / "attachments"
         self._quarantine = Path(state_dir) / "quarantine"
         self._root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock = threading.Lock()
+        self._pods: dict[tuple[str, str], set[str]] = {}  # (namespace, name) -> container ids
+        self._open()
+
+    def _open(self) -> None:
+        """Migrate what an older plexusd wrote, then index every container by its pod."""
+        for container_id in self.container_ids():
+            migrated = store_v1.migrate(self._root / container_id, self._write_migrated)
+            if migrated:
+                log.info("attachment_records_migrated", container=container_id, count=migrated)
+            loaded = self.load(container_id, quarantine=False)
+            if loaded:
+                self._index(loaded.records[0])
+
+    def _write_migrated(self, record: dict[str, Any]) -> str:
+        attachment = Attachment.model_validate(record)
+        self.save(attachment, sync_dir=False)
+        return attachment.file_name
 
     def _dir(self, container_id: str) -> Path:
         if not cni.valid_container_id(container_id):
             raise ValueError(f"unsafe container id {container_id!r}")
         return self._root / container_id
 
-    def save(self, record: AttachmentRecord, *, sync_dir: bool = True) -> None:
+    # --- writing ------------------------------------------------------------------------------
+
+    def save(self, record: Attachment, *, sync_dir: bool = True) -> None:
         directory = self._dir(record.container_id)
         created = not directory.exists()
         directory.mkdir(exist_ok=True, mode=0o700)
         if created:
-            _fsync_dir(self._root)
+            fsync_dir(self._root)
+        data = record.model_dump_json(by_alias=True, exclude_none=True).encode()
         try:
-            atomic_write(
-                directory / record.file_name, record.model_dump_json().encode(), sync_dir=sync_dir
-            )
+            atomic_write(directory / record.file_name, data, sync_dir=sync_dir)
         except OSError as exc:
             raise IOFailure(f"cannot write attachment record in {directory}: {exc}") from None
+        self._index(record)
 
-    def plan(self, records: list[AttachmentRecord]) -> None:
+    def plan(self, records: list[Attachment]) -> None:
         """Durably record every planned attachment (before any delegate runs)."""
         for record in records:
             self.save(record, sync_dir=False)
         if records:
-            _fsync_dir(self._dir(records[0].container_id))
+            fsync_dir(self._dir(records[0].container_id))
 
-    def mark_added(self, record: AttachmentRecord, result: Result) -> AttachmentRecord:
-        updated = record.model_copy(
-            update={"state": "added", "result": result.to_wire(cni.LATEST_VERSION)}
-        )
+    def mark_added(self, record: Attachment, result: Result) -> Attachment:
+        updated = record.model_copy(update={"state": "added", "result": result})
         # No directory fsync: if a crash loses this rename, the planned record (same name) is
         # still there, and DEL of a planned attachment needs no result.
         self.save(updated, sync_dir=False)
         return updated
 
-    def remove(self, record: AttachmentRecord) -> None:
-        path = self._dir(record.container_id) / record.file_name
-        path.unlink(missing_ok=True)
+    def remove(self, record: Attachment) -> None:
+        (self._dir(record.container_id) / record.file_name).unlink(missing_ok=True)
+
+    def discard_planned(self, container_id: str) -> None:
+        """Forget the container's attachments that never ran (an ADD being undone), then the
+        container itself if nothing else is left."""
+        for record in self.load(container_id, quarantine=False).records:
+            if record.state == "planned":
+                self.remove(record)
+        self.remove_container(container_id)
 
     def remove_container(self, container_id: str) -> None:
         directory = self._dir(container_id)
@@ -167,15 +247,35 @@ class AttachmentStore:
             directory.rmdir()
         except OSError:
             return  # records remain (a failed DEL keeps them for the retry)
-        _fsync_dir(self._root)
+        fsync_dir(self._root)
+        with self._lock:
+            for holders in self._pods.values():
+                holders.discard(container_id)
+
+    def _index(self, record: Attachment) -> None:
+        if not record.holder.pod_name:
+            return
+        pod = (record.holder.pod_namespace, record.holder.pod_name)
+        with self._lock:
+            self._pods.setdefault(pod, set()).add(record.container_id)
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def get(self, key: AttachmentKey) -> Attachment | None:
+        """One attachment's record as it is on disk now (None when it is gone)."""
+        path = self._dir(key.container_id) / file_name(key.network, key.ifname)
+        try:
+            return self._read(path)
+        except FileNotFoundError:
+            return None
 
     def load(self, container_id: str, *, quarantine: bool = True) -> ContainerRecords:
-        """The container's records. An undecodable record is moved to quarantine (only callers
-        holding the container's lock may do that; read-only views pass quarantine=False). An
-        I/O error raises IOFailure (code 5): the record may be fine, and DEL must be retried
-        rather than succeed without it."""
+        """The container's records in ADD order. An undecodable record is moved to quarantine
+        (only callers holding the container's lock may do that; read-only views pass
+        quarantine=False). An I/O error raises IOFailure (code 5): the record may be fine, and
+        DEL must be retried rather than succeed without it."""
         directory = self._dir(container_id)
-        records: list[AttachmentRecord] = []
+        records: list[Attachment] = []
         quarantined: list[str] = []
         try:
             paths = sorted(directory.iterdir())
@@ -192,10 +292,10 @@ class AttachmentStore:
                 records.append(record)
             elif quarantine:
                 quarantined.append(self._move_to_quarantine(path))
-        records.sort(key=lambda r: r.index)
+        records.sort(key=lambda r: r.seq)
         return ContainerRecords(container_id, tuple(records), tuple(quarantined))
 
-    def _read(self, path: Path) -> AttachmentRecord | None:
+    def _read(self, path: Path) -> Attachment | None:
         """The record, or None when its content cannot be decoded."""
         try:
             data = path.read_bytes()
@@ -204,16 +304,18 @@ class AttachmentStore:
         except OSError as exc:
             raise IOFailure(f"cannot read attachment record {path}: {exc.strerror}") from None
         try:
-            record = AttachmentRecord.model_validate_json(data)
+            record = Attachment.model_validate_json(data)
         except (ValidationError, ValueError) as exc:
-            log.error("attachment_record_unreadable", path=str(path), error=str(exc)[:300])
-            return None
-        if record.version > RECORD_VERSION:
+            record, error = None, exc
+        version = record.version if record is not None else store_v1.version_of(data)
+        if version is not None and version > RECORD_VERSION:
             # Written by a newer plexusd: leave it be, and refuse to guess what it means.
             raise IOFailure(
-                f"attachment record {path} has version {record.version}; this plexusd reads "
-                f"up to {RECORD_VERSION}: run the newer plexusd (or roll it forward) to DEL it",
+                f"attachment record {path} has version {version}; this plexusd reads up to "
+                f"{RECORD_VERSION}: run the newer plexusd (or roll it forward) to DEL it",
             )
+        if record is None:
+            log.error("attachment_record_unreadable", path=str(path), error=str(error)[:300])
         return record
 
     def _move_to_quarantine(self, path: Path) -> str:
@@ -234,6 +336,14 @@ class AttachmentStore:
             loaded = self.load(container_id, quarantine=False)
             if loaded.records:
                 yield loaded
+
+    def of_pod(self, namespace: str, name: str) -> list[ContainerRecords]:
+        """Every container of the pod that still has records (a read-only view), oldest first:
+        one per sandbox the runtime made for it."""
+        with self._lock:
+            containers = sorted(self._pods.get((namespace, name), set()))
+        found = [self.load(cid, quarantine=False) for cid in containers]
+        return sorted((c for c in found if c), key=lambda c: c.created_at)
 
     def quarantined(self) -> list[str]:
         if not self._quarantine.is_dir():

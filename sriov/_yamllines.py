@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticCustomError
 
-from metaplugin.errors import InvalidConfig
+from cnispec.errors import InvalidConfig
 
 M = TypeVar("M", bound=BaseModel)
 

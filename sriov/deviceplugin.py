@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-import grpc  # type: ignore[import-untyped]
+import grpc
 import structlog
 
-from metaplugin.errors import InvalidConfig, PlexusError
+from cnispec.errors import InvalidConfig, PlexusError
 from sriov.kubeletapi import deviceplugin_v1beta1_pb2 as pb
 from sriov.kubeletapi import deviceplugin_v1beta1_pb2_grpc as pb_grpc
 from sriov.owner import DeviceType

@@ -13,11 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from cnispec.identity import Holder
 from sriov.ledger import HELD
 from sriov.model import USERSPACE_DRIVERS, VFIO_DRIVER, Pf, Snapshot, Vf
 from sriov.owner import DeviceType
 from sriov.pools import PoolSpec, env_name
-from sriov.records import Holder, VfRecord, VfState
+from sriov.records import VfRecord, VfState
 
 
 @dataclass(frozen=True, slots=True)

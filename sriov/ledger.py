@@ -26,8 +26,9 @@ from typing import Any, Final
 import structlog
 from pydantic import ValidationError
 
-from metaplugin.errors import DeviceUnavailable, IOFailure
-from sriov.records import Holder, VfRecord, VfState
+from cnispec.errors import DeviceUnavailable, IOFailure
+from cnispec.identity import Holder
+from sriov.records import VfRecord, VfState
 
 log = structlog.get_logger(__name__)
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from cnispec.identity import Holder
 from sriov.model import Pf, Vf
-from sriov.records import Holder, HostState, VfRecord, VfSettings
+from sriov.records import HostState, VfRecord, VfSettings
 
 DeviceType = Literal["netdevice", "vfio-pci"]
 

@@ -24,10 +24,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
-import grpc  # type: ignore[import-untyped]
+import grpc
 import structlog
 
-from metaplugin.errors import DeviceUnavailable, PlexusError, TryAgainLater
+from cnispec.errors import DeviceUnavailable, PlexusError, TryAgainLater
 from sriov.kubeletapi import podresources_v1_pb2 as pb
 from sriov.kubeletapi import podresources_v1_pb2_grpc as pb_grpc
 

@@ -34,7 +34,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from metaplugin.errors import InvalidConfig
+from cnispec.errors import InvalidConfig
 from sriov._yamllines import invalid, load_validated
 from sriov.model import Pf, Snapshot, Vf
 

@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from cnispec.identity import Holder
+
 LinkState = Literal["auto", "enable", "disable"]
 VlanProto = Literal["802.1q", "802.1ad"]
 
@@ -23,22 +25,6 @@ class VfState(StrEnum):
     ATTACHED = "attached"  # in the holder's netns, configured
     RELEASING = "releasing"  # DEL (or a heal) is putting it back
     UNHEALTHY = "unhealthy"  # could not be healed: never given out until an audit heals it
-
-
-class Holder(BaseModel):
-    """Who a VF is given to: one attachment of one container."""
-
-    model_config = ConfigDict(frozen=True)
-
-    container_id: str
-    ifname: str
-    netns: str = ""
-    pod_namespace: str = ""
-    pod_name: str = ""
-    pod_uid: str = ""
-
-    def same_attachment(self, other: Holder) -> bool:
-        return (self.container_id, self.ifname) == (other.container_id, other.ifname)
 
 
 class VfSettings(BaseModel):

@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Final, NamedTuple
 
-from metaplugin.errors import (
+from cnispec.errors import (
     DeviceNotFound,
     DeviceSettingUnsupported,
     InvalidConfig,

@@ -26,8 +26,8 @@ from typing import Any, Final, Protocol
 
 import pyudev  # type: ignore[import-untyped]
 
-from sriov._poll import readable
-from sriov.linkwatch import LOST, LinkWatch
+from kernel.linkwatch import LOST, LinkWatch
+from kernel.poll import readable
 
 SUBSYSTEMS: Final = frozenset({"pci", "net"})
 NETLINK_KOBJECT_UEVENT: Final = 15

@@ -29,7 +29,7 @@ from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST, nla, nlmsg
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTM_NEWLINK
 
-from metaplugin.errors import (
+from cnispec.errors import (
     DeviceNotFound,
     DeviceSettingUnsupported,
     InvalidConfig,

@@ -5,9 +5,13 @@ suite does not run as root."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from testbed.sriov_bed import SriovBed, running_bed
+from tests.support.require import required
 
 _TIER_BY_DIR = {"unit": "unit", "netns": "netns", "e2e": "e2e", "kernel": "kernel"}
 _ROOT_TIERS = {"netns", "e2e", "kernel"}
@@ -24,3 +28,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             if os.environ.get("PLEXUS_REQUIRE_ALL_TIERS"):
                 raise pytest.UsageError(f"{tier} tests need root, and every tier is required")
             item.add_marker(pytest.mark.skip(reason=f"{tier} tests need root"))
+
+
+@pytest.fixture
+def sriov_bed(tmp_path: Path) -> Iterator[SriovBed]:
+    """The synthetic SR-IOV sysfs with its own node namespace (testbed.sriov_bed)."""
+    with required(running_bed(tmp_path)) as bed:
+        yield bed

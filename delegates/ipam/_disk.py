@@ -37,8 +37,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Protocol
 
+from cnispec.errors import IOFailure, TryAgainLater
 from delegates.ipam._ranges import IPAddress
-from metaplugin.errors import IOFailure, TryAgainLater
 
 LOCK_FILE: Final = "lock"
 LAST_RESERVED_PREFIX: Final = "last_reserved_ip."

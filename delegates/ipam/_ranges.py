@@ -15,8 +15,8 @@ from typing import Any, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from metaplugin.cni import Route, parse_cni_args
-from metaplugin.errors import InvalidConfig
+from cnispec.cni import Route, parse_cni_args
+from cnispec.errors import InvalidConfig
 
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -18,6 +18,16 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cnispec.cni import (
+    DNS,
+    LEGACY_ATTACHMENTS_KEY,
+    VALID_ATTACHMENTS_KEY,
+    IPConfig,
+    Result,
+    Route,
+    valid_network_name,
+)
+from cnispec.errors import InvalidConfig, InvalidEnvironment, IOFailure, PlexusError
 from delegates.ipam._disk import DiskStore, ReservationStore
 from delegates.ipam._ranges import (
     IPAddress,
@@ -35,16 +45,6 @@ from delegates.ipam._ranges import (
     requested_ips,
 )
 from delegates.plugin import PluginRequest
-from metaplugin.cni import (
-    DNS,
-    LEGACY_ATTACHMENTS_KEY,
-    VALID_ATTACHMENTS_KEY,
-    IPConfig,
-    Result,
-    Route,
-    valid_network_name,
-)
-from metaplugin.errors import InvalidConfig, InvalidEnvironment, IOFailure, PlexusError
 
 DEFAULT_DATA_DIR = "/var/lib/cni/networks"
 

@@ -16,6 +16,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cnispec.cni import DNS, IPConfig, Result, Route, parse_cni_args
+from cnispec.errors import InvalidConfig, PlexusError
 from delegates.ipam._ranges import (
     IPAddress,
     describe_error,
@@ -24,8 +26,6 @@ from delegates.ipam._ranges import (
     str_list,
 )
 from delegates.plugin import PluginRequest
-from metaplugin.cni import DNS, IPConfig, Result, Route, parse_cni_args
-from metaplugin.errors import InvalidConfig, PlexusError
 
 
 class StaticCheckFailed(PlexusError):

@@ -17,10 +17,11 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support.cri import ContainerdBed, Pod, containerd_bed
-from tests.support.daemon import DaemonProcess
-from tests.support.manifests import bridge_conflist, host_local, macvlan, nad, reservations
+from testbed.cri import ContainerdBed, Pod, containerd_bed
+from testbed.daemon import DaemonProcess
+from testbed.manifests import bridge_conflist, host_local, macvlan, nad, reservations
 from tests.support.plugins import write_test_plugins
+from tests.support.require import required
 
 NETWORKS = "k8s.v1.cni.cncf.io/networks"
 
@@ -119,7 +120,7 @@ def cri(tmp_path: Path) -> Iterator[CriBed]:
         ),
     ]
     (nad_dir / "nads.yaml").write_text(yaml.safe_dump_all(nads))
-    with containerd_bed(tmp_path / "rt") as containerd:
+    with required(containerd_bed(tmp_path / "rt")) as containerd:
         containerd.in_netns("", "ip", "link", "add", "pxm0", "type", "veth", "peer", "name", "pxm1")
         containerd.in_netns("", "ip", "link", "set", "pxm0", "up")
         containerd.in_netns("", "ip", "link", "set", "pxm1", "up")

@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from cri_api.v1 import api_pb2 as pb
 
+from testbed.cri import CriError, Pod
 from tests.e2e.conftest import NETWORKS, CriBed
-from tests.support.cri import CriError, Pod
 
 
 def test_pod_gets_eth0_net1_data0_and_pods_talk_over_a_secondary(cri: CriBed) -> None:

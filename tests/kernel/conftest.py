@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.netns import Netns, namespaces
+from testbed.netns import Netns, namespaces
 
 # A feature is named after its module; the value is the rtnetlink link kind it provides.
 _LINK_KINDS = {"dummy": "dummy", "ipvlan": "ipvlan", "8021q": "vlan", "macvlan": "macvlan"}

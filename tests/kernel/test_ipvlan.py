@@ -10,14 +10,14 @@ from typing import Any
 
 import pytest
 
+from cnispec.cni import Result
 from delegates._ipam import Ipam
 from delegates.external import RawExec
 from delegates.ipvlan import Ipvlan
-from delegates.netns import run_in_netns
 from delegates.plugin import PluginRequest
-from metaplugin.cni import Result
-from tests.support.manifests import host_local, reservations
-from tests.support.netns import Netns
+from kernel.netns import run_in_netns
+from testbed.manifests import host_local, reservations
+from testbed.netns import Netns
 
 NetnsFactory = Callable[[str], Netns]
 

@@ -13,19 +13,20 @@ from typing import Any, TypeVar
 
 import pytest
 
+from cnispec.errors import CheckFailed
+from cnispec.identity import Holder
 from delegates._ipam import Ipam
 from delegates.external import RawExec
-from delegates.netns import run_in_netns
 from delegates.plugin import PluginRequest
 from delegates.sriov import Sriov
-from delegates.sriov_heal import audit
-from metaplugin.errors import CheckFailed
+from kernel.netns import run_in_netns
 from sriov.agent import NodeAgent
-from sriov.records import Holder
+from sriov.audit import audit
+from sriov.pools_source import PoolsFileSource
 from sriov.sysfs import Sysfs
+from testbed.netns import Netns
+from testbed.sriov_bed import QuietSource, SriovBed
 from tests.support.netdevsim import Nsim, netdevsim
-from tests.support.netns import Netns
-from tests.support.sriov_bed import QuietSource, SriovBed
 
 pytestmark = pytest.mark.kernel
 
@@ -91,14 +92,14 @@ def node(
                 f"pools:\n  - resourceName: {POOL}\n    selectors: {{rootDevices: [{PF}]}}\n"
             )
             agent = NodeAgent(
-                sysfs=Sysfs(bed.root), pools_path=pools, state_dir=tmp_path / "state",
+                sysfs=Sysfs(bed.root), pools=PoolsFileSource(pools), state_dir=tmp_path / "state",
                 source_factory=QuietSource,
             )  # fmt: skip
             agent.start()
             try:
-                run_in_netns(nsim.node.path, lambda: audit(agent))
+                run_in_netns(nsim.node.path, lambda: audit(agent.vfs))
                 agent.audit_finished()
-                plugin = Sriov(ipam=Ipam(exec_=RawExec(), timeout=30), owner=agent)
+                plugin = Sriov(ipam=Ipam(exec_=RawExec(), timeout=30), owner=agent.vfs)
                 yield Node(nsim, bed, agent, plugin, netns)
             finally:
                 agent.stop()
@@ -112,8 +113,8 @@ def test_two_pods_get_their_nads_pf_settings_and_del_puts_them_back(node: Node) 
     pods, requests, indexes, results = {}, {}, {}, {}
     for cid, keys in NADS.items():
         pods[cid] = node.netns(cid)
-        vf = node.agent.allocate(POOL, Holder(container_id=cid, ifname="net1"))
-        indexes[cid] = node.agent.lookup(vf).vf.index
+        vf = node.agent.vfs.allocate(POOL, Holder(container_id=cid, ifname="net1"))
+        indexes[cid] = node.agent.vfs.lookup(vf).vf.index
         requests[cid] = node.request(pods[cid], cid, vf, keys)
         results[cid] = node.run(lambda r=requests[cid]: node.plugin.add(r))
 
@@ -131,8 +132,8 @@ def test_two_pods_get_their_nads_pf_settings_and_del_puts_them_back(node: Node) 
     with pytest.raises(CheckFailed, match="vlan"):
         node.run(lambda: node.plugin.check(requests["p1"], results["p1"]))
     # ...and the audit puts the NAD's VLAN back on the VF, which stays in its pod.
-    report = node.run(lambda: audit(node.agent))
-    assert report.corrected == [node.agent.held_by("p1", "net1").pci]  # type: ignore[union-attr]
+    report = node.run(lambda: audit(node.agent.vfs))
+    assert report.corrected == [node.agent.vfs.held_by("p1", "net1").pci]  # type: ignore[union-attr]
     assert node.nsim.shown()[indexes["p1"]]["vlan"] == "100"
     node.run(lambda: node.plugin.check(requests["p1"], results["p1"]))
     assert "net1" in pods["p1"].links()
@@ -144,4 +145,4 @@ def test_two_pods_get_their_nads_pf_settings_and_del_puts_them_back(node: Node) 
     links = node.nsim.node.links()
     for name, link in links_before.items():
         assert (links[name]["address"], links[name]["mtu"]) == (link["address"], link["mtu"])
-    assert {p["resourceName"]: p["free"] for p in node.agent.pools_view()} == {POOL: 4}
+    assert {p["resourceName"]: p["free"] for p in node.agent.membership.pools_view()} == {POOL: 4}

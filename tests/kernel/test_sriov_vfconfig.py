@@ -15,11 +15,11 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from metaplugin.errors import DeviceNotFound, DeviceSettingUnsupported
+from cnispec.errors import DeviceNotFound, DeviceSettingUnsupported
 from sriov import vfconfig
 from sriov.records import VfSettings
+from testbed.netns import Netns
 from tests.support.netdevsim import NUM_VFS, Nsim, netdevsim
-from tests.support.netns import Netns
 
 pytestmark = pytest.mark.kernel
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tests.support.netns import Netns
+from testbed.netns import Netns
 
 NetnsFactory = Callable[[str], Netns]
 

@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support.daemon import DaemonProcess
-from tests.support.manifests import bridge_conflist, macvlan, nad, reservations
-from tests.support.netns import Netns, namespaces
+from testbed.daemon import DaemonProcess
+from testbed.manifests import bridge_conflist, macvlan, nad, reservations
+from testbed.netns import Netns, namespaces
+from testbed.runtime import CniRuntime
 from tests.support.plugins import write_test_plugins
 from tests.support.require import missing
-from tests.support.runtime import CniRuntime
 
 REFERENCE_PLUGINS = Path("/usr/lib/cni")
 NETWORKS = "k8s.v1.cni.cncf.io/networks"

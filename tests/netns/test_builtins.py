@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import yaml
 
+from testbed.manifests import host_local, nad
+from testbed.netns import Netns
 from tests.netns.conftest import NETWORKS, Bed, make_bed
-from tests.support.manifests import host_local, nad
-from tests.support.netns import Netns
 
 
 def dual_stack(v4: str, v6: str, data_dir: Path) -> dict[str, Any]:

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from delegates.netns import run_in_netns
+from kernel.netns import run_in_netns
+from testbed.netns import Netns
 from tests.k8s_standin import ApiStandin
 from tests.netns.conftest import NETWORKS, Bed, make_bed
-from tests.support.netns import Netns
 
 NODE = "node-1"
 STATUS = "k8s.v1.cni.cncf.io/network-status"

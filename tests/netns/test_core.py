@@ -12,8 +12,8 @@ import threading
 import time
 from pathlib import Path
 
+from testbed.runtime import Outcome
 from tests.netns.conftest import NETWORKS, Bed
-from tests.support.runtime import Outcome
 
 PLEXUSCTL = str(Path(sys.executable).with_name("plexusctl"))
 

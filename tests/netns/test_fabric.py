@@ -14,8 +14,8 @@ import pytest
 
 from delegates.fabric import VXLAN_DEVICE, Fabric, FabricConfig, Peer, vtep_mac
 from delegates.forwarding import ensure_forwarding
-from delegates.netns import run_in_netns
-from tests.support.netns import Netns, namespaces
+from kernel.netns import run_in_netns
+from testbed.netns import Netns, namespaces
 
 OWN = ("10.1.0.0/24", "fd00:1::/64")
 P2 = Peer("node-2", ("192.0.2.2", "2001:db8::2"), ("10.2.0.0/24", "fd00:2::/64"))

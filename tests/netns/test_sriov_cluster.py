@@ -17,15 +17,15 @@ from typing import Any
 import pytest
 import yaml
 
-from delegates.netns import run_in_netns
+from kernel.netns import run_in_netns
+from metaplugin.client import get
+from testbed.manifests import host_local, nad
+from testbed.netns import Netns
+from testbed.sriov_bed import SriovBed
 from tests.k8s_standin import ApiStandin
 from tests.netns.conftest import NETWORKS, Bed, make_bed
 from tests.netns.test_cluster_mode import NODE, STATUS, add, pod_object, wait_for
-from tests.support.daemon import get
 from tests.support.kubelet import KubeletStandin
-from tests.support.manifests import host_local, nad
-from tests.support.netns import Netns
-from tests.support.sriov_bed import SriovBed
 
 POOL = "plexus.dev/intel_vf"
 PF = "0000:03:00.0"

@@ -21,12 +21,12 @@ from typing import Any
 import pytest
 import yaml
 
+from metaplugin.client import get
+from testbed.manifests import host_local, nad
+from testbed.netns import Netns
+from testbed.runtime import Outcome
+from testbed.sriov_bed import SriovBed
 from tests.netns.conftest import NETWORKS, Bed, make_bed
-from tests.support.daemon import get
-from tests.support.manifests import host_local, nad
-from tests.support.netns import Netns
-from tests.support.runtime import Outcome
-from tests.support.sriov_bed import SriovBed
 
 PLEXUSCTL = str(Path(sys.executable).with_name("plexusctl"))
 POOL = "plexus.dev/intel_vf"

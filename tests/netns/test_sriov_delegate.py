@@ -17,23 +17,26 @@ from typing import Any, TypeVar
 
 import pytest
 
+from cnispec.cni import Result
+from cnispec.errors import DeviceSettingUnsupported, InvalidConfig, PlexusError
+from cnispec.identity import Holder
 from delegates._ipam import Ipam
-from delegates._nl import LinkExists, Netlink
-from delegates._vfmove import move_into_pod, vf_alias
 from delegates.external import RawExec
-from delegates.netns import run_in_netns
 from delegates.plugin import PluginRequest
 from delegates.sriov import Sriov, SriovConf
-from delegates.sriov_heal import AuditReport, audit
-from metaplugin.cni import Result
-from metaplugin.errors import DeviceSettingUnsupported, InvalidConfig, PlexusError
+from kernel.netlink import Netlink
+from kernel.netns import run_in_netns
+from kernel.rtnl import LinkExists
 from sriov import vfconfig
 from sriov.agent import NodeAgent
-from sriov.records import Holder, HostState, VfRecord, VfSettings, VfState
+from sriov.audit import AuditReport, audit
+from sriov.netdev import move_into_pod, vf_alias
+from sriov.pools_source import PoolsFileSource
+from sriov.records import HostState, VfRecord, VfSettings, VfState
 from sriov.sysfs import Sysfs
-from tests.support.manifests import host_local, reservations
-from tests.support.netns import Netns, is_root, namespaces
-from tests.support.sriov_bed import QuietSource, SriovBed
+from testbed.manifests import host_local, reservations
+from testbed.netns import Netns, is_root, namespaces
+from testbed.sriov_bed import QuietSource, SriovBed
 
 PF = "0000:03:00.0"
 PF_NAME = "pxsf0"
@@ -70,18 +73,18 @@ class World:
 
     def record(self, pci: str) -> VfRecord:
         """The ledger's record of `pci` (the ledger lists free VFs only once they were used)."""
-        return next((r for r in self.agent.records() if r.pci == pci), VfRecord(pci=pci))
+        return next((r for r in self.agent.vfs.records() if r.pci == pci), VfRecord(pci=pci))
 
     def restart(self) -> NodeAgent:
         """The daemon restarts (after a crash): a new agent over the same ledger, the audit,
         then VFs may be given out again."""
         self.agent.stop()
         self.agent = _agent(self.bed, self.tmp)
-        self.plugin = Sriov(ipam=self.plugin._ipam, owner=self.agent)
+        self.plugin = Sriov(ipam=self.plugin._ipam, owner=self.agent.vfs)
         return self.agent
 
     def audit(self) -> AuditReport:
-        report = self.in_node(lambda: audit(self.agent))
+        report = self.in_node(lambda: audit(self.agent.vfs))
         self.agent.audit_finished()
         return report
 
@@ -89,7 +92,7 @@ class World:
 def _agent(bed: SriovBed, tmp: Path) -> NodeAgent:
     agent = NodeAgent(
         sysfs=Sysfs(bed.root),
-        pools_path=tmp / "pools.yaml",
+        pools=PoolsFileSource(tmp / "pools.yaml"),
         state_dir=tmp / "state",
         source_factory=QuietSource,
     )
@@ -125,7 +128,7 @@ def world(tmp_path: Path) -> Iterator[World]:
             )
             agent = _agent(bed, tmp_path)
             ipam = Ipam(exec_=RawExec(), timeout=30)
-            w = World(bed, node, tmp_path, vfs, agent, Sriov(ipam=ipam, owner=agent), made)
+            w = World(bed, node, tmp_path, vfs, agent, Sriov(ipam=ipam, owner=agent.vfs), made)
             try:
                 w.audit()
                 yield w
@@ -440,8 +443,8 @@ def test_audit_rolls_back_a_crash_between_move_and_record(world: World) -> None:
     pod = world.pod("p1")
     holder = Holder(container_id="c1", ifname="net1", netns=pod.path, pod_name="web-1")
     host = HostState(name=before["ifname"], mac=before["address"], mtu=before["mtu"])
-    world.agent.claim(vf, holder)
-    world.agent.prepare(vf, holder, host=host, pf_before=VfSettings(), pf_applied=())
+    world.agent.vfs.claim(vf, holder)
+    world.agent.vfs.prepare(vf, holder, host=host, pf_before=VfSettings(), pf_applied=())
 
     def moved_then_crash() -> None:
         with Netlink.open() as node:

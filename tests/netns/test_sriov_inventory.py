@@ -14,14 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from delegates.netns import run_in_netns
+from kernel.linkwatch import LinkWatch
+from kernel.netns import run_in_netns
 from sriov.inventory import Inventory
-from sriov.linkwatch import LinkWatch
 from sriov.model import Snapshot
 from sriov.sysfs import Sysfs
 from sriov.uevents import OVERFLOW, KernelSource, UEvent
-from tests.support.netns import Netns
-from tests.support.sriov_bed import SriovBed, running_bed
+from testbed.netns import Netns
+from testbed.sriov_bed import SriovBed, running_bed
+from tests.support.require import required
 
 PF = "0000:03:00.0"
 SECOND = 1.0  # the bound: a removed VF turns unhealthy within a second
@@ -29,7 +30,7 @@ SECOND = 1.0  # the issue's bound: a removed VF turns unhealthy within a second
 
 @pytest.fixture
 def sriov(tmp_path: Path) -> Iterator[SriovBed]:
-    with running_bed(tmp_path) as bed:
+    with required(running_bed(tmp_path)) as bed:
         yield bed
 
 

@@ -18,15 +18,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from delegates.netns import run_in_netns
-from metaplugin.cni import CniRequest
+from cnispec.identity import Holder, PodInfo
+from kernel.netns import run_in_netns
 from metaplugin.config import DaemonConfig
-from metaplugin.resolve import PlannedAttachment, PodInfo
-from metaplugin.sriov_node import SriovNode
-from sriov.records import Holder
+from metaplugin.daemon import sriov_settings
+from sriov.devices import DeviceRequest
+from sriov.node import SriovNode
 from sriov.uevents import open_source
+from testbed.sriov_bed import SriovBed
 from tests.support.kubelet import KubeletStandin
-from tests.support.sriov_bed import SriovBed, sriov_bed  # noqa: F401 - fixture
 
 POOL = "plexus.dev/intel_vf"
 DPDK = "plexus.dev/intel_dpdk"
@@ -46,7 +46,7 @@ class World:
 
 
 @pytest.fixture
-def world(sriov_bed: SriovBed, tmp_path: Path) -> Iterator[World]:  # noqa: F811
+def world(sriov_bed: SriovBed, tmp_path: Path) -> Iterator[World]:
     sockets = Path(tempfile.mkdtemp(prefix="pxs", dir="/tmp"))  # unix paths <= 107 bytes
     sriov_bed.add_pf(PF, ifname="pxpf0", num_vfs=4)
     sriov_bed.add_pf(DPDK_PF, ifname="pxpf9", num_vfs=2, vf_driver="vfio-pci")
@@ -83,7 +83,8 @@ def world(sriov_bed: SriovBed, tmp_path: Path) -> Iterator[World]:  # noqa: F811
     assert node_ns is not None
     root = sriov_bed.root  # the daemon's own source (uevents + link changes), in the node's netns
     node = SriovNode(
-        cfg, source_factory=lambda: run_in_netns(node_ns.path, lambda: open_source(root))
+        sriov_settings(cfg),
+        source_factory=lambda: run_in_netns(node_ns.path, lambda: open_source(root)),
     )
     try:
         yield World(sriov_bed, kubelet, node)
@@ -132,8 +133,8 @@ def test_health_follows_the_pfs_link_within_a_second(world: World) -> None:
     assert world.kubelet.wait_for(lambda _: len(world.seen()) == 4)
     held, *free = sorted(world.seen())
     holder = Holder(container_id="c1", ifname="net1")
-    world.node.agent.claim(held, holder)  # as ADD does with the VF kubelet granted
-    world.node.agent.attached(held, holder)
+    world.node.agent.vfs.claim(held, holder)  # as ADD does with the VF kubelet granted
+    world.node.agent.vfs.attached(held, holder)
 
     started = time.monotonic()
     world.bed.set_pf_link(PF, False)  # the cable is pulled: the kernel says so by rtnetlink only
@@ -141,10 +142,10 @@ def test_health_follows_the_pfs_link_within_a_second(world: World) -> None:
     assert world.kubelet.wait_for(lambda _: world.seen() == down, 1.0), world.seen()
     took = time.monotonic() - started
     assert took < 1.0, took
-    reasons = {v.pci: v.reason for v in world.node.agent.vfs_view() if v.pool == POOL}
+    reasons = {v.pci: v.reason for v in world.node.agent.membership.vfs_view() if v.pool == POOL}
     assert {reasons[pci] for pci in free} == {"PF pxpf0 has no link (operstate lowerlayerdown)"}
     assert reasons[held] == ""  # kubelet evicts nothing for it: the pod keeps its VF
-    pools = {p["resourceName"]: p for p in world.node.agent.pools_view()}
+    pools = {p["resourceName"]: p for p in world.node.agent.membership.pools_view()}
     assert (pools[POOL]["healthy"], pools[POOL]["free"]) == (1, 0)
 
     started = time.monotonic()
@@ -169,16 +170,17 @@ def test_kubelet_restart_and_allocate(world: World) -> None:
 def test_an_attachment_gets_the_vf_kubelet_granted(world: World) -> None:
     world.node.start_agent()
     world.node.heal_and_open()
-    vfs = sorted(v.pci for v in world.node.agent.vfs_view())
+    vfs = sorted(v.pci for v in world.node.agent.membership.vfs_view())
     world.kubelet.set_pod("default", "web", {POOL: [vfs[2], vfs[0]]})
-    plan = [
-        PlannedAttachment("default/sriov-a", "net1", False, {"type": "plexus-sriov"}, {}, None, POOL),
-        PlannedAttachment("default/sriov-b", "net2", False, {"type": "plexus-sriov"}, {}, None, POOL),
-    ]  # fmt: skip
-    req = CniRequest(command="ADD", container_id="c1", netns="/proc/self/ns/net", ifname="eth0")
-    got = world.node.devices.assign(req, PodInfo("default", "web", "uid-1"), plan)
-    assert [a.config["deviceID"] for a in got] == [vfs[2], vfs[0]]  # kubelet's order
-    assert [a.capability_args["deviceID"] for a in got] == [vfs[2], vfs[0]]
+    pod = PodInfo("default", "web", "uid-1")
+    requests = [
+        DeviceRequest(
+            Holder.of("c1", ifname, "/proc/self/ns/net", pod), net, POOL, ("plexus-sriov",)
+        )
+        for ifname, net in (("net1", "default/sriov-a"), ("net2", "default/sriov-b"))
+    ]
+    got = world.node.devices.assign(pod, requests)
+    assert got == [vfs[2], vfs[0]]  # kubelet's order
     info = world.node.devices.device_info(vfs[2])
     assert info == {"pci-address": vfs[2], "pf-pci-address": PF}
 

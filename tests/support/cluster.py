@@ -18,10 +18,10 @@ from typing import Any
 
 import yaml
 
-from tests.support.daemon import DaemonProcess
-from tests.support.manifests import host_local, nad, reservations
-from tests.support.netns import Netns, namespaces
-from tests.support.runtime import CniRuntime, Outcome
+from testbed.daemon import DaemonProcess
+from testbed.manifests import host_local, nad, reservations
+from testbed.netns import Netns, namespaces
+from testbed.runtime import CniRuntime, Outcome
 
 NODES = 3
 UNDERLAY_V4 = "192.168.100.{}"

@@ -8,8 +8,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cnispec.errors import PluginNotFound
 from delegates.external import VERSION_STDIN, ExecOutput, parse_version_output
-from metaplugin.errors import PluginNotFound
 
 
 @dataclass

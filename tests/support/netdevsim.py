@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from delegates.netns import run_in_netns
-from tests.support.netns import Netns
+from kernel.netns import run_in_netns
+from testbed.netns import Netns
 
 T = TypeVar("T")
 BUS = Path("/sys/bus/netdevsim")

@@ -11,18 +11,20 @@ from typing import Any
 
 import yaml
 
+from cnispec.errors import InvalidConfig
+from cnispec.identity import PodInfo
 from delegates.chain import ChainRunner
 from delegates.registry import PluginRegistry
 from metaplugin.config import DaemonConfig
-from metaplugin.errors import InvalidConfig
 from metaplugin.gc import Collector
-from metaplugin.nad import LocalNadSource
+from metaplugin.nad_source import LocalNadSource
 from metaplugin.orchestrator import Orchestrator
-from metaplugin.resolve import PodInfo, Resolver
+from metaplugin.podwide import DefaultRoute, MovedRoutes
+from metaplugin.resolve import Resolver
 from metaplugin.scheduler import Scheduler
 from metaplugin.store import AttachmentStore
+from testbed.manifests import nad
 from tests.support.fake_exec import FakeExec, FakePlugin
-from tests.support.manifests import nad
 
 
 def nad_manifest(
@@ -92,7 +94,8 @@ class World:
         self.resolver = Resolver(config=self.config, nads=self.nads)
         self.existing_interfaces: set[tuple[str, str]] = set()
         self.moved_routes: list[tuple[str, str, list[str]]] = []
-        runner = ChainRunner(registry=PluginRegistry(exec_=self.exec))
+        self.routes_put_back: list[tuple[str, MovedRoutes]] = []
+        runner = self.runner = ChainRunner(registry=PluginRegistry(exec_=self.exec))
         self.orchestrator = Orchestrator(
             config=self.config,
             resolver=self.resolver,
@@ -102,7 +105,7 @@ class World:
             existing=lambda netns, names: [
                 n for n in names if (netns, n) in self.existing_interfaces
             ],
-            move_default_route=self._move_default_route,
+            pod_steps=(DefaultRoute(routes=self),),
             reap_links=lambda netns: None,
         )
         self.scheduler = Scheduler(max_concurrent=4, max_queue=16)
@@ -115,11 +118,15 @@ class World:
             exclusive=self.scheduler.exclusive,
         )
 
-    def _move_default_route(self, netns: str, ifname: str, gateways: list[str]) -> set[int]:
+    # PodRoutes, faked: what the default-route step asked for is remembered.
+    def move_default_route(self, netns: str, ifname: str, gateways: list[str]) -> MovedRoutes:
         self.moved_routes.append((netns, ifname, gateways))
         if any(gw == "10.66.0.1" for gw in gateways):
             raise InvalidConfig("gateway 10.66.0.1 is not reachable (fake)")
-        return {socket.AF_INET6 if ":" in gw else socket.AF_INET for gw in gateways}
+        return MovedRoutes({socket.AF_INET6 if ":" in gw else socket.AF_INET for gw in gateways})
+
+    def put_back(self, netns: str, moved: MovedRoutes) -> None:
+        self.routes_put_back.append((netns, moved))
 
     def write_conf(self, name: str, config: dict[str, Any]) -> Path:
         path = self.conf_dir / name

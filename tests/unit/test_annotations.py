@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from metaplugin.annotations import parse_default_network, parse_networks
-from metaplugin.errors import InvalidConfig
+from cnispec.annotations import parse_default_network, parse_networks
+from cnispec.errors import InvalidConfig
 
 
 def test_short_form_all_shapes() -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from delegates.chain import CallEnv, ChainRunner, NetworkConfigList, PreparedNetwork
+from cnispec.errors import DelegateFailed, IncompatibleVersion, InvalidConfig, PluginNotFound
+from cnispec.netconf import NetworkConfigList, PreparedNetwork
+from delegates.chain import CallEnv, ChainRunner
 from delegates.registry import PluginRegistry
-from metaplugin.errors import DelegateFailed, IncompatibleVersion, InvalidConfig, PluginNotFound
 from tests.support.fake_exec import FakeExec, FakePlugin
 
 CONFLIST = {
@@ -115,7 +116,7 @@ def test_check_skips_pre_0_4_0_plugins_and_disable_check() -> None:
 def test_gc_and_status_only_reach_1_1_0_plugins() -> None:
     run, fake = runner(FakePlugin("first", versions=("1.0.0",)), FakePlugin("second"))
     valid = [{"containerID": "c1", "ifname": "net1"}]
-    run.gc(CONFLIST, valid, ("/fake",))
+    run.gc(run.prepare(CONFLIST, {}, ("/fake",)), valid, ("/fake",))
     run.status(CONFLIST, ("/fake",))
     assert fake.commands() == [("second", "GC", ""), ("second", "STATUS", "")]
     gc = next(c for c in fake.calls if c.command == "GC")

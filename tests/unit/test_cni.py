@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from metaplugin import cni
-from metaplugin.cni import Result
-from metaplugin.errors import (
+from cnispec import cni
+from cnispec.cni import Result
+from cnispec.errors import (
     DecodeFailure,
     DelegateFailed,
     IncompatibleVersion,

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from cnispec.errors import PLEXUS_CODES, InvalidConfig, TryAgainLater
 from metaplugin import config as daemon_config
+from metaplugin.client import UnixHTTPConnection, get
 from metaplugin.daemon import main as plexusd_main
-from metaplugin.errors import PLEXUS_CODES, InvalidConfig, TryAgainLater
 from metaplugin.scheduler import Scheduler
 from metaplugin.server import Api, SocketServer
 from metaplugin.spool import SpoolReplayer
 from metaplugin.store import StateLock
-from tests.support.daemon import UnixHTTP, get
 from tests.support.world import World, nad_manifest, simple_net
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -185,7 +185,7 @@ def served(tmp_path: Path):
 
 
 def post(sock: str, body: dict) -> tuple[int, dict | None]:
-    conn = UnixHTTP(sock)
+    conn = UnixHTTPConnection(sock)
     try:
         conn.request(
             "POST",

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import yaml
 
-from delegates.chain import NetworkConfigList
+from cnispec.nad import network_config, parse_manifests
+from cnispec.netconf import NetworkConfigList
 from metaplugin.config import DaemonConfig
-from metaplugin.nad import network_config, parse_manifests
 from sriov.pools import parse_pools
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"

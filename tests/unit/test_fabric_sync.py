@@ -6,9 +6,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from cnispec.errors import PlexusError
 from delegates.fabric import Peer, vtep_address, vtep_mac
 from metaplugin.config import DaemonConfig
-from metaplugin.errors import PlexusError
 from metaplugin.fabric_sync import FabricSync, config_peers
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from metaplugin.config import DaemonConfig
 from metaplugin.install import install_shim, write_conf
-from tests.support.daemon import PLEXUSD, DaemonProcess
-from tests.support.runtime import CniRuntime
+from testbed.daemon import PLEXUSD, DaemonProcess
+from testbed.runtime import CniRuntime
 
 CLUSTER = {"cniVersion": "1.0.0", "name": "cluster", "plugins": [{"type": "bridge"}]}
 

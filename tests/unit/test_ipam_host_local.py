@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 
+from cnispec.cni import VALID_ATTACHMENTS_KEY
+from cnispec.errors import InvalidConfig, PlexusError, TryAgainLater
 from delegates.ipam import HostLocalIpam
 from delegates.ipam._disk import DiskStore
 from delegates.ipam._ranges import RangeConf, allocation_order, build_range, build_range_set
 from delegates.ipam.host_local import AllocationFailed, ReservationMissing
 from delegates.plugin import PluginRequest
-from metaplugin.cni import VALID_ATTACHMENTS_KEY
-from metaplugin.errors import InvalidConfig, PlexusError, TryAgainLater
 
 NET = "testnet"
 

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
+from cnispec.errors import InvalidConfig
 from delegates.ipam import StaticIpam
 from delegates.ipam.static import StaticCheckFailed
 from delegates.plugin import PluginRequest
-from metaplugin.errors import InvalidConfig
 
 
 def _req(ipam: dict[str, Any], cni_args: str = "", **top: Any) -> PluginRequest:

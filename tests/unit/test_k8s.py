@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
+from cnispec.errors import InvalidConfig, TryAgainLater
+from cnispec.identity import PodInfo
 from metaplugin.config import DaemonConfig
-from metaplugin.errors import InvalidConfig, TryAgainLater
 from metaplugin.k8s import Cluster
-from metaplugin.resolve import PodInfo
 from tests.k8s_standin import ApiStandin
 
 NODE = "node-1"

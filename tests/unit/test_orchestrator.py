@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from metaplugin.cni import CniRequest
-from metaplugin.errors import (
+from cnispec.cni import CniRequest
+from cnispec.errors import (
     AttachmentConflict,
     DecodeFailure,
     DelegateFailed,
@@ -19,6 +20,9 @@ from metaplugin.errors import (
     TeardownIncomplete,
     UnknownContainer,
 )
+from metaplugin.orchestrator import Orchestrator, _Undo
+from metaplugin.podwide import Applied, DefaultRoute
+from metaplugin.store import Attachment, file_name
 from tests.support.world import World, nad_manifest, simple_net
 
 NETNS = "/proc/self/ns/net"
@@ -143,8 +147,8 @@ def test_rollback_failure_keeps_the_record_for_a_later_del(world: World) -> None
     world.exec.plugins["macvlan"].fail = {"DEL"}
     with pytest.raises(DelegateFailed) as err:
         world.orchestrator.add(request("ADD", networks="net-a, net-x"))
-    assert "rollback DEL failed for default/net-a (net1)" in err.value.msg
-    assert "rollback DEL failed" in err.value.details
+    assert "rollback failed for default/net-a (net1)" in err.value.msg
+    assert "rollback failed" in err.value.details
     assert records(world) == [("net1", "added")]  # failed net-x and rolled-back eth0 gone
     world.exec.plugins["macvlan"].fail = set()
     world.orchestrator.delete(request("DEL", netns=""))
@@ -218,8 +222,9 @@ def test_crash_between_delegates_is_undone_by_del(world: World) -> None:
     """What a SIGKILL mid-ADD leaves: the full plan recorded, only the first one added."""
     plan = world.resolver.plan(ifname="eth0", pod=None, runtime_config={})
     req = request("ADD")
-    recs = world.orchestrator._record_plan(req, None, plan)
-    world.orchestrator._attach_all(req, recs[:1])
+    undo = _Undo()  # the crash: its undos never run
+    recs = world.orchestrator._record_plan(req, None, plan, undo)
+    world.orchestrator._attach(recs[0], req.netns, undo)
     world.orchestrator.delete(request("DEL", netns=""))
     assert world.exec.live() == {}
     assert world.store.container_ids() == []
@@ -227,8 +232,8 @@ def test_crash_between_delegates_is_undone_by_del(world: World) -> None:
 
 def test_corrupt_record_is_quarantined_and_the_rest_still_deleted(world: World) -> None:
     world.orchestrator.add(request("ADD", networks="net-a, net-b"))
-    victim = world.state / "attachments" / "c1" / "01-net1.json"
-    victim.write_text('{"version": 1, "container_id": "c1", "ind')  # torn by a disk fault
+    victim = world.state / "attachments" / "c1" / file_name("default/net-a", "net1")
+    victim.write_text('{"version": 2, "holder": {"container_id": "c1", "ifn')  # a torn write
     world.orchestrator.delete(request("DEL"))
     assert world.exec.live() == {"macvlan": {("c1", "net1"): "10.1.0.2/24"}}
     assert len(world.store.quarantined()) == 1
@@ -319,10 +324,7 @@ def test_record_holds_the_exact_config_that_ran(world: World) -> None:
     world.orchestrator.add(request("ADD", networks="net-a"))
     rec = world.store.load("c1").records[1]
     ran = next(c.config for c in world.exec.calls if c.command == "ADD" and c.plugin == "macvlan")
-    recorded = json.loads(rec.config)
-    assert {k: v for k, v in ran.items() if k != "cniVersion"} == {
-        k: v for k, v in recorded.items() if k != "cniVersion"
-    }
+    assert ran == rec.prepared.plugins[0].config
 
 
 def test_a_malformed_delegate_result_rolls_back(world: World) -> None:
@@ -356,12 +358,43 @@ def test_default_route_moves_to_the_requesting_attachment(world: World) -> None:
     out = world.orchestrator.add(request("ADD", networks=networks))
     assert world.moved_routes == [(NETNS, "net2", ["10.1.0.1"])]
     assert out.get("routes", []) == []  # eth0's default route is gone from what kubelet sees
-    by_if = {r.ifname: r.parsed_result() for r in world.store.load("c1").records}
+    by_if = {r.ifname: r.result for r in world.store.load("c1").records}
     assert [rt.dst for rt in by_if["eth0"].routes] == []
     assert [rt.dst for rt in by_if["net1"].routes] == []
     assert [(rt.dst, rt.gw) for rt in by_if["net2"].routes] == [("0.0.0.0/0", "10.1.0.1")]
     status = world.orchestrator.pod_network_status("default", "pod-c1") or []
     assert status[2]["default-route"] == ["10.1.0.1"]
+
+
+class RefusingStep:
+    """A pod-wide step after the default route that fails (policy that cannot be applied)."""
+
+    name = "refusing"
+
+    def apply(self, netns: str, attachments: list[Attachment]) -> Applied:
+        raise InvalidConfig("pod-wide step refused the pod")
+
+
+def test_a_failing_pod_step_undoes_the_steps_before_it_and_every_attachment(
+    world: World,
+) -> None:
+    orchestrator = Orchestrator(
+        config=world.config,
+        resolver=world.resolver,
+        store=world.store,
+        runner=world.runner,
+        sink=world.sink,
+        existing=lambda netns, names: [],
+        pod_steps=(DefaultRoute(routes=world), RefusingStep()),
+        reap_links=lambda netns: None,
+    )
+    networks = json.dumps([{"name": "net-a"}, {"name": "net-b", "default-route": ["10.1.0.1"]}])
+    with pytest.raises(InvalidConfig, match="pod-wide step refused the pod"):
+        orchestrator.add(request("ADD", networks=networks))
+    ((netns, moved),) = world.routes_put_back  # the default route went back where it was
+    assert netns == NETNS and moved.families == {socket.AF_INET}
+    assert world.exec.live() == {}
+    assert world.store.container_ids() == []
 
 
 def test_a_default_route_that_cannot_be_set_undoes_the_pod(world: World) -> None:

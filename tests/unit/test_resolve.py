@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from metaplugin.errors import InvalidConfig, NetworkNotFound, NetworkNotPermitted
-from metaplugin.resolve import PodInfo
+from cnispec.errors import InvalidConfig, NetworkNotFound, NetworkNotPermitted
+from cnispec.identity import PodInfo
 from tests.support.world import World, nad_manifest, simple_net
 
 NETWORKS = "k8s.v1.cni.cncf.io/networks"

@@ -12,11 +12,12 @@ from typing import Any
 
 import pytest
 
+from cnispec.errors import DelegateTimeout, IOFailure
 from delegates.external import ChildTracker, RawExec
-from metaplugin.errors import DelegateTimeout, IOFailure
 from metaplugin.install import conflist
 from metaplugin.scheduler import Scheduler
 from metaplugin.spool import SpoolReplayer
+from metaplugin.store import file_name
 from tests.support.world import World, nad_manifest, simple_net
 from tests.unit.test_orchestrator import request
 
@@ -34,9 +35,9 @@ def world(tmp_path: Path) -> World:
 def test_del_replays_exactly_what_add_ran_even_after_a_plugin_upgrade(world: World) -> None:
     world.orchestrator.add(request("ADD", networks="net-a"))
     ran = next(c.config for c in world.exec.calls if c.command == "ADD" and c.plugin == "macvlan")
-    recorded = world.store.load("c1").records[1].prepared["plugins"][0]
-    assert recorded["config"] == ran  # byte for byte what ran (prevResult aside)
-    assert recorded["path"] == "/fake/macvlan" and recorded["version"] == "1.0.0"
+    recorded = world.store.load("c1").records[1].prepared.plugins[0]
+    assert recorded.config == ran  # byte for byte what ran (prevResult aside)
+    assert recorded.path == "/fake/macvlan" and recorded.version == "1.0.0"
     world.exec.plugins["macvlan"].versions = ("1.0.0", "1.1.0")  # upgraded in between
     world.exec.calls.clear()
     world.orchestrator.delete(request("DEL"))
@@ -60,7 +61,7 @@ def test_a_missing_plugin_fails_before_anything_runs(world: World) -> None:
 
 def test_unreadable_recorded_result_still_gets_its_del(world: World) -> None:
     world.orchestrator.add(request("ADD", networks="net-a"))
-    path = world.state / "attachments" / "c1" / "01-net1.json"
+    path = world.state / "attachments" / "c1" / file_name("default/net-a", "net1")
     data = json.loads(path.read_text())
     data["result"]["ips"][0]["address"] = "not-an-address"
     path.write_text(json.dumps(data))
@@ -72,7 +73,7 @@ def test_unreadable_recorded_result_still_gets_its_del(world: World) -> None:
 
 def test_io_error_on_a_record_fails_del_instead_of_forgetting_it(world: World) -> None:
     world.orchestrator.add(request("ADD", networks="net-a"))
-    path = world.state / "attachments" / "c1" / "01-net1.json"
+    path = world.state / "attachments" / "c1" / file_name("default/net-a", "net1")
     data = path.read_bytes()
     path.unlink()
     path.mkdir()  # reading a directory is an I/O error, not a decode error
@@ -88,7 +89,7 @@ def test_io_error_on_a_record_fails_del_instead_of_forgetting_it(world: World) -
 
 def test_a_record_from_a_newer_plexusd_is_left_alone(world: World) -> None:
     world.orchestrator.add(request("ADD"))
-    path = world.state / "attachments" / "c1" / "00-eth0.json"
+    path = world.state / "attachments" / "c1" / file_name("cluster", "eth0")
     data = json.loads(path.read_text())
     data["version"] = 99
     path.write_text(json.dumps(data))
@@ -99,7 +100,7 @@ def test_a_record_from_a_newer_plexusd_is_left_alone(world: World) -> None:
 
 def test_views_never_quarantine(world: World) -> None:
     world.orchestrator.add(request("ADD", networks="net-a"))
-    (world.state / "attachments" / "c1" / "01-net1.json").write_text("{torn")
+    (world.state / "attachments" / "c1" / file_name("default/net-a", "net1")).write_text("{torn")
     assert world.orchestrator.pod_network_status("default", "pod-c1") is not None
     assert world.store.quarantined() == []
 
@@ -245,8 +246,8 @@ def test_isolation_keeps_default_global_when_global_namespaces_is_unset(tmp_path
         nad_manifest("shared", simple_net("shared")),
         nad_manifest("other", simple_net("other"), namespace="team-b"),
     )
-    from metaplugin.errors import NetworkNotPermitted
-    from metaplugin.resolve import PodInfo
+    from cnispec.errors import NetworkNotPermitted
+    from cnispec.identity import PodInfo
 
     pod = PodInfo("team-a", "p", "", {"k8s.v1.cni.cncf.io/networks": "default/shared"})
     assert len(w.resolver.plan(ifname="eth0", pod=pod, runtime_config={})) == 2

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from metaplugin import cni, shim
+from cnispec import cni
+from metaplugin import shim
 from metaplugin.config import DaemonConfig
 from metaplugin.install import install_shim
 

@@ -14,14 +14,16 @@ from typing import Any
 
 import pytest
 
-from metaplugin.errors import DeviceNotFound, DeviceUnavailable, TryAgainLater
-from sriov import agent as agent_module
+from cnispec.errors import DeviceNotFound, DeviceUnavailable, TryAgainLater
+from cnispec.identity import Holder
+from sriov import vfstate
 from sriov.agent import NodeAgent
 from sriov.health import givable, vf_health
 from sriov.model import Pf, Vf
-from sriov.records import Holder, HostState, VfRecord, VfSettings, VfState
+from sriov.pools_source import PoolsFileSource
+from sriov.records import HostState, VfRecord, VfSettings, VfState
 from sriov.sysfs import Sysfs
-from tests.support.sriov_bed import QuietSource, SriovBed
+from testbed.sriov_bed import QuietSource, SriovBed
 
 POOL = "plexus.dev/intel_vf"
 PF = "0000:03:00.0"
@@ -55,7 +57,7 @@ def pools_file(tmp_path: Path) -> Path:
 @contextmanager
 def started(tree: SriovBed, pools: Path, state: Path, **extra: Any) -> Iterator[NodeAgent]:
     a = NodeAgent(
-        sysfs=Sysfs(tree.root), pools_path=pools, state_dir=state, source_factory=QuietSource,
+        sysfs=Sysfs(tree.root), pools=PoolsFileSource(pools), state_dir=state, source_factory=QuietSource,
         **extra,
     )  # fmt: skip
     a.start()
@@ -76,76 +78,76 @@ def _holder(cid: str, ifname: str = "net1") -> Holder:
 
 
 def test_nothing_is_given_out_before_the_audit(agent: NodeAgent) -> None:
-    views = agent.pool_devices(POOL)
+    views = agent.membership.pool_devices(POOL)
     assert [v.pci for v in views] == ["0000:03:02.0", "0000:03:02.1", "0000:03:02.2"]
     assert not any(v.healthy for v in views)
     assert {v.reason for v in views} == {"not yet verified by the audit"}
     with pytest.raises(DeviceUnavailable, match="not verified"):
-        agent.allocate(POOL, _holder("c1"))
+        agent.vfs.allocate(POOL, _holder("c1"))
 
     agent.audit_finished()
-    assert all(v.healthy for v in agent.pool_devices(POOL))
+    assert all(v.healthy for v in agent.membership.pool_devices(POOL))
 
 
 def test_allocate_takes_each_vf_once_and_says_when_the_pool_is_empty(agent: NodeAgent) -> None:
     agent.audit_finished()
-    got = [agent.allocate(POOL, _holder(f"c{i}")) for i in range(3)]
+    got = [agent.vfs.allocate(POOL, _holder(f"c{i}")) for i in range(3)]
     assert got == ["0000:03:02.0", "0000:03:02.1", "0000:03:02.2"]
-    assert agent.allocate(POOL, _holder("c0")) == got[0]  # a retried ADD keeps its VF
+    assert agent.vfs.allocate(POOL, _holder("c0")) == got[0]  # a retried ADD keeps its VF
     with pytest.raises(DeviceUnavailable, match="no free VF") as err:
-        agent.allocate(POOL, _holder("c9"))
+        agent.vfs.allocate(POOL, _holder("c9"))
     assert err.value.code == 111
     with pytest.raises(DeviceNotFound) as missing:
-        agent.allocate("plexus.dev/nope", _holder("c9"))
+        agent.vfs.allocate("plexus.dev/nope", _holder("c9"))
     assert missing.value.code == 112 and POOL in missing.value.msg
 
-    assert agent.release_unattached("c1") == [got[1]]
-    assert agent.allocate(POOL, _holder("c9")) == got[1]
+    assert agent.vfs.release_unattached("c1") == [got[1]]
+    assert agent.vfs.allocate(POOL, _holder("c9")) == got[1]
 
 
 def test_one_holder_per_vf_and_stale_del_touches_nothing(agent: NodeAgent) -> None:
     agent.audit_finished()
     vf = "0000:03:02.0"
-    first = agent.claim(vf, _holder("c1"))
+    first = agent.vfs.claim(vf, _holder("c1"))
     assert first.state == VfState.RESERVED
     with pytest.raises(DeviceUnavailable, match="default/c1"):
-        agent.claim(vf, _holder("c2"))
-    agent.prepare(
+        agent.vfs.claim(vf, _holder("c2"))
+    agent.vfs.prepare(
         vf,
         _holder("c1"),
         host=HostState(name="ens1f0v0", mac="02:00:00:00:00:01", mtu=1500),
         pf_before=VfSettings(vlan=0),
         pf_applied=("vlan",),
     )
-    agent.attached(vf, _holder("c1"))
-    assert agent.held_by("c1", "net1") is not None
-    assert agent.release_begin(vf, _holder("c2")) is None  # not its VF
-    record = agent.release_begin(vf, _holder("c1"))
+    agent.vfs.attached(vf, _holder("c1"))
+    assert agent.vfs.held_by("c1", "net1") is not None
+    assert agent.vfs.release_begin(vf, _holder("c2")) is None  # not its VF
+    record = agent.vfs.release_begin(vf, _holder("c1"))
     assert record is not None and record.host is not None and record.host.name == "ens1f0v0"
-    agent.release_done(vf)
-    assert agent.held_by("c1", "net1") is None
-    view = {v.pci: v for v in agent.vfs_view()}[vf]
+    agent.vfs.release_done(vf)
+    assert agent.vfs.held_by("c1", "net1") is None
+    view = {v.pci: v for v in agent.membership.vfs_view()}[vf]
     assert (view.state, view.healthy, view.holder) == ("free", True, "")
-    assert agent.allocate(POOL, _holder("c3")) == vf  # back in the pool at once
+    assert agent.vfs.allocate(POOL, _holder("c3")) == vf  # back in the pool at once
 
 
 def test_state_survives_a_restart(
     tree: SriovBed, pools_file: Path, tmp_path: Path, agent: NodeAgent
 ) -> None:
     agent.audit_finished()
-    vf = agent.allocate(POOL, _holder("c1"))
+    vf = agent.vfs.allocate(POOL, _holder("c1"))
     agent.stop()
     with started(tree, pools_file, tmp_path / "state") as again:
         again.audit_finished()
-        assert again.held_by("c1", "net1") is not None
-        assert vf not in {again.allocate(POOL, _holder(f"n{i}")) for i in range(2)}
+        assert again.vfs.held_by("c1", "net1") is not None
+        assert vf not in {again.vfs.allocate(POOL, _holder(f"n{i}")) for i in range(2)}
 
 
 def test_a_vanished_vf_stays_listed_unhealthy(tree: SriovBed, agent: NodeAgent) -> None:
     agent.audit_finished()
     tree.remove_vf("0000:03:02.1", announce=False)
     agent.refresh()
-    views = {v.pci: v for v in agent.pool_devices(POOL)}
+    views = {v.pci: v for v in agent.membership.pool_devices(POOL)}
     assert views["0000:03:02.1"].healthy is False
     assert views["0000:03:02.1"].reason == "gone from sysfs"
     assert views["0000:03:02.0"].healthy is True
@@ -157,34 +159,34 @@ def test_a_vf_bound_to_vfio_does_not_serve_a_netdevice_pool(
     agent.audit_finished()
     tree.bind("0000:03:02.2", "vfio-pci", announce=False)
     agent.refresh()
-    view = {v.pci: v for v in agent.pool_devices(POOL)}["0000:03:02.2"]
+    view = {v.pci: v for v in agent.membership.pool_devices(POOL)}["0000:03:02.2"]
     assert view.healthy is False and "wants a netdevice" in view.reason
-    got = {agent.allocate(POOL, _holder(f"c{i}")) for i in range(2)}
+    got = {agent.vfs.allocate(POOL, _holder(f"c{i}")) for i in range(2)}
     assert "0000:03:02.2" not in got
     with pytest.raises(DeviceUnavailable):
-        agent.allocate(POOL, _holder("c7"))
+        agent.vfs.allocate(POOL, _holder("c7"))
 
 
 def test_a_pf_without_link_takes_its_free_vfs_out_of_service(
     tree: SriovBed, agent: NodeAgent
 ) -> None:
     agent.audit_finished()
-    held = agent.allocate(POOL, _holder("c1"))
-    agent.attached(held, _holder("c1"))
+    held = agent.vfs.allocate(POOL, _holder("c1"))
+    agent.vfs.attached(held, _holder("c1"))
     tree.set_pf_link(PF, False, announce=False)
     agent.refresh()
-    views = {v.pci: v for v in agent.pool_devices(POOL)}
+    views = {v.pci: v for v in agent.membership.pool_devices(POOL)}
     assert views.pop(held).healthy is True  # the pod keeps it: kubelet evicts nothing for it
     assert {(v.healthy, v.reason) for v in views.values()} == {
         (False, "PF ens1f0 has no link (operstate lowerlayerdown)")
     }
     with pytest.raises(DeviceUnavailable, match="no free VF"):
-        agent.allocate(POOL, _holder("c2"))
+        agent.vfs.allocate(POOL, _holder("c2"))
 
     tree.set_pf_link(PF, True, announce=False)
     agent.refresh()
-    assert all(v.healthy for v in agent.pool_devices(POOL))
-    assert agent.allocate(POOL, _holder("c2")) != held
+    assert all(v.healthy for v in agent.membership.pool_devices(POOL))
+    assert agent.vfs.allocate(POOL, _holder("c2")) != held
 
 
 _VF = Vf("0000:03:02.0", PF, 0, "8086", "154c", "iavf", 0, "ens1f0v0", "ether")
@@ -233,13 +235,13 @@ def test_reload_applies_an_edited_file_and_keeps_the_old_one_when_broken(
     )
     wanted = {POOL: 1, "plexus.dev/other": 3}
     deadline = time.monotonic() + 5  # the watcher notices within about a second
-    while {p["resourceName"]: p["total"] for p in agent.pools_view()} != wanted:
+    while {p["resourceName"]: p["total"] for p in agent.membership.pools_view()} != wanted:
         assert time.monotonic() < deadline, "the edited pools file was not picked up"
         time.sleep(0.05)
 
     pools_file.write_text("pools:\n  - resourceName: [broken\n")
     assert agent.reload() is False
-    assert agent.has_pool("plexus.dev/other")
+    assert agent.membership.pools.pool("plexus.dev/other") is not None
 
 
 def test_num_vfs_is_applied_but_never_under_vfs_in_use(
@@ -247,7 +249,7 @@ def test_num_vfs_is_applied_but_never_under_vfs_in_use(
 ) -> None:
     agent.audit_finished()
     numvfs = tree.root / "bus/pci/devices" / PF / "sriov_numvfs"
-    agent.claim("0000:03:02.0", _holder("c1"))
+    agent.vfs.claim("0000:03:02.0", _holder("c1"))
     _pools(
         pools_file,
         f"""
@@ -260,8 +262,8 @@ def test_num_vfs_is_applied_but_never_under_vfs_in_use(
     assert agent.reload() is True
     assert numvfs.read_text().strip() == "4"  # a pod holds a VF of this PF: not now
 
-    agent.release_begin("0000:03:02.0", _holder("c1"))
-    agent.release_done("0000:03:02.0")
+    agent.vfs.release_begin("0000:03:02.0", _holder("c1"))
+    agent.vfs.release_done("0000:03:02.0")
     deadline = time.monotonic() + 5  # the deferred change goes in once nothing holds a VF
     while numvfs.read_text().strip() != "2":
         assert time.monotonic() < deadline, "the deferred numVfs was never applied"
@@ -273,50 +275,50 @@ def test_the_audit_lease_keeps_del_and_heal_apart(
 ) -> None:
     agent.audit_finished()
     vf, holder = "0000:03:02.0", _holder("c1")
-    agent.claim(vf, holder)
-    agent.attached(vf, holder)
-    seen = agent.held_by("c1", "net1")
+    agent.vfs.claim(vf, holder)
+    agent.vfs.attached(vf, holder)
+    seen = agent.vfs.held_by("c1", "net1")
     assert seen is not None
 
-    assert agent.lease(vf, seen)
-    assert not agent.lease(vf, seen)  # one lease at a time
+    assert agent.vfs.lease(vf, seen)
+    assert not agent.vfs.lease(vf, seen)  # one lease at a time
     # A DEL meanwhile waits for the audit to let go, then releases the VF itself (the audit
     # found it still attached and left it alone).
     got: list[VfRecord | None] = []
-    deleter = threading.Thread(target=lambda: got.append(agent.release_begin(vf, holder)))
+    deleter = threading.Thread(target=lambda: got.append(agent.vfs.release_begin(vf, holder)))
     deleter.start()
     time.sleep(0.2)
     assert deleter.is_alive() and got == []
-    agent.unlease(vf)
+    agent.vfs.unlease(vf)
     deleter.join(5)
     assert got and got[0] is not None and got[0].state == VfState.RELEASING
-    agent.release_done(vf)
+    agent.vfs.release_done(vf)
 
     # Under a lease that outlasts the wait, DEL says "try again" rather than "done".
-    vf2 = agent.allocate(POOL, _holder("c2"))
-    agent.attached(vf2, _holder("c2"))
-    held = agent.held_by("c2", "net1")
-    assert held is not None and agent.lease(vf2, held)
-    monkeypatch.setattr(agent_module, "HEAL_WAIT", 0.1)
+    vf2 = agent.vfs.allocate(POOL, _holder("c2"))
+    agent.vfs.attached(vf2, _holder("c2"))
+    held = agent.vfs.held_by("c2", "net1")
+    assert held is not None and agent.vfs.lease(vf2, held)
+    monkeypatch.setattr(vfstate, "HEAL_WAIT", 0.1)
     with pytest.raises(TryAgainLater):
-        agent.release_begin(vf2, _holder("c2"))
-    healing = agent.release_begin(vf2, _holder("c2"), healing=True)
+        agent.vfs.release_begin(vf2, _holder("c2"))
+    healing = agent.vfs.release_begin(vf2, _holder("c2"), healing=True)
     assert healing is not None and healing.state == VfState.RELEASING
-    agent.release_done(vf2)
-    agent.unlease(vf2)
+    agent.vfs.release_done(vf2)
+    agent.vfs.unlease(vf2)
 
-    stale = agent.held_by("c2", "net1")
+    stale = agent.vfs.held_by("c2", "net1")
     assert stale is None
-    agent.claim(vf, _holder("c3"))  # the record moves on after the audit read it
-    assert not agent.lease(vf, seen)
+    agent.vfs.claim(vf, _holder("c3"))  # the record moves on after the audit read it
+    assert not agent.vfs.lease(vf, seen)
 
 
 def test_mark_unhealthy_never_takes_a_vf_from_its_new_holder(agent: NodeAgent) -> None:
     agent.audit_finished()
-    vf = agent.allocate(POOL, _holder("c1"))
-    agent.attached(vf, _holder("c1"))
-    agent.mark_unhealthy(vf, "a late heal of an older attachment")
-    record = agent.held_by("c1", "net1")
+    vf = agent.vfs.allocate(POOL, _holder("c1"))
+    agent.vfs.attached(vf, _holder("c1"))
+    agent.vfs.mark_unhealthy(vf, "a late heal of an older attachment")
+    record = agent.vfs.held_by("c1", "net1")
     assert record is not None and record.state == VfState.ATTACHED
 
 
@@ -331,7 +333,7 @@ def test_lookup_reads_sysfs_again_when_a_netdev_seems_missing(
     agent.refresh()
     assert agent.snapshot.vf(vf).netdev is None  # type: ignore[union-attr]
     tree.set_vf_netdev(vf, "ens1f0v0", announce=False)  # back; no uevent seen yet
-    assert agent.lookup(vf).vf.netdev == "ens1f0v0"
+    assert agent.vfs.lookup(vf).vf.netdev == "ens1f0v0"
 
 
 def test_a_num_vfs_write_takes_the_pf_out_without_stalling_the_agent(
@@ -341,14 +343,14 @@ def test_a_num_vfs_write_takes_the_pf_out_without_stalling_the_agent(
     # out, and everything else (ListAndWatch, other pools) goes on.
     agent.audit_finished()
     writing, done = threading.Event(), threading.Event()
-    real = agent._sysfs.set_num_vfs
+    real = agent.sysfs.set_num_vfs
 
     def slow(pf: str, count: int) -> None:
         writing.set()
         done.wait(5)
         real(pf, count)
 
-    monkeypatch.setattr(agent._sysfs, "set_num_vfs", slow)
+    monkeypatch.setattr(agent.sysfs, "set_num_vfs", slow)
     _pools(pools_file, f"pools:\n  - resourceName: {POOL}\n    numVfs: 2\n"
            f"    selectors: {{rootDevices: ['{PF}']}}\n")  # fmt: skip
     reloader = threading.Thread(target=agent.reload)
@@ -356,16 +358,16 @@ def test_a_num_vfs_write_takes_the_pf_out_without_stalling_the_agent(
     try:
         assert writing.wait(5)
         started = time.monotonic()
-        agent.pool_devices(POOL)
+        agent.membership.pool_devices(POOL)
         assert time.monotonic() - started < 0.5  # not behind the write
         with pytest.raises(TryAgainLater, match="numVfs"):
-            agent.claim("0000:03:02.1", _holder("c1"))
+            agent.vfs.claim("0000:03:02.1", _holder("c1"))
         with pytest.raises(DeviceUnavailable):
-            agent.allocate(POOL, _holder("c2"))
+            agent.vfs.allocate(POOL, _holder("c2"))
     finally:
         done.set()
         reloader.join(10)
-    assert agent.allocate(POOL, _holder("c3")) == "0000:03:02.0"
+    assert agent.vfs.allocate(POOL, _holder("c3")) == "0000:03:02.0"
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from metaplugin.errors import DeviceNotFound, InvalidConfig, TryAgainLater
+from cnispec.errors import DeviceNotFound, InvalidConfig, TryAgainLater
 from sriov.deviceplugin import DeviceView, PoolDevicePlugin, socket_name
 from sriov.podresources import PodResourcesClient
 from sriov.preference import preferred_allocation

@@ -13,9 +13,10 @@ import pytest
 from structlog.testing import capture_logs
 
 import sriov.ledger
-from metaplugin.errors import DeviceUnavailable, IOFailure
+from cnispec.errors import DeviceUnavailable, IOFailure
+from cnispec.identity import Holder
 from sriov.ledger import Ledger
-from sriov.records import Holder, HostState, VfRecord, VfSettings, VfState
+from sriov.records import HostState, VfRecord, VfSettings, VfState
 
 POOL = "plexus.dev/intel_vf"
 FREE, RESERVED, ATTACHED, RELEASING, UNHEALTHY = (

@@ -8,7 +8,7 @@ from textwrap import dedent
 
 import pytest
 
-from metaplugin.errors import InvalidConfig
+from cnispec.errors import InvalidConfig
 from sriov.model import LinkType, Pf, Snapshot, Vf
 from sriov.pools import (
     PfRef,

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
-from metaplugin.errors import DeviceNotFound, DeviceSettingUnsupported, InvalidConfig
+from cnispec.errors import DeviceNotFound, DeviceSettingUnsupported, InvalidConfig
+from kernel.linkwatch import parse_link_messages
 from sriov.inventory import Inventory
-from sriov.linkwatch import parse_link_messages
 from sriov.model import Snapshot
 from sriov.sysfs import Sysfs
 from sriov.uevents import (
@@ -27,7 +27,7 @@ from sriov.uevents import (
     open_source,
     parse_kernel_uevent,
 )
-from tests.support.sriov_bed import SriovBed, vf_address
+from testbed.sriov_bed import SriovBed, vf_address
 
 PF = "0000:03:00.0"
 

@@ -1,10 +1,10 @@
-"""The one thin adaptor over pyroute2 (house rule 12): typed results, pyroute2's errors
-translated once, and sockets bound to the right network namespace without moving any thread.
+"""The one thin adaptor over rtnetlink (house rule 12): typed results (`Link`, `RouteInfo`),
+errors translated once (`kernel.rtnl.translate`), and sockets bound to the right network
+namespace without moving any thread.
 
-`Netlink.open(netns)` gives a handle on one namespace: for a pod, its netlink socket is created
-on a short-lived thread that entered the pod's namespace (a socket stays in the namespace it was
-born in), then used from the caller's thread; without `netns`, on the calling thread itself.
-That costs ~0.3 ms, against ~8 ms for pyroute2's own `IPRoute(netns=...)`, which forks.
+`Netlink.open(netns)` gives a handle on one namespace: for a pod, its socket is created on a
+short-lived thread that entered the pod's namespace, then used from the caller's thread;
+without `netns`, on the calling thread itself (`kernel.rtnl.Rtnl`).
 
 Links are created directly in the pod's namespace (IFLA_NET_NS_FD) with their final name, MTU,
 MAC, group and state in one request, so they are never visible in the node's namespace and
@@ -15,27 +15,14 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import os
 import socket
-import struct
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final
 
-from pyroute2.netlink import (
-    NLM_F_ACK,
-    NLM_F_CREATE,
-    NLM_F_DUMP,
-    NLM_F_DUMP_INTR,
-    NLM_F_EXCL,
-    NLM_F_REPLACE,
-    NLM_F_REQUEST,
-    NLMSG_DONE,
-    NLMSG_ERROR,
-    nla,
-)
+from pyroute2.netlink import NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, nla
 from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
 from pyroute2.netlink.rtnl import (
     RTM_DELADDR,
@@ -60,15 +47,11 @@ from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.ndmsg import ndmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
-from delegates.netns import run_in_netns
-from metaplugin.errors import InvalidConfig, KernelUnsupported, PlexusError, TryAgainLater
+from cnispec.errors import KernelUnsupported, PlexusError, TryAgainLater
+from kernel.rtnl import LinkNotFound, Rtnl, message, translate
 
 MAIN_TABLE: Final = 254
 RT_SCOPE_LINK: Final = 253
-# Every link a built-in delegate makes in a pod carries this device group, so a pod's teardown
-# can delete them all in one RTM_DELLINK: the kernel then waits for one RCU grace period
-# instead of one per link (~22 ms each here).
-PLEXUS_GROUP: Final = 0x504C58
 _DUMP_RETRIES: Final = 5
 IFA_F_NODAD: Final = 0x02
 IFA_F_DADFAILED: Final = 0x08
@@ -85,29 +68,10 @@ RT_SCOPE_UNIVERSE: Final = 0
 RTNH_F_ONLINK: Final = 4
 FR_ACT_TO_TBL: Final = 1
 AF_BRIDGE: Final = 7
-_RECV_BUFFER: Final = 1 << 20
-_NLMSG_HDR: Final = struct.Struct("=LHHLL")  # len, type, flags, seq, pid
-_SOL_NETLINK: Final = 270
-_REQUEST_TIMEOUT: Final = 10.0
-_NETLINK_CAP_ACK: Final = 10
-_NETLINK_ROUTE: Final = 0
-
-
-class LinkExists(InvalidConfig):
-    """A link of that name is already there: the runtime or the NAD asked for an interface
-    name the pod already uses (a configuration error, code 7)."""
-
-
-class LinkNotFound(InvalidConfig):
-    """A link the request names (master, interface to chain on) is not there (code 7)."""
 
 
 class AddressInUse(PlexusError):
     """Another host on the segment holds the address (IPv6 DAD failed)."""
-
-
-class AlreadyExists(PlexusError):
-    """Some other object (route, neighbour, rule) with those keys is already there."""
 
 
 class _MacvlanData(nla):  # type: ignore[misc] # pyroute2 0.9 lacks IFLA_MACVLAN_BC_QUEUE_LEN (Linux 5.11)
@@ -171,128 +135,31 @@ class RouteInfo:
     route_type: int = RTN_UNICAST
 
 
-# The kernel is busy or slow, not wrong: the runtime should retry (CNI code 11).
-_TRANSIENT: Final = frozenset({errno.ETIMEDOUT, errno.EBUSY, errno.EAGAIN, errno.ENOBUFS})
-
-
-def _translate(exc: NetlinkError, what: str, *, link: bool = False) -> PlexusError:
-    """One place where netlink errnos become Plexus errors. `link`: the object is a link, so
-    EEXIST/ENODEV are about an interface name."""
-    if exc.code == errno.EEXIST:
-        return (LinkExists if link else AlreadyExists)(f"{what}: already exists")
-    if exc.code == errno.ENODEV:
-        return LinkNotFound(f"{what}: no such device")
-    if exc.code in (errno.EOPNOTSUPP, errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
-        return KernelUnsupported(f"{what}: not supported by this kernel ({os.strerror(exc.code)})")
-    if exc.code in _TRANSIENT:
-        return TryAgainLater(f"{what}: {os.strerror(exc.code)}; try again")
-    return PlexusError(f"{what}: {os.strerror(exc.code)} (netlink error {exc.code})")
-
-
 def family_of(address: str) -> int:
     return socket.AF_INET if ipaddress.ip_interface(address).version == 4 else socket.AF_INET6
-
-
-class _Transport:
-    """Synchronous rtnetlink requests on one socket. Requests are encoded, and answers decoded,
-    with pyroute2's message classes; the framing (sequence numbers, acks, errors, end of dump)
-    is read here. pyroute2's own IPRoute runs each request through an asyncio loop, which costs
-    about twice the kernel round trip, and the built-in delegates make ~10 requests per
-    attachment: the hot path talks to the socket directly."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        # Acks without a copy of the request: nothing to decode, and less to copy.
-        sock.setsockopt(_SOL_NETLINK, _NETLINK_CAP_ACK, 1)
-        sock.settimeout(_REQUEST_TIMEOUT)  # the kernel always answers; never hang if it did not
-        sock.bind((0, 0))
-        self._sock = sock
-        self._seq = 0
-
-    def request(self, msg: Any, msg_type: int, flags: int = 0, *, dump: bool = False) -> list[Any]:
-        """Send one request; return the decoded messages of the answer (NetlinkError on a
-        negative ack). `dump` is explicit: NLM_F_DUMP's bits are NLM_F_EXCL's on a NEW request."""
-        if dump:
-            flags |= NLM_F_DUMP
-        self._seq += 1
-        msg["header"]["type"] = msg_type
-        msg["header"]["flags"] = flags | NLM_F_REQUEST | (0 if dump else NLM_F_ACK)
-        msg["header"]["sequence_number"] = self._seq
-        msg.encode()
-        self._sock.send(msg.data)
-        answer: list[Any] = []
-        interrupted = False
-        while True:
-            try:
-                data = self._sock.recv(_RECV_BUFFER)
-            except TimeoutError:
-                raise NetlinkError(errno.ETIMEDOUT) from None
-            offset = 0
-            while offset + _NLMSG_HDR.size <= len(data):
-                length, kind, msg_flags, seq, _ = _NLMSG_HDR.unpack_from(data, offset)
-                if seq == self._seq:
-                    # The kernel flags each message of a dump during which the set changed.
-                    interrupted |= bool(msg_flags & NLM_F_DUMP_INTR)
-                    if kind == NLMSG_ERROR:
-                        _raise_for(struct.unpack_from("i", data, offset + _NLMSG_HDR.size)[0])
-                        return answer
-                    if kind == NLMSG_DONE:
-                        if length >= _NLMSG_HDR.size + 4:  # a dump can end with an error code
-                            _raise_for(struct.unpack_from("i", data, offset + _NLMSG_HDR.size)[0])
-                        if interrupted:
-                            raise NetlinkDumpInterrupted()
-                        return answer
-                    reply = type(msg)(data[offset : offset + length])
-                    reply.decode()
-                    answer.append(reply)
-                offset += (length + 3) & ~3
-
-    def close(self) -> None:
-        self._sock.close()
-
-
-def _raise_for(code: int) -> None:
-    if code:
-        raise NetlinkError(abs(code))
-
-
-def _msg(cls: Any, fields: dict[str, Any], attrs: list[tuple[str, Any]]) -> Any:
-    msg = cls()
-    for key, value in fields.items():
-        msg[key] = value
-    msg["attrs"] = attrs
-    return msg
 
 
 class Netlink:
     """rtnetlink on one namespace (the node's when `netns` is None)."""
 
-    def __init__(self, transport: _Transport) -> None:
+    def __init__(self, transport: Rtnl) -> None:
         self._nl = transport
 
     @classmethod
     @contextmanager
     def open(cls, netns: str | None = None) -> Iterator[Netlink]:
-        # A socket belongs to the namespace of the thread that made it.
-        sock = run_in_netns(netns, _netlink_socket) if netns else _netlink_socket()
-        try:
-            transport = _Transport(sock)
-        except BaseException:
-            sock.close()
-            raise
-        try:
+        with Rtnl.open(netns) as transport:
             yield cls(transport)
-        finally:
-            transport.close()
 
     # --- links --------------------------------------------------------------------------------
 
     def link(self, name: str) -> Link | None:
         try:
-            msgs = self._nl.request(_msg(ifinfmsg, {}, [("IFLA_IFNAME", name)]), RTM_GETLINK)
+            msgs = self._nl.request(message(ifinfmsg, {}, [("IFLA_IFNAME", name)]), RTM_GETLINK)
         except NetlinkError as exc:
             if exc.code == errno.ENODEV:
                 return None
-            raise _translate(exc, f"link {name}") from None
+            raise translate(exc, f"link {name}") from None
         return _link(msgs[0])
 
     def require(self, name: str) -> Link:
@@ -303,6 +170,15 @@ class Netlink:
 
     def links(self) -> list[Link]:
         return [_link(m) for m in self._dump(ifinfmsg, RTM_GETLINK, {})]
+
+    def default_route_link(self) -> Link | None:
+        """The interface of the namespace's default route (IPv4 first), if it has one."""
+        for route in self.routes():
+            if route.dst in ("0.0.0.0/0", "::/0") and route.oif:
+                for link in self.links():
+                    if link.index == route.oif:
+                        return link
+        return None
 
     def create(
         self,
@@ -333,47 +209,50 @@ class Netlink:
         ]
         fields = {"flags": IFF_UP, "change": IFF_UP} if up else {}
         try:
-            self._nl.request(_msg(ifinfmsg, fields, attrs), RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL)
+            self._nl.request(
+                message(ifinfmsg, fields, attrs), RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL
+            )
         except NetlinkError as exc:
             if exc.code == errno.EOPNOTSUPP:  # "Unknown device type": no such module
                 raise KernelUnsupported(
                     f"{what}: this kernel has no {kind} support (module {kind} missing)"
                 ) from None
-            raise _translate(exc, what, link=True) from None
+            raise translate(exc, what, link=True) from None
 
     def delete(self, name: str) -> bool:
         """Delete a link; False when it was already gone (DEL is idempotent)."""
         try:
-            self._nl.request(_msg(ifinfmsg, {}, [("IFLA_IFNAME", name)]), RTM_DELLINK)
+            self._nl.request(message(ifinfmsg, {}, [("IFLA_IFNAME", name)]), RTM_DELLINK)
         except NetlinkError as exc:
             if exc.code == errno.ENODEV:
                 return False
-            raise _translate(exc, f"deleting {name}") from None
+            raise translate(exc, f"deleting {name}") from None
         return True
 
     def delete_group(self, group: int) -> None:
         """Delete every link of a device group at once (one RCU wait for all of them)."""
         try:
-            self._nl.request(_msg(ifinfmsg, {}, [("IFLA_GROUP", group)]), RTM_DELLINK)
+            self._nl.request(message(ifinfmsg, {}, [("IFLA_GROUP", group)]), RTM_DELLINK)
         except NetlinkError as exc:
             if exc.code not in (errno.ENODEV, errno.ENOENT):
-                raise _translate(exc, f"deleting device group {group}") from None
+                raise translate(exc, f"deleting device group {group}") from None
 
     def set_up(self, index: int) -> None:
         try:
             self._nl.request(
-                _msg(ifinfmsg, {"index": index, "flags": IFF_UP, "change": IFF_UP}, []), RTM_NEWLINK
+                message(ifinfmsg, {"index": index, "flags": IFF_UP, "change": IFF_UP}, []),
+                RTM_NEWLINK,
             )
         except NetlinkError as exc:
-            raise _translate(exc, f"setting link {index} up") from None
+            raise translate(exc, f"setting link {index} up") from None
 
     def set_down(self, index: int) -> None:
         try:
             self._nl.request(
-                _msg(ifinfmsg, {"index": index, "flags": 0, "change": IFF_UP}, []), RTM_NEWLINK
+                message(ifinfmsg, {"index": index, "flags": 0, "change": IFF_UP}, []), RTM_NEWLINK
             )
         except NetlinkError as exc:
-            raise _translate(exc, f"setting link {index} down") from None
+            raise translate(exc, f"setting link {index} down") from None
 
     def modify(
         self,
@@ -399,19 +278,19 @@ class Netlink:
         if not attrs:
             return
         try:
-            self._nl.request(_msg(ifinfmsg, {"index": index}, attrs), RTM_NEWLINK)
+            self._nl.request(message(ifinfmsg, {"index": index}, attrs), RTM_NEWLINK)
         except NetlinkError as exc:
-            raise _translate(exc, what, link=True) from None
+            raise translate(exc, what, link=True) from None
 
     def move(self, index: int, netns_fd: int, *, what: str) -> None:
         """Move an existing link into the namespace open at `netns_fd`, under its current name
         (the kernel takes the link down on the way). EEXIST: the name is taken there."""
         try:
             self._nl.request(
-                _msg(ifinfmsg, {"index": index}, [("IFLA_NET_NS_FD", netns_fd)]), RTM_NEWLINK
+                message(ifinfmsg, {"index": index}, [("IFLA_NET_NS_FD", netns_fd)]), RTM_NEWLINK
             )
         except NetlinkError as exc:
-            raise _translate(exc, what, link=True) from None
+            raise translate(exc, what, link=True) from None
 
     # --- addresses and routes -----------------------------------------------------------------
 
@@ -429,20 +308,22 @@ class Netlink:
         if iface.version == 4 and iface.network.prefixlen < 31:
             attrs.append(("IFA_BROADCAST", str(iface.network.broadcast_address)))
         try:
-            self._nl.request(_msg(ifaddrmsg, fields, attrs), RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL)
+            self._nl.request(
+                message(ifaddrmsg, fields, attrs), RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL
+            )
         except NetlinkError as exc:
             if exc.code != errno.EEXIST:
-                raise _translate(exc, f"adding address {cidr}") from None
+                raise translate(exc, f"adding address {cidr}") from None
 
     def delete_address(self, index: int, cidr: str) -> None:
         iface = ipaddress.ip_interface(cidr)
         fields = {"family": family_of(cidr), "prefixlen": iface.network.prefixlen, "index": index}
         attrs = [("IFA_LOCAL", str(iface.ip)), ("IFA_ADDRESS", str(iface.ip))]
         try:
-            self._nl.request(_msg(ifaddrmsg, fields, attrs), RTM_DELADDR)
+            self._nl.request(message(ifaddrmsg, fields, attrs), RTM_DELADDR)
         except NetlinkError as exc:
             if exc.code not in (errno.EADDRNOTAVAIL, errno.ENOENT, errno.ESRCH):
-                raise _translate(exc, f"deleting address {cidr}") from None
+                raise translate(exc, f"deleting address {cidr}") from None
 
     def settle_addresses(self, index: int, timeout: float = DAD_TIMEOUT) -> None:
         """Wait until no IPv6 address of the link is tentative (duplicate address detection
@@ -522,11 +403,11 @@ class Netlink:
             attrs.append(("RTA_METRICS", {"attrs": metrics}))
         flags = NLM_F_CREATE | (NLM_F_REPLACE if replace else 0)
         try:
-            self._nl.request(_msg(rtmsg, fields, attrs), RTM_NEWROUTE, flags)
+            self._nl.request(message(rtmsg, fields, attrs), RTM_NEWROUTE, flags)
         except NetlinkError as exc:
             if exc.code == errno.EEXIST and not replace:
                 return  # this very route is already there (a repeated ADD, a CHECK repair)
-            raise _translate(exc, f"route {dst} via {gateway or 'link'}") from None
+            raise translate(exc, f"route {dst} via {gateway or 'link'}") from None
 
     def delete_route(
         self,
@@ -557,10 +438,10 @@ class Netlink:
         if priority is not None:
             attrs.append(("RTA_PRIORITY", priority))
         try:
-            self._nl.request(_msg(rtmsg, fields, attrs), RTM_DELROUTE)
+            self._nl.request(message(rtmsg, fields, attrs), RTM_DELROUTE)
         except NetlinkError as exc:
             if exc.code not in (errno.ESRCH, errno.ENOENT):
-                raise _translate(exc, f"deleting route {dst}") from None
+                raise translate(exc, f"deleting route {dst}") from None
 
     def routes(self, *, table: int | None = MAIN_TABLE) -> list[RouteInfo]:
         """Routes of one table (None: of every table), both families, in one dump each."""
@@ -588,10 +469,10 @@ class Netlink:
         }
         attrs = [("FRA_SRC", str(iface.ip)), ("FRA_TABLE", table), ("FRA_PRIORITY", priority)]
         try:
-            self._nl.request(_msg(fibmsg, fields, attrs), msg_type, flags)
+            self._nl.request(message(fibmsg, fields, attrs), msg_type, flags)
         except NetlinkError as exc:
             if exc.code not in (errno.EEXIST, errno.ENOENT, errno.ESRCH):
-                raise _translate(exc, f"rule from {src} table {table}") from None
+                raise translate(exc, f"rule from {src} table {table}") from None
 
     def rules(self) -> list[tuple[str, int]]:
         out = []
@@ -608,9 +489,11 @@ class Netlink:
         fields = {"family": family_of(address), "ifindex": index, "state": NUD_PERMANENT}
         attrs = [("NDA_DST", address), ("NDA_LLADDR", mac)]
         try:
-            self._nl.request(_msg(ndmsg, fields, attrs), RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE)
+            self._nl.request(
+                message(ndmsg, fields, attrs), RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE
+            )
         except NetlinkError as exc:
-            raise _translate(exc, f"neighbour {address}") from None
+            raise translate(exc, f"neighbour {address}") from None
 
     def neighbours(self, index: int) -> dict[str, str]:
         """The permanent neighbour entries of a link: address -> MAC."""
@@ -624,10 +507,10 @@ class Netlink:
     def delete_neighbour(self, index: int, address: str) -> None:
         fields = {"family": family_of(address), "ifindex": index}
         try:
-            self._nl.request(_msg(ndmsg, fields, [("NDA_DST", address)]), RTM_DELNEIGH)
+            self._nl.request(message(ndmsg, fields, [("NDA_DST", address)]), RTM_DELNEIGH)
         except NetlinkError as exc:
             if exc.code not in (errno.ENOENT, errno.ESRCH):
-                raise _translate(exc, f"deleting neighbour {address}") from None
+                raise translate(exc, f"deleting neighbour {address}") from None
 
     def fdb(self, index: int, mac: str, remote: str) -> None:
         """A permanent FDB entry on the device itself (NTF_SELF: the VXLAN device's own table,
@@ -635,9 +518,11 @@ class Netlink:
         fields = {"family": AF_BRIDGE, "ifindex": index, "state": NUD_PERMANENT, "flags": NTF_SELF}
         attrs = [("NDA_LLADDR", mac), ("NDA_DST", remote)]
         try:
-            self._nl.request(_msg(ndmsg, fields, attrs), RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE)
+            self._nl.request(
+                message(ndmsg, fields, attrs), RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE
+            )
         except NetlinkError as exc:
-            raise _translate(exc, f"fdb {mac} -> {remote}") from None
+            raise translate(exc, f"fdb {mac} -> {remote}") from None
 
     def fdb_entries(self, index: int) -> set[tuple[str, str]]:
         """The permanent FDB entries of a VXLAN device: (MAC, remote) pairs."""
@@ -653,15 +538,15 @@ class Netlink:
         fields = {"family": AF_BRIDGE, "ifindex": index, "flags": NTF_SELF}
         attrs = [("NDA_LLADDR", mac), ("NDA_DST", remote)]
         try:
-            self._nl.request(_msg(ndmsg, fields, attrs), RTM_DELNEIGH)
+            self._nl.request(message(ndmsg, fields, attrs), RTM_DELNEIGH)
         except NetlinkError as exc:
             if exc.code not in (errno.ENOENT, errno.ESRCH):
-                raise _translate(exc, f"deleting fdb {mac} -> {remote}") from None
+                raise translate(exc, f"deleting fdb {mac} -> {remote}") from None
 
     def _dump(self, cls: Any, msg_type: int, fields: dict[str, Any]) -> list[Any]:
         for attempt in range(_DUMP_RETRIES):
             try:
-                return self._nl.request(_msg(cls, fields, []), msg_type, dump=True)
+                return self._nl.request(message(cls, fields, []), msg_type, dump=True)
             except NetlinkDumpInterrupted:
                 if attempt == _DUMP_RETRIES - 1:
                     raise
@@ -680,10 +565,6 @@ def _link_attrs(name: str, **values: Any) -> list[tuple[str, Any]]:
     attrs: list[tuple[str, Any]] = [("IFLA_IFNAME", name)]
     attrs += [(keys[k], v) for k, v in values.items() if v is not None]
     return attrs
-
-
-def _netlink_socket() -> socket.socket:
-    return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_ROUTE)
 
 
 def _link(msg: Any) -> Link:

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any, Final
 
-from metaplugin.errors import InvalidConfig
+from cnispec.errors import InvalidConfig
 
 OWN_CONF: Final = "00-plexus.conflist"
 _LIST_SUFFIX: Final = ".conflist"

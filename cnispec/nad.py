@@ -1,36 +1,30 @@
-"""NetworkAttachmentDefinitions: the model, where they come from, and the network config each
-one stands for.
+"""NetworkAttachmentDefinitions (NPWG v1.3 §3): the model, manifests read from YAML, and the
+network config each NAD stands for.
 
-Two sources implement `NadSource`: `LocalNadSource` reads YAML manifests from a directory (local
-mode, the embedded default for a single machine) and `metaplugin.k8s.ApiNadSource` keeps a
-watch-fed cache of every NAD in the cluster. `network_config()` turns a NAD into the CNI config
-to delegate to (NPWG §3.4: spec.config, else a conf file of that name; `name` injected).
+`network_config()` turns a NAD into the CNI config to delegate to (NPWG §3.4: spec.config, else
+a conf file of that name; `name` injected). The node daemon reads NADs through its sources
+(`metaplugin.nad_source`, `metaplugin.k8s`); `plexusctl validate` and the cluster controller
+validate them with the same functions, without importing the daemon.
 """
 
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Iterable, Mapping
-from pathlib import Path
-from typing import Any, Final, Protocol
+from collections.abc import Mapping
+from typing import Any, Final
 
-import structlog
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from metaplugin import confdir
-from metaplugin.annotations import RESOURCE_NAME_ANNOTATION
-from metaplugin.errors import InvalidConfig
+from cnispec import confdir
+from cnispec.annotations import RESOURCE_NAME_ANNOTATION
+from cnispec.errors import InvalidConfig
 
 GROUP: Final = "k8s.cni.cncf.io"
 VERSION: Final = "v1"
 PLURAL: Final = "network-attachment-definitions"
 KIND: Final = "NetworkAttachmentDefinition"
 API_VERSION: Final = f"{GROUP}/{VERSION}"
-_MANIFEST_SUFFIXES: Final = (".yaml", ".yml", ".json")
-
-log = structlog.get_logger(__name__)
 
 
 class NetworkAttachmentDefinition(BaseModel):
@@ -75,14 +69,6 @@ class NetworkAttachmentDefinition(BaseModel):
         )
 
 
-class NadSource(Protocol):
-    def get(self, namespace: str, name: str) -> NetworkAttachmentDefinition | None: ...
-
-    def all(self) -> list[NetworkAttachmentDefinition]: ...
-
-    def synced(self) -> bool: ...
-
-
 def network_config(nad: NetworkAttachmentDefinition, conf_dir: str) -> dict[str, Any]:
     """The CNI config a NAD delegates to: spec.config, else the conf in conf_dir with that name
     (NPWG §3.4.1); a config without `name` gets the NAD's name (§3.4.2)."""
@@ -123,74 +109,3 @@ def parse_manifests(text: str, source: str) -> list[NetworkAttachmentDefinition]
         except InvalidConfig as exc:
             raise InvalidConfig(f"{source}: document {i}: {exc.msg}") from None
     return out
-
-
-class LocalNadSource:
-    """NADs from manifest files in one directory, re-read whenever a file changes."""
-
-    def __init__(self, directory: str) -> None:
-        self._dir = Path(directory)
-        self._lock = threading.Lock()
-        self._signature: tuple[tuple[str, int, int], ...] | None = None
-        self._nads: dict[str, NetworkAttachmentDefinition] = {}
-        self._errors: list[str] = []
-
-    def _files(self) -> list[Path]:
-        try:
-            return sorted(
-                p for p in self._dir.iterdir() if p.suffix in _MANIFEST_SUFFIXES and p.is_file()
-            )
-        except FileNotFoundError:
-            return []
-
-    def _refresh(self) -> None:
-        files = self._files()
-        signature = tuple((p.name, *_stat(p)) for p in files)
-        with self._lock:
-            if signature == self._signature:
-                return
-            nads, errors = _load_all(files)
-            self._nads, self._errors, self._signature = nads, errors, signature
-        for error in errors:
-            log.warning("nad_manifest_invalid", error=error)
-        log.info("nads_loaded", directory=str(self._dir), count=len(nads))
-
-    def get(self, namespace: str, name: str) -> NetworkAttachmentDefinition | None:
-        self._refresh()
-        return self._nads.get(f"{namespace}/{name}")
-
-    def all(self) -> list[NetworkAttachmentDefinition]:
-        self._refresh()
-        return list(self._nads.values())
-
-    def errors(self) -> list[str]:
-        self._refresh()
-        return list(self._errors)
-
-    def synced(self) -> bool:
-        return True
-
-
-def _stat(path: Path) -> tuple[int, int]:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return (0, -1)
-    return (st.st_mtime_ns, st.st_size)
-
-
-def _load_all(files: Iterable[Path]) -> tuple[dict[str, NetworkAttachmentDefinition], list[str]]:
-    nads: dict[str, NetworkAttachmentDefinition] = {}
-    errors: list[str] = []
-    for path in files:
-        try:
-            found = parse_manifests(path.read_text(), str(path))
-        except (InvalidConfig, OSError) as exc:
-            errors.append(str(exc))
-            continue
-        for nad in found:
-            if nad.key in nads:
-                errors.append(f"{path}: {KIND} {nad.key} is defined twice; the first one is used")
-                continue
-            nads[nad.key] = nad
-    return nads, errors

@@ -29,10 +29,10 @@ import grpc
 from cri_api.v1 import api_pb2 as pb
 from cri_api.v1 import api_pb2_grpc as rpc
 
-from tests.support.daemon import DaemonProcess
-from tests.support.netns import RUN_PREFIX
-from tests.support.oci import build_image
-from tests.support.require import missing
+from testbed import BedUnavailable
+from testbed.daemon import DaemonProcess
+from testbed.netns import RUN_PREFIX
+from testbed.oci import build_image
 
 REFERENCE_PLUGINS = Path("/usr/lib/cni")
 IMAGE = "localhost/plexus/img"
@@ -44,7 +44,8 @@ set -e
 R={root}
 for d in etc varlib opt; do mkdir -p $R/ovl/$d/up $R/ovl/$d/work; done
 mount -t overlay pxovl-etc -o lowerdir=/etc,upperdir=$R/ovl/etc/up,workdir=$R/ovl/etc/work /etc
-mount -t overlay pxovl-varlib -o lowerdir=/var/lib,upperdir=$R/ovl/varlib/up,workdir=$R/ovl/varlib/work /var/lib
+mount -t overlay pxovl-varlib \
+  -o lowerdir=/var/lib,upperdir=$R/ovl/varlib/up,workdir=$R/ovl/varlib/work /var/lib
 mount -t overlay pxovl-opt -o lowerdir=/opt,upperdir=$R/ovl/opt/up,workdir=$R/ovl/opt/work /opt
 mount --bind $R/fs/run /run
 ip link set lo up
@@ -420,7 +421,7 @@ def _remove_cgroups(parent: str) -> None:
 def containerd_bed(root: Path) -> Iterator[ContainerdBed]:
     for tool in ("containerd", "runc", "ctr"):
         if shutil.which(tool) is None:
-            missing(f"{tool} is not installed (Debian packages containerd and runc)")
+            raise BedUnavailable(f"{tool} is not installed (Debian packages containerd and runc)")
     bed = ContainerdBed(root)
     try:
         yield bed.start()

@@ -1,6 +1,6 @@
 """Typed errors of Plexus, each carrying the CNI error code it maps to.
 
-Every failure that reaches a runtime is one of these; `metaplugin.cni.to_cni_error` is the single
+Every failure that reaches a runtime is one of these; `cnispec.cni.to_cni_error` is the single
 place that turns an exception into the CNI error JSON. Codes below 100 are the CNI spec's; codes
 from 100 up are Plexus's own and are documented in docs/errors.md (keep the two in step: a unit
 test compares them).
@@ -8,23 +8,41 @@ test compares them).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 
 class PlexusError(Exception):
     """Root of every error Plexus raises on purpose.
 
     `msg` is for a human (what went wrong and what to do); `details` carries machine detail such as
-    a delegate's own error JSON. Tracebacks never go into either.
+    a delegate's own error JSON. Tracebacks never go into either. The code is the class's: to
+    add context to an error, or fold several into one, keep its class (`with_msg`, `prefixed`).
     """
 
     cni_code: ClassVar[int] = 999
 
-    def __init__(self, msg: str, details: str = "", *, code: int | None = None) -> None:
+    def __init__(self, msg: str, details: str = "") -> None:
         super().__init__(msg)
         self.msg = msg
         self.details = details
-        self.code = self.cni_code if code is None else code
+
+    @property
+    def code(self) -> int:
+        return self.cni_code
+
+    def with_msg(self, msg: str, details: str | None = None) -> Self:
+        """The same error (class, so code) with another message, and details when given."""
+        clone = type(self).__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        clone.args = (msg,)
+        clone.msg = msg
+        if details is not None:
+            clone.details = details
+        return clone
+
+    def prefixed(self, context: str) -> Self:
+        """The same error with `context: ` before its message (which network, which VF)."""
+        return self.with_msg(f"{context}: {self.msg}")
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"code": self.code, "msg": self.msg}

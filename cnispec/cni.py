@@ -25,7 +25,7 @@ from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from metaplugin.errors import (
+from cnispec.errors import (
     DecodeFailure,
     IncompatibleVersion,
     InvalidConfig,

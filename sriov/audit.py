@@ -1,29 +1,30 @@
-"""Putting VFs back: `release_attachment` (the `plexus-sriov` DEL), `release_vf` (shared by DEL
-and the audit) and `audit`, which the daemon runs at start and periodically to heal what no DEL
-will ever come for.
+"""The VF audit: the node agent runs it at start (before any VF is given out) and then every
+`vfAuditInterval` seconds, to heal what no DEL will ever come for.
 
 A VF whose pod netns vanished without DEL (node reboot, crash, a runtime that lost the pod) is
 found back in the node by its alias (the kernel returns a physical netdev to the initial
 namespace, under the pod's name or "devN") and restored; an ADD or DEL cut short by a crash
-(RESERVED or RELEASING) is rolled back the same way. What cannot be healed is marked unhealthy
-with the reason, so it is out of circulation but never lost track of. IPAM leases of such pods
-are not ours to free here: the orchestrator's GC owns them.
+(RESERVED or RELEASING) is rolled back the same way (`sriov.release`); an attached VF whose
+PF-side settings drifted gets them back. What cannot be healed is marked unhealthy with the
+reason, so it is out of circulation but never lost track of. IPAM leases of such pods are not
+ours to free here: the orchestrator's GC owns them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
 
-from delegates._nl import Netlink
-from delegates._vfmove import alias_host_name, put_back
-from metaplugin import cni
-from metaplugin.errors import PlexusError
+from cnispec import cni
+from cnispec.errors import PlexusError
+from cnispec.identity import Holder
+from kernel.netlink import Netlink
 from sriov import vfconfig
-from sriov.owner import Placement, VfOwner
-from sriov.records import Holder, VfRecord, VfState
+from sriov.netdev import alias_host_name
+from sriov.owner import VfOwner
+from sriov.records import VfRecord, VfState
+from sriov.release import release_vf
 
 log = structlog.get_logger(__name__)
 
@@ -34,61 +35,6 @@ class AuditReport:
     corrected: list[str] = field(default_factory=list)  # attached, PF-side settings put back
     unhealthy: list[str] = field(default_factory=list)  # marked unhealthy by this audit
     ok: int = 0  # records that matched reality
-
-
-def release_attachment(owner: VfOwner, pci: str, holder: Holder) -> None:
-    """DEL's part: release what `holder` holds; nothing when it no longer holds `pci` (a stale
-    or repeated DEL must touch nothing)."""
-    rec = owner.release_begin(pci, holder)
-    if rec is None:
-        return
-    try:
-        release_vf(owner, rec, patient=True)
-    except BaseException:
-        owner.let_go(pci)  # stays RELEASING: the runtime's retry or the audit finishes it
-        raise
-
-
-def release_vf(owner: VfOwner, rec: VfRecord, *, patient: bool = False) -> str | None:
-    """A RELEASING VF back to its pool: PF-side settings as before, its netdev back in the node
-    under its host name with its MAC and MTU, then free. A VF or netdev found nowhere is marked
-    unhealthy and the reason returned. Other failures raise, leaving the record RELEASING for
-    DEL's retry or the next audit. `patient` (DEL): give the kernel a moment to hand back the
-    netdev of a pod netns that has just died."""
-    try:
-        placement: Placement | None = owner.lookup(rec.pci)
-    except PlexusError:
-        placement = None
-    failures: list[PlexusError] = []
-    before = rec.pf_before
-    if placement is not None and placement.pf.netdev and rec.pf_applied and before is not None:
-        pf, index = placement.pf.netdev, placement.vf.index
-        _collect(failures, lambda: vfconfig.restore(pf, index, before, rec.pf_applied))
-    missing = "the VF is gone from sysfs" if placement is None else None
-    host = rec.host  # None: vfio-pci, or a crash before ADD recorded it (nothing moved yet)
-    if placement is not None and host is not None:
-        netns = rec.holder.netns if rec.holder else ""
-        try:
-            missing = put_back(rec.pci, netns, host, patient=patient)
-        except PlexusError as exc:
-            failures.append(exc)
-    if failures:
-        raise PlexusError(
-            f"VF {rec.pci}: restore incomplete: " + "; ".join(f.msg for f in failures),
-            code=failures[0].code,
-        )
-    if missing is not None:
-        owner.mark_unhealthy(rec.pci, missing)
-        return missing
-    owner.release_done(rec.pci)
-    return None
-
-
-def _collect(failures: list[PlexusError], step: Callable[[], None]) -> None:
-    try:
-        step()
-    except PlexusError as exc:
-        failures.append(exc)
 
 
 def audit(owner: VfOwner) -> AuditReport:
@@ -184,7 +130,7 @@ def _still_attached(rec: VfRecord, holder: Holder) -> bool:
 
 
 def _heal(owner: VfOwner, rec: VfRecord, holder: Holder, report: AuditReport) -> None:
-    pod = f"{holder.pod_namespace}/{holder.pod_name}" if holder.pod_name else holder.container_id
+    pod = holder.pod_ref
     why = {
         VfState.ATTACHED: "pod netns gone or VF missing from it",
         VfState.RESERVED: "ADD cut short",

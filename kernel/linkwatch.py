@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Final, NamedTuple
 
-from sriov._poll import readable
+from kernel.poll import readable
 
 RTMGRP_LINK: Final = 1
 RTM_NEWLINK: Final = 16

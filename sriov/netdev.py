@@ -10,34 +10,27 @@ current name or as "devN" when that name is taken there. So:
   node and its host name never meets the pod's interfaces (the reference host-device plugin's
   temp-netns rename, done here without moving any thread: house rule 11).
 
-Used by `delegates.sriov` (ADD, DEL) and `delegates.sriov_heal` (the audit).
+Used by the `plexus-sriov` delegate (ADD) and by `sriov.release` (its DEL and the audit).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import os
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Final
 
-from delegates._nl import Link, Netlink
-from delegates.netns import run_in_netns
-from metaplugin import cni
-from metaplugin.errors import PlexusError
+from cnispec import cni
+from cnispec.errors import PlexusError
+from kernel.netlink import Link, Netlink
+from kernel.netns import netns_fd, temporary_netns
 from sriov.records import HostState
 
 # How long a DEL waits for the kernel to hand a dead pod netns's VF back to the node.
 REFUND_WAIT: Final = 2.0
 
 ALIAS_PREFIX: Final = "plexus-vf"
-_CLONE_NEWNET: Final = 0x40000000
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 def vf_alias(pci: str, host_name: str) -> str:
@@ -60,70 +53,13 @@ class Located:
     link: Link
 
 
-@dataclass(frozen=True, slots=True)
-class _Ns:
-    fd: int
-
-    @property
-    def path(self) -> str:
-        # A path any thread of ours can open to enter the namespace held by `fd`.
-        return f"/proc/{os.getpid()}/fd/{self.fd}"
-
-
-def _fresh_netns_fd() -> int:
-    """On a throw-away thread: unshare a new network namespace and keep an fd on it (the
-    namespace lives as long as the fd; the thread, the only task in it, then exits)."""
-    fds: list[int] = []
-    errors: list[OSError] = []
-
-    def worker() -> None:
-        try:
-            if _libc.unshare(_CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, os.strerror(err))
-            fds.append(os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC))
-        except OSError as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=worker, name="vf-tmp-netns", daemon=True)
-    thread.start()
-    thread.join()
-    if errors:
-        raise PlexusError(f"cannot make a temporary network namespace: {errors[0]}")
-    return fds[0]
-
-
-@contextmanager
-def _temporary_netns() -> Iterator[_Ns]:
-    fd = _fresh_netns_fd()
-    try:
-        yield _Ns(fd)
-    finally:
-        # Callers always move the VF out first. NOTE: a physical netdev left behind would go
-        # back to the initial namespace when this one dies; a test bed's veth would be destroyed.
-        os.close(fd)
-
-
-@contextmanager
-def _netns_fd(path: str | None) -> Iterator[int]:
-    """An fd on the namespace at `path`, or on the calling thread's own (the node's)."""
-    try:
-        fd = os.open(path or "/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise PlexusError(f"network namespace {path or 'of the node'}: {exc.strerror}") from None
-    try:
-        yield fd
-    finally:
-        os.close(fd)
-
-
 def move_into_pod(host_name: str, ifname: str, pod_netns: str) -> None:
     """Node `host_name` -> temporary namespace -> renamed `ifname` -> pod. On failure the VF is
     back in the node under `host_name` (LinkExists when the pod already has `ifname`)."""
     with ExitStack() as stack:
-        tmp = stack.enter_context(_temporary_netns())
-        pod_fd = stack.enter_context(_netns_fd(pod_netns))
-        node_fd = stack.enter_context(_netns_fd(None))
+        tmp = stack.enter_context(temporary_netns())
+        pod_fd = stack.enter_context(netns_fd(pod_netns))
+        node_fd = stack.enter_context(netns_fd(None))
         with Netlink.open() as node:
             link = node.require(host_name)
             node.move(link.index, tmp.fd, what=f"moving VF {host_name} out of the node")
@@ -175,9 +111,9 @@ def restore_to_node(where: Located, host: HostState) -> None:
     restore is found again by alias)."""
     name = where.link.name
     with ExitStack() as stack:
-        tmp = stack.enter_context(_temporary_netns())
-        node_fd = stack.enter_context(_netns_fd(None))
-        back_fd = stack.enter_context(_netns_fd(where.netns))
+        tmp = stack.enter_context(temporary_netns())
+        node_fd = stack.enter_context(netns_fd(None))
+        back_fd = stack.enter_context(netns_fd(where.netns))
         with Netlink.open(where.netns) as source:
             source.set_down(where.link.index)
             source.move(where.link.index, tmp.fd, what=f"moving VF {name} out")
@@ -211,18 +147,3 @@ def put_back(pci: str, pod_netns: str, host: HostState, *, patient: bool = False
         return f"its netdev {host.name} is in neither the pod's nor the node's namespace"
     restore_to_node(where, host)
     return None
-
-
-def announce_on_up(netns: str, ifname: str) -> None:
-    """arp_notify and ndisc_notify on, before link up: the kernel then announces the pod's
-    addresses itself (gratuitous ARP, unsolicited NA) so neighbours forget the VF's previous
-    user at once (delegates/_garp.py says why the kernel and not a socket of ours)."""
-    v4 = Path("/proc/sys/net/ipv4/conf") / ifname / "arp_notify"
-    v6 = Path("/proc/sys/net/ipv6/conf") / ifname / "ndisc_notify"
-
-    def write() -> None:
-        v4.write_text("1")
-        if v6.exists():  # absent when IPv6 is off in the pod
-            v6.write_text("1")
-
-    run_in_netns(netns, write)

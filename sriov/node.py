@@ -1,25 +1,27 @@
 """SR-IOV on this node, assembled for plexusd: the node agent (inventory, pools, ledger, one
 kubelet device plugin per pool in cluster mode), where attachments get their VFs (kubelet's
 grants, or the pool itself in local mode), and the audit that heals VFs at start and then
-every `vfAuditInterval` seconds. Built only when the daemon config names a `vfPools` file.
+every `audit_interval` seconds. plexusd builds it only when its config names a `vfPools` file,
+from the `SriovSettings` it takes out of that config.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from delegates.sriov_heal import audit
-from metaplugin.config import DaemonConfig
-from metaplugin.devices import DeviceSource, KubeletGrants, LocalPools
-from sriov.agent import DevicePlugin, NodeAgent
+from sriov.agent import NodeAgent
+from sriov.audit import audit
+from sriov.devices import DeviceSource, KubeletGrants, LocalPools
 from sriov.health import VfView
+from sriov.membership import DevicePlugin
 from sriov.pools import PoolSpec, env_name
+from sriov.pools_source import PoolsFileSource
 from sriov.sysfs import Sysfs
 from sriov.uevents import UeventSource, open_source
 
@@ -29,21 +31,34 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class SriovSettings:
+    """The daemon config's SR-IOV keys (vfPools, sysfsRoot, vfAuditInterval, devicePluginDir,
+    podResourcesSocket), and whether a kubelet picks the devices (cluster mode)."""
+
+    vf_pools: Path
+    sysfs_root: Path
+    state_dir: Path  # the agent's own: the daemon's stateDir/sriov
+    audit_interval: float
+    kubelet: bool
+    device_plugin_dir: Path
+    pod_resources_socket: Path
+
+
 class SriovNode:
     def __init__(
-        self, cfg: DaemonConfig, *, source_factory: Callable[[], UeventSource] | None = None
+        self, cfg: SriovSettings, *, source_factory: Callable[[], UeventSource] | None = None
     ) -> None:
-        assert cfg.vf_pools is not None
-        root = Path(cfg.sysfs_root)
+        root = cfg.sysfs_root
         self._root = root
         self._cfg = cfg
-        kubelet = self._kubelet = None if cfg.local else self._pod_resources()
+        kubelet = self._kubelet = self._pod_resources() if cfg.kubelet else None
         self.agent = NodeAgent(
             sysfs=Sysfs(root),
-            pools_path=Path(cfg.vf_pools),
-            state_dir=Path(cfg.state_dir) / "sriov",
+            pools=PoolsFileSource(cfg.vf_pools),
+            state_dir=cfg.state_dir,
             source_factory=source_factory or (lambda: open_source(root)),
-            plugin_factory=None if cfg.local else self._device_plugin,
+            plugin_factory=self._device_plugin if cfg.kubelet else None,
             granted=kubelet.allocated if kubelet is not None else None,
         )
         self.devices: DeviceSource = (
@@ -55,7 +70,7 @@ class SriovNode:
     def _pod_resources(self) -> PodResourcesClient:
         from sriov.podresources import PodResourcesClient  # grpc: cluster mode only
 
-        return PodResourcesClient(Path(self._cfg.pod_resources_socket))
+        return PodResourcesClient(self._cfg.pod_resources_socket)
 
     def _device_plugin(self, spec: PoolSpec, views: Callable[[], list[VfView]]) -> DevicePlugin:
         from sriov.deviceplugin import DeviceView, PoolDevicePlugin
@@ -74,7 +89,7 @@ class SriovNode:
 
         return PoolDevicePlugin(
             resource_name=spec.resource_name,
-            plugin_dir=Path(self._cfg.device_plugin_dir),
+            plugin_dir=self._cfg.device_plugin_dir,
             devices=devices,
             env_name=env_name(spec.resource_name),
             device_type=spec.device_type,
@@ -99,14 +114,14 @@ class SriovNode:
         self._loop.start()
 
     def audit_once(self) -> dict[str, Any]:
-        report = audit(self.agent)
+        report = audit(self.agent.vfs)
         summary = asdict(report)
         counts = {k: v if isinstance(v, int) else len(v) for k, v in summary.items()}
         log.info("vf_audit_done", **counts)
         return summary
 
     def _audit_loop(self) -> None:
-        while not self._stop.wait(self._cfg.vf_audit_interval):
+        while not self._stop.wait(self._cfg.audit_interval):
             try:
                 self.audit_once()
             except Exception:
@@ -121,7 +136,7 @@ class SriovNode:
         self.agent.stop()
 
     def pools(self) -> list[dict[str, Any]]:
-        return self.agent.pools_view()
+        return self.agent.membership.pools_view()
 
     def vfs(self) -> list[dict[str, Any]]:
-        return [asdict(v) for v in self.agent.vfs_view()]
+        return [asdict(v) for v in self.agent.membership.vfs_view()]

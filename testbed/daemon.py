@@ -3,11 +3,9 @@ under a temp dir, plus a tiny client for its unix socket."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,28 +14,9 @@ from typing import Any
 
 import yaml
 
+from metaplugin.client import get
+
 PLEXUSD = str(Path(sys.executable).with_name("plexusd"))
-
-
-class UnixHTTP(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float = 10.0) -> None:
-        super().__init__("plexusd", timeout=timeout)
-        self.path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.path)
-
-
-def get(sock: str, url: str) -> tuple[int, bytes]:
-    conn = UnixHTTP(sock)
-    try:
-        conn.request("GET", url)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
 
 
 class DaemonProcess:

@@ -55,13 +55,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
-from delegates.netns import run_in_netns
+from kernel.netns import run_in_netns
 from sriov.model import USERSPACE_DRIVERS
 from sriov.uevents import UEvent
-from tests.support.netns import Netns, is_root
-from tests.support.require import missing
+from testbed import BedUnavailable
+from testbed.netns import Netns, is_root
 
 _PCI_ROOT = "devices/pci0000:00"
 _NETLINK_KOBJECT_UEVENT = 15
@@ -493,7 +491,7 @@ def _uevent_socket() -> socket.socket:
 def running_bed(tmp_path: Path) -> Iterator[SriovBed]:
     """A SriovBed on `tmp_path/sys` with its own node namespace (`bed.node`), removed after."""
     if not is_root():
-        missing("the SR-IOV test bed makes network namespaces and needs root")
+        raise BedUnavailable("the SR-IOV test bed makes network namespaces and needs root")
     node = Netns(f"sriov-node-{secrets.token_hex(2)}")
     bed: SriovBed | None = None
     try:
@@ -503,11 +501,3 @@ def running_bed(tmp_path: Path) -> Iterator[SriovBed]:
         if bed is not None:
             bed.cleanup()
         node.delete()
-
-
-@pytest.fixture
-def sriov_bed(tmp_path: Path) -> Iterator[SriovBed]:
-    """The bed as a fixture; a conftest imports it (`from tests.support.sriov_bed import
-    sriov_bed`), a test module that only needs it can wrap `running_bed` in its own fixture."""
-    with running_bed(tmp_path) as bed:
-        yield bed

@@ -1,0 +1,122 @@
+"""The attachment store: records keyed by (container, network, interface), the records plexusd
+9a907b2 wrote migrated when the store opens (tests/fixtures/records-v1), and the pod index."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cnispec.errors import IOFailure
+from metaplugin.store import Attachment, AttachmentKey, AttachmentStore, file_name
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "records-v1"
+NETNS = "/run/netns/legacy-pod"
+
+
+def _v1(state: Path, fixture: str, cid: str) -> list[dict[str, object]]:
+    """Put the fixture's records where plexusd 9a907b2 kept them; returns them as written."""
+    target = state / "attachments" / cid
+    target.mkdir(parents=True)
+    written = []
+    for source in sorted((FIXTURES / fixture).glob("*.json")):
+        text = source.read_text().replace("{root}", "/srv/plexus").replace("{netns}", NETNS)
+        (target / source.name).write_text(text)
+        written.append(json.loads(text))
+    return written
+
+
+def test_version_1_records_are_migrated_when_the_store_opens(tmp_path: Path) -> None:
+    old = _v1(tmp_path, "added", "legacyc1")
+    store = AttachmentStore(tmp_path)
+    records = store.load("legacyc1").records
+    assert [(r.seq, r.ifname, r.network) for r in records] == [
+        (o["index"], o["ifname"], o["network"]) for o in old
+    ]
+    for new, o in zip(records, old, strict=True):
+        assert new.holder.container_id == "legacyc1" and new.holder.netns == NETNS
+        assert (new.holder.pod_namespace, new.holder.pod_name) == ("default", "legacy")
+        assert new.holder.pod_uid == "uid-legacyc1"
+        assert (
+            new.prepared.model_dump(mode="json", by_alias=True, exclude={"disable_gc"})
+            == o["prepared"]
+        )
+        assert new.state == o["state"] and new.created_at == o["created_at"]
+        assert new.cni_args == o["cni_args"] and list(new.cni_path) == o["cni_path"]
+        assert new.result is not None
+        assert new.result.to_wire("1.1.0") == o["result"]  # the same result, now typed
+    assert records[4].default_route == ("10.77.0.1",)
+    names = sorted(p.name for p in (tmp_path / "attachments" / "legacyc1").iterdir())
+    assert names == sorted(r.file_name for r in records)  # no version-1 file is left
+
+
+def test_a_migration_cut_short_runs_again_to_the_same_end(tmp_path: Path) -> None:
+    _v1(tmp_path, "mid-add", "legacyc2")
+    first = AttachmentStore(tmp_path).load("legacyc2").records
+    # A crash after the new files were written, before the old ones went.
+    shutil.rmtree(tmp_path / "attachments" / "legacyc2")
+    _v1(tmp_path, "mid-add", "legacyc2")
+    for record in first:
+        (tmp_path / "attachments" / "legacyc2" / record.file_name).write_bytes(
+            record.model_dump_json(by_alias=True, exclude_none=True).encode()
+        )
+    again = AttachmentStore(tmp_path).load("legacyc2").records
+    assert again == first
+    assert [r.state for r in again] == ["added", "added", "planned"]
+    assert len(list((tmp_path / "attachments" / "legacyc2").iterdir())) == 3
+
+
+def test_an_unreadable_version_1_record_is_quarantined_not_guessed(tmp_path: Path) -> None:
+    _v1(tmp_path, "mid-add", "legacyc2")
+    (tmp_path / "attachments" / "legacyc2" / "02-net2.json").write_text('{"version": 1, "cont')
+    store = AttachmentStore(tmp_path)
+    loaded = store.load("legacyc2")
+    assert [r.ifname for r in loaded.records] == ["eth0", "net1"]
+    assert len(loaded.quarantined) == 1 and store.quarantined() == list(loaded.quarantined)
+
+
+def test_a_record_of_a_newer_plexusd_is_refused(tmp_path: Path) -> None:
+    _v1(tmp_path, "mid-add", "legacyc2")
+    store = AttachmentStore(tmp_path)
+    record = store.load("legacyc2").records[0]
+    path = tmp_path / "attachments" / "legacyc2" / record.file_name
+    path.write_text(json.dumps({**json.loads(path.read_text()), "version": 3, "new": {}}))
+    with pytest.raises(IOFailure, match="version 3"):
+        store.load("legacyc2")
+
+
+def test_the_key_is_container_network_and_interface(tmp_path: Path) -> None:
+    _v1(tmp_path, "added", "legacyc1")
+    store = AttachmentStore(tmp_path)
+    net1 = store.load("legacyc1").records[1]
+    assert net1.key == AttachmentKey("legacyc1", "default/mv", "net1")
+    assert store.get(net1.key) == net1
+    # Another network on the same interface name is another attachment (a hot-plug that
+    # replaces one while a failed DEL keeps the other recorded).
+    other = net1.model_copy(update={"network": "default/other", "seq": 9})
+    store.save(other)
+    assert store.get(other.key) == other and store.get(net1.key) == net1
+    assert file_name("default/mv", "net1") != file_name("default/other", "net1")
+
+
+def test_what_a_pod_has_comes_from_the_index(tmp_path: Path) -> None:
+    _v1(tmp_path, "added", "legacyc1")
+    _v1(tmp_path, "mid-add", "legacyc2")
+    store = AttachmentStore(tmp_path)
+    (legacy,) = store.of_pod("default", "legacy")
+    assert legacy.container_id == "legacyc1" and len(legacy.records) == 5
+    # A second sandbox of the same pod (a restart) is listed after the first.
+    later: Attachment = legacy.records[0].model_copy(
+        update={
+            "holder": legacy.records[0].holder.model_copy(update={"container_id": "legacyc3"}),
+            "created_at": legacy.created_at + 60,
+        }
+    )
+    store.save(later)
+    assert [c.container_id for c in store.of_pod("default", "legacy")] == ["legacyc1", "legacyc3"]
+    store.remove(later)
+    store.remove_container("legacyc3")
+    assert [c.container_id for c in store.of_pod("default", "legacy")] == ["legacyc1"]
+    assert store.of_pod("default", "nobody") == []
