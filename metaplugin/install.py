@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Final
 
+from cnispec.durable import atomic_write
 from metaplugin.config import NETWORK_NAME, DaemonConfig
 
 SHIM_NAME: Final = "plexus"
@@ -50,25 +50,8 @@ def install_shim(cfg: DaemonConfig) -> Path:
     data = shim_text(cfg.shim_interpreter).encode()
     if target.is_file() and target.read_bytes() == data and os.access(target, os.X_OK):
         return target
-    _replace_atomically(target, data, 0o755)
+    atomic_write(target, data, mode=0o755)
     return target
-
-
-def _replace_atomically(target: Path, data: bytes, mode: int) -> None:
-    """Write a temp file beside `target`, sync it, and rename it over `target`: readers see the
-    old file or the new one, never a part of either."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        os.write(fd, data)
-        os.fchmod(fd, mode)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.replace(tmp, target)
-    except OSError:
-        os.unlink(tmp)
-        raise
 
 
 def conflist(cfg: DaemonConfig, extra_capabilities: frozenset[str] = frozenset()) -> dict[str, Any]:
@@ -99,7 +82,7 @@ def write_conf(cfg: DaemonConfig, extra_capabilities: frozenset[str] = frozenset
     # then the same bytes are written over it in place, without truncating, because a rename
     # raises only CREATE, which containerd 1.6 ignores (containerd#11715), and a write raises
     # WRITE, which it reloads on.
-    _replace_atomically(path, data, 0o644)
+    atomic_write(path, data, mode=0o644)
     with open(path, "r+b") as f:
         f.write(data)
         f.flush()

@@ -15,7 +15,6 @@ is never forgotten).
 from __future__ import annotations
 
 import heapq
-import os
 import re
 import threading
 import time
@@ -26,6 +25,7 @@ from typing import Any, Final
 import structlog
 from pydantic import ValidationError
 
+from cnispec.durable import atomic_write, durable_unlink
 from cnispec.errors import DeviceUnavailable, IOFailure
 from cnispec.identity import Holder
 from sriov.records import VfRecord, VfState
@@ -213,9 +213,9 @@ class Ledger:
         path = self._path(record.pci)
         try:
             if _plainly_free(record):
-                _durable_unlink(path)
+                durable_unlink(path)
             else:
-                _atomic_write(path, record.model_dump_json().encode())
+                atomic_write(path, record.model_dump_json().encode())
         except OSError as exc:
             raise IOFailure(f"cannot write VF record {path}: {exc.strerror}") from None
         self._forget(record.pci)
@@ -318,36 +318,3 @@ def _describe(record: VfRecord) -> str:
     if record.reason:
         text += f": {record.reason}"
     return text
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    # Same recipe as metaplugin.store.atomic_write, which sriov may not import (layering).
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        with os.fdopen(fd, "wb", closefd=False) as out:
-            out.write(data)
-        os.fsync(fd)
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        os.close(fd)
-    _fsync_dir(path.parent)
-
-
-def _durable_unlink(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        return  # nothing stored: nothing to sync
-    _fsync_dir(path.parent)

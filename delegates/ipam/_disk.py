@@ -37,6 +37,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Protocol
 
+from cnispec.durable import fsync_dir
 from cnispec.errors import IOFailure, TryAgainLater
 from delegates.ipam._ranges import IPAddress
 
@@ -117,7 +118,7 @@ class DiskStore:
     ) -> None:
         try:
             if self._dirty:
-                _fsync_dir(self.directory)
+                fsync_dir(self.directory)
         except OSError as err:
             if exc is None:
                 raise IOFailure(f"host-local: cannot sync {self.directory}: {err}") from None
@@ -258,14 +259,6 @@ def _write_all(fd: int, content: bytes, *, durable: bool = True) -> None:
         view = view[os.write(fd, view) :]
     if durable:
         os.fsync(fd)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _flock(fd: int, timeout: float, path: Path) -> None:

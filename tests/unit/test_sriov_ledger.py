@@ -150,10 +150,10 @@ def test_records_survive_a_restart_with_their_holder_index(tmp_path: Path) -> No
 def test_a_failed_write_changes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ledger = _pool(tmp_path, 2)
 
-    def disk_full(path: Path, data: bytes) -> None:
+    def disk_full(path: Path, data: bytes, **_: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(sriov.ledger, "_atomic_write", disk_full)
+    monkeypatch.setattr(sriov.ledger, "atomic_write", disk_full)
     with pytest.raises(IOFailure, match=r"cannot write VF record .*: No space left on device"):
         ledger.reserve(POOL, _holder())
     assert ledger.get(_pci(0)).state is FREE
