@@ -3,31 +3,19 @@
 
 `read_vf` snapshots a VF's settings, `apply` sets what a NAD asks for (and rolls itself back when
 the driver refuses something), `restore` puts back what `apply` changed. Called by the
-`plexus-sriov` delegate (ADD, DEL, CHECK) and by `sriov.agent` (audit and heal), always on a PF
-in the node's network namespace, i.e. the caller's: one pyroute2 `IPRoute` per call, no fork,
-no namespace switch.
-
-Requests are encoded here rather than through pyroute2's `link("set", vf=...)`: its
-IFLA_VF_VLAN_INFO is 14 bytes and the kernel wants the 16 of `struct ifla_vf_vlan_info`
-(rtnetlink.c do_setvfinfo answers EINVAL), so no VLAN protocol could be set through it.
+`plexus-sriov` delegate (ADD, DEL, CHECK), `sriov.release` and `sriov.audit`, always on a PF in
+the node's network namespace, i.e. the caller's: no fork, no namespace switch. The messages
+themselves are `kernel.vf`'s, sent on the one rtnetlink transport.
 """
 
 from __future__ import annotations
 
-import array
-import errno
-import fcntl
 import os
-import socket
-import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, get_args
 
-from pyroute2 import IPRoute
-from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST, nla, nlmsg
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl import RTM_NEWLINK
 
 from cnispec.errors import (
     DeviceNotFound,
@@ -35,17 +23,13 @@ from cnispec.errors import (
     InvalidConfig,
     PlexusError,
 )
+from kernel.rtnl import Rtnl
+from kernel.vf import PfLink, netdev_driver, set_vf
 from sriov.records import LinkState, VfSettings, VlanProto
 
 _PROTOS: Final[dict[VlanProto, int]] = {"802.1q": 0x8100, "802.1ad": 0x88A8}
 _LINK_STATES: Final[tuple[LinkState, ...]] = get_args(LinkState)  # IFLA_VF_LINK_STATE_* order
 _NOT_REPORTED: Final = 0xFFFFFFFF  # the kernel's -1 for spoofchk/trust a driver does not report
-_IFLA_VFINFO_LIST: Final = 22
-_NETLINK_ROUTE: Final = 0
-_NLMSG_ERROR: Final = 2
-_SIOCETHTOOL: Final = 0x8946
-_ETHTOOL_GDRVINFO: Final = 3
-_DRVINFO_SIZE: Final = 196  # sizeof(struct ethtool_drvinfo)
 # What `restore` falls back on for a field the driver did not report before: the kernel's and
 # the drivers' own defaults ("no VLAN", no MAC, no limits). Spoof checking has none: drivers
 # differ (Intel's on, netdevsim's off), so an unreported spoofchk is never written back.
@@ -62,56 +46,6 @@ _DEFAULTS: Final = VfSettings(
 
 
 # --------------------------------------------------------------------------------- encoding
-
-
-class _SetVfMsg(nlmsg):  # type: ignore[misc]  # pyroute2 is untyped
-    """RTM_NEWLINK with only IFLA_VFINFO_LIST: one VF setting per request."""
-
-    fields = (
-        ("family", "B"),
-        ("__align", "x"),
-        ("ifi_type", "H"),
-        ("index", "i"),
-        ("flags", "I"),
-        ("change", "I"),
-    )
-    nla_map = ((_IFLA_VFINFO_LIST, "IFLA_VFINFO_LIST", "vf_list"),)
-
-    class vf_list(nla):  # type: ignore[misc]  # pyroute2 finds nested classes by name
-        nla_map = ((1, "IFLA_VF_INFO", "vf_info"),)
-
-        class vf_info(nla):  # type: ignore[misc]
-            # include/uapi/linux/if_link.h: IFLA_VF_* and their structs, all led by __u32 vf
-            nla_map = (
-                (1, "IFLA_VF_MAC", "vf_mac"),
-                (4, "IFLA_VF_SPOOFCHK", "vf_setting"),
-                (5, "IFLA_VF_LINK_STATE", "vf_setting"),
-                (6, "IFLA_VF_RATE", "vf_rate"),
-                (9, "IFLA_VF_TRUST", "vf_setting"),
-                (12, "IFLA_VF_VLAN_LIST", "vf_vlan_list"),
-            )
-
-            class vf_mac(nla):  # type: ignore[misc]
-                fields = (("vf", "I"), ("mac", "32s"))
-
-            class vf_setting(nla):  # type: ignore[misc]
-                fields = (("vf", "I"), ("setting", "I"))
-
-            class vf_rate(nla):  # type: ignore[misc]
-                fields = (("vf", "I"), ("min_tx_rate", "I"), ("max_tx_rate", "I"))
-
-            class vf_vlan_list(nla):  # type: ignore[misc]
-                nla_map = ((1, "IFLA_VF_VLAN_INFO", "vlan_info"),)
-
-                class vlan_info(nla):  # type: ignore[misc]
-                    # struct ifla_vf_vlan_info, padded to its 16 bytes
-                    fields = (
-                        ("vf", "I"),
-                        ("vlan", "I"),
-                        ("qos", "I"),
-                        ("proto", ">H"),
-                        ("__pad", "2x"),
-                    )
 
 
 def _mac_attr(vf: int, s: VfSettings) -> tuple[str, Any]:
@@ -220,16 +154,13 @@ def _decode(vf_info: Any) -> VfSettings:
 def read_vf(pf_ifname: str, vf_index: int) -> VfSettings:
     """The PF-side settings of VF `vf_index` as the PF's driver reports them. A field the driver
     does not report is None; a link with no VF information at all (a veth) gives all None."""
-    with IPRoute() as ipr:
-        link = _get_link(ipr, pf_ifname)
-    vfs = link.get_attr("IFLA_VFINFO_LIST")
-    if vfs is None:
+    pf = PfLink.read(pf_ifname)
+    if pf.vf_infos is None:
         return VfSettings()
-    for vf_info in vfs.get_attrs("IFLA_VF_INFO"):
+    for vf_info in pf.vf_infos:
         if _vf_of(vf_info) == vf_index:
             return _decode(vf_info)
-    count = link.get_attr("IFLA_NUM_VF")
-    raise DeviceNotFound(f"PF {pf_ifname} has {count} VFs: there is no VF {vf_index}")
+    raise DeviceNotFound(f"PF {pf_ifname} has {pf.num_vfs} VFs: there is no VF {vf_index}")
 
 
 def apply(pf_ifname: str, vf_index: int, wanted: VfSettings, before: VfSettings) -> tuple[str, ...]:
@@ -239,14 +170,14 @@ def apply(pf_ifname: str, vf_index: int, wanted: VfSettings, before: VfSettings)
     if wanted.vlan is None and (wanted.qos is not None or wanted.vlan_proto is not None):
         raise InvalidConfig(f"VF {vf_index} of PF {pf_ifname}: vlanQoS and vlanProto need a vlan")
     done: list[str] = []
-    with IPRoute() as ipr:
-        index = _get_link(ipr, pf_ifname)["index"]
+    pf = PfLink.read(pf_ifname)
+    with Rtnl.open() as nl:
         for setting, values in _requests(wanted, before):
             try:
-                _send(index, setting.attr(vf_index, values))
+                set_vf(nl, pf.index, setting.attr(vf_index, values))
             except NetlinkError as exc:
                 refusal = (
-                    f"PF {pf_ifname} (driver {_driver(pf_ifname)}) refused "
+                    f"PF {pf_ifname} (driver {netdev_driver(pf_ifname)}) refused "
                     f"{_describe(setting, values)} for VF {vf_index}: {os.strerror(exc.code)}"
                 )
                 break
@@ -296,8 +227,8 @@ def restore(pf_ifname: str, vf_index: int, before: VfSettings, fields: Sequence[
     """Put back `fields` (as returned by `apply`) from `before`. Best effort: every setting is
     tried, then one PlexusError lists those that failed. A PF that is gone is DeviceNotFound."""
     failures: list[str] = []
-    with IPRoute() as ipr:
-        index = _get_link(ipr, pf_ifname)["index"]
+    pf = PfLink.read(pf_ifname)
+    with Rtnl.open() as nl:
         # In apply's order, so the MAC goes back before trust is turned off again: some drivers
         # (i40e, ice) refuse an untrusted VF's MAC change, zero included, until trust is on.
         for setting in _SETTINGS:
@@ -307,7 +238,7 @@ def restore(pf_ifname: str, vf_index: int, before: VfSettings, fields: Sequence[
             if values is None:
                 continue  # spoofchk the driver never reported: nothing known to put back
             try:
-                _send(index, setting.attr(vf_index, values))
+                set_vf(nl, pf.index, setting.attr(vf_index, values))
             except NetlinkError as exc:
                 failures.append(f"{_describe(setting, values)}: {os.strerror(exc.code)}")
     if failures:
@@ -319,46 +250,9 @@ def restore(pf_ifname: str, vf_index: int, before: VfSettings, fields: Sequence[
 # ---------------------------------------------------------------------------------- helpers
 
 
-def _get_link(ipr: Any, ifname: str) -> Any:
-    try:
-        # RTEXT_FILTER_VF (1): without it the kernel leaves IFLA_VFINFO_LIST out
-        return ipr.link("get", ifname=ifname, ext_mask=1)[0]
-    except NetlinkError as exc:
-        if exc.code == errno.ENODEV:
-            raise DeviceNotFound(f"no PF netdev {ifname} in the node's network namespace") from None
-        raise
-
-
 def _vf_of(vf_info: Any) -> int | None:
     mac = vf_info.get_attr("IFLA_VF_MAC")  # the kernel sends it for every VF
     return None if mac is None else int(mac["vf"])
-
-
-def _send(index: int, attr: tuple[str, Any]) -> None:
-    """One RTM_NEWLINK carrying one IFLA_VF_INFO, acknowledged; NetlinkError on refusal.
-
-    pyroute2 encodes the message; the exchange itself goes over a plain rtnetlink socket of
-    the caller's netns. NOTE: pyroute2 0.9's sync `IPRoute.nlm_request` reads a status key
-    its IPRoute never sets, and setting it from outside raced under concurrent requests
-    (KeyError 'nlm_generator' seen once in a few hundred ADDs)."""
-    msg = _SetVfMsg()
-    msg["index"] = index
-    msg["attrs"] = [("IFLA_VFINFO_LIST", {"attrs": [("IFLA_VF_INFO", {"attrs": [attr]})]})]
-    msg["header"]["type"] = RTM_NEWLINK
-    msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK
-    msg["header"]["sequence_number"] = 1
-    msg.encode()
-    with socket.socket(
-        socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_ROUTE
-    ) as sock:
-        sock.bind((0, 0))
-        sock.send(msg.data)
-        reply = sock.recv(65536)
-    _length, kind = struct.unpack_from("IH", reply)
-    if kind == _NLMSG_ERROR:
-        (code,) = struct.unpack_from("i", reply, 16)
-        if code < 0:
-            raise NetlinkError(-code, os.strerror(-code))
 
 
 def _merge(primary: VfSettings, fallback: VfSettings) -> VfSettings:
@@ -369,16 +263,3 @@ def _merge(primary: VfSettings, fallback: VfSettings) -> VfSettings:
 
 def _describe(setting: _Setting, values: VfSettings) -> str:
     return " ".join(f"{f}={getattr(values, f)}" for f in setting.fields)
-
-
-def _driver(ifname: str) -> str:
-    """The netdev's driver, for messages: ETHTOOL_GDRVINFO on a socket of the caller's netns
-    (sysfs would show another namespace's view unless it was mounted in this one)."""
-    info = array.array("B", struct.pack("I", _ETHTOOL_GDRVINFO).ljust(_DRVINFO_SIZE, b"\0"))
-    ifreq = struct.pack("16sP", ifname.encode()[:15], info.buffer_info()[0]).ljust(40, b"\0")
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            fcntl.ioctl(sock, _SIOCETHTOOL, ifreq)
-    except OSError:
-        return "unknown"
-    return info.tobytes()[4:36].split(b"\0")[0].decode(errors="replace") or "unknown"
