@@ -296,7 +296,7 @@ class Orchestrator:
             applied = step.apply(netns, added)
             undo.push(step.name, applied.undo)
             added = [
-                self._store.mark_added(new, new.result or Result()) if new != old else old
+                self._store.mark_added(new, new.result or Result()) if new is not old else old
                 for old, new in zip(added, applied.attachments, strict=True)
             ]
         return added
