@@ -224,6 +224,7 @@ class DaemonConfig(BaseModel):
         default=120.0,
         alias="shimTimeout",
         gt=0,
+        le=86400,  # = the shim's MAX_TIMEOUT: it ignores a larger (or infinite) deadline
         description="Seconds the shim waits for the daemon's answer before giving up.",
     )
     delegate_timeout: float = Field(

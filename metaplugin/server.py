@@ -156,6 +156,10 @@ class Api:
         return out
 
 
+def _cni_error(msg: str) -> bytes:
+    return json.dumps(cni.to_cni_error(DecodeFailure(msg))).encode()
+
+
 def _decode_envelope(body: bytes) -> tuple[dict[str, str], str]:
     try:
         envelope = json.loads(body)
@@ -199,14 +203,21 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_POST(self) -> None:
+        # A shim relays whatever comes back: even a refusal here is CNI error JSON.
         if urlsplit(self.path).path != "/cni":
-            self._reply(404, b'{"error":"not found"}')
+            self._reply(404, _cni_error(f"plexusd serves POST /cni, not POST {self.path}"))
             return
-        length = int(self.headers.get("Content-Length") or 0)
-        if length <= 0 or length > MAX_BODY:
-            self._reply(413, b'{"error":"bad request size"}')
+        length = self.headers.get("Content-Length") or ""
+        if not length.isdigit() or not 0 < int(length) <= MAX_BODY:
+            self._reply(
+                413,
+                _cni_error(
+                    f"a request needs a Content-Length from 1 to {MAX_BODY} bytes, not "
+                    f"{length or 'none'} (a network config that large is not one plexusd takes)"
+                ),
+            )
             return
-        status, body = self.server.app.cni(self.rfile.read(length))
+        status, body = self.server.app.cni(self.rfile.read(int(length)))
         self._reply(status, body)
 
     def do_GET(self) -> None:

@@ -23,7 +23,9 @@ CNI_KEYS = ("CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_AR
 DEFAULT_SOCKET = "/run/plexus/plexus.sock"
 DEFAULT_SPOOL = "/var/lib/plexus/spool"
 DEFAULT_TIMEOUT = 120.0
+MAX_TIMEOUT = 86400.0
 DECODE_FAILURE = 6
+INVALID_CONFIG = 7
 TRY_AGAIN_LATER = 11
 NOT_AVAILABLE = 50
 
@@ -97,9 +99,17 @@ def request(sock_path: str, body: bytes, timeout: float) -> tuple[int, bytes]:
         sock.close()
     reply = b"".join(chunks)
     header, sep, payload = reply.partition(b"\r\n\r\n")
-    parts = header.split(b" ", 2)
-    if not sep or len(parts) < 2 or not parts[1].isdigit():
+    lines = header.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if not sep or len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
         raise Unreachable("the connection closed before a complete answer")
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length" and value.strip().isdigit():
+            length = int(value)
+            if len(payload) < length:  # the daemon died while it answered
+                raise Unreachable("the connection closed before a complete answer")
+            payload = payload[:length]
     return int(parts[1]), payload
 
 
@@ -172,9 +182,13 @@ def main() -> int:
         emit({"cniVersion": version, "supportedVersions": SUPPORTED_VERSIONS})
         return 0
     sock_path = conf.get("socketPath") or DEFAULT_SOCKET
+    if not isinstance(sock_path, str):
+        return fail(version, INVALID_CONFIG, f"socketPath must be a path string, not {sock_path}")
     try:
         timeout = float(conf.get("shimTimeout") or DEFAULT_TIMEOUT)
     except (TypeError, ValueError):
+        timeout = DEFAULT_TIMEOUT
+    if not 0 < timeout <= MAX_TIMEOUT:  # NaN, infinite or negative: the deadline must hold
         timeout = DEFAULT_TIMEOUT
     body = dumps({"env": env, "config": stdin}).encode()
     try:
