@@ -29,8 +29,11 @@ class PodInfo:
 
 class Holder(BaseModel):
     """Who holds an attachment or a device: one interface (`ifname`) of one container, in the
-    pod it belongs to. Two holders are the same attachment when container and ifname match; the
-    rest is for people (logs, `plexusctl vfs`) and for finding the netns again."""
+    pod it belongs to. For a device, container and ifname say who holds it (an interface name
+    is one interface of the container at a time); an attachment record adds its network to
+    that key (`metaplugin.store.AttachmentKey`), so records of an interface name that passed
+    from one network to another stay apart. The rest is for people (logs, `plexusctl vfs`) and
+    for finding the netns again."""
 
     model_config = ConfigDict(frozen=True)
 

@@ -1,7 +1,7 @@
 """The PF-side VF codec: what `ip link set <pf> vf N ...` sends and `ip -d link show <pf>` reads,
 on the one rtnetlink transport (`kernel.rtnl`), and the netdev's driver name for messages.
 
-`PfLink.open(name)` reads the PF with its VF list (RTEXT_FILTER_VF); `set_vf` sends one
+`PfLink.read(name)` reads the PF with its VF list (RTEXT_FILTER_VF); `set_vf` sends one
 IFLA_VF_INFO attribute per request, acknowledged. What the attributes mean (which settings,
 in which order, how to undo them) is `sriov.vfconfig`'s business.
 

@@ -19,7 +19,7 @@ import structlog
 from cnispec import cni
 from cnispec.cni import CniRequest
 from cnispec.errors import InvalidConfig, PlexusError, TeardownIncomplete
-from cnispec.netconf import PreparedNetwork
+from cnispec.netconf import NetworkConfigList, PreparedNetwork
 from delegates.chain import ChainRunner
 from metaplugin.orchestrator import Orchestrator
 from metaplugin.resolve import Resolver
@@ -94,6 +94,9 @@ class Collector:
         return failures
 
     def _prepare(self, config: dict[str, Any], path: tuple[str, ...]) -> PreparedNetwork:
+        if NetworkConfigList.parse(config).disable_gc:
+            # Opted out: nothing of it runs, so a plugin it names need not even be there.
+            return PreparedNetwork(name=str(config.get("name")), plugins=(), disable_gc=True)
         return self._runner.prepare(config, {}, path)
 
 

@@ -68,14 +68,15 @@ class _Undo:
         self.failures: list[str] = []
         self.culprit: Attachment | None = None  # the attachment being made, if any
 
-    def push(self, what: str, fn: Callable[..., Any], *args: Any) -> None:
-        self._stack.callback(self._run, what, fn, *args)
+    def push(self, failed: str, fn: Callable[..., Any], *args: Any) -> None:
+        """`failed`: how the error says this undo failed ("rollback DEL failed for ...")."""
+        self._stack.callback(self._run, failed, fn, *args)
 
-    def _run(self, what: str, fn: Callable[..., Any], *args: Any) -> None:
+    def _run(self, failed: str, fn: Callable[..., Any], *args: Any) -> None:
         try:
             fn(*args)
         except Exception as exc:  # noqa: BLE001 - reported in the error, the rollback goes on
-            self.failures.append(f"{what}: {_msg(exc)}")
+            self.failures.append(f"{failed}: {_msg(exc)}")
 
     def commit(self) -> None:
         self._stack.pop_all()
@@ -235,7 +236,9 @@ class Orchestrator:
             for _, att in wanting
         ]
         devices = self._devices.assign(pod, requests)
-        undo.push("devices", self._devices.release_unattached, req.container_id)
+        undo.push(
+            "giving back the devices failed", self._devices.release_unattached, req.container_id
+        )
         out = list(plan)
         for (i, att), pci in zip(wanting, devices, strict=True):
             out[i] = att.with_config(
@@ -271,13 +274,17 @@ class Orchestrator:
                 )
             )
         self._store.plan(planned)
-        undo.push("attachment records", self._store.discard_planned, req.container_id)
+        undo.push(
+            "forgetting the planned attachments failed",
+            self._store.discard_planned,
+            req.container_id,
+        )
         return planned
 
     def _attach(self, att: Attachment, netns: str, undo: _Undo) -> Attachment:
         """ADD of one attachment; its DEL is on the undo stack before its delegates run."""
         undo.culprit = att
-        undo.push(att.label, self.detach, att.key, netns)
+        undo.push(f"rollback DEL failed for {att.label}", self.detach, att.key, netns)
         result = self._runner.add(att.prepared, self._env(att, netns))
         added = self._store.mark_added(att, result)
         log.info(
@@ -294,7 +301,7 @@ class Orchestrator:
         undo.culprit = None  # a step's own error names the attachment it is about
         for step in self._pod_steps:
             applied = step.apply(netns, added)
-            undo.push(step.name, applied.undo)
+            undo.push(f"undoing {step.name} failed", applied.undo)
             added = [
                 self._store.mark_added(new, new.result or Result()) if new is not old else old
                 for old, new in zip(added, applied.attachments, strict=True)
@@ -372,18 +379,13 @@ class Orchestrator:
 
     def detach(self, key: AttachmentKey, netns: str) -> None:
         """DEL of one attachment, replaying its record: with its result as prevResult once ADD
-        finished, without before. The record goes when DEL succeeds; one that never finished
-        ADD goes either way (nothing recorded is left to replay), an added one whose DEL failed
-        stays for the retry."""
+        finished, without before. The record goes when DEL succeeds and stays when it fails,
+        so the next DEL or GC retries it (an ADD's rollback then forgets the records that never
+        finished: `discard_planned`)."""
         record = self._store.get(key)
         if record is None:
             return
-        try:
-            self._runner.delete(record.prepared, self._env(record, netns), record.result)
-        except Exception:
-            if record.state == "planned":
-                self._store.remove(record)
-            raise
+        self._runner.delete(record.prepared, self._env(record, netns), record.result)
         self._store.remove(record)
 
     def _reap_pod_links(self, netns: str) -> None:
@@ -476,11 +478,16 @@ def _add_error(
 ) -> PlexusError:
     """Our error for a failed ADD: msg names the attachment being made when it failed, details
     carry the delegate's own error JSON first, then any undo that failed."""
-    error = cause if isinstance(cause, PlexusError) else InternalError(_msg(cause))
+    if isinstance(cause, PlexusError):
+        error = cause
+    else:
+        # A bug, not a refusal: its traceback is logged here, where it is handled, once.
+        log.error("add_crashed", exc_info=cause)
+        error = InternalError(f"internal error in Plexus: {_msg(cause)}")
     if culprit is not None:
         error = error.prefixed(f"network {culprit.label}")
     if rollback_failures:
-        note = "rollback failed for " + "; ".join(rollback_failures)
+        note = "; ".join(rollback_failures)
         details = f"{error.details}; {note}" if error.details else note
         error = error.with_msg(f"{error.msg}; {note}", details)
     return error

@@ -126,20 +126,27 @@ class DefaultRoute:
             gateways = list(chosen.default_route or [])
             try:
                 moved = self._routes.move_default_route(netns, chosen.ifname, gateways)
-            except PlexusError as exc:
-                _undo_all(undos)
-                raise exc.prefixed(f"network {chosen.label}") from None
+            except Exception as exc:
+                _undo_all(undos)  # this step's earlier moves: the caller's undo never saw them
+                if isinstance(exc, PlexusError):
+                    raise exc.prefixed(f"network {chosen.label}") from None
+                raise
             undos.append(functools.partial(self._routes.put_back, netns, moved))
-            attachments = [
-                a.model_copy(update={"result": _rerouted(a, chosen, moved.families)})
-                for a in attachments
-            ]
+            attachments = [_with_routes(a, chosen, moved.families) for a in attachments]
         return Applied(attachments, lambda: _undo_all(undos))
 
 
 def _undo_all(undos: list[Callable[[], None]]) -> None:
     for undo in reversed(undos):
         undo()
+
+
+def _with_routes(record: Attachment, chosen: Attachment, families: set[int]) -> Attachment:
+    """The record with its result rerouted; the same object when its routes do not change."""
+    result = _rerouted(record, chosen, families)
+    if record.result is not None and result.routes == record.result.routes:
+        return record
+    return record.model_copy(update={"result": result})
 
 
 def _rerouted(record: Attachment, chosen: Attachment, families: set[int]) -> Result:

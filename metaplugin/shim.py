@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-SUPPORTED_VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]  # = metaplugin.cni
+SUPPORTED_VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]  # = cnispec.cni
 CNI_KEYS = ("CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH")
 DEFAULT_SOCKET = "/run/plexus/plexus.sock"
 DEFAULT_SPOOL = "/var/lib/plexus/spool"

@@ -7,11 +7,13 @@ IPAM a built-in derived), and the parsed result; DEL and CHECK read nothing else
 consult no live state (no API, no fabric, no netns needed). `seq` orders a container's
 attachments (ADD ascending, DEL descending); it is not part of the identity.
 
-Layout: `<stateDir>/attachments/<container id>/<ifname>@<network digest>.json`, one
-self-contained file per attachment. Every write is temp file + fsync + rename + directory fsync
-(`cnispec.durable`), so a crash leaves either the old or the new file. ADD writes every planned
-attachment *before* running any delegate, so a crash mid-ADD still leaves enough to undo what
-ran. Records written by an older plexusd are migrated when the store opens
+Layout: `<stateDir>/attachments/<container id>/<ifname>@<network digest>.record`, one
+self-contained file per attachment (not `.json`, the suffix of version-1 records: a plexusd of
+that version, brought back by a rollback, passes these by instead of quarantining them, so they
+are still there for the next upgrade to DEL). Every write is temp file + fsync + rename +
+directory fsync (`cnispec.durable`), so a crash leaves either the old or the new file. ADD
+writes every planned attachment *before* running any delegate, so a crash mid-ADD still leaves
+enough to undo what ran. Records written by an older plexusd are migrated when the store opens
 (`metaplugin.store_v1`); one written by a newer plexusd is refused, never guessed at.
 
 A record that cannot be read is moved to `<stateDir>/quarantine/` and reported; the container's
@@ -46,12 +48,13 @@ from pydantic import (
 from cnispec import cni
 from cnispec.cni import Result
 from cnispec.durable import atomic_write, fsync_dir
-from cnispec.errors import IOFailure, TryAgainLater
+from cnispec.errors import IOFailure, PlexusError, TryAgainLater
 from cnispec.identity import Holder
 from cnispec.netconf import PreparedNetwork
 from metaplugin import store_v1
 
 RECORD_VERSION: Final = 2
+SUFFIX: Final = ".record"
 log = structlog.get_logger(__name__)
 
 
@@ -120,6 +123,7 @@ class Attachment(BaseModel):
     def view(self) -> dict[str, Any]:
         """The record as plexusctl and the daemon's API show it (flat, result on the wire)."""
         return {
+            "version": self.version,
             "container_id": self.container_id,
             "network": self.network,
             "ifname": self.ifname,
@@ -127,9 +131,11 @@ class Attachment(BaseModel):
             "pod_namespace": self.holder.pod_namespace,
             "pod_name": self.holder.pod_name,
             "pod_uid": self.holder.pod_uid,
-            "seq": self.seq,
+            "index": self.seq,
             "is_default": self.is_default,
             "runtime_ifname": self.runtime_ifname,
+            "cni_args": self.cni_args,
+            "cni_path": list(self.cni_path),
             "default_route": list(self.default_route) if self.default_route else None,
             "state": self.state,
             "result": self.result.to_wire(cni.LATEST_VERSION) if self.result else None,
@@ -142,7 +148,7 @@ def file_name(network: str, ifname: str) -> str:
     # The interface name makes it readable; the network's digest makes (network, ifname) the
     # key (a network name holds '/' and may be long).
     digest = hashlib.sha256(network.encode()).hexdigest()[:12]
-    return f"{ifname}@{digest}.json"
+    return f"{ifname}@{digest}{SUFFIX}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,12 +183,19 @@ class AttachmentStore:
         self._open()
 
     def _open(self) -> None:
-        """Migrate what an older plexusd wrote, then index every container by its pod."""
+        """Migrate what an older plexusd wrote, then index every container by its pod. A
+        container whose records cannot be read now (an I/O error, a record of a newer plexusd)
+        is left as it is and logged: its own DEL reports it (code 5), and the rest of the node
+        is served."""
         for container_id in self.container_ids():
-            migrated = store_v1.migrate(self._root / container_id, self._write_migrated)
+            try:
+                migrated = store_v1.migrate(self._root / container_id, self._write_migrated)
+                loaded = self.load(container_id, quarantine=False)
+            except (PlexusError, OSError, ValidationError) as exc:
+                log.error("attachment_records_not_opened", container=container_id, error=str(exc))
+                continue
             if migrated:
                 log.info("attachment_records_migrated", container=container_id, count=migrated)
-            loaded = self.load(container_id, quarantine=False)
             if loaded:
                 self._index(loaded.records[0])
 
@@ -249,8 +262,10 @@ class AttachmentStore:
             return  # records remain (a failed DEL keeps them for the retry)
         fsync_dir(self._root)
         with self._lock:
-            for holders in self._pods.values():
+            for pod, holders in list(self._pods.items()):
                 holders.discard(container_id)
+                if not holders:
+                    del self._pods[pod]
 
     def _index(self, record: Attachment) -> None:
         if not record.holder.pod_name:
@@ -282,8 +297,9 @@ class AttachmentStore:
         except (FileNotFoundError, NotADirectoryError):
             return ContainerRecords(container_id, ())
         for path in paths:
-            if path.name.startswith(".") or path.suffix != ".json":
-                continue
+            if path.name.startswith(".") or path.suffix not in (SUFFIX, ".json"):
+                continue  # a temp file of an interrupted write, or nothing of ours
+            # (a `.json` left here is a version-1 record the migration could not read)
             try:
                 record = self._read(path)
             except FileNotFoundError:

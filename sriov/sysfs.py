@@ -1,7 +1,7 @@
 """Reads the node's SR-IOV hardware from a sysfs tree and writes `sriov_numvfs`.
 
 Every path is taken relative to an injected root (`/sys` in production, a synthetic tree built
-by `tests/support/sriov_bed.py` in tests). Symlinks are resolved *textually* against the link's
+by `testbed/sriov_bed.py` in tests). Symlinks are resolved *textually* against the link's
 own directory, the way the kernel's relative links are meant to be read, and a link whose target
 leaves the root is treated as absent: a test tree can never make the daemon read the machine's
 real /sys, and a hostile tree cannot point us anywhere else.

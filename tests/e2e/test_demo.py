@@ -53,12 +53,13 @@ def test_the_demo_runs_pods_pings_and_cleans_up() -> None:
     assert _machine() == before  # no namespace, link or mount of the demo's is left
 
 
-def _machine() -> tuple[str, str, str]:
-    """What the demo must not leave: named network namespaces, links and mounts of the root
-    namespace."""
-    mounts = "".join(
-        line
-        for line in Path("/proc/self/mountinfo").read_text().splitlines(True)
-        if "plexus" in line
-    )
-    return sh("ip", "netns", "list").stdout, sh("ip", "-o", "link", "show").stdout, mounts
+def _machine() -> tuple[list[str], list[str], list[str]]:
+    """What the demo must not leave: named network namespaces, links of the root namespace
+    (by name: their state is the machine's business) and mounts of its own."""
+    links = [
+        line.split(":")[1].strip() for line in sh("ip", "-o", "link", "show").stdout.splitlines()
+    ]
+    mounts = [
+        line for line in Path("/proc/self/mountinfo").read_text().splitlines() if "plexus" in line
+    ]
+    return sh("ip", "netns", "list").stdout.split(), sorted(links), mounts

@@ -1,4 +1,4 @@
-"""`plexus-sriov` and the VF audit on the synthetic SR-IOV bed (tests/support/sriov_bed.py): a
+"""`plexus-sriov` and the VF audit on the synthetic SR-IOV bed (testbed/sriov_bed.py): a
 real `NodeAgent` over the bed's sysfs tree and a pools file, the delegate called in-process from
 the bed's node namespace as the daemon calls it, and what `ip -d link` shows in the pod and the
 node afterwards. The bed's VF netdevs are veth ends; where a real VF would behave differently

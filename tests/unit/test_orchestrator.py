@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from cnispec.annotations import NETWORKS_ANNOTATION, RESOURCE_NAME_ANNOTATION
 from cnispec.cni import CniRequest
 from cnispec.errors import (
     AttachmentConflict,
@@ -20,9 +21,11 @@ from cnispec.errors import (
     TeardownIncomplete,
     UnknownContainer,
 )
+from cnispec.identity import PodInfo
 from metaplugin.orchestrator import Orchestrator, _Undo
 from metaplugin.podwide import Applied, DefaultRoute
 from metaplugin.store import Attachment, file_name
+from sriov.devices import DeviceRequest
 from tests.support.world import World, nad_manifest, simple_net
 
 NETNS = "/proc/self/ns/net"
@@ -147,8 +150,8 @@ def test_rollback_failure_keeps_the_record_for_a_later_del(world: World) -> None
     world.exec.plugins["macvlan"].fail = {"DEL"}
     with pytest.raises(DelegateFailed) as err:
         world.orchestrator.add(request("ADD", networks="net-a, net-x"))
-    assert "rollback failed for default/net-a (net1)" in err.value.msg
-    assert "rollback failed" in err.value.details
+    assert "rollback DEL failed for default/net-a (net1)" in err.value.msg
+    assert "rollback DEL failed" in err.value.details
     assert records(world) == [("net1", "added")]  # failed net-x and rolled-back eth0 gone
     world.exec.plugins["macvlan"].fail = set()
     world.orchestrator.delete(request("DEL", netns=""))
@@ -401,5 +404,107 @@ def test_a_default_route_that_cannot_be_set_undoes_the_pod(world: World) -> None
     networks = json.dumps([{"name": "net-a", "default-route": ["10.66.0.1"]}])
     with pytest.raises(InvalidConfig, match=r"network default/net-a \(net1\): gateway 10\.66"):
         world.orchestrator.add(request("ADD", networks=networks))
+    assert world.exec.live() == {}
+    assert world.store.container_ids() == []
+
+
+def test_a_del_that_fails_on_a_half_made_attachment_keeps_it_for_the_retry(
+    world: World,
+) -> None:
+    """A crash mid-ADD leaves net1 planned; its DEL fails once: the record must survive, so the
+    next DEL runs the plugin's DEL again instead of forgetting what the half-made ADD left."""
+    req = request("ADD", networks="net-a")
+    pod = PodInfo("default", "pod-c1", "uid-c1", {NETWORKS_ANNOTATION: "net-a"})
+    plan = world.resolver.plan(ifname="eth0", pod=pod, runtime_config={})
+    undo = _Undo()  # the crash: its undos never run
+    recs = world.orchestrator._record_plan(req, None, plan, undo)
+    world.orchestrator._attach(recs[0], req.netns, undo)
+    world.exec.plugins["macvlan"].live[("c1", "net1")] = "10.1.0.9/24"  # what the ADD half-made
+    world.exec.plugins["macvlan"].fail = {"DEL"}
+    with pytest.raises(TeardownIncomplete, match="default/net-a"):
+        world.orchestrator.delete(request("DEL", netns=""))
+    assert records(world) == [("net1", "planned")]
+    world.exec.plugins["macvlan"].fail = set()
+    world.orchestrator.delete(request("DEL", netns=""))
+    assert ("macvlan", "DEL", "net1") in world.exec.commands()[-2:]
+    assert world.exec.live() == {}
+    assert world.store.container_ids() == []
+
+
+class FakeDevices:
+    """A DeviceSource: hands out 0000:3b:02.N in order and remembers what it was asked."""
+
+    def __init__(self) -> None:
+        self.requests: list[DeviceRequest] = []
+        self.released: list[str] = []
+
+    def assign(self, pod: PodInfo | None, requests: list[DeviceRequest]) -> list[str]:
+        first = len(self.requests)
+        self.requests += requests
+        return [f"0000:3b:02.{first + i}" for i in range(len(requests))]
+
+    def release_unattached(self, container_id: str) -> None:
+        self.released.append(container_id)
+
+    def device_info(self, pci: str) -> dict[str, str]:
+        return {"pci-address": pci, "pf-pci-address": "0000:3b:00.0"}
+
+
+@pytest.fixture
+def with_devices(world: World) -> tuple[World, FakeDevices, Orchestrator]:
+    pool = {RESOURCE_NAME_ANNOTATION: "plexus.dev/vf"}
+    world.add_nads(
+        nad_manifest("net-a", simple_net("net-a")),
+        nad_manifest("vf", simple_net("vf", capabilities={"deviceID": True}), annotations=pool),
+        nad_manifest(
+            "vf-x",
+            {
+                "cniVersion": "1.0.0",
+                "name": "vf-x",
+                "plugins": [{"type": "macvlan"}, {"type": "broken"}],
+            },
+            annotations=pool,
+        ),
+        nad_manifest("pinned", simple_net("pinned", deviceID="0000:3b:09.0"), annotations=pool),
+    )
+    devices = FakeDevices()
+    orchestrator = Orchestrator(
+        config=world.config,
+        resolver=world.resolver,
+        store=world.store,
+        runner=world.runner,
+        sink=world.sink,
+        devices=devices,
+        existing=lambda netns, names: [],
+        reap_links=lambda netns: None,
+    )
+    return world, devices, orchestrator
+
+
+def test_each_attachment_of_a_pool_gets_its_device_as_deviceid(
+    with_devices: tuple[World, FakeDevices, Orchestrator],
+) -> None:
+    world, devices, orchestrator = with_devices
+    orchestrator.add(request("ADD", networks="vf, net-a, vf@sriov1, pinned"))
+    assert [(r.holder.ifname, r.network, r.resource) for r in devices.requests] == [
+        ("net1", "default/vf", "plexus.dev/vf"),
+        ("sriov1", "default/vf", "plexus.dev/vf"),
+    ]  # net-a names no pool; pinned already has its deviceID
+    ran = {c.env["CNI_IFNAME"]: c.config for c in world.exec.calls if c.command == "ADD"}
+    assert ran["net1"]["deviceID"] == "0000:3b:02.0"
+    assert ran["net1"]["runtimeConfig"] == {"deviceID": "0000:3b:02.0"}
+    assert ran["sriov1"]["deviceID"] == "0000:3b:02.1"
+    assert ran["net4"]["deviceID"] == "0000:3b:09.0"
+    assert "deviceID" not in ran["net2"]
+    assert devices.released == []
+
+
+def test_devices_go_back_when_the_add_fails(
+    with_devices: tuple[World, FakeDevices, Orchestrator],
+) -> None:
+    world, devices, orchestrator = with_devices
+    with pytest.raises(DelegateFailed, match=r"network default/vf-x \(net1\)"):
+        orchestrator.add(request("ADD", networks="vf-x"))
+    assert devices.released == ["c1"]
     assert world.exec.live() == {}
     assert world.store.container_ids() == []

@@ -114,6 +114,18 @@ def test_gc_collects_a_network_that_has_no_record_left(world: World) -> None:
     assert "net-b" in gcs  # a 1.1.0 NAD nobody uses right now
 
 
+def test_gc_leaves_a_network_that_opted_out_alone_even_when_its_plugin_is_gone(
+    world: World,
+) -> None:
+    retired = simple_net("retired", "uninstalled", cniVersion="1.1.0", disableGC=True)
+    world.add_nads(nad_manifest("retired", retired), file="more.yaml")
+    world.collector.gc(  # no plugin "uninstalled" anywhere: GC must not even look for it
+        request("GC", "", version="1.1.0", extra_config={"cni.dev/valid-attachments": []})
+    )
+    gcs = {c.config["name"] for c in world.exec.calls if c.command == "GC"}
+    assert "net-b" in gcs and "retired" not in gcs
+
+
 # --- spool ------------------------------------------------------------------------------------
 
 

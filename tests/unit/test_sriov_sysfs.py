@@ -1,4 +1,4 @@
-"""sriov.sysfs on synthetic trees (tests/support/sriov_bed.py without a namespace: files only),
+"""sriov.sysfs on synthetic trees (testbed/sriov_bed.py without a namespace: files only),
 the parsing of the kernel's uevent and rtnetlink link messages, and how the event sources are
 put together."""
 

@@ -50,6 +50,9 @@ def test_version_1_records_are_migrated_when_the_store_opens(tmp_path: Path) -> 
     assert records[4].default_route == ("10.77.0.1",)
     names = sorted(p.name for p in (tmp_path / "attachments" / "legacyc1").iterdir())
     assert names == sorted(r.file_name for r in records)  # no version-1 file is left
+    # plexusd 9a907b2 reads only *.json: after a rollback to it these are passed by, not
+    # quarantined, and still there for the next upgrade to DEL.
+    assert not any(name.endswith(".json") for name in names)
 
 
 def test_a_migration_cut_short_runs_again_to_the_same_end(tmp_path: Path) -> None:
@@ -120,3 +123,26 @@ def test_what_a_pod_has_comes_from_the_index(tmp_path: Path) -> None:
     store.remove_container("legacyc3")
     assert [c.container_id for c in store.of_pod("default", "legacy")] == ["legacyc1"]
     assert store.of_pod("default", "nobody") == []
+
+
+@pytest.mark.parametrize("damage", ["newer", "unreadable"])
+def test_one_container_it_cannot_read_never_stops_the_store_opening(
+    tmp_path: Path, damage: str
+) -> None:
+    """plexusd opens its store before it serves anything: a record it cannot read now must cost
+    only that container's DEL (code 5, retried), never the whole node."""
+    _v1(tmp_path, "added", "legacyc1")
+    _v1(tmp_path, "mid-add", "legacyc2")
+    first = AttachmentStore(tmp_path).load("legacyc2").records[0]
+    path = tmp_path / "attachments" / "legacyc2" / first.file_name
+    if damage == "newer":
+        path.write_text(json.dumps({**json.loads(path.read_text()), "version": 3}))
+    else:
+        path.unlink()
+        path.mkdir()  # reading it is an I/O error, as a failing disk would give
+    store = AttachmentStore(tmp_path)  # opens: the other container is served
+    assert len(store.load("legacyc1").records) == 5
+    assert [c.container_id for c in store.of_pod("default", "legacy")] == ["legacyc1"]
+    with pytest.raises(IOFailure) as err:
+        store.load("legacyc2")
+    assert err.value.code == 5 and store.quarantined() == []
