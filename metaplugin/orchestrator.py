@@ -284,7 +284,7 @@ class Orchestrator:
     def _attach(self, att: Attachment, netns: str, undo: _Undo) -> Attachment:
         """ADD of one attachment; its DEL is on the undo stack before its delegates run."""
         undo.culprit = att
-        undo.push(f"rollback DEL failed for {att.label}", self.detach, att.key, netns)
+        undo.push(f"rollback DEL failed for {att.label}", self._detach_as_recorded, att.key, netns)
         result = self._runner.add(att.prepared, self._env(att, netns))
         added = self._store.mark_added(att, result)
         log.info(
@@ -364,7 +364,7 @@ class Orchestrator:
         failures: list[str] = []
         for record in reversed(loaded.records):
             try:
-                self.detach(record.key, usable)
+                self.detach(record, usable)
             except Exception as exc:  # noqa: BLE001 - DEL tries every attachment
                 failures.append(f"{record.label}: {_msg(exc)}")
         if usable and not reap_first and not failures:
@@ -377,16 +377,19 @@ class Orchestrator:
         self._store.remove_container(loaded.container_id)
         log.info("attachments_deleted", count=len(loaded.records))
 
-    def detach(self, key: AttachmentKey, netns: str) -> None:
+    def detach(self, record: Attachment, netns: str) -> None:
         """DEL of one attachment, replaying its record: with its result as prevResult once ADD
         finished, without before. The record goes when DEL succeeds and stays when it fails,
         so the next DEL or GC retries it (an ADD's rollback then forgets the records that never
         finished: `discard_planned`)."""
-        record = self._store.get(key)
-        if record is None:
-            return
         self._runner.delete(record.prepared, self._env(record, netns), record.result)
         self._store.remove(record)
+
+    def _detach_as_recorded(self, key: AttachmentKey, netns: str) -> None:
+        """Rollback's DEL: the record as it is now (planned, or added with its result)."""
+        record = self._store.get(key)
+        if record is not None:
+            self.detach(record, netns)
 
     def _reap_pod_links(self, netns: str) -> None:
         """Remove every link the built-ins made in the pod in one go (one RCU wait instead of
