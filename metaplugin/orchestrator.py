@@ -219,12 +219,14 @@ class Orchestrator:
     ) -> list[PlannedAttachment]:
         """Each attachment of a network with a resourceName gets its device (VF) as `deviceID`
         in every plugin's config and as the deviceID capability, as Multus does."""
+        if self._devices is None:
+            return plan
         wanting = [
             (i, att)
             for i, att in enumerate(plan)
             if att.resource_name and not has_plugin_key(att.config, "deviceID")
         ]
-        if self._devices is None or not wanting:
+        if not wanting:
             return plan
         requests = [
             DeviceRequest(
