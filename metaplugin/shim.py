@@ -45,13 +45,18 @@ def loads(text: str) -> object:
         value, end = _json.make_scanner(_Decoding())(text, start)  # type: ignore[arg-type]
         if not text[end:].strip():
             return value
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
     except (StopIteration, SystemError, ValueError):
         # NOTE: on malformed input the C scanner wants json.decoder already imported (it raises
         # SystemError otherwise); only this error path pays for the full module.
         pass
     import json
 
-    return json.loads(text)
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def dumps(value: object) -> str:
@@ -76,6 +81,22 @@ def fail(version: str, code: int, msg: str, details: str = "") -> int:
     return 1
 
 
+def connect(sock: socket.socket, sock_path: str, deadline: float) -> None:
+    """Connect before the deadline. Only a missing socket or nobody listening is "down": a full
+    listen backlog (EAGAIN, a burst of pods) is a busy daemon, so wait for room."""
+    while True:
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        try:
+            sock.connect(sock_path)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise Unreachable("its listen queue stayed full until the deadline") from None
+            time.sleep(0.005)
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
+            raise Unreachable(exc.strerror or str(exc)) from None
+
+
 def request(sock_path: str, body: bytes, timeout: float) -> tuple[int, bytes]:
     """POST /cni over the unix socket; returns (status, reply body). Raises Unreachable."""
     deadline = time.monotonic() + timeout
@@ -83,8 +104,7 @@ def request(sock_path: str, body: bytes, timeout: float) -> tuple[int, bytes]:
     head += f"Content-Length: {len(body)}\r\n\r\n"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.settimeout(timeout)
-        sock.connect(sock_path)
+        connect(sock, sock_path, deadline)
         sock.sendall(head.encode() + body)
         chunks = []
         while True:
@@ -93,7 +113,9 @@ def request(sock_path: str, body: bytes, timeout: float) -> tuple[int, bytes]:
             if not chunk:
                 break
             chunks.append(chunk)
-    except OSError as exc:  # refused, missing socket, reset, timeout
+    except TimeoutError:
+        raise Unreachable(f"no answer within {timeout:g} s") from None
+    except OSError as exc:  # reset, permission denied, ...
         raise Unreachable(exc.strerror or str(exc)) from None
     finally:
         sock.close()
@@ -113,20 +135,29 @@ def request(sock_path: str, body: bytes, timeout: float) -> tuple[int, bytes]:
     return int(parts[1]), payload
 
 
+def safe(text: str, limit: int) -> str:
+    """ASCII letters, digits, '-', '_' and '.' only: nothing else reaches a file name."""
+    return "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "_" for c in text)[:limit]
+
+
 def spool(spool_dir: str, env: dict[str, str], stdin: str) -> None:
     """Durably record a DEL for the daemon to replay (temp file + fsync + rename)."""
     os.makedirs(spool_dir, mode=0o700, exist_ok=True)
-    cid = "".join(c if c.isalnum() or c in "-_." else "_" for c in env.get("CNI_CONTAINERID", ""))
-    name = f"{time.time_ns()}-{cid[:80]}-{env.get('CNI_IFNAME', '')[:15]}.json"
+    cid, ifname = safe(env.get("CNI_CONTAINERID", ""), 80), safe(env.get("CNI_IFNAME", ""), 15)
+    name = f"{time.time_ns()}-{cid}-{ifname}.json"
     entry = {"env": env, "config": stdin, "spooledAt": time.time()}
     tmp = os.path.join(spool_dir, "." + name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
-        os.write(fd, dumps(entry).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, os.path.join(spool_dir, name))
+        try:
+            os.write(fd, dumps(entry).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, os.path.join(spool_dir, name))
+    except BaseException:
+        os.unlink(tmp)  # a half-written entry must not linger (the daemon skips dot-files)
+        raise
     dfd = os.open(spool_dir, os.O_RDONLY)
     try:
         os.fsync(dfd)
@@ -145,8 +176,14 @@ def unreachable(
 ) -> int:
     """The daemon is down: spool a DEL (success), refuse everything else with a clear code."""
     if command == "DEL":
+        spool_dir = conf.get("spoolDir") or DEFAULT_SPOOL
+        if not isinstance(spool_dir, str) or not spool_dir.startswith("/"):
+            # A relative or non-string path would spool where the daemon never looks.
+            return fail(
+                version, INVALID_CONFIG, f"{why}; spoolDir must be an absolute path: {spool_dir}"
+            )
         try:
-            spool(str(conf.get("spoolDir") or DEFAULT_SPOOL), env, stdin)
+            spool(spool_dir, env, stdin)
         except OSError as err:
             return fail(
                 version, TRY_AGAIN_LATER, f"{why}; spooling the DEL failed too: {err.strerror}"
