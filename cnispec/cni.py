@@ -118,7 +118,8 @@ def valid_network_name(name: str) -> bool:
 def is_netns(path: str) -> bool:
     """True when `path` opens as a network namespace (nsfs, type CLONE_NEWNET)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # NOTE: O_NONBLOCK: a path naming a FIFO would otherwise block open() for ever.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
         return False
     try:

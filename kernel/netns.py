@@ -25,13 +25,19 @@ from kernel import libc
 T = TypeVar("T")
 
 
+# NOTE: O_NONBLOCK because a namespace path comes from the runtime (CNI_NETNS): one naming a
+# FIFO would block open() for ever and pin the worker and its container's lock. A namespace file
+# ignores the flag; anything else then fails setns(2) with EINVAL, as it should.
+NETNS_OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
+
+
 def run_in_netns(path: str, fn: Callable[[], T]) -> T:
     """Run `fn()` in the network namespace at `path` on a throw-away thread."""
     box: dict[str, object] = {}
 
     def worker() -> None:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(path, NETNS_OPEN_FLAGS)
             try:
                 libc.setns(fd)
             finally:
@@ -117,7 +123,7 @@ def temporary_netns() -> Iterator[HeldNetns]:
 def netns_fd(path: str | None) -> Iterator[int]:
     """An fd on the namespace at `path`, or on the calling thread's own (the node's)."""
     try:
-        fd = os.open(path or "/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path or "/proc/thread-self/ns/net", NETNS_OPEN_FLAGS)
     except OSError as exc:
         raise PlexusError(f"network namespace {path or 'of the node'}: {exc.strerror}") from None
     try:
