@@ -90,12 +90,58 @@ def network_config(nad: NetworkAttachmentDefinition, conf_dir: str) -> dict[str,
     return found[1]
 
 
-def parse_manifests(text: str, source: str) -> list[NetworkAttachmentDefinition]:
-    """NADs from a YAML stream (`---`-separated documents; other kinds are skipped)."""
+# A NAD manifest expands to a few dozen YAML nodes; aliases can make a few hundred bytes expand to
+# billions ("billion laughs": +78 MiB per reload of one such file was measured). Refuse a
+# document whose aliases would expand past this many nodes.
+MAX_EXPANDED_NODES: Final = 50_000
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many nodes `node` stands for once every alias is expanded (shared nodes counted once
+    per use, computed once each, so the count itself costs linear time)."""
+    known = sizes.get(id(node))
+    if known is not None:
+        return known
+    sizes[id(node)] = 1  # a recursive alias refers back here: count it once, not for ever
+    if isinstance(node, yaml.SequenceNode):
+        total = 1 + sum(_expanded_size(child, sizes) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        total = 1 + sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    else:
+        total = 1
+    sizes[id(node)] = total
+    return total
+
+
+def load_yaml_documents(text: str, source: str) -> list[Any]:
+    """Every document of a YAML stream (safe types only), refusing alias bombs and nesting
+    too deep to parse."""
+    loader = yaml.SafeLoader(text)
+    documents: list[Any] = []
     try:
-        documents = list(yaml.safe_load_all(text))
+        while loader.check_node():
+            node = loader.get_node()
+            if node is None:
+                continue
+            size = _expanded_size(node, {})
+            if size > MAX_EXPANDED_NODES:
+                raise InvalidConfig(
+                    f"{source}: document {len(documents)} expands to {size} YAML nodes through "
+                    f"aliases (at most {MAX_EXPANDED_NODES}); write it out without anchors"
+                )
+            documents.append(loader.construct_document(node))
     except yaml.YAMLError as exc:
         raise InvalidConfig(f"{source}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise InvalidConfig(f"{source}: YAML nested too deeply") from None
+    finally:
+        loader.dispose()
+    return documents
+
+
+def parse_manifests(text: str, source: str) -> list[NetworkAttachmentDefinition]:
+    """NADs from a YAML stream (`---`-separated documents; other kinds are skipped)."""
+    documents = load_yaml_documents(text, source)
     out = []
     for i, doc in enumerate(documents):
         if doc is None:
