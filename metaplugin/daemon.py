@@ -36,7 +36,7 @@ from metaplugin.nad_source import LocalNadSource, NadSource
 from metaplugin.orchestrator import Orchestrator, PodSource
 from metaplugin.resolve import Resolver
 from metaplugin.scheduler import Scheduler
-from metaplugin.server import Api, SocketServer
+from metaplugin.server import Api, SocketServer, request_timeout_for
 from metaplugin.spool import SpoolReplayer
 from metaplugin.status import NullSink, StatusSink
 from metaplugin.store import AttachmentStore, StateLock
@@ -142,6 +142,7 @@ class Daemon:
             store=parts.store,
             ready=lambda: sources.synced.is_set() and self._served.is_set(),
             sriov=sriov,
+            request_timeout=request_timeout_for(cfg.shim_timeout),
         )
         server = SocketServer(cfg.socket_path, api)
         server.start()

@@ -8,16 +8,38 @@ instead of piling up threads and memory (Multus's OOM under bursts, anchors §6 
 GC's delegate phase must not overlap any ADD or DEL (a plugin told which attachments are valid
 must not see one being made meanwhile): container work holds a shared gate, GC takes it
 exclusively. Lock order is always worker slot, gate, container lock, so nothing can deadlock.
+
+Every wait is bounded by the request's deadline (`request_deadline`, set by the server for the
+thread that runs the request): a request that cannot get what it waits for in time answers
+code 11 naming what held it, instead of hanging its client and everything queued behind it.
+Work without a request (spool replay at start-up) has no deadline and may wait.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from cnispec.errors import TryAgainLater
+
+# The monotonic time by which the current request must have answered; None: no deadline.
+request_deadline: ContextVar[float | None] = ContextVar("request_deadline", default=None)
+
+
+def _remaining() -> float | None:
+    deadline = request_deadline.get()
+    return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
+
+def _timed_out(what: str) -> TryAgainLater:
+    return TryAgainLater(
+        f"plexusd could not start this request before its deadline: {what}; the runtime "
+        "should retry",
+    )
 
 
 class _Gate:
@@ -32,8 +54,10 @@ class _Gate:
     @contextmanager
     def shared(self) -> Iterator[None]:
         with self._cond:
-            while self._exclusive or self._waiting:
-                self._cond.wait()
+            if not self._cond.wait_for(
+                lambda: not (self._exclusive or self._waiting), timeout=_remaining()
+            ):
+                raise _timed_out("a garbage collection held every container")
             self._shared += 1
         try:
             yield
@@ -46,9 +70,16 @@ class _Gate:
     def exclusive(self) -> Iterator[None]:
         with self._cond:
             self._waiting += 1
-            while self._exclusive or self._shared:
-                self._cond.wait()
-            self._waiting -= 1
+            try:
+                done = self._cond.wait_for(
+                    lambda: not (self._exclusive or self._shared), timeout=_remaining()
+                )
+            finally:
+                self._waiting -= 1
+                # A waiting exclusive holder blocks new shared ones: wake them if it gives up.
+                self._cond.notify_all()
+            if not done:
+                raise _timed_out(f"{self._shared} container operations still running")
             self._exclusive = True
         try:
             yield
@@ -62,6 +93,7 @@ class _Gate:
 class _ContainerLock:
     lock: threading.Lock = field(default_factory=threading.Lock)
     users: int = 0
+    since: float = 0.0  # when the current holder got it (monotonic), for the refusal message
 
 
 class Scheduler:
@@ -78,8 +110,8 @@ class Scheduler:
         return self._admitted
 
     @contextmanager
-    def slot(self, container_id: str) -> Iterator[None]:
-        """Admit one request, then run it with a worker slot and its container's lock."""
+    def admission(self) -> Iterator[None]:
+        """Count one request in, before anything of it is read: refused at once when full."""
         with self._lock:
             if self._admitted >= self._limit:
                 raise TryAgainLater(
@@ -88,15 +120,30 @@ class Scheduler:
                 )
             self._admitted += 1
         try:
-            with self._workers:
-                if container_id:
-                    with self.container(container_id):
-                        yield
-                else:
-                    yield  # GC, STATUS: take what they need themselves
+            yield
         finally:
             with self._lock:
                 self._admitted -= 1
+
+    @contextmanager
+    def worker(self, container_id: str) -> Iterator[None]:
+        """Run admitted work with a worker slot and, when it names one, its container's lock."""
+        if not self._workers.acquire(timeout=_remaining()):
+            raise _timed_out("every worker stayed busy")
+        try:
+            if container_id:
+                with self.container(container_id):
+                    yield
+            else:
+                yield  # GC, STATUS: take what they need themselves
+        finally:
+            self._workers.release()
+
+    @contextmanager
+    def slot(self, container_id: str) -> Iterator[None]:
+        """Admit one request, then run it with a worker slot and its container's lock."""
+        with self.admission(), self.worker(container_id):
+            yield
 
     @contextmanager
     def container(self, container_id: str) -> Iterator[None]:
@@ -114,8 +161,16 @@ class Scheduler:
             entry = self._containers.setdefault(container_id, _ContainerLock())
             entry.users += 1
         try:
-            with entry.lock:
+            if not entry.lock.acquire(timeout=-1 if (left := _remaining()) is None else left):
+                held = time.monotonic() - entry.since
+                raise _timed_out(
+                    f"another operation on container {container_id} has run for {held:.0f} s"
+                )
+            try:
+                entry.since = time.monotonic()
                 yield
+            finally:
+                entry.lock.release()
         finally:
             with self._lock:
                 entry.users -= 1

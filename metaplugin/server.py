@@ -9,15 +9,18 @@ A connection that opens and closes without a request (a probe) is harmless.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import socket
 import socketserver
 import stat
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import ExitStack
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,14 +29,18 @@ from urllib.parse import parse_qs, urlsplit
 import structlog
 
 from cnispec import cni
-from cnispec.errors import DecodeFailure, PlexusError
+from cnispec.cni import CniRequest
+from cnispec.errors import DecodeFailure, NotReady, PlexusError, TryAgainLater
 from kernel.netns import current_netns_inode
+from metaplugin.connections import WRITE_TIMEOUT, ConnectionLimits, ReadDeadlines
 from metaplugin.orchestrator import Orchestrator
-from metaplugin.scheduler import Scheduler
+from metaplugin.scheduler import Scheduler, request_deadline
 from metaplugin.store import AttachmentStore
+from metaplugin.watchdog import Job, Watchdog
 
 log = structlog.get_logger(__name__)
-MAX_BODY = 4 * 1024 * 1024
+CONTAINER_VERBS = frozenset({cni.ADD, cni.DEL, cni.CHECK})
+DEFAULT_REQUEST_TIMEOUT = 115.0  # = request_timeout_for(the default shimTimeout, 120 s)
 
 
 class Metrics:
@@ -73,6 +80,49 @@ class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
     # spooled for no reason. Admission (maxConcurrent, maxQueue) is the scheduler's job.
     request_queue_size = 1024
     app: Api
+    limits: ConnectionLimits
+    deadlines: ReadDeadlines
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.limits.open_connection():
+            _refuse_connection(request, self.limits.max_connections)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.limits.close_connection()  # no thread took it
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.limits.close_connection()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver prints a traceback to stderr, outside the JSON log (one split a log line
+        # in two). A client that goes away mid-request is routine; anything else is a bug.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError | ValueError) and not isinstance(exc, UnicodeError):
+            log.info("client_went_away", error=f"{type(exc).__name__}: {exc}")
+        else:
+            log.error("connection_failed", exc_info=True)
+
+
+def _refuse_connection(sock: socket.socket, limit: int) -> None:
+    body = _cni_error(
+        f"plexusd is serving {limit} connections already; the runtime should retry",
+        TryAgainLater,
+    )
+    head = "HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    head += f"Content-Length: {len(body)}\r\n\r\n"
+    try:
+        sock.settimeout(0.5)  # the accept loop never waits on a client
+        sock.sendall(head.encode() + body)
+    except OSError:
+        pass
+    log.warning("connection_refused_full", limit=limit)
 
 
 class SriovView(Protocol):
@@ -95,6 +145,7 @@ class Api:
         store: AttachmentStore,
         ready: Callable[[], bool],
         sriov: SriovView | None = None,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     ) -> None:
         self.handle = handle
         self.orchestrator = orchestrator
@@ -102,40 +153,141 @@ class Api:
         self.store = store
         self.ready = ready
         self.sriov = sriov
+        self.request_timeout = request_timeout
         self.metrics = Metrics()
+        self.watchdog = Watchdog()
         self._netns_inode = current_netns_inode()
 
-    def cni(self, body: bytes) -> tuple[int, bytes]:
+    def cni(self, body: bytes, admitted: ExitStack | None = None) -> tuple[int, bytes]:
+        """One CNI request: the answer by its deadline, code 11 if the work takes longer.
+
+        `admitted` is the admission the transport took before reading the body; whoever runs
+        the work releases it when the work really ends (the thread, or this call on a refusal).
+        """
         started = time.monotonic()
-        command, version, outcome = "?", cni.LATEST_VERSION, "error"
+        admission = admitted if admitted is not None else self._admit()
+        if admission is None:
+            return 400, self._saturated()
+        version = cni.LATEST_VERSION
         try:
             env, stdin = _decode_envelope(body)
-            command = env.get(cni.ENV_COMMAND, "?")
             version = _peek_version(stdin)
             req = cni.parse_request(env, stdin)
-            structlog.contextvars.bind_contextvars(
-                command=req.command,
-                container_id=req.container_id or None,
-                namespace=req.pod_namespace or None,
-                pod=req.pod_name or None,
-                ifname=req.ifname or None,
+        except Exception as exc:  # noqa: BLE001 - every refusal is a CNI error JSON
+            admission.close()
+            command = str(locals().get("env", {}).get(cni.ENV_COMMAND, "?"))[:16]
+            return self._refused(command, version, exc, started)
+        job = Job(req.command, req.container_id, self._timeout(req), started=started)
+        context = contextvars.copy_context()
+        worker = threading.Thread(
+            target=context.run,
+            args=(self._run, req, job, version, admission),
+            name=f"cni-{req.command.lower()}",
+            daemon=True,
+        )
+        worker.start()
+        if job.done.wait(max(job.deadline - time.monotonic(), 0.0)) and job.answer is not None:
+            return job.answer
+        job.overdue = True
+        self.metrics.observe(req.command, "deadline", time.monotonic() - started)
+        log.error(
+            "request_deadline_exceeded",
+            command=req.command,
+            container_id=req.container_id or None,
+            deadline_s=job.timeout,
+        )
+        err = TryAgainLater(
+            f"plexusd did not finish {req.command} within {job.timeout:.0f} s; the work goes "
+            "on in the background and the runtime should retry",
+        )
+        return 400, json.dumps(cni.to_cni_error(err, version)).encode()
+
+    def _admit(self) -> ExitStack | None:
+        stack = ExitStack()
+        try:
+            stack.enter_context(self.scheduler.admission())
+        except TryAgainLater:
+            return None
+        return stack
+
+    def _saturated(self) -> bytes:
+        self.metrics.observe("?", "saturated", 0.0)
+        return json.dumps(
+            cni.to_cni_error(
+                TryAgainLater(
+                    f"plexusd is saturated ({self.scheduler.admitted} requests in progress or "
+                    "queued); the runtime should retry"
+                )
             )
-            with self.scheduler.slot(req.container_id):
-                reply = self.handle(req)
-            outcome = "ok"
-            return 200, json.dumps(reply).encode() if reply is not None else b""
-        except PlexusError as exc:
-            log.warning("cni_request_failed", code=exc.code, error=exc.msg)
-            return 400, json.dumps(cni.to_cni_error(exc, version)).encode()
-        except Exception as exc:
-            log.exception("cni_request_crashed")
-            return 400, json.dumps(cni.to_cni_error(exc, version)).encode()
+        ).encode()
+
+    def _timeout(self, req: CniRequest) -> float:
+        # The shim gives up after its shimTimeout (read from the same config): answer before.
+        timeout = self.request_timeout
+        shim = req.config.get("shimTimeout")
+        if isinstance(shim, int | float) and not isinstance(shim, bool) and 0 < shim < 86400:
+            timeout = min(timeout, request_timeout_for(float(shim)))
+        return timeout
+
+    def _refused(
+        self, command: str, version: str, exc: BaseException, started: float
+    ) -> tuple[int, bytes]:
+        if isinstance(exc, PlexusError):
+            log.warning("cni_request_refused", command=command, code=exc.code, error=exc.msg)
+        else:
+            log.exception("cni_request_crashed", command=command)
+        self.metrics.observe(command, "error", time.monotonic() - started)
+        return 400, json.dumps(cni.to_cni_error(exc, version)).encode()
+
+    def _run(self, req: CniRequest, job: Job, version: str, admission: ExitStack) -> None:
+        # Waits give up a little before the answer is due, so the answer can say what held it.
+        request_deadline.set(job.deadline - min(1.0, job.timeout * 0.1))
+        structlog.contextvars.bind_contextvars(
+            command=req.command,
+            container_id=req.container_id or None,
+            namespace=req.pod_namespace or None,
+            pod=req.pod_name or None,
+            ifname=req.ifname or None,
+        )
+        outcome = "error"
+        try:
+            with admission, self.watchdog.track(job):
+                try:
+                    job.answer = self._answer(req)
+                    outcome = "ok"
+                except PlexusError as exc:
+                    log.warning("cni_request_failed", code=exc.code, error=exc.msg)
+                    job.answer = 400, json.dumps(cni.to_cni_error(exc, version)).encode()
+                except Exception as exc:
+                    log.exception("cni_request_crashed")
+                    job.answer = 400, json.dumps(cni.to_cni_error(exc, version)).encode()
         finally:
-            elapsed = time.monotonic() - started
-            self.metrics.observe(command, outcome, elapsed)
+            job.done.set()
+            elapsed = time.monotonic() - job.started
+            if not job.overdue:
+                self.metrics.observe(req.command, outcome, elapsed)
             log.info("cni_request_done", outcome=outcome, ms=round(elapsed * 1000, 2))
-            structlog.contextvars.clear_contextvars()
             self._assert_netns()
+
+    def _answer(self, req: CniRequest) -> tuple[int, bytes]:
+        if req.command == cni.STATUS and (why := self.watchdog.stuck()):
+            raise NotReady(f"plexusd is not completing requests: {why}")
+        # NOTE: only the verbs that work on one container take its lock. GC and STATUS may carry
+        # CNI_CONTAINERID too (the spec does not forbid it); GC taking that lock and then the
+        # exclusive gate waited on itself and wedged every later request.
+        locked = req.container_id if req.command in CONTAINER_VERBS else ""
+        with self.scheduler.worker(locked):
+            reply = self.handle(req)
+        return 200, json.dumps(reply).encode() if reply is not None else b""
+
+    def health(self, *, ready: bool) -> tuple[int, str]:
+        """/healthz (alive: requests still complete) or /readyz (alive, synced and serving)."""
+        stuck = self.watchdog.stuck()
+        if stuck:
+            return 503, f"not completing requests: {stuck}\n"
+        if ready and not self.ready():
+            return 503, "not ready\n"
+        return 200, "ready\n" if ready else "ok\n"
 
     def _assert_netns(self) -> None:
         # NOTE: a request thread that changed namespace would poison the daemon; stop loudly.
@@ -156,8 +308,13 @@ class Api:
         return out
 
 
-def _cni_error(msg: str) -> bytes:
-    return json.dumps(cni.to_cni_error(DecodeFailure(msg))).encode()
+def request_timeout_for(shim_timeout: float) -> float:
+    """The daemon's deadline for a request: the shim's, less a margin to deliver the answer."""
+    return max(shim_timeout - min(5.0, shim_timeout * 0.1), shim_timeout * 0.5)
+
+
+def _cni_error(msg: str, kind: type[PlexusError] = DecodeFailure) -> bytes:
+    return json.dumps(cni.to_cni_error(kind(msg))).encode()
 
 
 def _decode_envelope(body: bytes) -> tuple[dict[str, str], str]:
@@ -187,7 +344,17 @@ def _peek_version(stdin: str) -> str:
 class _Handler(BaseHTTPRequestHandler):
     server: _UnixHTTPServer
     protocol_version = "HTTP/1.0"  # one request per connection, as the shim expects
-    timeout = 30  # a client that connects and stalls must not pin a thread forever
+    timeout = WRITE_TIMEOUT  # per send/recv; the whole request also has a read deadline
+
+    def setup(self) -> None:
+        super().setup()
+        self._deadline = self.server.deadlines.watch(
+            self.connection, self.server.limits.read_deadline
+        )
+
+    def finish(self) -> None:
+        self.server.deadlines.cancel(self._deadline)
+        super().finish()
 
     def log_message(self, format: str, *args: Any) -> None:
         return None  # requests are logged once, with context, by Api
@@ -207,27 +374,43 @@ class _Handler(BaseHTTPRequestHandler):
         if urlsplit(self.path).path != "/cni":
             self._reply(404, _cni_error(f"plexusd serves POST /cni, not POST {self.path}"))
             return
+        limits = self.server.limits
         length = self.headers.get("Content-Length") or ""
-        if not length.isdigit() or not 0 < int(length) <= MAX_BODY:
+        if not (length.isascii() and length.isdigit()) or not 0 < int(length) <= limits.max_body:
             self._reply(
                 413,
                 _cni_error(
-                    f"a request needs a Content-Length from 1 to {MAX_BODY} bytes, not "
-                    f"{length or 'none'} (a network config that large is not one plexusd takes)"
+                    f"a request needs a Content-Length from 1 to {limits.max_body} bytes, not "
+                    f"{length[:20] or 'none'} (a network config that large is not one plexusd "
+                    "takes)"
                 ),
             )
             return
-        status, body = self.server.app.cni(self.rfile.read(int(length)))
-        self._reply(status, body)
+        app = self.server.app
+        admitted = ExitStack()
+        try:
+            # Admitted before a byte of the body is read: a refusal costs no memory.
+            admitted.enter_context(app.scheduler.admission())
+            admitted.enter_context(limits.body(int(length)))
+        except TryAgainLater as exc:
+            admitted.close()
+            self._reply(400, json.dumps(cni.to_cni_error(exc)).encode())
+            return
+        body = self.rfile.read(int(length))
+        self.server.deadlines.cancel(self._deadline)
+        if len(body) < int(length):
+            admitted.close()
+            log.info("client_went_away", read=len(body), expected=int(length))
+            return
+        status, answer = app.cni(body, admitted)
+        self._reply(status, answer)
 
     def do_GET(self) -> None:
         app = self.server.app
         url = urlsplit(self.path)
-        if url.path == "/healthz":
-            self._reply(200, b"ok\n", "text/plain")
-        elif url.path == "/readyz":
-            ok = app.ready()
-            self._reply(200 if ok else 503, b"ready\n" if ok else b"not ready\n", "text/plain")
+        if url.path in ("/healthz", "/readyz"):
+            code, text = app.health(ready=url.path == "/readyz")
+            self._reply(code, text.encode(), "text/plain")
         elif url.path == "/metrics":
             self._reply(200, app.metrics.render(app.scheduler).encode(), "text/plain")
         elif url.path == "/v1/attachments":
@@ -260,7 +443,7 @@ def prepare_socket_dir(run_dir: str) -> None:
 
 
 class SocketServer:
-    def __init__(self, socket_path: str, app: Api) -> None:
+    def __init__(self, socket_path: str, app: Api, limits: ConnectionLimits | None = None) -> None:
         self._path = socket_path
         prepare_socket_dir(str(Path(socket_path).parent))
         _remove_stale_socket(socket_path)
@@ -271,6 +454,8 @@ class SocketServer:
             os.umask(old)
         os.chmod(socket_path, 0o600)
         self._server.app = app
+        self._server.limits = limits or ConnectionLimits()
+        self._server.deadlines = ReadDeadlines()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
