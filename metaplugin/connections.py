@@ -3,8 +3,8 @@
 A client is anything that can open the socket (a shim, a probe, plexusctl, a bug). Without these
 bounds 200 slow clients held 204 threads, one byte every 10 s kept a thread for ever, and eight
 concurrent 3.9 MB bodies took the daemon from 63 to 371 MiB (its limit is 128 Mi):
-- at most `max_connections` connections are served at once; the next one is answered code 11 at
-  once and closed, without a thread;
+- at most `max_connections` connections are served at once; beyond that the daemon stops
+  accepting, and later clients wait in the kernel's listen backlog, without a thread;
 - a connection must deliver its whole request within `read_deadline` seconds, however it trickles
   (a timer shuts the socket down; a per-recv timeout would let one byte per timeout through);
 - the bytes of request bodies read and not yet answered stay under `body_budget`: a body that
@@ -46,9 +46,9 @@ class ConnectionLimits:
     def __post_init__(self) -> None:
         self._connections = threading.BoundedSemaphore(self.max_connections)
 
-    def open_connection(self) -> bool:
-        """Take a connection slot if one is free (never waits: the accept loop calls this)."""
-        return self._connections.acquire(blocking=False)
+    def open_connection(self, timeout: float) -> bool:
+        """Take a connection slot, waiting up to `timeout` for one."""
+        return self._connections.acquire(timeout=timeout)
 
     def close_connection(self) -> None:
         self._connections.release()

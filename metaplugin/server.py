@@ -82,12 +82,15 @@ class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
     app: Api
     limits: ConnectionLimits
     deadlines: ReadDeadlines
+    stopping = False
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.limits.open_connection():
-            _refuse_connection(request, self.limits.max_connections)
-            self.shutdown_request(request)
-            return
+        # At the bound, stop accepting: later clients wait in the kernel's listen backlog (no
+        # thread, no memory here), and a slot frees within one read deadline at the latest.
+        while not self.limits.open_connection(timeout=0.5):
+            if self.stopping:
+                self.shutdown_request(request)
+                return
         try:
             super().process_request(request, client_address)
         except BaseException:
@@ -108,21 +111,6 @@ class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer
             log.info("client_went_away", error=f"{type(exc).__name__}: {exc}")
         else:
             log.error("connection_failed", exc_info=True)
-
-
-def _refuse_connection(sock: socket.socket, limit: int) -> None:
-    body = _cni_error(
-        f"plexusd is serving {limit} connections already; the runtime should retry",
-        TryAgainLater,
-    )
-    head = "HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-    head += f"Content-Length: {len(body)}\r\n\r\n"
-    try:
-        sock.settimeout(0.5)  # the accept loop never waits on a client
-        sock.sendall(head.encode() + body)
-    except OSError:
-        pass
-    log.warning("connection_refused_full", limit=limit)
 
 
 class SriovView(Protocol):
@@ -465,6 +453,7 @@ class SocketServer:
         self._thread.start()
 
     def stop(self) -> None:
+        self._server.stopping = True
         self._server.shutdown()
         self._server.server_close()
         Path(self._path).unlink(missing_ok=True)
