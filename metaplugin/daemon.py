@@ -36,10 +36,11 @@ from metaplugin.nad_source import LocalNadSource, NadSource
 from metaplugin.orchestrator import Orchestrator, PodSource
 from metaplugin.resolve import Resolver
 from metaplugin.scheduler import Scheduler
-from metaplugin.server import Api, SocketServer, request_timeout_for
+from metaplugin.server import Api, request_timeout_for
 from metaplugin.spool import SpoolReplayer
 from metaplugin.status import NullSink, StatusSink
 from metaplugin.store import AttachmentStore, StateLock
+from metaplugin.transport import SocketServer
 from sriov.node import SriovNode, SriovSettings
 
 log = structlog.get_logger(__name__)

@@ -1,4 +1,5 @@
-"""The daemon's unix-socket HTTP server: what the shim, probes and plexusctl talk to.
+"""What the daemon's unix socket serves to the shim, probes and plexusctl (the transport, HTTP/1.0
+over the socket with its bounds, is `metaplugin.transport`).
 
 Endpoints: `POST /cni` (one CNI request: `{"env": {CNI_*}, "config": "<stdin>"}`; the reply body
 is exactly what the shim prints, status 200 for success and 400 for a CNI error), `GET /healthz`,
@@ -12,17 +13,11 @@ from __future__ import annotations
 import contextvars
 import json
 import os
-import socket
-import socketserver
-import stat
-import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from contextlib import ExitStack
-from http.server import BaseHTTPRequestHandler
-from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
@@ -32,13 +27,13 @@ from cnispec import cni
 from cnispec.cni import CniRequest
 from cnispec.errors import DecodeFailure, NotReady, PlexusError, TryAgainLater
 from kernel.netns import current_netns_inode
-from metaplugin.connections import WRITE_TIMEOUT, ConnectionLimits, ReadDeadlines
 from metaplugin.orchestrator import Orchestrator
 from metaplugin.scheduler import Scheduler, request_deadline
 from metaplugin.store import AttachmentStore
 from metaplugin.watchdog import Job, Watchdog
 
 log = structlog.get_logger(__name__)
+JSON = "application/json"
 CONTAINER_VERBS = frozenset({cni.ADD, cni.DEL, cni.CHECK})
 DEFAULT_REQUEST_TIMEOUT = 115.0  # = request_timeout_for(the default shimTimeout, 120 s)
 
@@ -70,47 +65,6 @@ class Metrics:
             f"plexus_requests_admitted {scheduler.admitted}",
         ]
         return "\n".join(lines) + "\n"
-
-
-class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
-    allow_reuse_address = False
-    # A node starting a burst of pods connects many shims at once. With socketserver's default
-    # backlog of 5 the kernel refuses the rest (EAGAIN): each such ADD answered 11 and each DEL
-    # spooled for no reason. Admission (maxConcurrent, maxQueue) is the scheduler's job.
-    request_queue_size = 1024
-    app: Api
-    limits: ConnectionLimits
-    deadlines: ReadDeadlines
-    stopping = False
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        # At the bound, stop accepting: later clients wait in the kernel's listen backlog (no
-        # thread, no memory here), and a slot frees within one read deadline at the latest.
-        while not self.limits.open_connection(timeout=0.5):
-            if self.stopping:
-                self.shutdown_request(request)
-                return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self.limits.close_connection()  # no thread took it
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.limits.close_connection()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # socketserver prints a traceback to stderr, outside the JSON log (one split a log line
-        # in two). A client that goes away mid-request is routine; anything else is a bug.
-        exc = sys.exc_info()[1]
-        if isinstance(exc, OSError | ValueError) and not isinstance(exc, UnicodeError):
-            log.info("client_went_away", error=f"{type(exc).__name__}: {exc}")
-        else:
-            log.error("connection_failed", exc_info=True)
 
 
 class SriovView(Protocol):
@@ -250,12 +204,14 @@ class Api:
                     log.exception("cni_request_crashed")
                     job.answer = 400, json.dumps(cni.to_cni_error(exc, version)).encode()
         finally:
-            job.done.set()
-            elapsed = time.monotonic() - job.started
-            if not job.overdue:
-                self.metrics.observe(req.command, outcome, elapsed)
-            log.info("cni_request_done", outcome=outcome, ms=round(elapsed * 1000, 2))
-            self._assert_netns()
+            try:
+                elapsed = time.monotonic() - job.started
+                if not job.overdue:
+                    self.metrics.observe(req.command, outcome, elapsed)
+                log.info("cni_request_done", outcome=outcome, ms=round(elapsed * 1000, 2))
+                self._assert_netns()
+            finally:
+                job.done.set()  # last: the request is logged and counted before it is answered
 
     def _answer(self, req: CniRequest) -> tuple[int, bytes]:
         if req.command == cni.STATUS and (why := self.watchdog.stuck()):
@@ -283,6 +239,34 @@ class Api:
             log.critical("daemon_netns_changed")
             os._exit(70)
 
+    def view(self, target: str) -> tuple[int, bytes, str]:
+        """A GET endpoint: (status, body, content type)."""
+        url = urlsplit(target)
+        if url.path in ("/healthz", "/readyz"):
+            code, text = self.health(ready=url.path == "/readyz")
+            return code, text.encode(), "text/plain"
+        if url.path == "/metrics":
+            return 200, self.metrics.render(self.scheduler).encode(), "text/plain"
+        rows: Any
+        if url.path == "/v1/attachments":
+            rows = self.attachments()
+        elif url.path == "/v1/quarantine":
+            rows = self.store.quarantined()
+        elif url.path in ("/v1/pools", "/v1/vfs"):
+            if self.sriov is None:
+                return 404, b'{"error":"SR-IOV is off: the daemon config sets no vfPools"}', JSON
+            rows = self.sriov.pools() if url.path == "/v1/pools" else self.sriov.vfs()
+        elif url.path == "/v1/network-status":
+            query = parse_qs(url.query)
+            rows = self.orchestrator.pod_network_status(
+                query.get("namespace", ["default"])[0], query.get("name", [""])[0]
+            )
+            if rows is None:
+                return 404, b'{"error":"no attachments recorded for that pod"}', JSON
+        else:
+            return 404, b'{"error":"not found"}', JSON
+        return 200, json.dumps(rows).encode(), JSON
+
     def attachments(self) -> list[dict[str, Any]]:
         out = []
         for loaded in self.store.all():
@@ -299,10 +283,6 @@ class Api:
 def request_timeout_for(shim_timeout: float) -> float:
     """The daemon's deadline for a request: the shim's, less a margin to deliver the answer."""
     return max(shim_timeout - min(5.0, shim_timeout * 0.1), shim_timeout * 0.5)
-
-
-def _cni_error(msg: str, kind: type[PlexusError] = DecodeFailure) -> bytes:
-    return json.dumps(cni.to_cni_error(kind(msg))).encode()
 
 
 def _decode_envelope(body: bytes) -> tuple[dict[str, str], str]:
@@ -327,151 +307,3 @@ def _peek_version(stdin: str) -> str:
         if isinstance(version, str) and version in cni.KNOWN_VERSIONS
         else (cni.LATEST_VERSION)
     )
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _UnixHTTPServer
-    protocol_version = "HTTP/1.0"  # one request per connection, as the shim expects
-    timeout = WRITE_TIMEOUT  # per send/recv; the whole request also has a read deadline
-
-    def setup(self) -> None:
-        super().setup()
-        self._deadline = self.server.deadlines.watch(
-            self.connection, self.server.limits.read_deadline
-        )
-
-    def finish(self) -> None:
-        self.server.deadlines.cancel(self._deadline)
-        super().finish()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        return None  # requests are logged once, with context, by Api
-
-    def address_string(self) -> str:
-        return "unix"
-
-    def _reply(self, status: int, body: bytes, ctype: str = "application/json") -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_POST(self) -> None:
-        # A shim relays whatever comes back: even a refusal here is CNI error JSON.
-        if urlsplit(self.path).path != "/cni":
-            self._reply(404, _cni_error(f"plexusd serves POST /cni, not POST {self.path}"))
-            return
-        limits = self.server.limits
-        length = self.headers.get("Content-Length") or ""
-        if not (length.isascii() and length.isdigit()) or not 0 < int(length) <= limits.max_body:
-            self._reply(
-                413,
-                _cni_error(
-                    f"a request needs a Content-Length from 1 to {limits.max_body} bytes, not "
-                    f"{length[:20] or 'none'} (a network config that large is not one plexusd "
-                    "takes)"
-                ),
-            )
-            return
-        app = self.server.app
-        admitted = ExitStack()
-        try:
-            # Admitted before a byte of the body is read: a refusal costs no memory.
-            admitted.enter_context(app.scheduler.admission())
-            admitted.enter_context(limits.body(int(length)))
-        except TryAgainLater as exc:
-            admitted.close()
-            self._reply(400, json.dumps(cni.to_cni_error(exc)).encode())
-            return
-        body = self.rfile.read(int(length))
-        self.server.deadlines.cancel(self._deadline)
-        if len(body) < int(length):
-            admitted.close()
-            log.info("client_went_away", read=len(body), expected=int(length))
-            return
-        status, answer = app.cni(body, admitted)
-        self._reply(status, answer)
-
-    def do_GET(self) -> None:
-        app = self.server.app
-        url = urlsplit(self.path)
-        if url.path in ("/healthz", "/readyz"):
-            code, text = app.health(ready=url.path == "/readyz")
-            self._reply(code, text.encode(), "text/plain")
-        elif url.path == "/metrics":
-            self._reply(200, app.metrics.render(app.scheduler).encode(), "text/plain")
-        elif url.path == "/v1/attachments":
-            self._reply(200, json.dumps(app.attachments()).encode())
-        elif url.path == "/v1/quarantine":
-            self._reply(200, json.dumps(app.store.quarantined()).encode())
-        elif url.path in ("/v1/pools", "/v1/vfs"):
-            if app.sriov is None:
-                self._reply(404, b'{"error":"SR-IOV is off: the daemon config sets no vfPools"}')
-            else:
-                rows = app.sriov.pools() if url.path == "/v1/pools" else app.sriov.vfs()
-                self._reply(200, json.dumps(rows).encode())
-        elif url.path == "/v1/network-status":
-            query = parse_qs(url.query)
-            status = app.orchestrator.pod_network_status(
-                query.get("namespace", ["default"])[0], query.get("name", [""])[0]
-            )
-            if status is None:
-                self._reply(404, b'{"error":"no attachments recorded for that pod"}')
-            else:
-                self._reply(200, json.dumps(status).encode())
-        else:
-            self._reply(404, b'{"error":"not found"}')
-
-
-def prepare_socket_dir(run_dir: str) -> None:
-    path = Path(run_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
-
-
-class SocketServer:
-    def __init__(self, socket_path: str, app: Api, limits: ConnectionLimits | None = None) -> None:
-        self._path = socket_path
-        prepare_socket_dir(str(Path(socket_path).parent))
-        _remove_stale_socket(socket_path)
-        old = os.umask(0o177)  # the socket is born 0600: no window where others could connect
-        try:
-            self._server = _UnixHTTPServer(socket_path, _Handler)
-        finally:
-            os.umask(old)
-        os.chmod(socket_path, 0o600)
-        self._server.app = app
-        self._server.limits = limits or ConnectionLimits()
-        self._server.deadlines = ReadDeadlines()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="plexusd-server", daemon=True
-        )
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._server.stopping = True
-        self._server.shutdown()
-        self._server.server_close()
-        Path(self._path).unlink(missing_ok=True)
-
-
-def _remove_stale_socket(path: str) -> None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise PlexusError(f"{path} exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        os.unlink(path)  # nobody listens: a leftover from a crashed daemon
-        return
-    finally:
-        probe.close()
-    raise PlexusError(f"another daemon is serving {path}")

@@ -17,9 +17,10 @@ from metaplugin import config as daemon_config
 from metaplugin.client import UnixHTTPConnection, get
 from metaplugin.daemon import main as plexusd_main
 from metaplugin.scheduler import Scheduler
-from metaplugin.server import Api, SocketServer
+from metaplugin.server import Api
 from metaplugin.spool import SpoolReplayer
 from metaplugin.store import StateLock
+from metaplugin.transport import SocketServer
 from tests.support.world import World, nad_manifest, simple_net
 
 ROOT = Path(__file__).resolve().parents[2]

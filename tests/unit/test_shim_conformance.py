@@ -39,8 +39,9 @@ from cnispec.errors import InvalidConfig
 from metaplugin.config import DaemonConfig
 from metaplugin.install import install_shim
 from metaplugin.scheduler import Scheduler
-from metaplugin.server import Api, SocketServer
+from metaplugin.server import Api
 from metaplugin.spool import SpoolReplayer
+from metaplugin.transport import SocketServer
 
 INTERPRETER = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
 
