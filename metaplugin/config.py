@@ -245,6 +245,14 @@ class DaemonConfig(BaseModel):
         ge=0,
         description="Requests allowed to wait beyond maxConcurrent; more get CNI code 11.",
     )
+    max_attachments_per_pod: int = Field(
+        default=32,
+        alias="maxAttachmentsPerPod",
+        ge=1,
+        description="Attachments (interfaces) one pod may get, counting the cluster network and "
+        "defaultNetworks; a pod that asks for more is refused with code 7 before anything is "
+        "made.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", alias="logLevel", description="Log level."
     )

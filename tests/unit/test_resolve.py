@@ -223,3 +223,44 @@ def test_invalid_nad_config_names_the_network(world: World) -> None:
     world.add_nads(nad_manifest("bad", {"cniVersion": "1.0.0", "name": "bad"}), file="bad.yaml")
     with pytest.raises(InvalidConfig, match="network default/bad"):
         world.resolver.plan(ifname="eth0", pod=pod("bad"), runtime_config={})
+
+
+# --- limits: attachments per pod, and where a NAD's host-local may reach ----------------------
+
+
+def test_a_pod_asking_for_more_attachments_than_allowed_is_refused_before_resolving(
+    tmp_path: Path,
+) -> None:
+    w = World(tmp_path, maxAttachmentsPerPod=4)
+    w.add_nads(nad_manifest("net-a", simple_net("net-a")))
+    with pytest.raises(InvalidConfig) as err:
+        # "ghost" would be NetworkNotFound: the count comes first, so nothing is looked up.
+        w.resolver.plan(
+            ifname="eth0", pod=pod(",".join(["net-a"] * 999 + ["ghost"])), runtime_config={}
+        )
+    assert err.value.code == 7
+    assert err.value.msg == (
+        "pod default/p1 asks for 1001 network attachments (the cluster network, 0 "
+        "defaultNetworks and 1000 in k8s.v1.cni.cncf.io/networks); at most 4 are allowed per "
+        "pod (daemon config key maxAttachmentsPerPod): ask for fewer networks, or have the node "
+        "admin raise the limit"
+    )
+
+
+def test_a_pod_at_exactly_the_limit_gets_every_attachment(tmp_path: Path) -> None:
+    w = World(tmp_path, maxAttachmentsPerPod=4)
+    w.add_nads(nad_manifest("net-a", simple_net("net-a")))
+    plan = w.resolver.plan(ifname="eth0", pod=pod("net-a, net-a, net-a"), runtime_config={})
+    assert [a.ifname for a in plan] == ["eth0", "net1", "net2", "net3"]
+
+
+def test_the_limit_counts_default_networks_except_in_system_namespaces(tmp_path: Path) -> None:
+    w = World(
+        tmp_path, maxAttachmentsPerPod=3, defaultNetworks=["net-a"], multusNamespace="default"
+    )
+    w.add_nads(nad_manifest("net-a", simple_net("net-a")))
+    w.resolver.plan(ifname="eth0", pod=pod("net-a"), runtime_config={})
+    with pytest.raises(InvalidConfig, match=r"asks for 4 .* 1 defaultNetworks and 2 in"):
+        w.resolver.plan(ifname="eth0", pod=pod("net-a, net-a"), runtime_config={})
+    system = pod("default/net-a, default/net-a", namespace="kube-system")
+    assert len(w.resolver.plan(ifname="eth0", pod=system, runtime_config={})) == 3
