@@ -7,7 +7,8 @@ Multus does, so `net-a, net-b@data0, net-c` gives net1, data0, net3. Validation 
 strictly: a capability argument (ips, mac, portMappings, bandwidth, infiniband-guid) fails the
 attachment unless a plugin of that network declares the capability; interface names are unique;
 at most one default-route per address family; namespace isolation when configured; at most
-`maxAttachmentsPerPod` attachments, counted before any NAD is looked up.
+`maxAttachmentsPerPod` attachments, counted before any NAD is looked up; a NAD's host-local IPAM
+confined to the node admin's data roots and resolv.conf files (`delegates.ipam.paths`).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class Resolver:
     def __init__(self, *, config: DaemonConfig, nads: NadSource) -> None:
         self._cfg = config
         self._nads = nads
+        self._ipam_paths = config.ipam_paths()
 
     def cluster_network(self) -> ResolvedNetwork:
         ref = self._cfg.cluster_network
@@ -209,7 +211,13 @@ class Resolver:
         net = ResolvedNetwork(
             nad.key, network_config(nad, self._cfg.cni_conf_dir), nad.resource_name
         )
-        return _validated(net)
+        net = _validated(net)
+        if nad.config.strip():  # the NAD author's; a conf in cniConfDir is the node admin's
+            try:
+                self._ipam_paths.check_config(net.config)
+            except InvalidConfig as exc:
+                raise exc.prefixed(f"network {net.network}") from None
+        return net
 
     @staticmethod
     def _with_selection(
