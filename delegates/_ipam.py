@@ -12,7 +12,7 @@ from cnispec import cni
 from cnispec.cni import Result
 from cnispec.errors import DecodeFailure, InvalidConfig
 from delegates.external import Exec, plugin_env, plugin_error
-from delegates.ipam import HostLocalIpam, StaticIpam
+from delegates.ipam import HostLocalIpam, IpamPaths, StaticIpam
 from delegates.plugin import PluginRequest
 
 
@@ -33,12 +33,13 @@ class Ipam:
         exec_: Exec,
         timeout: float,
         data_dir: str = "/var/lib/cni/networks",
+        paths: IpamPaths | None = None,
     ) -> None:
         self._exec = exec_
         self._timeout = timeout
         self.data_dir = data_dir  # host-local's, when a config names no dataDir
         self._builtin: dict[str, _InProcess] = {
-            "host-local": HostLocalIpam(default_data_dir=data_dir),
+            "host-local": HostLocalIpam(default_data_dir=data_dir, paths=paths),
             "static": StaticIpam(),
         }
 

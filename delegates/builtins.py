@@ -6,6 +6,7 @@ from __future__ import annotations
 from delegates._ipam import Ipam
 from delegates.external import Exec
 from delegates.fabric import Fabric
+from delegates.ipam import IpamPaths
 from delegates.ipvlan import Ipvlan
 from delegates.macvlan import Macvlan
 from delegates.plugin import Plugin
@@ -20,10 +21,11 @@ def builtin_plugins(
     exec_: Exec,
     timeout: float,
     ipam_data_dir: str,
+    ipam_paths: IpamPaths,
     fabric: Fabric | None,
     vf_owner: VfOwner | None = None,
 ) -> dict[str, Plugin]:
-    ipam = Ipam(exec_=exec_, timeout=timeout, data_dir=ipam_data_dir)
+    ipam = Ipam(exec_=exec_, timeout=timeout, data_dir=ipam_data_dir, paths=ipam_paths)
     plugins: list[Plugin] = [
         Macvlan(ipam=ipam),
         Ipvlan(ipam=ipam),

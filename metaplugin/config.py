@@ -19,6 +19,7 @@ import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cnispec.errors import InvalidConfig
+from delegates.ipam.paths import DEFAULT_RESOLV_CONFS, IpamPaths
 
 CONF_FILE_NAME = "00-plexus.conflist"
 NETWORK_NAME = "plexus"
@@ -175,6 +176,21 @@ class DaemonConfig(BaseModel):
         description="Where the in-process host-local IPAM keeps leases when a NAD sets no "
         "dataDir: the reference plugin's own default, so both can share a range.",
     )
+    host_local_data_roots: list[str] = Field(
+        default_factory=list,
+        alias="hostLocalDataRoots",
+        description="Directories besides hostLocalDataDir under which a network's host-local "
+        "ipam.dataDir may lie, after resolving '..' and symlinks (checked for the in-process "
+        "host-local and for every host-local IPAM in a NAD's spec.config, exec'd or not); a "
+        "dataDir elsewhere, or a relative one, is refused with code 7.",
+    )
+    resolv_conf_paths: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_RESOLV_CONFS),
+        alias="resolvConfPaths",
+        description="Files (or directories of files) a host-local ipam.resolvConf may name: "
+        "plexusd reads them as root and copies their DNS settings into the result, so any other "
+        "path is refused with code 7. Checked like hostLocalDataRoots.",
+    )
     fabric: FabricSettings | None = Field(
         default=None,
         description="The routed pod network (plexus-routed): mode native|vxlan, interface, "
@@ -245,6 +261,14 @@ class DaemonConfig(BaseModel):
         ge=0,
         description="Requests allowed to wait beyond maxConcurrent; more get CNI code 11.",
     )
+    max_attachments_per_pod: int = Field(
+        default=32,
+        alias="maxAttachmentsPerPod",
+        ge=1,
+        description="Attachments (interfaces) one pod may get, counting the cluster network and "
+        "defaultNetworks; a pod that asks for more is refused with code 7 before anything is "
+        "made.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", alias="logLevel", description="Log level."
     )
@@ -255,7 +279,14 @@ class DaemonConfig(BaseModel):
         "whether stderr is a terminal.",
     )
 
-    @field_validator("global_namespaces", "system_namespaces", "default_networks", mode="before")
+    @field_validator(
+        "global_namespaces",
+        "system_namespaces",
+        "default_networks",
+        "host_local_data_roots",
+        "resolv_conf_paths",
+        mode="before",
+    )
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         # Multus writes globalNamespaces as "a,b"; accept both forms everywhere.
@@ -274,6 +305,15 @@ class DaemonConfig(BaseModel):
             )
         return value
 
+    @field_validator("host_local_data_roots", "resolv_conf_paths")
+    @classmethod
+    def _absolute(cls, value: list[str]) -> list[str]:
+        # Relative entries would be resolved against plexusd's working directory: never meant.
+        relative = [v for v in value if not os.path.isabs(v)]
+        if relative:
+            raise ValueError(f"{', '.join(relative)}: give absolute paths")
+        return value
+
     @property
     def local(self) -> bool:
         return self.local_dir is not None
@@ -289,6 +329,13 @@ class DaemonConfig(BaseModel):
     @property
     def conf_file(self) -> str:
         return str(Path(self.cni_conf_dir) / CONF_FILE_NAME)
+
+    def ipam_paths(self) -> IpamPaths:
+        """Where host-local may write (hostLocalDataDir is always allowed) and read."""
+        return IpamPaths(
+            data_roots=(self.host_local_data_dir, *self.host_local_data_roots),
+            resolv_confs=tuple(self.resolv_conf_paths),
+        )
 
 
 def load_file(path: str) -> dict[str, Any]:

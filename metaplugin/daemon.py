@@ -190,6 +190,7 @@ class Daemon:
             exec_=exec_,
             timeout=self.cfg.delegate_timeout,
             ipam_data_dir=self.cfg.host_local_data_dir,
+            ipam_paths=self.cfg.ipam_paths(),
             fabric=fabric,
             vf_owner=sriov.agent.vfs if sriov is not None else None,
         )

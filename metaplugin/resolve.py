@@ -6,7 +6,9 @@ of `k8s.v1.cni.cncf.io/networks` in order. Unnamed secondaries are called `net<p
 Multus does, so `net-a, net-b@data0, net-c` gives net1, data0, net3. Validation follows NPWG
 strictly: a capability argument (ips, mac, portMappings, bandwidth, infiniband-guid) fails the
 attachment unless a plugin of that network declares the capability; interface names are unique;
-at most one default-route per address family; namespace isolation when configured.
+at most one default-route per address family; namespace isolation when configured; at most
+`maxAttachmentsPerPod` attachments, counted before any NAD is looked up; a NAD's host-local IPAM
+confined to the node admin's data roots and resolv.conf files (`delegates.ipam.paths`).
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class Resolver:
     def __init__(self, *, config: DaemonConfig, nads: NadSource) -> None:
         self._cfg = config
         self._nads = nads
+        self._ipam_paths = config.ipam_paths()
 
     def cluster_network(self) -> ResolvedNetwork:
         ref = self._cfg.cluster_network
@@ -129,6 +132,7 @@ class Resolver:
     ) -> list[PlannedAttachment]:
         annotations = pod.annotations if pod else {}
         selections = parse_networks(annotations.get(NETWORKS_ANNOTATION))
+        self._check_count(pod, selections)
         primary = self._primary(pod, annotations.get(DEFAULT_NETWORK_ANNOTATION))
         plan = [
             PlannedAttachment(
@@ -151,6 +155,22 @@ class Resolver:
         _check_ifnames(plan, pod)
         _check_default_routes(selections, pod)
         return plan
+
+    def _check_count(self, pod: PodInfo | None, selections: list[NetworkSelection]) -> None:
+        """Refuse a pod that asks for more attachments than allowed, before any is resolved:
+        a 6 KB annotation can name one network a thousand times."""
+        defaults = 0
+        if pod is not None and pod.namespace not in self._cfg.system_namespaces:
+            defaults = len(self._cfg.default_networks)
+        count, limit = 1 + defaults + len(selections), self._cfg.max_attachments_per_pod
+        if count > limit:
+            who = f"pod {pod.ref}" if pod else "the pod"
+            raise InvalidConfig(
+                f"{who} asks for {count} network attachments (the cluster network, {defaults} "
+                f"defaultNetworks and {len(selections)} in {NETWORKS_ANNOTATION}); at most {limit} "
+                "are allowed per pod (daemon config key maxAttachmentsPerPod): ask for fewer "
+                "networks, or have the node admin raise the limit",
+            )
 
     def _primary(self, pod: PodInfo | None, override: str | None) -> ResolvedNetwork:
         parsed = parse_default_network(override)
@@ -191,7 +211,13 @@ class Resolver:
         net = ResolvedNetwork(
             nad.key, network_config(nad, self._cfg.cni_conf_dir), nad.resource_name
         )
-        return _validated(net)
+        net = _validated(net)
+        if nad.config.strip():  # the NAD author's; a conf in cniConfDir is the node admin's
+            try:
+                self._ipam_paths.check_config(net.config)
+            except InvalidConfig as exc:
+                raise exc.prefixed(f"network {net.network}") from None
+        return net
 
     @staticmethod
     def _with_selection(

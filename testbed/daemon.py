@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ class DaemonProcess:
             else sys.executable,
             "logFormat": "json",
             "logLevel": "debug",
+            # Test beds keep host-local leases in their own temp dirs, wherever those are.
+            "hostLocalDataRoots": [tempfile.gettempdir()],
             **config,
         }
         root.mkdir(parents=True, exist_ok=True)

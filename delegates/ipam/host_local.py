@@ -6,6 +6,8 @@ with one address per set per attachment, `routes`, `dataDir`, `resolvConf`, the 
 `ipRanges` capabilities, `args.cni.ips` and CNI_ARGS `IP=`) and keeps its leases in the reference's
 on-disk format (`delegates.ipam._disk`), so the Go binary and Plexus can serve one network from one
 dataDir at the same time. Config parsing is pure; files are touched only inside the store's lock.
+Every call first confines `dataDir` and `resolvConf` (`delegates.ipam.paths`): a config that
+points elsewhere is refused before a directory is made or a file read.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from cnispec.cni import (
     Route,
     valid_network_name,
 )
-from cnispec.errors import InvalidConfig, InvalidEnvironment, IOFailure, PlexusError
+from cnispec.errors import InvalidConfig, InvalidEnvironment, PlexusError
 from delegates.ipam._disk import DiskStore, ReservationStore
 from delegates.ipam._ranges import (
     IPAddress,
@@ -44,9 +46,8 @@ from delegates.ipam._ranges import (
     range_for,
     requested_ips,
 )
+from delegates.ipam.paths import DEFAULT_DATA_DIR, IpamPaths, read_bounded
 from delegates.plugin import PluginRequest
-
-DEFAULT_DATA_DIR = "/var/lib/cni/networks"
 
 
 class AllocationFailed(PlexusError):
@@ -93,13 +94,19 @@ class HostLocalIpam:
     flock for its whole read-modify-write, so any number of threads (and the Go binary) may call
     at once."""
 
-    def __init__(self, *, default_data_dir: str = DEFAULT_DATA_DIR) -> None:
+    def __init__(
+        self, *, default_data_dir: str = DEFAULT_DATA_DIR, paths: IpamPaths | None = None
+    ) -> None:
         self._default_data_dir = default_data_dir
+        # Without the node admin's roots, only the default directory may be written.
+        self._paths = paths or IpamPaths(data_roots=(default_data_dir,))
 
     def add(self, req: PluginRequest) -> Result:
-        net = load_net(req, default_data_dir=self._default_data_dir)
+        net = load_net(req, default_data_dir=self._default_data_dir, paths=self._paths)
         _require_attachment(req)
-        dns = read_resolv_conf(net.resolv_conf) if net.resolv_conf else DNS()
+        dns = DNS()
+        if net.resolv_conf:
+            dns = read_resolv_conf(str(self._paths.resolv_conf(net.resolv_conf)))
         with DiskStore(net.directory) as store:
             ips = allocate(store, net, req.container_id, req.ifname)
         return Result(ips=ips, routes=net.routes, dns=dns)
@@ -107,14 +114,14 @@ class HostLocalIpam:
     def delete(self, req: PluginRequest) -> None:
         # DEL needs only where the leases live, so a config whose ranges went bad still cleans up.
         _require_attachment(req)
-        directory = network_dir(req, default_data_dir=self._default_data_dir)
+        directory = network_dir(req, default_data_dir=self._default_data_dir, paths=self._paths)
         if not directory.is_dir():
             return
         with DiskStore(directory) as store:
             store.release(store.find(req.container_id, req.ifname))
 
     def check(self, req: PluginRequest) -> None:
-        net = load_net(req, default_data_dir=self._default_data_dir)
+        net = load_net(req, default_data_dir=self._default_data_dir, paths=self._paths)
         _require_attachment(req)
         held: list[IPAddress] = []
         if net.directory.is_dir():
@@ -134,7 +141,7 @@ class HostLocalIpam:
 
     def gc(self, req: PluginRequest) -> None:
         exact, container_ids = valid_attachments(req.config)
-        directory = network_dir(req, default_data_dir=self._default_data_dir)
+        directory = network_dir(req, default_data_dir=self._default_data_dir, paths=self._paths)
         if not directory.is_dir():
             return
         with DiskStore(directory) as store:
@@ -213,7 +220,8 @@ def _reserve_requested(
 # --- config (pure) ----------------------------------------------------------------------------
 
 
-def network_dir(req: PluginRequest, *, default_data_dir: str) -> Path:
+def network_dir(req: PluginRequest, *, default_data_dir: str, paths: IpamPaths) -> Path:
+    """`<dataDir>/<network name>`, symlinks resolved, inside the node admin's data roots."""
     ipam = ipam_section(req.config)
     name = req.network_name
     if not valid_network_name(name):
@@ -221,14 +229,11 @@ def network_dir(req: PluginRequest, *, default_data_dir: str) -> Path:
             f"host-local needs the network 'name' to name its lease directory; {name!r} must "
             "start with a letter or digit and contain only letters, digits, '_', '.' and '-'"
         )
-    data_dir = ipam.get("dataDir") or default_data_dir
-    if not isinstance(data_dir, str):
-        raise InvalidConfig("ipam.dataDir must be a path string")
-    return Path(data_dir) / name
+    return paths.lease_dir(ipam.get("dataDir") or default_data_dir, name)
 
 
-def load_net(req: PluginRequest, *, default_data_dir: str) -> HostLocalNet:
-    directory = network_dir(req, default_data_dir=default_data_dir)
+def load_net(req: PluginRequest, *, default_data_dir: str, paths: IpamPaths) -> HostLocalNet:
+    directory = network_dir(req, default_data_dir=default_data_dir, paths=paths)
     try:
         conf = _IpamConf.model_validate(ipam_section(req.config))
     except ValidationError as exc:
@@ -289,11 +294,9 @@ def valid_attachments(config: Mapping[str, Any]) -> tuple[set[tuple[str, str | N
 
 
 def read_resolv_conf(path: str) -> DNS:
-    """nameserver, domain, search and options of a resolv.conf, as the reference reads it."""
-    try:
-        text = Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise IOFailure(f"host-local: cannot read ipam.resolvConf {path}: {exc}") from None
+    """nameserver, domain, search and options of a resolv.conf, as the reference reads it
+    (the caller has checked the path against the allow-list)."""
+    text = read_bounded(Path(path))
     nameservers: list[str] = []
     search: list[str] = []
     options: list[str] = []

@@ -45,7 +45,7 @@ def node(require_kernel: Callable[..., None], netns: NetnsFactory) -> Netns:
 def test_l2_pods_on_one_parent_talk_check_and_del(
     node: Netns, netns: NetnsFactory, tmp_path: Path
 ) -> None:
-    plugin = Ipvlan(ipam=Ipam(exec_=RawExec(), timeout=30))
+    plugin = Ipvlan(ipam=Ipam(exec_=RawExec(), timeout=30, data_dir=str(tmp_path)))
     conf = {"master": "parent0", "mode": "l2", "ipam": host_local("10.80.0.0/24", tmp_path)}
     a, b = netns("a"), netns("b")
     results = [
@@ -70,7 +70,7 @@ def test_l2_pods_on_one_parent_talk_check_and_del(
 def test_modes_and_port_flags(
     node: Netns, netns: NetnsFactory, tmp_path: Path, mode: str, flag: str
 ) -> None:
-    plugin = Ipvlan(ipam=Ipam(exec_=RawExec(), timeout=30))
+    plugin = Ipvlan(ipam=Ipam(exec_=RawExec(), timeout=30, data_dir=str(tmp_path)))
     conf = {
         "master": "parent0",
         "mode": mode,

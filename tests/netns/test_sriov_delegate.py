@@ -127,7 +127,7 @@ def world(tmp_path: Path) -> Iterator[World]:
                 """)
             )
             agent = _agent(bed, tmp_path)
-            ipam = Ipam(exec_=RawExec(), timeout=30)
+            ipam = Ipam(exec_=RawExec(), timeout=30, data_dir=str(tmp_path))
             w = World(bed, node, tmp_path, vfs, agent, Sriov(ipam=ipam, owner=agent.vfs), made)
             try:
                 w.audit()

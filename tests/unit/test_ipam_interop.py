@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from delegates.ipam import HostLocalIpam, StaticIpam
+from delegates.ipam import HostLocalIpam, IpamPaths, StaticIpam
 from delegates.plugin import PluginRequest
 
 CNI_DIR = Path("/usr/lib/cni")
@@ -93,7 +93,14 @@ def _req(config: dict[str, Any], cid: str, ifname: str = "eth0", args: str = "")
 
 
 def _py_add(config: dict[str, Any], cid: str, ifname: str = "eth0") -> dict[str, Any]:
-    return HostLocalIpam().add(_req(config, cid, ifname)).to_wire(VERSION)
+    return _ipam(config).add(_req(config, cid, ifname)).to_wire(VERSION)
+
+
+def _ipam(config: dict[str, Any]) -> HostLocalIpam:
+    """In-process host-local allowed the config's dataDir and a resolv.conf beside it."""
+    data_dir = config["ipam"]["dataDir"]
+    paths = IpamPaths(data_roots=(data_dir,), resolv_confs=(str(Path(data_dir).parent),))
+    return HostLocalIpam(paths=paths)
 
 
 def _first_ip(answer: dict[str, Any]) -> str:
@@ -144,8 +151,8 @@ def test_results_and_files_are_the_same_as_the_binarys(tmp_path: Path) -> None:
     for n in range(7):  # past the /29 into the second range, and past the v6 gateway
         assert _go(HOST_LOCAL, "ADD", go_conf, f"c{n}") == _py_add(py_conf, f"c{n}")
     for conf in (go_conf, py_conf):
-        HostLocalIpam().delete(_req(conf, "c1"))
-    assert _go(HOST_LOCAL, "ADD", go_conf, "c9", args="IP=10.30.0.3") == HostLocalIpam().add(
+        _ipam(conf).delete(_req(conf, "c1"))
+    assert _go(HOST_LOCAL, "ADD", go_conf, "c9", args="IP=10.30.0.3") == _ipam(py_conf).add(
         _req(py_conf, "c9", args="IP=10.30.0.3")
     ).to_wire(VERSION)
     assert _tree(tmp_path / "go" / NET) == _tree(tmp_path / "py" / NET)
@@ -158,11 +165,11 @@ def test_each_side_releases_the_others_leases_by_container_and_ifname(tmp_path: 
     _go(HOST_LOCAL, "ADD", conf, "go", ifname="net1")
     _py_add(conf, "py", "eth0")
     _py_add(conf, "py", "net1")
-    HostLocalIpam().delete(_req(conf, "go", "eth0"))
+    _ipam(conf).delete(_req(conf, "go", "eth0"))
     _go(HOST_LOCAL, "DEL", conf, "py", ifname="net1")
     assert _leases(tmp_path / NET) == {"10.20.0.3": b"go\r\nnet1", "10.20.0.4": b"py\r\neth0"}
     _go(HOST_LOCAL, "DEL", conf, "py", ifname="eth0")
-    HostLocalIpam().delete(_req(conf, "go", "net1"))
+    _ipam(conf).delete(_req(conf, "go", "net1"))
     assert _leases(tmp_path / NET) == {}
 
 
@@ -172,7 +179,7 @@ def test_each_side_sees_the_others_leases_on_check_and_second_add(tmp_path: Path
     _py_add(conf, "py")
     _go(HOST_LOCAL, "ADD", conf, "go")
     _go(HOST_LOCAL, "CHECK", conf, "py")
-    HostLocalIpam().check(_req(conf, "go"))
+    _ipam(conf).check(_req(conf, "go"))
     with pytest.raises(GoFailed, match="duplicate allocation is not allowed"):
         _go(HOST_LOCAL, "ADD", conf, "py")
     with pytest.raises(GoFailed, match="Failed to find address"):
@@ -192,7 +199,7 @@ def test_the_binary_releases_a_lease_plexus_wrote_after_a_legacy_one(tmp_path: P
 @needs_host_local
 def test_concurrent_go_and_plexus_adds_get_distinct_addresses(tmp_path: Path) -> None:
     conf = _conf(tmp_path)
-    ipam = HostLocalIpam()
+    ipam = _ipam(conf)
     ours: dict[str, str] = {}
     errors: list[BaseException] = []
     barrier = threading.Barrier(21)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -223,3 +224,115 @@ def test_invalid_nad_config_names_the_network(world: World) -> None:
     world.add_nads(nad_manifest("bad", {"cniVersion": "1.0.0", "name": "bad"}), file="bad.yaml")
     with pytest.raises(InvalidConfig, match="network default/bad"):
         world.resolver.plan(ifname="eth0", pod=pod("bad"), runtime_config={})
+
+
+# --- limits: attachments per pod, and where a NAD's host-local may reach ----------------------
+
+
+def test_a_pod_asking_for_more_attachments_than_allowed_is_refused_before_resolving(
+    tmp_path: Path,
+) -> None:
+    w = World(tmp_path, maxAttachmentsPerPod=4)
+    w.add_nads(nad_manifest("net-a", simple_net("net-a")))
+    with pytest.raises(InvalidConfig) as err:
+        # "ghost" would be NetworkNotFound: the count comes first, so nothing is looked up.
+        w.resolver.plan(
+            ifname="eth0", pod=pod(",".join(["net-a"] * 999 + ["ghost"])), runtime_config={}
+        )
+    assert err.value.code == 7
+    assert err.value.msg == (
+        "pod default/p1 asks for 1001 network attachments (the cluster network, 0 "
+        "defaultNetworks and 1000 in k8s.v1.cni.cncf.io/networks); at most 4 are allowed per "
+        "pod (daemon config key maxAttachmentsPerPod): ask for fewer networks, or have the node "
+        "admin raise the limit"
+    )
+
+
+def test_a_pod_at_exactly_the_limit_gets_every_attachment(tmp_path: Path) -> None:
+    w = World(tmp_path, maxAttachmentsPerPod=4)
+    w.add_nads(nad_manifest("net-a", simple_net("net-a")))
+    plan = w.resolver.plan(ifname="eth0", pod=pod("net-a, net-a, net-a"), runtime_config={})
+    assert [a.ifname for a in plan] == ["eth0", "net1", "net2", "net3"]
+
+
+def test_the_limit_counts_default_networks_except_in_system_namespaces(tmp_path: Path) -> None:
+    w = World(
+        tmp_path, maxAttachmentsPerPod=3, defaultNetworks=["net-a"], multusNamespace="default"
+    )
+    w.add_nads(nad_manifest("net-a", simple_net("net-a")))
+    w.resolver.plan(ifname="eth0", pod=pod("net-a"), runtime_config={})
+    with pytest.raises(InvalidConfig, match=r"asks for 4 .* 1 defaultNetworks and 2 in"):
+        w.resolver.plan(ifname="eth0", pod=pod("net-a, net-a"), runtime_config={})
+    system = pod("default/net-a, default/net-a", namespace="kube-system")
+    assert len(w.resolver.plan(ifname="eth0", pod=system, runtime_config={})) == 3
+
+
+def _host_local_nad(name: str, **ipam: str) -> dict[str, Any]:
+    config = {
+        "cniVersion": "1.0.0",
+        "name": name,
+        "plugins": [
+            {"type": "macvlan", "ipam": {"type": "host-local", "subnet": "10.1.0.0/24", **ipam}},
+            {"type": "tuning"},
+        ],
+    }
+    return nad_manifest(name, config)
+
+
+def test_a_nad_whose_host_local_writes_outside_the_roots_is_refused(tmp_path: Path) -> None:
+    root, outside = tmp_path / "leases", tmp_path / "elsewhere"
+    w = World(tmp_path, hostLocalDataDir=str(root))
+    w.add_nads(
+        _host_local_nad("inside", dataDir=str(root / "team-a")),
+        _host_local_nad("outside", dataDir=str(outside)),
+        _host_local_nad("dotdot", dataDir=f"{root}/../elsewhere"),
+    )
+    assert w.resolver.plan(ifname="eth0", pod=pod("inside"), runtime_config={})
+    for name in ("outside", "dotdot"):
+        with pytest.raises(InvalidConfig) as err:
+            w.resolver.plan(ifname="eth0", pod=pod(name), runtime_config={})
+        assert err.value.code == 7
+        assert err.value.msg.startswith(f"network default/{name}: ipam.dataDir ")
+        assert f"outside the directories host-local may use on this node ({root})" in err.value.msg
+        assert "hostLocalDataRoots" in err.value.msg
+    assert not outside.exists()
+
+
+def test_host_local_data_roots_widen_where_a_nad_may_write(tmp_path: Path) -> None:
+    extra = tmp_path / "run-ipam"
+    w = World(tmp_path, hostLocalDataRoots=[str(extra)])
+    w.add_nads(_host_local_nad("kindish", dataDir=str(extra / "state")))
+    assert w.resolver.plan(ifname="eth0", pod=pod("kindish"), runtime_config={})
+
+
+def test_a_nad_whose_host_local_reads_a_file_off_the_allow_list_is_refused(tmp_path: Path) -> None:
+    secret = tmp_path / "shadow"
+    secret.write_text("nameserver 6.6.6.6\n")
+    allowed = tmp_path / "resolv.conf"
+    w = World(tmp_path, resolvConfPaths=[str(allowed)])
+    w.add_nads(
+        _host_local_nad("reads-secret", resolvConf=str(secret)),
+        _host_local_nad("reads-resolv", resolvConf=str(allowed)),
+    )
+    with pytest.raises(
+        InvalidConfig, match=r"^network default/reads-secret: ipam.resolvConf "
+    ) as err:
+        w.resolver.plan(ifname="eth0", pod=pod("reads-secret"), runtime_config={})
+    assert "6.6.6.6" not in err.value.msg and "resolvConfPaths" in err.value.msg
+    assert w.resolver.plan(ifname="eth0", pod=pod("reads-resolv"), runtime_config={})
+
+
+def test_a_conf_file_of_the_node_admin_is_not_confined(tmp_path: Path) -> None:
+    """A NAD without spec.config runs the admin's conf from cniConfDir: theirs to point anywhere
+    (kind's primary keeps leases in /run/cni-ipam-state)."""
+    w = World(tmp_path)
+    ondisk = _host_local_nad("ondisk", dataDir="/run/cni-ipam-state")["spec"]["config"]
+    w.write_conf("50-ondisk.conflist", json.loads(ondisk))
+    w.add_nads(nad_manifest("ondisk", None))
+    assert w.resolver.plan(ifname="eth0", pod=pod("ondisk"), runtime_config={})
+
+
+def test_gc_skips_a_nad_that_reaches_outside(tmp_path: Path) -> None:
+    w = World(tmp_path)
+    w.add_nads(_host_local_nad("outside", dataDir=str(tmp_path / "elsewhere")))
+    assert "default/outside" not in [n.network for n in w.resolver.known_networks()]
