@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from cnispec import cni
-from cnispec.cni import SUPPORTED_VERSIONS
+from cnispec.cni import KNOWN_VERSIONS
 from cnispec.errors import IncompatibleVersion, InvalidConfig
 
 
@@ -74,9 +74,11 @@ class NetworkConfigList:
 
 
 def _network_version(name: str, config: Mapping[str, Any]) -> str:
+    """The version the network runs in. A delegate's network may be 0.1.0 or 0.2.0 (Multus runs
+    those too); only the runtime's own config must be 0.3.0 or later (`cni.parse_request`)."""
     versions = config.get("cniVersions")
     if isinstance(versions, list) and versions:
-        ours = [v for v in versions if v in SUPPORTED_VERSIONS]
+        ours = [v for v in versions if v in KNOWN_VERSIONS]
         if not ours:
             raise IncompatibleVersion(
                 f"network {name}: none of cniVersions {versions} is supported by Plexus",
@@ -85,9 +87,9 @@ def _network_version(name: str, config: Mapping[str, Any]) -> str:
     version = config.get("cniVersion")
     if not isinstance(version, str):
         raise InvalidConfig(f"network {name}: cniVersion is missing")
-    if version not in SUPPORTED_VERSIONS:
+    if version not in KNOWN_VERSIONS:
         raise IncompatibleVersion(
-            f"network {name} has cniVersion {version}; Plexus runs {', '.join(SUPPORTED_VERSIONS)}",
+            f"network {name} has cniVersion {version}; Plexus runs {', '.join(KNOWN_VERSIONS)}",
         )
     return version
 
