@@ -85,8 +85,11 @@ def _network_version(name: str, config: Mapping[str, Any]) -> str:
             )
         return str(max(ours, key=cni.version_key))
     version = config.get("cniVersion")
+    if version is None or version == "":
+        # A config without one is 0.1.0 to libcni and skel, so Multus runs such a NAD as 0.1.0.
+        return "0.1.0"
     if not isinstance(version, str):
-        raise InvalidConfig(f"network {name}: cniVersion is missing")
+        raise InvalidConfig(f"network {name}: cniVersion must be a string, not {version!r}")
     if version not in KNOWN_VERSIONS:
         raise IncompatibleVersion(
             f"network {name} has cniVersion {version}; Plexus runs {', '.join(KNOWN_VERSIONS)}",

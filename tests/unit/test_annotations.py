@@ -262,3 +262,28 @@ def test_ipam_claim_reference_is_ignored_even_with_ips() -> None:
     (sel,) = parse_networks(value)
     assert sel.ips == ["10.0.0.1"]
     assert sel.ignored_keys == ("ipam-claim-reference",)
+
+
+@pytest.mark.parametrize(
+    "value", ["net1", "default/net1", "net1@my_interface", "default/net1@my_interface"]
+)
+def test_multus_short_forms_that_parse(value: str) -> None:
+    # The cases Multus's own parser test accepts (pkg/k8sclient k8sclient_test.go).
+    assert len(parse_networks(value)) == 1
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "root@someIP/root@someOtherIP/root@thirdIP",
+        "root@someIP/root@someOtherIP@garbagevalue",
+        "root@someIP/root@someOtherIP",
+        "default/net1@myIfc Name",
+        "default/net1@very_long_interface_name",
+    ],
+)
+def test_multus_short_forms_that_are_refused(value: str) -> None:
+    # ... and those it refuses; Plexus refuses them too, with code 7.
+    with pytest.raises(InvalidConfig) as err:
+        parse_networks(value)
+    assert err.value.code == 7

@@ -211,6 +211,11 @@ def test_cni_versions_picks_the_highest_supported() -> None:
     assert net.version == "1.1.0"
 
 
+def test_a_network_config_without_cni_version_is_0_1_0_as_libcni_reads_it() -> None:
+    for config in ({"name": "n", "type": "x"}, {"cniVersion": "", "name": "n", "type": "x"}):
+        assert NetworkConfigList.parse(config).version == "0.1.0"
+
+
 @pytest.mark.parametrize("version", ["0.1.0", "0.2.0"])
 def test_a_pre_0_3_0_network_config_is_accepted(version: str) -> None:
     assert NetworkConfigList.parse({"cniVersion": version, "name": "n", "type": "x"}).version == (
@@ -225,7 +230,7 @@ def test_a_pre_0_3_0_network_config_is_accepted(version: str) -> None:
     [
         ({"cniVersion": "1.0.0", "type": "x"}, "name"),
         ({"cniVersion": "1.0.0", "name": "bad name", "type": "x"}, "name"),
-        ({"name": "n", "type": "x"}, "cniVersion is missing"),
+        ({"cniVersion": 1.0, "name": "n", "type": "x"}, "cniVersion must be a string"),
         ({"cniVersion": "1.0.0", "name": "n"}, "neither 'type' nor 'plugins'"),
         ({"cniVersion": "1.0.0", "name": "n", "plugins": []}, "non-empty"),
         ({"cniVersion": "1.0.0", "name": "n", "plugins": [{"ipam": {}}]}, "no string 'type'"),
