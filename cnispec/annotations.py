@@ -28,18 +28,24 @@ DEFAULT_NETWORK_ANNOTATION: Final = "v1.multus-cni.io/default-network"
 NETWORK_STATUS_ANNOTATION: Final = "k8s.v1.cni.cncf.io/network-status"
 RESOURCE_NAME_ANNOTATION: Final = "k8s.v1.cni.cncf.io/resourceName"
 
-_DNS1123_LABEL: Final = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-# A namespace is a DNS-1123 label (Kubernetes enforces 63); an object name may be longer (the
-# spec only recommends 63, Kubernetes allows 253, Multus checks no length).
+_LABEL: Final = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_DNS1123_LABEL: Final = re.compile(f"^{_LABEL}$")
+_DNS1123_SUBDOMAIN: Final = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
+# A namespace is a DNS-1123 label (Kubernetes enforces 63). A NAD's name is whatever Kubernetes
+# lets it be, a DNS-1123 subdomain of up to 253 (NPWG asks for a label, only recommends 63;
+# Multus's JSON form checks nothing): the JSON form can name any NAD that exists. The short form
+# keeps the spec's label, as Multus's short-form parser does.
 _NAMESPACE_MAX: Final = 63
 _NAME_MAX: Final = 253
 
 
-def _check_label(value: str, what: str, limit: int) -> str:
-    if len(value) > limit or not _DNS1123_LABEL.match(value):
+def _check_label(value: str, what: str, limit: int, *, dots: bool = False) -> str:
+    pattern, shape = (_DNS1123_SUBDOMAIN, "subdomain") if dots else (_DNS1123_LABEL, "label")
+    if len(value) > limit or not pattern.match(value):
+        allowed = "'-' and '.'" if dots else "'-'"
         raise ValueError(
-            f"{what} {value!r} is not a DNS-1123 label (lower-case letters, digits and '-', "
-            f"starting and ending with a letter or digit, at most {limit} characters)"
+            f"{what} {value!r} is not a DNS-1123 {shape} (lower-case letters, digits and "
+            f"{allowed}, starting and ending with a letter or digit, at most {limit} characters)"
         )
     return value
 
@@ -194,7 +200,7 @@ class NetworkSelection(_Lenient):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        return _check_label(value, "network name", _NAME_MAX)
+        return _check_label(value, "network name", _NAME_MAX, dots=True)
 
     @field_validator("namespace")
     @classmethod
@@ -329,6 +335,11 @@ def _parse_short(item: str, index: int) -> NetworkSelection:
     }
     if not fields["name"]:
         raise _fail(where, "empty network name")
+    try:
+        _check_label(str(fields["name"]), "network name", _NAME_MAX)
+    except ValueError as exc:
+        hint = "; the JSON form selects a NAD whose name has '.'" if "." in name else ""
+        raise _fail(where, f"{exc}{hint}") from None
     try:
         return NetworkSelection.model_validate(fields)
     except ValidationError as exc:

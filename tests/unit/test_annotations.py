@@ -38,7 +38,7 @@ def test_same_network_twice_is_two_selections() -> None:
         ("ns/", "empty network name"),
         ("@data0", "empty network name"),
         ("ns/net-a@da ta0", "legal interface name"),
-        ("net.a", "DNS-1123"),
+        ("net.a", "the JSON form selects a NAD whose name has '.'"),
         ("n" * 254, "at most 253"),
         ("a" * 64 + "/net-a", "at most 63"),
     ],
@@ -82,6 +82,14 @@ def test_a_network_name_may_be_longer_than_a_label() -> None:
     # NPWG only recommends 63; Kubernetes allows object names up to 253.
     (sel,) = parse_networks("n" * 100)
     assert sel.name == "n" * 100
+
+
+def test_the_json_form_names_any_nad_kubernetes_allows() -> None:
+    # A NAD may be called "net.v2" (a DNS-1123 subdomain); Multus's JSON form selects it.
+    (sel,) = parse_networks(json.dumps([{"name": "net.v2", "namespace": "team-a"}]))
+    assert sel.reference("x") == "team-a/net.v2"
+    with pytest.raises(InvalidConfig, match="DNS-1123 subdomain"):
+        parse_networks(json.dumps([{"name": "net..v2"}]))
 
 
 def test_json_form_every_key() -> None:
