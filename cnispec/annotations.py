@@ -328,18 +328,19 @@ def _parse_short(item: str, index: int) -> NetworkSelection:
     name, *ifnames = parts[-1].split("@")
     if len(ifnames) > 1:
         raise _fail(where, "more than one '@' (expected [namespace/]name[@interface])")
-    fields = {
-        "name": name.strip(),
-        "namespace": parts[0].strip() if len(parts) == 2 else None,
-        "interface": ifnames[0].strip() if ifnames else None,
-    }
-    if not fields["name"]:
+    name = name.strip()
+    if not name:
         raise _fail(where, "empty network name")
     try:
-        _check_label(str(fields["name"]), "network name", _NAME_MAX)
+        _check_label(name, "network name", _NAME_MAX)
     except ValueError as exc:
         hint = "; the JSON form selects a NAD whose name has '.'" if "." in name else ""
         raise _fail(where, f"{exc}{hint}") from None
+    fields = {
+        "name": name,
+        "namespace": parts[0].strip() if len(parts) == 2 else None,
+        "interface": ifnames[0].strip() if ifnames else None,
+    }
     try:
         return NetworkSelection.model_validate(fields)
     except ValidationError as exc:
