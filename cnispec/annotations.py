@@ -2,8 +2,13 @@
 `v1.multus-cni.io/default-network`.
 
 Both forms of the networks annotation are parsed (NPWG v1.3 §4 plus Multus's extensions): the
-short form `net`, `ns/net`, `ns/net@ifname` as a comma list, and the JSON list form. Validation
-is strict: anything malformed fails the pod with a message naming the element and the key.
+short form `net`, `ns/net`, `ns/net@ifname` as a comma list, and the JSON list form. A value
+Plexus would act on is validated strictly: anything malformed fails the pod with a message naming
+the element and the key. What Multus reads leniently is read the same way, so a pod that works
+on Multus works here: keys Plexus does not know are ignored (the resolver logs them), a known
+key spelled in another case is read as that key (Go's encoding/json does), an empty value asks
+for nothing, and an empty namespace is the pod's. Every such choice, and where the spec and
+Multus part, is in docs/annotations.md.
 """
 
 from __future__ import annotations
@@ -23,34 +28,92 @@ DEFAULT_NETWORK_ANNOTATION: Final = "v1.multus-cni.io/default-network"
 NETWORK_STATUS_ANNOTATION: Final = "k8s.v1.cni.cncf.io/network-status"
 RESOURCE_NAME_ANNOTATION: Final = "k8s.v1.cni.cncf.io/resourceName"
 
-_DNS1123_LABEL: Final = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_MAC: Final = re.compile(r"^[0-9A-Fa-f]{2}([:-])[0-9A-Fa-f]{2}(\1[0-9A-Fa-f]{2}){4}$")
-_IB_GUID: Final = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){7}$")
+_LABEL: Final = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_DNS1123_LABEL: Final = re.compile(f"^{_LABEL}$")
+_DNS1123_SUBDOMAIN: Final = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
+# A namespace is a DNS-1123 label (Kubernetes enforces 63). A NAD's name is whatever Kubernetes
+# lets it be, a DNS-1123 subdomain of up to 253 (NPWG asks for a label, only recommends 63;
+# Multus's JSON form checks nothing): the JSON form can name any NAD that exists. The short form
+# keeps the spec's label, as Multus's short-form parser does.
+_NAMESPACE_MAX: Final = 63
+_NAME_MAX: Final = 253
 
 
-def _check_label(value: str, what: str) -> str:
-    if len(value) > 63 or not _DNS1123_LABEL.match(value):
+def _check_label(value: str, what: str, limit: int, *, dots: bool = False) -> str:
+    pattern, shape = (_DNS1123_SUBDOMAIN, "subdomain") if dots else (_DNS1123_LABEL, "label")
+    if len(value) > limit or not pattern.match(value):
+        allowed = "'-' and '.'" if dots else "'-'"
         raise ValueError(
-            f"{what} {value!r} is not a DNS-1123 label (lower-case letters, digits and '-', "
-            "starting and ending with a letter or digit, at most 63 characters)"
+            f"{what} {value!r} is not a DNS-1123 {shape} (lower-case letters, digits and "
+            f"{allowed}, starting and ending with a letter or digit, at most {limit} characters)"
         )
     return value
 
 
-def _check_ip(value: str) -> str:
+def _check_ip(value: str, *, prefix: bool = True) -> str:
+    """An IPv4/IPv6 address, with a /prefix when `prefix`; never a zone (`fe80::1%eth0`), which
+    Python would take and no plugin can use (Go's ParseIP refuses it)."""
     try:
-        if "/" in value:
+        if "%" in value:
+            raise ValueError
+        if prefix and "/" in value:
             ipaddress.ip_interface(value)
         else:
             ipaddress.ip_address(value)
     except ValueError:
-        raise ValueError(f"{value!r} is not an IPv4/IPv6 address (with optional /prefix)") from None
+        shape = "address (with optional /prefix)" if prefix else "address (no /prefix)"
+        raise ValueError(f"{value!r} is not an IPv4/IPv6 {shape}") from None
     return value
 
 
-class PortMapping(BaseModel):
-    model_config = ConfigDict(populate_by_name=True, extra="forbid", frozen=True)
+def _hardware_address(value: str, size: int, what: str, example: str) -> str:
+    """A `size`-byte address in any notation Go's net.ParseMAC reads (what Multus validates
+    with): `aa:bb:..`, `aa-bb-..` or `aabb.ccdd..`; returned lower-case with colons, the one
+    notation every plugin (built-in or exec'd) reads."""
+    groups = re.fullmatch(r"[0-9A-Fa-f]{2}([:-])[0-9A-Fa-f]{2}(?:\1[0-9A-Fa-f]{2})*", value)
+    dotted = re.fullmatch(r"[0-9A-Fa-f]{4}(?:\.[0-9A-Fa-f]{4})*", value)
+    digits = re.sub(r"[:.-]", "", value) if groups or dotted else ""
+    if len(digits) != 2 * size:
+        raise ValueError(f"{what} {value!r} is not a {size}-byte {example}")
+    return ":".join(digits[i : i + 2] for i in range(0, len(digits), 2)).lower()
 
+
+def _fold_keys(data: Any, keys: frozenset[str]) -> Any:
+    """Multus and the NAD client decode with Go's encoding/json, which matches a key to a field
+    ignoring case (`IPs` is `ips`): add each such key under its spec spelling. The original key
+    stays, as an extra the model reports; a key given twice is refused, not silently picked."""
+    if not isinstance(data, dict):
+        return data
+    folded = {key.casefold(): key for key in keys}
+    out = dict(data)
+    for key in data:
+        spec = folded.get(key.casefold()) if isinstance(key, str) else None
+        if spec is None or spec == key:
+            continue
+        if spec in out:
+            raise ValueError(f"key {spec!r} is given twice (also as {key!r})")
+        out[spec] = data[key]
+    return out
+
+
+def _empty_is_absent(value: Any) -> Any:
+    """An empty string, list or object asks for nothing, as in Multus (`"mac": ""`, `"ips": []`)."""
+    return None if value in ("", [], {}) else value
+
+
+class _Lenient(BaseModel):
+    """Keys are read the way Go's encoding/json reads them: any case, unknown ones ignored."""
+
+    model_config = ConfigDict(populate_by_name=False, extra="allow", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _any_case(cls, data: Any) -> Any:
+        keys = frozenset(f.alias or name for name, f in cls.model_fields.items())
+        return _fold_keys(data, keys)
+
+
+class PortMapping(_Lenient):
     host_port: int = Field(alias="hostPort", ge=1, le=65535)
     container_port: int = Field(alias="containerPort", ge=1, le=65535)
     protocol: Literal["TCP", "UDP", "SCTP"] = "TCP"
@@ -59,12 +122,13 @@ class PortMapping(BaseModel):
     @field_validator("protocol", mode="before")
     @classmethod
     def _upper(cls, value: Any) -> Any:
-        return value.upper() if isinstance(value, str) else value
+        # Unset or empty is TCP, as the portmap plugin reads it.
+        return (value.upper() or "TCP") if isinstance(value, str) else value
 
     @field_validator("host_ip")
     @classmethod
     def _host_ip(cls, value: str | None) -> str | None:
-        return _check_ip(value) if value else value
+        return _check_ip(value, prefix=False) if value else value
 
     def runtime_config(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -77,9 +141,7 @@ class PortMapping(BaseModel):
         return out
 
 
-class Bandwidth(BaseModel):
-    model_config = ConfigDict(populate_by_name=True, extra="forbid", frozen=True)
-
+class Bandwidth(_Lenient):
     ingress_rate: int | None = Field(default=None, alias="ingressRate", ge=0)
     ingress_burst: int | None = Field(default=None, alias="ingressBurst", ge=0)
     egress_rate: int | None = Field(default=None, alias="egressRate", ge=0)
@@ -94,14 +156,14 @@ class Bandwidth(BaseModel):
         return self
 
     def runtime_config(self) -> dict[str, Any]:
-        return self.model_dump(by_alias=True, exclude_none=True)
+        fields = {"ingress_rate", "ingress_burst", "egress_rate", "egress_burst"}
+        return self.model_dump(by_alias=True, exclude_none=True, include=fields)
 
 
-class NetworkSelection(BaseModel):
-    """One element of the networks annotation (NPWG §4.1.2 keys plus Multus's)."""
-
-    # Keys are matched by their annotation spelling only ("default-route", not "default_route").
-    model_config = ConfigDict(populate_by_name=False, extra="allow", frozen=True)
+class NetworkSelection(_Lenient):
+    """One element of the networks annotation (NPWG §4.1.2 keys plus Multus's). Keys are
+    matched by their annotation spelling ("default-route", not "default_route"), in any case;
+    every other key is kept as an extra and reported by `ignored_keys`."""
 
     name: str
     namespace: str | None = None
@@ -117,15 +179,33 @@ class NetworkSelection(BaseModel):
     device_id: str | None = Field(default=None, alias="deviceID")
     ipam_claim_reference: str | None = Field(default=None, alias="ipam-claim-reference")
 
+    @field_validator(
+        "namespace",
+        "interface",
+        "interface_request",
+        "ips",
+        "mac",
+        "port_mappings",
+        "bandwidth",
+        "infiniband_guid",
+        "device_id",
+        mode="before",
+    )
+    @classmethod
+    def _empty(cls, value: Any) -> Any:
+        # NPWG §4.1.2.1.1: a missing or empty namespace is the pod's; Multus reads every other
+        # empty value as not given (an empty default-route list, though, means something).
+        return _empty_is_absent(value)
+
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        return _check_label(value, "network name")
+        return _check_label(value, "network name", _NAME_MAX, dots=True)
 
     @field_validator("namespace")
     @classmethod
     def _namespace(cls, value: str | None) -> str | None:
-        return _check_label(value, "namespace") if value is not None else None
+        return _check_label(value, "namespace", _NAMESPACE_MAX) if value is not None else None
 
     @field_validator("interface", "interface_request")
     @classmethod
@@ -137,49 +217,72 @@ class NetworkSelection(BaseModel):
             )
         return value
 
-    @field_validator("ips", "default_route")
+    @field_validator("ips")
     @classmethod
-    def _ip_list(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None:
-            for ip in value:
-                _check_ip(ip)
+    def _ips(cls, value: list[str] | None) -> list[str] | None:
+        for ip in value or []:
+            _check_ip(ip)
+        return value
+
+    @field_validator("default_route")
+    @classmethod
+    def _gateways(cls, value: list[str] | None) -> list[str] | None:
+        # Gateways are addresses: a /prefix would reach the route as a gateway nobody can use.
+        for gw in value or []:
+            _check_ip(gw, prefix=False)
         return value
 
     @field_validator("mac")
     @classmethod
     def _mac(cls, value: str | None) -> str | None:
-        if value is not None and not _MAC.match(value):
-            raise ValueError(f"mac {value!r} is not a 6-byte MAC address such as 0a:58:0a:00:00:05")
-        return value
+        return (
+            _hardware_address(value, 6, "mac", "MAC address such as 0a:58:0a:00:00:05")
+            if value
+            else None
+        )
 
     @field_validator("infiniband_guid")
     @classmethod
     def _guid(cls, value: str | None) -> str | None:
-        if value is not None and not _IB_GUID.match(value):
-            raise ValueError(f"infiniband-guid {value!r} is not an 8-byte GUID (xx:xx:..:xx)")
-        return value
+        return (
+            _hardware_address(value, 8, "infiniband-guid", "GUID such as c2:11:22:33:44:55:66:77")
+            if value
+            else None
+        )
 
-    @model_validator(mode="after")
-    def _keys(self) -> NetworkSelection:
-        # NPWG §4.1.2: keys without a period are reserved; vendor keys must be reverse-DNS.
-        unknown = [k for k in (self.model_extra or {}) if "." not in k]
-        if unknown:
-            raise ValueError(f"unknown key(s) {', '.join(sorted(unknown))}")
-        if self.ips and self.ipam_claim_reference:
-            raise ValueError(
-                "ips and ipam-claim-reference cannot be combined (NPWG v1.3 §4.1.2.1.11)"
-            )
-        return self
+    @field_validator("bandwidth")
+    @classmethod
+    def _bandwidth(cls, value: Bandwidth | None) -> Bandwidth | None:
+        return value if value is not None and value.runtime_config() else None
 
     @property
     def requested_ifname(self) -> str | None:
         return self.interface or self.interface_request
 
+    @property
+    def ignored_keys(self) -> tuple[str, ...]:
+        """Keys Plexus does not read: unknown ones, vendor ones (`example.com/x`, which NPWG
+        §4.1.2 allows and Plexus implements none of), and `ipam-claim-reference` (v1.3
+        §4.1.2.1.11: an implementation without IPAMClaims ignores it)."""
+        folded = {key.casefold() for key in _SPEC_KEYS}
+        extra = [key for key in self.model_extra or {} if key.casefold() not in folded]
+        return tuple(extra + (["ipam-claim-reference"] if self.ipam_claim_reference else []))
+
+    @property
+    def respelled_keys(self) -> dict[str, str]:
+        """Known keys written in another case, each with the key it was read as."""
+        folded = {key.casefold(): key for key in _SPEC_KEYS}
+        extra = self.model_extra or {}
+        return {key: folded[key.casefold()] for key in extra if key.casefold() in folded}
+
     def reference(self, pod_namespace: str) -> str:
         return f"{self.namespace or pod_namespace}/{self.name}"
 
     def gateway_families(self) -> set[int]:
-        return {ipaddress.ip_interface(gw).version for gw in self.default_route or []}
+        return {ipaddress.ip_address(gw).version for gw in self.default_route or []}
+
+
+_SPEC_KEYS: Final = frozenset(f.alias or name for name, f in NetworkSelection.model_fields.items())
 
 
 def parse_networks(value: str | None) -> list[NetworkSelection]:
@@ -214,23 +317,34 @@ def _parse_json(value: str) -> list[NetworkSelection]:
 
 
 def _parse_short(item: str, index: int) -> NetworkSelection:
+    """`[namespace/]name[@interface]`, each part trimmed as Multus trims it (`ns / net @ if0`);
+    an empty namespace is the pod's and an empty interface asks for none (`net@`), as there."""
+    where = f"item {index} ({item!r})"
     if not item:
         raise _fail(f"item {index}", "empty network name")
-    ref, _, ifname = item.partition("@")
-    namespace, _, name = ref.rpartition("/")
-    fields: dict[str, Any] = {"name": name}
-    if "/" in namespace:
-        raise _fail(f"item {index} ({item!r})", "expected [namespace/]name[@interface]")
-    if namespace:
-        fields["namespace"] = namespace
-    if ifname:
-        fields["interface"] = ifname
-    elif item.endswith("@"):
-        raise _fail(f"item {index} ({item!r})", "empty interface name after '@'")
+    parts = item.split("/")
+    if len(parts) > 2:
+        raise _fail(where, "more than one '/' (expected [namespace/]name[@interface])")
+    name, *ifnames = parts[-1].split("@")
+    if len(ifnames) > 1:
+        raise _fail(where, "more than one '@' (expected [namespace/]name[@interface])")
+    name = name.strip()
+    if not name:
+        raise _fail(where, "empty network name")
+    try:
+        _check_label(name, "network name", _NAME_MAX)
+    except ValueError as exc:
+        hint = "; the JSON form selects a NAD whose name has '.'" if "." in name else ""
+        raise _fail(where, f"{exc}{hint}") from None
+    fields = {
+        "name": name,
+        "namespace": parts[0].strip() if len(parts) == 2 else None,
+        "interface": ifnames[0].strip() if ifnames else None,
+    }
     try:
         return NetworkSelection.model_validate(fields)
     except ValidationError as exc:
-        raise _fail(f"item {index} ({item!r})", _describe(exc)) from None
+        raise _fail(where, _describe(exc)) from None
 
 
 def parse_default_network(value: str | None) -> tuple[str | None, str] | None:

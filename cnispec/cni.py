@@ -5,9 +5,12 @@ delegate runners (to build a delegate's environment and to read its result). Not
 the kernel beyond checking that CNI_NETNS names a network namespace, and nothing prints: callers
 hand in the environment and stdin and get plain data back.
 
-Versions: Plexus accepts configs of 0.3.0 through 1.1.0 and answers in the caller's version.
-Results are held in one canonical shape (1.1.0) and converted on the way in and out, the way
-libcni's converters do (0.3.x/0.4.0 carry `ips[].version`; 1.1.0 adds interface `mtu`,
+Versions: the runtime's own config must be 0.3.0 through 1.1.0 (a plugin may refuse a version,
+and a pre-0.3.0 answer could not name the pod's interfaces); Plexus answers in the caller's
+version. A delegate's network may also be 0.1.0 or 0.2.0, as Multus allows: it is run in that
+version and its `ip4`/`ip6` result is read up. Results are held in one canonical shape (1.1.0)
+and converted on the way in and out, the way libcni's converters do (0.1.0/0.2.0 carry one
+`ip4` and one `ip6` block; 0.3.x/0.4.0 carry `ips[].version`; 1.1.0 adds interface `mtu`,
 `socketPath`, `pciID` and route `mtu`, `advmss`, `priority`, `table`, `scope`).
 """
 
@@ -35,8 +38,10 @@ from cnispec.errors import (
 
 SUPPORTED_VERSIONS: Final = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST_VERSION: Final = "1.1.0"
-# Versions a delegate may speak; 0.1.0/0.2.0 results are read (converted up) but never produced.
-KNOWN_VERSIONS: Final = ("0.1.0", "0.2.0", *SUPPORTED_VERSIONS)
+# Versions a delegate's network may speak: 0.1.0/0.2.0 results are read (converted up), and
+# rendered only as a prevResult for the next plugin of such a network, never to the runtime.
+PRE_030_VERSIONS: Final = ("0.1.0", "0.2.0")
+KNOWN_VERSIONS: Final = (*PRE_030_VERSIONS, *SUPPORTED_VERSIONS)
 
 ADD: Final = "ADD"
 DEL: Final = "DEL"
@@ -358,7 +363,10 @@ class Result(_Model):
             raise DecodeFailure(f"malformed CNI result: {_first_error(exc)}") from None
 
     def to_wire(self, version: str) -> dict[str, Any]:
-        """Render for a caller speaking `version` (0.3.0 .. 1.1.0)."""
+        """Render for a caller speaking `version` (0.1.0 .. 1.1.0; the runtime never asks for
+        less than 0.3.0, a plugin of a 0.2.0 network gets its prevResult so)."""
+        if version in PRE_030_VERSIONS:
+            return _downgrade_020(self, version)
         require_supported(version, what="result")
         out: dict[str, Any] = {"cniVersion": version}
         v11 = at_least(version, "1.1.0")
@@ -398,18 +406,50 @@ def _strip(d: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _upgrade_020(body: dict[str, Any]) -> dict[str, Any]:
-    """0.1.0/0.2.0 `ip4`/`ip6` blocks to `ips` + `routes` (libcni's 020 -> 040 converter)."""
+    """0.1.0/0.2.0 `ip4`/`ip6` blocks to `ips` + `routes` (libcni's 020 -> 040 converter):
+    ip4 first, no interfaces and no interface index (a pre-0.3.0 result names none)."""
     ips: list[dict[str, Any]] = []
-    routes: list[dict[str, Any]] = []
+    routes: list[Any] = []
     for key in ("ip4", "ip6"):
         block = body.pop(key, None)
-        if not block:
+        if block is None:
             continue
+        if not isinstance(block, dict) or not isinstance(block.get("ip"), str):
+            raise DecodeFailure(f"malformed CNI {body.get('cniVersion')} result: {key} has no 'ip'")
         ips.append({"address": block["ip"], "gateway": block.get("gateway")})
-        routes.extend(block.get("routes") or [])
+        block_routes = block.get("routes") or []
+        if not isinstance(block_routes, list):
+            raise DecodeFailure(f"malformed CNI result: {key}.routes is not a list")
+        routes.extend(block_routes)
     body["ips"] = ips
     body["routes"] = routes
+    body.pop("interfaces", None)
     return body
+
+
+def _downgrade_020(result: Result, version: str) -> dict[str, Any]:
+    """A result as 0.1.0/0.2.0 (libcni's converter to 0.2.x): the first address of each family
+    with its gateway, each route under the block of its family; such a result must hold an
+    address."""
+    blocks: dict[int, dict[str, Any]] = {}
+    for ip in result.ips:
+        block = blocks.setdefault(ip.ip.version, {"ip": ip.address})
+        if ip.gateway and block["ip"] == ip.address:
+            block["gateway"] = ip.gateway
+    if not blocks:
+        raise IncompatibleVersion(
+            f"a result without an IP address cannot be given to a cniVersion {version} plugin",
+        )
+    for route in result.routes:
+        family = ipaddress.ip_network(route.dst, strict=False).version
+        if family in blocks:
+            blocks[family].setdefault("routes", []).append(
+                route.model_dump(include={"dst", "gw"}, exclude_none=True)
+            )
+    out: dict[str, Any] = {"cniVersion": version}
+    out |= {f"ip{family}": block for family, block in sorted(blocks.items())}
+    out["dns"] = result.dns.model_dump(exclude_none=True, exclude_defaults=True)
+    return out
 
 
 def _first_error(exc: ValidationError) -> str:

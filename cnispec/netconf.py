@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from cnispec import cni
-from cnispec.cni import SUPPORTED_VERSIONS
+from cnispec.cni import KNOWN_VERSIONS
 from cnispec.errors import IncompatibleVersion, InvalidConfig
 
 
@@ -74,20 +74,25 @@ class NetworkConfigList:
 
 
 def _network_version(name: str, config: Mapping[str, Any]) -> str:
+    """The version the network runs in. A delegate's network may be 0.1.0 or 0.2.0 (Multus runs
+    those too); only the runtime's own config must be 0.3.0 or later (`cni.parse_request`)."""
     versions = config.get("cniVersions")
     if isinstance(versions, list) and versions:
-        ours = [v for v in versions if v in SUPPORTED_VERSIONS]
+        ours = [v for v in versions if v in KNOWN_VERSIONS]
         if not ours:
             raise IncompatibleVersion(
                 f"network {name}: none of cniVersions {versions} is supported by Plexus",
             )
         return str(max(ours, key=cni.version_key))
     version = config.get("cniVersion")
+    if version is None or version == "":
+        # A config without one is 0.1.0 to libcni and skel, so Multus runs such a NAD as 0.1.0.
+        return "0.1.0"
     if not isinstance(version, str):
-        raise InvalidConfig(f"network {name}: cniVersion is missing")
-    if version not in SUPPORTED_VERSIONS:
+        raise InvalidConfig(f"network {name}: cniVersion must be a string, not {version!r}")
+    if version not in KNOWN_VERSIONS:
         raise IncompatibleVersion(
-            f"network {name} has cniVersion {version}; Plexus runs {', '.join(SUPPORTED_VERSIONS)}",
+            f"network {name} has cniVersion {version}; Plexus runs {', '.join(KNOWN_VERSIONS)}",
         )
     return version
 

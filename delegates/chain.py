@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cnispec import cni
-from cnispec.cni import SUPPORTED_VERSIONS, Result
+from cnispec.cni import KNOWN_VERSIONS, SUPPORTED_VERSIONS, Result
 from cnispec.errors import DelegateFailed, IncompatibleVersion, InternalError, PlexusError
 from cnispec.netconf import NetworkConfigList, PreparedNetwork, PreparedPlugin
 from delegates.external import ExecPlugin
@@ -148,13 +148,17 @@ class ChainRunner:
         self, net: NetworkConfigList, conf: Mapping[str, Any], path: tuple[str, ...]
     ) -> tuple[Plugin, str]:
         plugin = self._registry.resolve(str(conf["type"]), path)
-        spoken = [v for v in plugin.versions() if v in SUPPORTED_VERSIONS]
+        # A 0.3.0+ network is never spoken to below 0.3.0: the plugins after this one, and the
+        # runtime, expect a result that names interfaces, which a 0.2.0 result cannot.
+        legacy = not cni.at_least(net.version, "0.3.0")
+        usable = KNOWN_VERSIONS if legacy else SUPPORTED_VERSIONS
+        spoken = [v for v in plugin.versions() if v in usable]
         version = cni.pick_version(net.version, spoken)
         if version is None:
             raise IncompatibleVersion(
                 f"network {net.name}: plugin {plugin.type} speaks "
                 f"{', '.join(plugin.versions()) or 'no version'}, none of them usable for a "
-                f"{net.version} network (Plexus needs 0.3.0 or later)",
+                f"{net.version} network (it needs one from {usable[0]} to {net.version})",
             )
         return plugin, version
 

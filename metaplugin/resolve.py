@@ -133,6 +133,7 @@ class Resolver:
         annotations = pod.annotations if pod else {}
         selections = parse_networks(annotations.get(NETWORKS_ANNOTATION))
         self._check_count(pod, selections)
+        _log_lenient_reads(selections, pod)
         primary = self._primary(pod, annotations.get(DEFAULT_NETWORK_ANNOTATION))
         plan = [
             PlannedAttachment(
@@ -255,6 +256,22 @@ class Resolver:
             else None,
             resource_name=net.resource_name,
         )
+
+
+def _log_lenient_reads(selections: list[NetworkSelection], pod: PodInfo | None) -> None:
+    """One line per request for the keys read leniently, as Multus reads them: ignored ones
+    (a typo shows here) and known ones spelled in another case."""
+    elements = [
+        {
+            "network": sel.reference(pod.namespace if pod else ""),
+            "ignored": list(sel.ignored_keys),
+            "read_as": sel.respelled_keys,
+        }
+        for sel in selections
+        if sel.ignored_keys or sel.respelled_keys
+    ]
+    if elements:
+        log.warning("network_selection_keys_ignored", elements=elements)
 
 
 def _secondary(net: ResolvedNetwork, ifname: str) -> PlannedAttachment:

@@ -1,8 +1,12 @@
 """`k8s.v1.cni.cncf.io/network-status` (NPWG v1.3 §5) and where it goes.
 
 `network_status()` builds the annotation value from attachment records: one entry per
-attachment, taken from the first sandbox interface of its result (the one named like the
-attachment when there is one), `default: true` on the cluster network only. A `StatusSink`
+attachment, in attachment order (cluster network, defaultNetworks, the annotation's), taken from
+the first sandbox interface of its result (the one named like the attachment when there is one),
+`default: true` on the cluster network only. A result with no sandbox interface, as every
+pre-0.3.0 result (`ip4`/`ip6`, no interfaces list), gives the addresses that name no interface
+and the interface the plugin was told to make (CNI_IFNAME), and no `mac` (§5.3). Keys are the
+spec's only: no `gateway` or `mtu` as Multus's NAD client adds (docs/annotations.md). A `StatusSink`
 publishes it: to the pod through the API in cluster mode (`metaplugin.k8s`), nowhere in local
 mode, where `plexusctl` reads the same JSON from the daemon.
 """
@@ -37,29 +41,37 @@ def _pci_only(pci: str) -> dict[str, str]:
 
 def entry(record: Attachment, device_info: DeviceInfo = _pci_only) -> dict[str, Any]:
     out: dict[str, Any] = {"name": record.network, "interface": record.ifname}
-    result = record.result
-    if result is not None:
-        picked = _pick_interface(result, record.ifname)
-        index = picked[0] if picked else None
-        ips = [ip for ip in result.ips if ip.interface == index]
-        if not ips:
-            ips = [ip for ip in result.ips if ip.interface is None]
-        if ips:
-            out["ips"] = [str(ipaddress.ip_interface(ip.address).ip) for ip in ips]
-        if picked and picked[1].mac:
-            out["interface"] = picked[1].name
+    if record.result is not None:
+        out |= _from_result(record.result, record.ifname, device_info)
+    out["default"] = record.is_default
+    if record.default_route:
+        out["default-route"] = list(record.default_route)
+    return out
+
+
+def _from_result(result: Result, ifname: str, device_info: DeviceInfo) -> dict[str, Any]:
+    """§5.3 keys a result gives: the picked sandbox interface's name, mac and device, the
+    addresses on it (else those that name no interface: all of a pre-0.3.0 result's), dns."""
+    out: dict[str, Any] = {}
+    picked = _pick_interface(result, ifname)
+    index = picked[0] if picked else None
+    ips = [ip for ip in result.ips if ip.interface == index]
+    if not ips:
+        ips = [ip for ip in result.ips if ip.interface is None]
+    if ips:
+        out["ips"] = [str(ipaddress.ip_interface(ip.address).ip) for ip in ips]
+    if picked:
+        out["interface"] = picked[1].name  # with or without a mac (§5.3: mac needs interface)
+        if picked[1].mac:
             out["mac"] = picked[1].mac
-        if picked and picked[1].pci_id:
+        if picked[1].pci_id:
             out["device-info"] = {
                 "type": "pci",
                 "version": DEVICE_INFO_VERSION,
                 "pci": device_info(picked[1].pci_id),
             }
-        if not result.dns.is_empty():
-            out["dns"] = result.dns.model_dump(exclude_none=True, exclude_defaults=True)
-    out["default"] = record.is_default
-    if record.default_route:
-        out["default-route"] = list(record.default_route)
+    if not result.dns.is_empty():
+        out["dns"] = result.dns.model_dump(exclude_none=True, exclude_defaults=True)
     return out
 
 

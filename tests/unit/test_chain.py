@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import pytest
 
 from cnispec.errors import DelegateFailed, IncompatibleVersion, InvalidConfig, PluginNotFound
 from cnispec.netconf import NetworkConfigList, PreparedNetwork
 from delegates.chain import CallEnv, ChainRunner
+from delegates.external import ExecOutput
 from delegates.registry import PluginRegistry
 from tests.support.fake_exec import FakeExec, FakePlugin
 
@@ -101,6 +105,76 @@ def test_plugin_with_no_usable_version_is_refused() -> None:
         run.add(prepared(run, CONFLIST), ENV)
 
 
+class LegacyPlugin(FakePlugin):
+    """A reference plugin of old: spoken to in 0.1.0/0.2.0 it answers with an `ip4` block."""
+
+    def respond(self, command: str, env: Any, config: dict[str, Any]) -> ExecOutput:
+        out = super().respond(command, env, config)
+        if command != "ADD" or config.get("cniVersion") not in ("0.1.0", "0.2.0"):
+            return out
+        if "prevResult" in config:  # chained: passes the 0.2.0 result on, as it got it
+            return ExecOutput(0, json.dumps(config["prevResult"]).encode(), b"")
+        new = json.loads(out.stdout)
+        ip = new["ips"][0]
+        block = {"ip": ip["address"], "gateway": ip["gateway"], "routes": new["routes"]}
+        legacy = {"cniVersion": config["cniVersion"], "ip4": block, "dns": {}}
+        return ExecOutput(0, json.dumps(legacy).encode(), b"")
+
+
+ALL_VERSIONS = ("0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0")  # Debian's macvlan
+
+
+def test_a_0_2_0_network_is_run_in_0_2_0_and_its_result_read_up() -> None:
+    run, fake = runner(LegacyPlugin("first", versions=ALL_VERSIONS))
+    net = prepared(run, {"cniVersion": "0.2.0", "name": "old", "type": "first"})
+    assert [p.version for p in net.plugins] == ["0.2.0"]
+    result = run.add(net, ENV)
+    (add,) = [c for c in fake.calls if c.command == "ADD"]
+    assert add.config["cniVersion"] == "0.2.0"
+    assert [(ip.address, ip.interface) for ip in result.ips] == [("10.9.0.2/24", None)]
+    assert result.interfaces == []
+    fake.calls.clear()
+    run.check(net, ENV, result)  # CHECK came with 0.4.0: nothing to ask a 0.2.0 plugin
+    run.delete(net, ENV, result)
+    (delete,) = fake.calls
+    assert delete.command == "DEL" and "prevResult" not in delete.config  # came with 0.4.0
+    assert fake.live() == {}
+
+
+def test_a_0_2_0_conflist_passes_prev_result_in_0_2_0() -> None:
+    run, fake = runner(
+        LegacyPlugin("first", versions=ALL_VERSIONS),
+        LegacyPlugin("second", versions=("0.1.0", "0.2.0")),
+    )
+    conf = {
+        "cniVersion": "0.2.0",
+        "name": "old",
+        "plugins": [{"type": "first"}, {"type": "second"}],
+    }
+    run.add(prepared(run, conf), ENV)
+    second = next(c for c in fake.calls if c.command == "ADD" and c.plugin == "second")
+    assert second.config["prevResult"]["cniVersion"] == "0.2.0"
+    assert second.config["prevResult"]["ip4"]["ip"] == "10.9.0.2/24"
+
+
+def test_a_0_1_0_network_and_a_plugin_that_only_speaks_0_3_0_and_later() -> None:
+    run, _ = runner(LegacyPlugin("first", versions=ALL_VERSIONS), FakePlugin("second"))
+    assert (
+        prepared(run, {"cniVersion": "0.1.0", "name": "o", "type": "first"}).plugins[0].version
+        == "0.1.0"
+    )
+    with pytest.raises(IncompatibleVersion, match=r"it needs one from 0\.1\.0 to 0\.2\.0"):
+        prepared(run, {"cniVersion": "0.2.0", "name": "o", "type": "second"})
+
+
+def test_a_0_3_0_and_later_network_never_speaks_0_2_0() -> None:
+    # Negotiating down across 0.3.0 would lose the interfaces the next plugin and the runtime
+    # read; such a plugin is refused as before.
+    run, _ = runner(LegacyPlugin("first", versions=("0.1.0", "0.2.0")))
+    with pytest.raises(IncompatibleVersion, match=r"it needs one from 0\.3\.0 to 1\.0\.0"):
+        prepared(run, {"cniVersion": "1.0.0", "name": "n", "type": "first"})
+
+
 def test_check_skips_pre_0_4_0_plugins_and_disable_check() -> None:
     run, fake = runner(FakePlugin("first", versions=("0.3.1",)), FakePlugin("second"))
     conf = {**CONFLIST, "cniVersion": "1.0.0"}
@@ -137,12 +211,26 @@ def test_cni_versions_picks_the_highest_supported() -> None:
     assert net.version == "1.1.0"
 
 
+def test_a_network_config_without_cni_version_is_0_1_0_as_libcni_reads_it() -> None:
+    for config in ({"name": "n", "type": "x"}, {"cniVersion": "", "name": "n", "type": "x"}):
+        assert NetworkConfigList.parse(config).version == "0.1.0"
+
+
+@pytest.mark.parametrize("version", ["0.1.0", "0.2.0"])
+def test_a_pre_0_3_0_network_config_is_accepted(version: str) -> None:
+    assert NetworkConfigList.parse({"cniVersion": version, "name": "n", "type": "x"}).version == (
+        version
+    )
+    with pytest.raises(IncompatibleVersion, match=r"0\.1\.0, 0\.2\.0, 0\.3\.0"):
+        NetworkConfigList.parse({"cniVersion": "0.5.0", "name": "n", "type": "x"})
+
+
 @pytest.mark.parametrize(
     ("config", "fragment"),
     [
         ({"cniVersion": "1.0.0", "type": "x"}, "name"),
         ({"cniVersion": "1.0.0", "name": "bad name", "type": "x"}, "name"),
-        ({"name": "n", "type": "x"}, "cniVersion is missing"),
+        ({"cniVersion": 1.0, "name": "n", "type": "x"}, "cniVersion must be a string"),
         ({"cniVersion": "1.0.0", "name": "n"}, "neither 'type' nor 'plugins'"),
         ({"cniVersion": "1.0.0", "name": "n", "plugins": []}, "non-empty"),
         ({"cniVersion": "1.0.0", "name": "n", "plugins": [{"ipam": {}}]}, "no string 'type'"),

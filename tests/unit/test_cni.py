@@ -213,6 +213,73 @@ def test_0_2_0_result_is_converted_up() -> None:
     assert out["routes"] == [{"dst": "0.0.0.0/0"}]
 
 
+LEGACY = {
+    "cniVersion": "0.2.0",
+    "ip4": {
+        "ip": "10.9.0.2/16",
+        "gateway": "10.9.0.1",
+        "routes": [{"dst": "0.0.0.0/0"}, {"dst": "10.8.0.0/16", "gw": "10.9.0.254"}],
+    },
+    "ip6": {"ip": "fd00::2/64", "routes": [{"dst": "::/0", "gw": "fd00::1"}]},
+    "dns": {"nameservers": ["10.9.0.10"], "search": ["svc.local"]},
+}
+
+
+def test_0_2_0_result_with_both_families_is_read_in_libcni_order() -> None:
+    result = Result.from_wire(LEGACY)
+    assert result.interfaces == []
+    assert [(ip.address, ip.gateway, ip.interface) for ip in result.ips] == [
+        ("10.9.0.2/16", "10.9.0.1", None),
+        ("fd00::2/64", None, None),
+    ]
+    assert [(r.dst, r.gw) for r in result.routes] == [
+        ("0.0.0.0/0", None),
+        ("10.8.0.0/16", "10.9.0.254"),
+        ("::/0", "fd00::1"),
+    ]
+    assert result.dns.nameservers == ["10.9.0.10"]
+    assert [ip["version"] for ip in result.to_wire("0.4.0")["ips"]] == ["4", "6"]
+
+
+def test_0_2_0_result_goes_back_down_unchanged() -> None:
+    # A plugin after a 0.2.0 one in a 0.2.0 network gets its prevResult in 0.2.0 (libcni does).
+    assert Result.from_wire(LEGACY).to_wire("0.2.0") == LEGACY
+
+
+def test_a_newer_result_goes_down_to_0_2_0_as_libcni_converts_it() -> None:
+    data = {
+        "cniVersion": "1.0.0",
+        "interfaces": [{"name": "net1", "sandbox": "/run/netns/p"}],
+        "ips": [
+            {"address": "10.1.0.5/24", "gateway": "10.1.0.1", "interface": 0},
+            {"address": "10.1.0.6/24", "interface": 0},
+            {"address": "fd00::5/64", "interface": 0},
+        ],
+        "routes": [{"dst": "0.0.0.0/0", "gw": "10.1.0.1"}, {"dst": "::/0"}],
+    }
+    assert Result.from_wire(data).to_wire("0.1.0") == {
+        "cniVersion": "0.1.0",
+        "ip4": {
+            "ip": "10.1.0.5/24",
+            "gateway": "10.1.0.1",
+            "routes": [{"dst": "0.0.0.0/0", "gw": "10.1.0.1"}],
+        },
+        "ip6": {"ip": "fd00::5/64", "routes": [{"dst": "::/0"}]},
+        "dns": {},
+    }
+    with pytest.raises(IncompatibleVersion, match="without an IP address"):
+        Result.from_wire({"cniVersion": "1.0.0"}).to_wire("0.2.0")
+
+
+@pytest.mark.parametrize(
+    "block", [{}, {"gateway": "10.0.0.1"}, "10.0.0.2/24", {"ip": "10.0.0.2/24", "routes": "x"}]
+)
+def test_malformed_0_2_0_result_is_a_decode_failure_not_a_traceback(block: object) -> None:
+    with pytest.raises(DecodeFailure) as err:
+        Result.from_wire({"cniVersion": "0.2.0", "ip4": block})
+    assert err.value.code == 6
+
+
 @pytest.mark.parametrize(
     "ips",
     [

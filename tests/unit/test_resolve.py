@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from cnispec.errors import InvalidConfig, NetworkNotFound, NetworkNotPermitted
 from cnispec.identity import PodInfo
@@ -336,3 +337,56 @@ def test_gc_skips_a_nad_that_reaches_outside(tmp_path: Path) -> None:
     w = World(tmp_path)
     w.add_nads(_host_local_nad("outside", dataDir=str(tmp_path / "elsewhere")))
     assert "default/outside" not in [n.network for n in w.resolver.known_networks()]
+
+
+def test_empty_namespace_in_a_selection_is_the_pods(tmp_path: Path) -> None:
+    # NPWG §4.1.2.1.1 and Multus: "namespace": "" is the pod's own; isolation agrees.
+    w = World(tmp_path, namespaceIsolation=True)
+    w.add_nads(nad_manifest("mine", simple_net("mine"), namespace="team-a"))
+    sel = json.dumps([{"name": "mine", "namespace": ""}])
+    plan = w.resolver.plan(ifname="eth0", pod=pod(sel, namespace="team-a"), runtime_config={})
+    assert [(a.network, a.ifname) for a in plan[1:]] == [("team-a/mine", "net1")]
+
+
+def test_unknown_keys_do_not_fail_the_pod_and_are_logged_once(world: World) -> None:
+    sel = json.dumps(
+        [
+            {"name": "net-a", "colour": "blue", "interfce": "data0"},
+            {"name": "net-b", "Interface": "data1"},
+            {"name": "net-c"},
+        ]
+    )
+    with capture_logs() as logs:
+        plan = world.resolver.plan(ifname="eth0", pod=pod(sel), runtime_config={})
+    assert [(a.network, a.ifname) for a in plan[1:]] == [
+        ("default/net-a", "net1"),
+        ("default/net-b", "data1"),
+        ("default/net-c", "net3"),
+    ]
+    ignored = [e for e in logs if e["event"] == "network_selection_keys_ignored"]
+    assert len(ignored) == 1
+    assert ignored[0]["log_level"] == "warning"
+    assert ignored[0]["elements"] == [
+        {"network": "default/net-a", "ignored": ["colour", "interfce"], "read_as": {}},
+        {"network": "default/net-b", "ignored": [], "read_as": {"Interface": "interface"}},
+    ]
+
+
+def test_a_clean_annotation_logs_nothing(world: World) -> None:
+    with capture_logs() as logs:
+        world.resolver.plan(ifname="eth0", pod=pod("net-a, net-b@data0"), runtime_config={})
+    assert [e for e in logs if e["event"] == "network_selection_keys_ignored"] == []
+
+
+def test_interface_with_a_second_at_sign_is_code_7(world: World) -> None:
+    with pytest.raises(InvalidConfig) as err:
+        world.resolver.plan(ifname="eth0", pod=pod("net-a, net-b@if1@if2"), runtime_config={})
+    assert err.value.code == 7
+    assert "item 1 ('net-b@if1@if2')" in err.value.msg
+
+
+def test_empty_capability_values_need_no_capability(world: World) -> None:
+    # Multus reads "ips": [] and "mac": "" as not given; so no capability is needed for them.
+    sel = json.dumps([{"name": "net-a", "ips": [], "mac": "", "portMappings": [], "bandwidth": {}}])
+    plan = world.resolver.plan(ifname="eth0", pod=pod(sel), runtime_config={})
+    assert plan[1].capability_args == {}
