@@ -107,10 +107,9 @@ class Collector:
         valid = valid_attachments(req.config)
         networks: Networks = {}
         stale, container_failures = self._remove_stale(valid, networks)
-        for net in self._resolver.known_networks():
-            networks[net.network] = _Network(net.config)  # its config now, over a record's
+        network_failures = self._add_known(networks)
         with self._exclusive():  # no ADD or DEL while plugins learn what is valid
-            network_failures = self._collect(networks, req.path)
+            network_failures += self._collect(networks, req.path)
         self.stats.add(
             runs=1,
             stale_containers=stale,
@@ -146,6 +145,18 @@ class Collector:
                 failed += 1
                 log.warning("gc_container_failed", container_id=container_id, error=_msg(exc))
         return stale, failed
+
+    def _add_known(self, networks: Networks) -> int:
+        """Every network Plexus can resolve now, in its current config (over a record's); 1
+        when they cannot be listed at all (then only the recorded networks are collected)."""
+        try:
+            known = self._resolver.known_networks()
+        except Exception as exc:  # noqa: BLE001 - the recorded networks are still collected
+            log.warning("gc_networks_not_listed", error=_msg(exc))
+            return 1
+        for net in known:
+            networks[net.network] = _Network(net.config)
+        return 0
 
     def _collect(self, networks: Networks, request_path: tuple[str, ...]) -> int:
         """Each network's GC, told which of its attachments are valid; how many failed."""

@@ -485,6 +485,20 @@ def test_gc_goes_on_past_a_broken_network(world: World) -> None:
     assert world.collector.stats.network_failures == 2  # ghost's plugin, cluster's GC
 
 
+def test_gc_collects_the_recorded_networks_when_the_nads_cannot_be_listed(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world.orchestrator.add(request("ADD", "keep", networks="net-b"))
+
+    def broken() -> None:
+        raise RuntimeError("NAD source bug")
+
+    monkeypatch.setattr(world.resolver, "known_networks", broken)
+    gc(world, "keep")
+    assert ("net-b", [{"containerID": "keep", "ifname": "net1"}]) in gc_calls(world)
+    assert world.collector.stats.network_failures == 1
+
+
 def test_a_nad_of_another_namespace_cannot_turn_gc_off_for_a_network(world: World) -> None:
     """GC keys networks by NAD: `evil/x`, whose config is also called net-b, opts itself out
     of GC, not default/net-b; and its config never runs in net-b's place."""
