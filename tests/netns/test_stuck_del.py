@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from kernel.netns import run_in_netns
 from metaplugin.salvage import KernelLinks
 from testbed.manifests import host_local, macvlan, nad
+from testbed.netns import Netns
 from testbed.runtime import Outcome
-from tests.netns.conftest import NETWORKS, Bed
+from tests.k8s_standin import ApiStandin
+from tests.netns.conftest import NETWORKS, Bed, make_bed
+from tests.netns.test_cluster_mode import NODE, pod_object
+from tests.netns.test_cluster_mode import wait_for as wait_until
 from tests.netns.test_core import wait_for
 
 # Every command but DEL runs the Debian plugin named by `delegate` (macvlan when none); DEL always
@@ -216,3 +222,45 @@ def test_kernel_links_touch_only_a_veth_with_the_recorded_mac(bed: Bed) -> None:
     assert run_in_netns(node.path, attempt) == [False, False, False, False, True]
     assert {"pxk0", "pxk1"} & set(node.links()) == set()
     assert "pxkbr" in node.links()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[tuple[Bed, ApiStandin]]:
+    """The bed in cluster mode, the API stand-in served in the node namespace (as
+    tests/netns/test_cluster_mode.py does)."""
+    holder: list[ApiStandin] = []
+
+    def api_mode(node: Netns, nads: list[dict[str, Any]]) -> dict[str, Any]:
+        api = run_in_netns(node.path, lambda: ApiStandin().start())
+        holder.append(api)
+        for obj in nads:
+            api.create(obj)
+        return {"kubeconfig": api.kubeconfig(tmp_path / "kubeconfig"), "nodeName": NODE}
+
+    try:
+        with make_bed(tmp_path, api_mode) as bed:
+            yield bed, holder[0]
+    finally:
+        for api in holder:
+            api.stop()
+
+
+def test_the_pod_gets_a_warning_event_when_its_del_is_given_up(
+    cluster: tuple[Bed, ApiStandin],
+) -> None:
+    bed, api = cluster
+    created = api.create(pod_object("web", {NETWORKS: "net-a"}))
+    uid = created["metadata"]["uid"]
+    pod = bed.pod("web")
+    bed.runtime.add("c1", pod.path, annotations=None, pod=("default", "web"), uid=uid).ok()
+    bed.node.run("ip", "link", "del", "pxm0")
+    pod.delete()
+    bed.runtime.delete("c1", "", with_prev=False).ok()
+    bed.assert_nothing_left(pod)
+    (event,) = wait_until(lambda: [e for e in api.events() if e["reason"] == "TeardownAbandoned"])
+    assert event["type"] == "Warning" and event["involvedObject"]["uid"] == uid
+    assert event["message"].startswith(
+        "DEL of default/net-a (net1) failed on the runtime's last DEL (the pod's netns is gone)"
+    )
+    assert "released the host-local leases in" in event["message"]
+    assert "quarantine" in event["message"]
