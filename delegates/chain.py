@@ -119,7 +119,8 @@ class ChainRunner:
     def gc(
         self, net: PreparedNetwork, valid: Sequence[Mapping[str, str]], path: tuple[str, ...]
     ) -> None:
-        """GC on every plugin of `net` that speaks 1.1.0, told which attachments are valid."""
+        """GC on every plugin of `net` that speaks 1.1.0, told which attachments are valid.
+        Best effort, as DEL: one plugin's failure never keeps the next from collecting."""
         if net.disable_gc:
             return
         failures: list[PlexusError] = []
@@ -133,6 +134,8 @@ class ChainRunner:
                 self._plugin(prepared, path).gc(PluginRequest(path=path, config=body))
             except PlexusError as exc:
                 failures.append(exc)
+            except Exception as exc:  # noqa: BLE001 - the next plugin still collects
+                failures.append(InternalError(f"plugin {prepared.type}: {exc!r}"))
         _raise_collected(net.name, "GC", failures)
 
     def status(self, config: Mapping[str, Any], path: tuple[str, ...]) -> None:

@@ -72,7 +72,10 @@ def cmd_attachments(args: argparse.Namespace) -> int:
     table(rows)
     _, body = _get(_socket_path(args), "/v1/quarantine")
     for path in json.loads(body):
-        print(f"quarantined (unreadable) record: {path}")
+        kind = (
+            "abandoned (its DEL could not succeed)" if path.endswith(".abandoned") else "unreadable"
+        )
+        print(f"quarantined ({kind}) record: {path}")
     return 0
 
 

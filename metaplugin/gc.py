@@ -6,29 +6,82 @@ Multus only GCs the cluster network and uses its own idea of what is valid; here
 the cluster and default networks, and every NAD, since a network whose last attachment failed
 has no record left), and the delegate phase runs exclusively so no ADD can allocate an address
 that GC does not yet list as valid.
+
+Networks are keyed by what the pod asked for, the NAD's `namespace/name` (or the cluster and
+default networks' own reference), never by the config's `name`: a NAD of another namespace
+whose config says the same `name` is another network, so it cannot turn GC off for this one
+(`disableGC` is each NAD's own) or have its config run in this one's place. Each network's
+plugins are told every live attachment of *any* network with that config `name`, though: a
+plugin keeps its state under the config name (host-local's leases are `<dataDir>/<name>`), so
+two such networks may share it, and a GC told of fewer attachments would release the other's.
+Telling a plugin of too many only keeps too much.
+
+One stuck container or one broken network never fails the collection. A container the runtime
+no longer knows gets the last DEL (what cannot be deleted is given up: `Orchestrator._abandon`);
+a container whose records cannot be read, a network whose config no longer prepares, or whose
+plugin's GC fails, is logged (`gc_container_failed`, `gc_network_failed`) and counted
+(`GcStats`), and the others are still collected. (Only while some container's records cannot be
+read at all do the plugins not collect: they would not be told of its attachments.) GC answers
+an error only for a request it cannot act on (no valid-attachments list: code 7), so it never
+answers one error for ever and masks everything after it.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
 from cnispec import cni
 from cnispec.cni import CniRequest
-from cnispec.errors import InvalidConfig, PlexusError, TeardownIncomplete
+from cnispec.errors import InvalidConfig, PlexusError
 from cnispec.netconf import NetworkConfigList, PreparedNetwork
 from delegates.chain import ChainRunner
 from metaplugin.orchestrator import Orchestrator
 from metaplugin.resolve import Resolver
-from metaplugin.store import AttachmentStore
+from metaplugin.store import Attachment, AttachmentStore
 
 log = structlog.get_logger(__name__)
 
-# network name -> (the network as a record prepared it, or a config to prepare; its CNI path)
-Networks = dict[str, tuple[PreparedNetwork | dict[str, Any], tuple[str, ...]]]
+GC_WHY = "GC (the runtime no longer knows the container)"
+
+
+@dataclass
+class _Network:
+    """One network to collect: as a record prepared it or a config to prepare, and where its
+    plugins are looked up."""
+
+    net: PreparedNetwork | dict[str, Any]
+    path: tuple[str, ...] = ()
+
+    @property
+    def config_name(self) -> str:
+        return self.net.name if isinstance(self.net, PreparedNetwork) else str(self.net.get("name"))
+
+
+# network key ("namespace/name" of a NAD, the cluster/default network's reference) -> network
+Networks = dict[str, _Network]
+
+
+@dataclass
+class GcStats:
+    """Counts since the daemon started (for /metrics): collections, stale containers torn
+    down, and the failures a GC logged instead of answering them."""
+
+    runs: int = 0
+    stale_containers: int = 0
+    container_failures: int = 0
+    network_failures: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **counts: int) -> None:
+        with self._lock:
+            for name, n in counts.items():
+                setattr(self, name, getattr(self, name) + n)
 
 
 class Collector:
@@ -48,56 +101,112 @@ class Collector:
         self._runner = runner
         self._lock_container = lock_container
         self._exclusive = exclusive
+        self.stats = GcStats()
 
     def gc(self, req: CniRequest) -> None:
         valid = valid_attachments(req.config)
         networks: Networks = {}
-        failures = self._remove_stale(valid, networks)
-        for net in self._resolver.known_networks():
-            networks[str(net.config.get("name"))] = (net.config, ())
+        stale, container_failures = self._remove_stale(valid, networks)
+        network_failures = self._add_known(networks)
         with self._exclusive():  # no ADD or DEL while plugins learn what is valid
-            failures.extend(self._collect(networks, req.path))
-        if failures:
-            raise TeardownIncomplete("GC incomplete: " + "; ".join(failures))
+            network_failures += self._collect(networks, req.path)
+        self.stats.add(
+            runs=1,
+            stale_containers=stale,
+            container_failures=container_failures,
+            network_failures=network_failures,
+        )
+        log.info(
+            "gc_done",
+            stale_containers=stale,
+            networks=len(networks),
+            container_failures=container_failures,
+            network_failures=network_failures,
+        )
 
-    def _remove_stale(self, valid: set[tuple[str, str]], networks: Networks) -> list[str]:
-        failures = []
+    def _remove_stale(self, valid: set[tuple[str, str]], networks: Networks) -> tuple[int, int]:
+        """Tear down every container the runtime no longer lists; (torn down, failed)."""
+        stale = failed = 0
         for container_id in self._store.container_ids():
-            with self._lock_container(container_id):
-                loaded = self._store.load(container_id)
-                for record in loaded.records:
-                    networks.setdefault(record.prepared.name, (record.prepared, record.cni_path))
-                if not loaded or (container_id, loaded.runtime_ifname) in valid:
-                    continue
-                log.info("gc_stale_container", stale_container=container_id)
-                try:
-                    self._orchestrator.teardown(loaded, loaded.netns)
-                except PlexusError as exc:
-                    failures.append(exc.msg)
-        return failures
+            try:
+                with self._lock_container(container_id):
+                    loaded = self._store.load(container_id)
+                    for record in loaded.records:
+                        networks.setdefault(
+                            record.network, _Network(record.prepared, record.cni_path)
+                        )
+                    if not loaded or (container_id, loaded.runtime_ifname) in valid:
+                        continue
+                    log.info("gc_stale_container", stale_container=container_id)
+                    stale += 1
+                    # The runtime says it is gone: no DEL will come for it, so this is its last.
+                    self._orchestrator.teardown(loaded, loaded.netns, last_chance=GC_WHY)
+            except Exception as exc:  # noqa: BLE001 - one container never fails the collection
+                failed += 1
+                log.warning("gc_container_failed", container_id=container_id, error=_msg(exc))
+        return stale, failed
 
-    def _collect(self, networks: Networks, request_path: tuple[str, ...]) -> list[str]:
-        remaining = [r for loaded in self._store.all() for r in loaded.records]
-        failures = []
-        for name, (net, path) in networks.items():
+    def _add_known(self, networks: Networks) -> int:
+        """Every network Plexus can resolve now, in its current config (over a record's); 1
+        when they cannot be listed at all (then only the recorded networks are collected)."""
+        try:
+            known = self._resolver.known_networks()
+        except Exception as exc:  # noqa: BLE001 - the recorded networks are still collected
+            log.warning("gc_networks_not_listed", error=_msg(exc))
+            return 1
+        for net in known:
+            networks[net.network] = _Network(net.config)
+        return 0
+
+    def _collect(self, networks: Networks, request_path: tuple[str, ...]) -> int:
+        """Each network's GC, told which of its attachments are valid; how many failed."""
+        remaining = self._remaining()
+        if remaining is None:
+            return 0
+        failed = 0
+        for key, network in networks.items():
+            name = network.config_name
             still_valid = [
                 {"containerID": r.container_id, "ifname": r.ifname}
                 for r in remaining
-                if r.prepared.name == name
+                if r.prepared.name == name  # every network sharing its plugins' state
             ]
-            search = self._orchestrator.path(path + request_path)
+            search = self._orchestrator.path(network.path + request_path)
             try:
-                prepared = net if isinstance(net, PreparedNetwork) else self._prepare(net, search)
+                prepared = (
+                    network.net
+                    if isinstance(network.net, PreparedNetwork)
+                    else self._prepare(network.net, search)
+                )
                 self._runner.gc(prepared, still_valid, search)
-            except PlexusError as exc:
-                failures.append(f"network {name}: {exc.msg}")
-        return failures
+            except Exception as exc:  # noqa: BLE001 - one broken network never fails them all
+                failed += 1
+                log.warning("gc_network_failed", network=key, error=_msg(exc))
+        return failed
+
+    def _remaining(self) -> list[Attachment] | None:
+        """Every recorded attachment; None when a container's records cannot be read (an I/O
+        error, a newer plexusd's record). Its attachments may be on any network, and a plugin
+        not told of them would release what they hold: no plugin collects this time (the
+        stale containers are still torn down), and the log says which container is why."""
+        remaining: list[Attachment] = []
+        for container_id in self._store.container_ids():
+            try:
+                remaining += self._store.load(container_id, quarantine=False).records
+            except Exception as exc:  # noqa: BLE001 - reported, and nothing is released
+                log.warning("gc_plugins_skipped", container_id=container_id, error=_msg(exc))
+                return None
+        return remaining
 
     def _prepare(self, config: dict[str, Any], path: tuple[str, ...]) -> PreparedNetwork:
         if NetworkConfigList.parse(config).disable_gc:
             # Opted out: nothing of it runs, so a plugin it names need not even be there.
             return PreparedNetwork(name=str(config.get("name")), plugins=(), disable_gc=True)
         return self._runner.prepare(config, {}, path)
+
+
+def _msg(exc: BaseException) -> str:
+    return exc.msg if isinstance(exc, PlexusError) else f"{type(exc).__name__}: {exc}"
 
 
 def valid_attachments(config: Mapping[str, Any]) -> set[tuple[str, str]]:

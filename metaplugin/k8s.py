@@ -46,6 +46,7 @@ REQUEST_TIMEOUT: Final = (5.0, 15.0)
 CACHE_WAIT: Final = 2.0
 STATUS_RETRIES: Final = 5
 EVENT_COMPONENT: Final = "plexus"
+EVENT_MESSAGE_MAX: Final = 1024
 
 V = TypeVar("V")
 
@@ -322,6 +323,9 @@ class ApiStatusSink:
     def network_not_found(self, pod: PodInfo, message: str) -> None:
         self._put(_StatusJob(pod, event=("Warning", "NoNetworkFound", message)))
 
+    def teardown_abandoned(self, pod: PodInfo, message: str) -> None:
+        self._put(_StatusJob(pod, event=("Warning", "TeardownAbandoned", message)))
+
     def _put(self, job: _StatusJob) -> None:
         try:
             self._jobs.put_nowait(job)
@@ -412,7 +416,7 @@ class ApiStatusSink:
             ),
             type=kind,
             reason=reason,
-            message=message,
+            message=_event_message(message),
             source=kclient.V1EventSource(component=EVENT_COMPONENT, host=self._node),
             reporting_component=EVENT_COMPONENT,
             reporting_instance=self._node,
@@ -426,6 +430,14 @@ class ApiStatusSink:
             )
         except (ApiException, HTTPError, OSError) as exc:
             log.warning("pod_event_failed", pod=pod.ref, reason=reason, error=str(exc)[:200])
+
+
+def _event_message(message: str) -> str:
+    # Kubernetes documents 1 kB as the most an Event's note should hold (events.k8s.io
+    # refuses more); the daemon's log line has the whole message.
+    return (
+        message if len(message) <= EVENT_MESSAGE_MAX else message[: EVENT_MESSAGE_MAX - 3] + "..."
+    )
 
 
 class Cluster:

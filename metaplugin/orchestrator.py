@@ -6,8 +6,11 @@ pod-wide steps (`metaplugin.podwide`) → publish network-status → answer with
 network's result in the caller's version. Every step that changes something registers its undo
 on one stack the moment it succeeds; a failure anywhere runs them all, newest first (a failed
 attachment is DEL'd too, its delegates may have half-made it). DEL replays what ADD recorded,
-in reverse, and needs neither the API, the netns nor prevResult. The daemon serialises calls per
-container, so nothing here locks.
+in reverse, and needs neither the API, the netns nor prevResult. A DEL that fails keeps the
+record for the retry, until no retry will come (the runtime's last DEL, GC of a container the
+runtime no longer knows, a spooled DEL out of retries): then the attachment is given up, what
+Plexus can release itself is released, and the record goes to quarantine (`_abandon`). The
+daemon serialises calls per container, so nothing here locks.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from kernel.netns import existing_interfaces
 from metaplugin.config import DaemonConfig
 from metaplugin.podwide import DefaultRoute, PodStep
 from metaplugin.resolve import PlannedAttachment, Resolver
+from metaplugin.salvage import Salvage
 from metaplugin.status import StatusSink, added_interface_message, network_status
 from metaplugin.store import Attachment, AttachmentKey, AttachmentStore, ContainerRecords
 from sriov.devices import DeviceRequest, DeviceSource
@@ -67,6 +71,7 @@ class _Undo:
         self._stack = ExitStack()
         self.failures: list[str] = []
         self.culprit: Attachment | None = None  # the attachment being made, if any
+        self.kept: set[AttachmentKey] = set()  # records whose rollback DEL failed
 
     def push(self, failed: str, fn: Callable[..., Any], *args: Any) -> None:
         """`failed`: how the error says this undo failed ("rollback DEL failed for ...")."""
@@ -99,6 +104,7 @@ class Orchestrator:
         existing: Callable[[str, list[str]], list[str]] = existing_interfaces,
         pod_steps: tuple[PodStep, ...] = (DefaultRoute(),),
         reap_links: Callable[[str], None] = podlinks.reap,
+        salvage: Salvage | None = None,
     ) -> None:
         self._cfg = config
         self._resolver = resolver
@@ -110,6 +116,7 @@ class Orchestrator:
         self._existing = existing
         self._pod_steps = pod_steps
         self._reap_links = reap_links
+        self._salvage = salvage or Salvage(host_local_data_dir=config.host_local_data_dir)
 
     def handle(self, req: CniRequest) -> dict[str, Any] | None:
         """ADD, DEL, CHECK, STATUS (GC is `metaplugin.gc`; the shim answers VERSION itself)."""
@@ -278,15 +285,16 @@ class Orchestrator:
         self._store.plan(planned)
         undo.push(
             "forgetting the planned attachments failed",
-            self._store.discard_planned,
-            req.container_id,
+            lambda: self._store.discard_planned(req.container_id, keep=undo.kept),
         )
         return planned
 
     def _attach(self, att: Attachment, netns: str, undo: _Undo) -> Attachment:
         """ADD of one attachment; its DEL is on the undo stack before its delegates run."""
         undo.culprit = att
-        undo.push(f"rollback DEL failed for {att.label}", self._detach_as_recorded, att.key, netns)
+        undo.push(
+            f"rollback DEL failed for {att.label}", self._detach_as_recorded, att.key, netns, undo
+        )
         result = self._runner.add(att.prepared, self._env(att, netns))
         added = self._store.mark_added(att, result)
         log.info(
@@ -325,16 +333,20 @@ class Orchestrator:
     # --- DEL ----------------------------------------------------------------------------------
 
     def delete(self, req: CniRequest) -> None:
-        """DEL the container's attachments, in the netns the runtime names (or none)."""
-        self._delete(req, issued_at=None)
+        """DEL the container's attachments, in the netns the runtime names (or none). The
+        runtime's DEL without a netns that exists is its last one (containerd's second DEL
+        carries none; a retry finds no more than this one did): an attachment whose DEL still
+        fails then is given up (`_abandon`) instead of failing this DEL, and every DEL after."""
+        self._delete(req, issued_at=None, last=False)
 
-    def delete_spooled(self, req: CniRequest, spooled_at: float) -> None:
+    def delete_spooled(self, req: CniRequest, spooled_at: float, *, last: bool = False) -> None:
         """A DEL the shim spooled while the daemon was down. It is late: it never touches
         attachments made after it was issued, or for another pod, and without a netns from the
-        runtime it uses the recorded one (if that still exists, it is the pod's)."""
-        self._delete(req, issued_at=spooled_at)
+        runtime it uses the recorded one (if that still exists, it is the pod's). `last`: the
+        replayer's retries are used up, so what still fails is given up."""
+        self._delete(req, issued_at=spooled_at, last=last)
 
-    def _delete(self, req: CniRequest, *, issued_at: float | None) -> None:
+    def _delete(self, req: CniRequest, *, issued_at: float | None, last: bool) -> None:
         """`issued_at` None: the runtime's own DEL; else when the shim spooled it (0: unknown)."""
         loaded = self._store.load(req.container_id)
         if loaded.quarantined:
@@ -352,12 +364,22 @@ class Orchestrator:
         ):
             log.warning("stale_del_ignored", recorded_at=first.created_at, issued_at=issued_at)
             return
-        self.teardown(loaded, req.netns or (loaded.netns if issued_at is not None else ""))
+        netns = req.netns or (loaded.netns if issued_at is not None else "")
+        why = None
+        if last:
+            why = "a spooled DEL that failed on every retry"
+        elif issued_at is None and not _usable(netns):
+            why = "the runtime's last DEL (the pod's netns is gone)"
+        self.teardown(loaded, netns, last_chance=why)
 
-    def teardown(self, loaded: ContainerRecords, netns: str) -> None:
-        """DEL every recorded attachment in reverse; keep (and report) the ones that fail."""
+    def teardown(
+        self, loaded: ContainerRecords, netns: str, *, last_chance: str | None = None
+    ) -> None:
+        """DEL every recorded attachment in reverse; keep (and report) the ones that fail.
+        `last_chance`: why no DEL will come after this one; the ones that fail are then given
+        up instead (`_abandon`) and teardown succeeds."""
         # A vanished netns is passed as "": plugins then clean up what lives outside it.
-        usable = netns if netns and cni.is_netns(netns) else ""
+        usable = _usable(netns)
         # Reaping first is only safe when every plugin is a built-in: an exec'd plugin's DEL
         # (tuning, a vendor's) may need to find its interface to clean up after it.
         reap_first = usable and all(r.prepared.builtin_only for r in loaded.records)
@@ -368,7 +390,15 @@ class Orchestrator:
             try:
                 self.detach(record, usable)
             except Exception as exc:  # noqa: BLE001 - DEL tries every attachment
-                failures.append(f"{record.label}: {_msg(exc)}")
+                if last_chance is None:
+                    failures.append(f"{record.label}: {_msg(exc)}")
+                    continue
+                try:
+                    self._abandon(record, usable, exc, last_chance)
+                except Exception as why_not:  # noqa: BLE001 - not set aside: kept, and reported
+                    failures.append(
+                        f"{record.label}: {_msg(exc)}; giving it up failed: {_msg(why_not)}"
+                    )
         if usable and not reap_first and not failures:
             self._reap_pod_links(usable)  # whatever a built-in left behind
         if failures:
@@ -382,16 +412,79 @@ class Orchestrator:
     def detach(self, record: Attachment, netns: str) -> None:
         """DEL of one attachment, replaying its record: with its result as prevResult once ADD
         finished, without before. The record goes when DEL succeeds and stays when it fails,
-        so the next DEL or GC retries it (an ADD's rollback then forgets the records that never
-        finished: `discard_planned`)."""
+        so the next DEL or GC retries it."""
         self._runner.delete(record.prepared, self._env(record, netns), record.result)
         self._store.remove(record)
 
-    def _detach_as_recorded(self, key: AttachmentKey, netns: str) -> None:
-        """Rollback's DEL: the record as it is now (planned, or added with its result)."""
+    def _abandon(self, record: Attachment, netns: str, exc: BaseException, why: str) -> None:
+        """Give up an attachment whose DEL failed when no DEL will follow (a pod stuck
+        Terminating otherwise, and a GC failing for ever). Plexus releases what it can itself
+        (`metaplugin.salvage`: host-local leases, the links named in the record), sets the
+        record aside in the quarantine dir with why and what was done, and tells the operator:
+        a warning in the log and a Warning Event on the pod. What the delegate keeps that Plexus
+        cannot see (another IPAM's lease, a vendor's state) is named, not guessed at."""
+        error = _msg(exc)
+        done = self._salvage.everything(record, netns)
+        where = self._store.quarantine(
+            record,
+            {
+                "at": time.time(),
+                "container": record.container_id,
+                "network": record.network,
+                "ifname": record.ifname,
+                "why": why,
+                "error": error,
+                **done.as_dict(),
+            },
+        )
+        log.warning(
+            "teardown_abandoned",
+            container_id=record.container_id,
+            network=record.network,
+            ifname=record.ifname,
+            why=why,
+            error=error,
+            **done.as_dict(),
+            quarantined=where,
+        )
+        holder = record.holder
+        if holder.pod_name:
+            self._event(
+                PodInfo(holder.pod_namespace, holder.pod_name, holder.pod_uid),
+                f"DEL of {record.label} failed on {why}: {error}. Plexus gave the attachment "
+                f"up: it {done.describe()}; the record is kept in {where}",
+            )
+
+    def _event(self, pod: PodInfo, message: str) -> None:
+        try:
+            self._sink.teardown_abandoned(pod, message)
+        except Exception:  # an Event is informational: DEL has done its work
+            log.exception("teardown_event_not_sent", pod=pod.ref)
+
+    def _detach_as_recorded(self, key: AttachmentKey, netns: str, undo: _Undo) -> None:
+        """Rollback's DEL: the record as it is now (planned, or added with its result). When
+        its DEL fails, the record stays (`discard_planned` keeps it: the runtime's DEL after the
+        failed ADD, or GC, retries the delegate) and the links it names go now, so the pod is
+        not left with a half-made interface."""
         record = self._store.get(key)
-        if record is not None:
+        if record is None:
+            return
+        try:
             self.detach(record, netns)
+        except Exception as exc:  # noqa: BLE001 - re-raised below, with what was done
+            undo.kept.add(key)
+            done = self._salvage.links(record, netns)
+            log.warning(
+                "rollback_del_failed",
+                network=record.network,
+                ifname=record.ifname,
+                error=_msg(exc),
+                **done.as_dict(),
+            )
+            note = f"the record stays for the runtime's DEL; Plexus {done.describe()}"
+            if isinstance(exc, PlexusError):
+                raise exc.with_msg(f"{exc.msg} ({note})") from None
+            raise InternalError(f"{_msg(exc)} ({note})") from None
 
     def _reap_pod_links(self, netns: str) -> None:
         """Remove every link the built-ins made in the pod in one go (one RCU wait instead of
@@ -461,6 +554,11 @@ class Orchestrator:
             cni_args=record.cni_args,
             path=self.path(record.cni_path),
         )
+
+
+def _usable(netns: str) -> str:
+    """`netns` when it is a network namespace now, else "" (gone, or never given)."""
+    return netns if netns and cni.is_netns(netns) else ""
 
 
 def _runtime_config(req: CniRequest) -> dict[str, Any]:

@@ -93,6 +93,11 @@ class StatusSink(Protocol):
 
     def network_not_found(self, pod: PodInfo, message: str) -> None: ...
 
+    def teardown_abandoned(self, pod: PodInfo, message: str) -> None:
+        """A DEL that cannot succeed was given up (a Warning Event on the pod): `message` says
+        which attachment, why, what Plexus released itself and where its record is kept."""
+        ...
+
 
 class NullSink:
     """Local mode: nothing to publish; plexusctl reads status from the daemon."""
@@ -102,3 +107,6 @@ class NullSink:
 
     def network_not_found(self, pod: PodInfo, message: str) -> None:
         return None
+
+    def teardown_abandoned(self, pod: PodInfo, message: str) -> None:
+        return None  # the daemon's log line (`teardown_abandoned`) says it all

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, NamedTuple
@@ -47,7 +48,7 @@ from pydantic import (
 
 from cnispec import cni
 from cnispec.cni import Result
-from cnispec.durable import atomic_write, fsync_dir
+from cnispec.durable import atomic_write, durable_unlink, fsync_dir
 from cnispec.errors import IOFailure, PlexusError, TryAgainLater
 from cnispec.identity import Holder
 from cnispec.netconf import PreparedNetwork
@@ -151,6 +152,15 @@ def file_name(network: str, ifname: str) -> str:
     return f"{ifname}@{digest}{SUFFIX}"
 
 
+def _quarantine_name(container_id: str, name: str, suffix: str = "") -> str:
+    """`<container>-<record file>-<ns timestamp><suffix>`, within NAME_MAX: a long container ID
+    is cut and a digest of it keeps it apart (the file's content names it in full)."""
+    if len(container_id) > 64:
+        digest = hashlib.sha256(container_id.encode()).hexdigest()[:12]
+        container_id = f"{container_id[:48]}~{digest}"
+    return f"{container_id}-{name}-{time.time_ns()}{suffix}"
+
+
 @dataclass(frozen=True, slots=True)
 class ContainerRecords:
     container_id: str
@@ -241,13 +251,35 @@ class AttachmentStore:
     def remove(self, record: Attachment) -> None:
         (self._dir(record.container_id) / record.file_name).unlink(missing_ok=True)
 
-    def discard_planned(self, container_id: str) -> None:
-        """Forget the container's attachments that never ran (an ADD being undone), then the
+    def discard_planned(self, container_id: str, keep: Collection[AttachmentKey] = ()) -> None:
+        """Forget the container's attachments that never ran (an ADD being undone), except
+        those in `keep` (their rollback DEL failed: the runtime's DEL retries them), then the
         container itself if nothing else is left."""
         for record in self.load(container_id, quarantine=False).records:
-            if record.state == "planned":
+            if record.state == "planned" and record.key not in keep:
                 self.remove(record)
         self.remove_container(container_id)
+
+    def quarantine(self, record: Attachment, abandoned: Mapping[str, Any]) -> str:
+        """Set aside the record of an attachment given up (its DEL cannot succeed and none
+        will follow): written to the quarantine dir as `{"abandoned": <why and what was
+        released>, "record": <the record as it was>}`, then removed from the container. Both
+        steps are durable; a crash between them leaves the record in place, so the next DEL or
+        GC gives it up again. Returns the quarantine file's path."""
+        target = self._quarantine / _quarantine_name(
+            record.container_id, record.file_name, ".abandoned"
+        )
+        body = {
+            "abandoned": dict(abandoned),
+            "record": record.model_dump(mode="json", by_alias=True, exclude_none=True),
+        }
+        try:
+            self._quarantine.mkdir(exist_ok=True, mode=0o700)
+            atomic_write(target, json.dumps(body, indent=1).encode())
+            durable_unlink(self._dir(record.container_id) / record.file_name)
+        except OSError as exc:
+            raise IOFailure(f"cannot quarantine attachment record {record.label}: {exc}") from None
+        return str(target)
 
     def remove_container(self, container_id: str) -> None:
         directory = self._dir(container_id)
@@ -336,7 +368,7 @@ class AttachmentStore:
 
     def _move_to_quarantine(self, path: Path) -> str:
         self._quarantine.mkdir(exist_ok=True, mode=0o700)
-        target = self._quarantine / f"{path.parent.name}-{path.name}-{int(time.time())}"
+        target = self._quarantine / _quarantine_name(path.parent.name, path.name)
         try:
             shutil.move(str(path), target)
         except FileNotFoundError:

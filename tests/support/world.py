@@ -21,6 +21,7 @@ from metaplugin.nad_source import LocalNadSource
 from metaplugin.orchestrator import Orchestrator
 from metaplugin.podwide import DefaultRoute, MovedRoutes
 from metaplugin.resolve import Resolver
+from metaplugin.salvage import Salvage
 from metaplugin.scheduler import Scheduler
 from metaplugin.store import AttachmentStore
 from testbed.manifests import nad
@@ -50,8 +51,35 @@ class RecordingSink:
     def attached(self, pod: PodInfo, status: list[dict[str, Any]], messages: list[str]) -> None:
         self.attached_calls.append((pod, status, messages))
 
+    abandoned: list[tuple[PodInfo, str]] = field(default_factory=list)
+
     def network_not_found(self, pod: PodInfo, message: str) -> None:
         self.not_found.append((pod, message))
+
+    def teardown_abandoned(self, pod: PodInfo, message: str) -> None:
+        self.abandoned.append((pod, message))
+
+
+@dataclass
+class FakeLinks:
+    """Salvage's kernel side (`metaplugin.salvage.Links`), faked: unit tests never touch the
+    host's links. `present` says which exist; what was removed is remembered."""
+
+    present: set[tuple[str, str]] = field(default_factory=set)  # (netns or "node", ifname)
+    removed: list[tuple[str, str]] = field(default_factory=list)
+
+    def remove_pod_link(self, netns: str, ifname: str) -> bool:
+        return self._remove((netns, ifname))
+
+    def remove_host_veth(self, ifname: str, mac: str) -> bool:
+        return self._remove(("node", ifname))
+
+    def _remove(self, link: tuple[str, str]) -> bool:
+        if link not in self.present:
+            return False
+        self.present.discard(link)
+        self.removed.append(link)
+        return True
 
 
 class World:
@@ -89,6 +117,7 @@ class World:
             FakePlugin("broken", fail={"ADD"}),
         )
         self.sink = RecordingSink()
+        self.links = FakeLinks()
         self.nads = LocalNadSource(str(self.nad_dir))
         self.store = AttachmentStore(str(self.state))
         self.resolver = Resolver(config=self.config, nads=self.nads)
@@ -107,6 +136,7 @@ class World:
             ],
             pod_steps=(DefaultRoute(routes=self),),
             reap_links=lambda netns: None,
+            salvage=Salvage(host_local_data_dir=str(root / "leases"), links=self.links),
         )
         self.scheduler = Scheduler(max_concurrent=4, max_queue=16)
         self.collector = Collector(

@@ -411,8 +411,9 @@ def test_a_default_route_that_cannot_be_set_undoes_the_pod(world: World) -> None
 def test_a_del_that_fails_on_a_half_made_attachment_keeps_it_for_the_retry(
     world: World,
 ) -> None:
-    """A crash mid-ADD leaves net1 planned; its DEL fails once: the record must survive, so the
-    next DEL runs the plugin's DEL again instead of forgetting what the half-made ADD left."""
+    """A crash mid-ADD leaves net1 planned; its DEL fails once while the pod's netns is there:
+    the record must survive, so the next DEL runs the plugin's DEL again instead of forgetting
+    what the half-made ADD left."""
     req = request("ADD", networks="net-a")
     pod = PodInfo("default", "pod-c1", "uid-c1", {NETWORKS_ANNOTATION: "net-a"})
     plan = world.resolver.plan(ifname="eth0", pod=pod, runtime_config={})
@@ -422,7 +423,7 @@ def test_a_del_that_fails_on_a_half_made_attachment_keeps_it_for_the_retry(
     world.exec.plugins["macvlan"].live[("c1", "net1")] = "10.1.0.9/24"  # what the ADD half-made
     world.exec.plugins["macvlan"].fail = {"DEL"}
     with pytest.raises(TeardownIncomplete, match="default/net-a"):
-        world.orchestrator.delete(request("DEL", netns=""))
+        world.orchestrator.delete(request("DEL"))
     assert records(world) == [("net1", "planned")]
     world.exec.plugins["macvlan"].fail = set()
     world.orchestrator.delete(request("DEL", netns=""))

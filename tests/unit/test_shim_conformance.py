@@ -800,7 +800,7 @@ class RecordingOrchestrator:
     def __init__(self) -> None:
         self.deleted: list[tuple[cni.CniRequest, float]] = []
 
-    def delete_spooled(self, req: cni.CniRequest, spooled_at: float) -> None:
+    def delete_spooled(self, req: cni.CniRequest, spooled_at: float, *, last: bool = False) -> None:
         self.deleted.append((req, spooled_at))
 
 

@@ -146,3 +146,41 @@ def test_one_container_it_cannot_read_never_stops_the_store_opening(
     with pytest.raises(IOFailure) as err:
         store.load("legacyc2")
     assert err.value.code == 5 and store.quarantined() == []
+
+
+def test_an_abandoned_record_is_set_aside_whole_with_why(tmp_path: Path) -> None:
+    _v1(tmp_path, "mid-add", "legacyc2")
+    store = AttachmentStore(tmp_path)
+    eth0, net1, net2 = store.load("legacyc2").records
+    where = store.quarantine(net2, {"why": "the runtime's last DEL", "error": "no master"})
+    assert store.quarantined() == [where] and where.endswith(".abandoned")
+    kept = json.loads(Path(where).read_text())
+    assert kept["abandoned"] == {"why": "the runtime's last DEL", "error": "no master"}
+    assert Attachment.model_validate(kept["record"]) == net2  # the record as it was
+    assert store.load("legacyc2").records == (eth0, net1)  # and no longer the container's
+
+
+def test_quarantine_names_fit_a_file_name_whatever_the_container_id(tmp_path: Path) -> None:
+    _v1(tmp_path, "mid-add", "legacyc2")
+    store = AttachmentStore(tmp_path)
+    record = store.load("legacyc2").records[2]
+    long_id = "c" * 250
+    long = record.model_copy(
+        update={"holder": record.holder.model_copy(update={"container_id": long_id})}
+    )
+    where = Path(store.quarantine(long, {"why": "test"}))
+    assert len(where.name) < 255 and where.name.startswith("c" * 48 + "~")
+    assert json.loads(where.read_text())["record"]["holder"]["container_id"] == long_id
+
+
+def test_discarding_an_undone_add_keeps_the_records_whose_rollback_failed(
+    tmp_path: Path,
+) -> None:
+    _v1(tmp_path, "mid-add", "legacyc2")
+    store = AttachmentStore(tmp_path)
+    eth0, net1, net2 = store.load("legacyc2").records
+    assert net2.state == "planned"
+    store.discard_planned("legacyc2", keep={net2.key})
+    assert store.load("legacyc2").records == (eth0, net1, net2)
+    store.discard_planned("legacyc2")
+    assert store.load("legacyc2").records == (eth0, net1)
