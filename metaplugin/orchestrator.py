@@ -116,7 +116,9 @@ class Orchestrator:
         self._existing = existing
         self._pod_steps = pod_steps
         self._reap_links = reap_links
-        self._salvage = salvage or Salvage(host_local_data_dir=config.host_local_data_dir)
+        self._salvage = salvage or Salvage(
+            host_local_data_dir=config.host_local_data_dir, paths=config.ipam_paths()
+        )
 
     def handle(self, req: CniRequest) -> dict[str, Any] | None:
         """ADD, DEL, CHECK, STATUS (GC is `metaplugin.gc`; the shim answers VERSION itself)."""

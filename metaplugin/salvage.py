@@ -34,7 +34,8 @@ from typing import Any, Protocol
 import structlog
 
 from cnispec.errors import PlexusError
-from delegates.ipam.host_local import DEFAULT_DATA_DIR, HostLocalIpam, network_dir
+from delegates.ipam.host_local import HostLocalIpam, network_dir
+from delegates.ipam.paths import DEFAULT_DATA_DIR, IpamPaths
 from delegates.plugin import PluginRequest
 from kernel.netlink import Netlink
 from metaplugin.store import Attachment
@@ -102,10 +103,24 @@ class Salvaged:
 
 
 class Salvage:
-    def __init__(self, *, host_local_data_dir: str, links: Links | None = None) -> None:
-        # (default lease directory, allocator): a built-in's, then an exec'd plugin's
-        self._builtin = (host_local_data_dir, HostLocalIpam(default_data_dir=host_local_data_dir))
-        self._exec = (DEFAULT_DATA_DIR, HostLocalIpam(default_data_dir=DEFAULT_DATA_DIR))
+    def __init__(
+        self, *, host_local_data_dir: str, paths: IpamPaths, links: Links | None = None
+    ) -> None:
+        # (default lease directory, allocator, where it may reach): a built-in's, then an exec'd
+        # plugin's, whose own default is the reference host-local's.
+        exec_paths = IpamPaths(
+            data_roots=(*paths.data_roots, DEFAULT_DATA_DIR), resolv_confs=paths.resolv_confs
+        )
+        self._builtin = (
+            host_local_data_dir,
+            HostLocalIpam(default_data_dir=host_local_data_dir, paths=paths),
+            paths,
+        )
+        self._exec = (
+            DEFAULT_DATA_DIR,
+            HostLocalIpam(default_data_dir=DEFAULT_DATA_DIR, paths=exec_paths),
+            exec_paths,
+        )
         self._links = links if links is not None else KernelLinks()
 
     def everything(self, record: Attachment, netns: str) -> Salvaged:
@@ -136,9 +151,10 @@ class Salvage:
                 cni_args=record.cni_args,
                 config=plugin.config,
             )
-            default_dir, allocator = self._exec if plugin.path else self._builtin
+            default_dir, allocator, reach = self._exec if plugin.path else self._builtin
             try:
-                where = network_dir(req, default_data_dir=default_dir)
+                # Only where host-local may write: a record's dataDir outside is never touched.
+                where = network_dir(req, default_data_dir=default_dir, paths=reach)
                 allocator.delete(req)
             except Exception as exc:  # noqa: BLE001 - best effort: named in the report
                 done.left.append(f"the host-local leases of plugin {plugin.type}: {_msg(exc)}")

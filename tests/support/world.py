@@ -14,6 +14,7 @@ import yaml
 from cnispec.errors import InvalidConfig
 from cnispec.identity import PodInfo
 from delegates.chain import ChainRunner
+from delegates.ipam.paths import IpamPaths
 from delegates.registry import PluginRegistry
 from metaplugin.config import DaemonConfig
 from metaplugin.gc import Collector
@@ -106,6 +107,7 @@ class World:
                 "cniConfDir": str(self.conf_dir),
                 "cniBinDir": str(root / "bin"),
                 "cniPath": ["/fake"],
+                "hostLocalDataRoots": [str(root)],  # leases of test NADs stay in the temp dir
                 **config,
             }
         )
@@ -136,7 +138,11 @@ class World:
             ],
             pod_steps=(DefaultRoute(routes=self),),
             reap_links=lambda netns: None,
-            salvage=Salvage(host_local_data_dir=str(root / "leases"), links=self.links),
+            salvage=Salvage(
+                host_local_data_dir=str(root / "leases"),
+                paths=IpamPaths(data_roots=(str(root),)),
+                links=self.links,
+            ),
         )
         self.scheduler = Scheduler(max_concurrent=4, max_queue=16)
         self.collector = Collector(

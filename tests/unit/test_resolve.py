@@ -282,7 +282,7 @@ def _host_local_nad(name: str, **ipam: str) -> dict[str, Any]:
 
 def test_a_nad_whose_host_local_writes_outside_the_roots_is_refused(tmp_path: Path) -> None:
     root, outside = tmp_path / "leases", tmp_path / "elsewhere"
-    w = World(tmp_path, hostLocalDataDir=str(root))
+    w = World(tmp_path, hostLocalDataDir=str(root), hostLocalDataRoots=[])
     w.add_nads(
         _host_local_nad("inside", dataDir=str(root / "team-a")),
         _host_local_nad("outside", dataDir=str(outside)),
@@ -334,7 +334,7 @@ def test_a_conf_file_of_the_node_admin_is_not_confined(tmp_path: Path) -> None:
 
 
 def test_gc_skips_a_nad_that_reaches_outside(tmp_path: Path) -> None:
-    w = World(tmp_path)
+    w = World(tmp_path, hostLocalDataRoots=[str(tmp_path / "leases")])
     w.add_nads(_host_local_nad("outside", dataDir=str(tmp_path / "elsewhere")))
     assert "default/outside" not in [n.network for n in w.resolver.known_networks()]
 

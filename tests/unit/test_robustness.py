@@ -23,6 +23,7 @@ from cnispec.errors import (
 from cnispec.identity import PodInfo
 from delegates.external import ChildTracker, RawExec
 from delegates.ipam import HostLocalIpam
+from delegates.ipam.paths import IpamPaths
 from delegates.plugin import PluginRequest
 from metaplugin.install import conflist
 from metaplugin.salvage import Salvage
@@ -305,7 +306,8 @@ def lease_net(
 def hold_lease(world: World, config: dict[str, Any], cid: str, ifname: str) -> str:
     """Reserve an address for (cid, ifname) as the exec'd host-local would have."""
     req = PluginRequest(container_id=cid, ifname=ifname, config={**config, "cniVersion": "1.0.0"})
-    return HostLocalIpam().add(req).ips[0].address
+    allocator = HostLocalIpam(paths=IpamPaths(data_roots=(str(world.root),)))
+    return allocator.add(req).ips[0].address
 
 
 def leases(world: World) -> list[str]:
@@ -425,7 +427,12 @@ def test_salvage_removes_only_the_nodes_veth_named_with_its_mac(world: World) ->
     world.orchestrator.add(request("ADD"))
     record = world.store.load("c1").records[0].model_copy(update={"result": result})
     world.links.present |= {("node", "br0"), ("node", "veth1234"), ("/run/netns/p", "eth0")}
-    done = Salvage(host_local_data_dir=str(world.root), links=world.links).everything(record, "")
+    salvage = Salvage(
+        host_local_data_dir=str(world.root),
+        paths=IpamPaths(data_roots=(str(world.root),)),
+        links=world.links,
+    )
+    done = salvage.everything(record, "")
     assert world.links.removed == [("node", "veth1234")]
     assert done.removed_links == ["veth veth1234 on the node"]
 
