@@ -15,7 +15,7 @@ from pathlib import Path
 
 import structlog
 
-from cnispec import cni
+from cnispec import cni, failpoints
 from metaplugin.orchestrator import Orchestrator
 from metaplugin.scheduler import Scheduler
 
@@ -59,11 +59,14 @@ class SpoolReplayer:
         bound = log.bind(container_id=req.container_id, ifname=req.ifname, spool_file=path.name)
         try:
             with self._scheduler.container(req.container_id):
+                failpoints.hit("spool_replay_before")
                 self._orchestrator.delete_spooled(req, spooled_at)
         except Exception as exc:  # noqa: BLE001 - stays pending; the timer retries it
             bound.warning("spooled_del_failed", error=getattr(exc, "msg", repr(exc)))
             return False
+        failpoints.hit("spool_unlink_before")
         path.unlink(missing_ok=True)
+        failpoints.hit("spool_unlinked")
         bound.info("spooled_del_replayed")
         return True
 
