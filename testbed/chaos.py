@@ -3,11 +3,12 @@ SIGKILLed at its failpoints (docs/failpoints.md) and at random moments, then a c
 left behind.
 
 The world: a "node" namespace running plexusd in local mode, its cluster network the built-in
-`plexus-routed` (dual-stack, host-local leases in-process) and three secondary networks, as NADs
-in a local directory: `mv` (built-in `plexus-macvlan`), `ipv` (built-in `plexus-ipvlan`) and `ref`
-(Debian's reference `macvlan` + `host-local`, exec'd). Every request goes through the real shim
-executable with the CNI_* environment and the conflist on stdin, as libcni sends them
-(`testbed.runtime`).
+`plexus-routed` (dual-stack, host-local leases in-process) and secondary networks as NADs in a
+local directory: `mv` (built-in `plexus-macvlan`), `b2` (built-in `plexus-ipvlan`, or
+`plexus-macvlan` on a kernel without ipvlan), `ref` (Debian's reference `macvlan` + `host-local`,
+exec'd) and `bad` (a built-in whose ADD always fails once its link, lease and address exist, so
+the pod's ADD is rolled back). Every request goes through the real shim executable with the
+CNI_* environment and the conflist on stdin, as libcni sends them (`testbed.runtime`).
 
 One cycle: a pod namespace, an ADD with 2-3 networks (eth0 + one or two secondaries); then, as
 containerd tears a sandbox down, DEL #1 with the netns (a failed one is retried, as the kubelet
@@ -15,16 +16,18 @@ retries StopPodSandbox), the netns deleted, DEL #2 with `CNI_NETNS` empty; every
 GC with the runtime's valid list (the pods still alive: some pods live a few cycles; a few are
 "lost" by the runtime and only GC can collect them). Each cycle's choices come from its own seed
 (`seed:cycle`), so `--first-cycle K --cycles 1` replays cycle K's plan alone. The faults: a
-failpoint armed (`name@N`, plexusd restarted with PLEXUS_FAILPOINTS), or a SIGKILL after a
-random fraction of the phase's usual duration (ADD, DEL #1, DEL #2, GC), or plexusd killed before
-DEL #1 so that DEL is spooled by the shim and replayed at the next start. After any death plexusd
-is started again, unarmed.
+failpoint armed (`name@N`, plexusd restarted with PLEXUS_FAILPOINTS), a SIGKILL after a random
+fraction of the phase's usual duration (ADD, DEL #1, DEL #2, GC), or plexusd killed before
+DEL #1 (and sometimes DEL #2) so the shim spools them and the next start replays them. After any
+death plexusd is started again, unarmed. Opt-in (`--master-gone`): the macvlan master is deleted
+after ADD and put back after the cycle (issue 10 item 3: a DEL that cannot succeed).
 
 What counts as a leak, once every pod is gone and a last GC ran (and, per cycle, after that
-cycle's DELs): a link in the node namespace that is not the bed's own, a lease file in any IPAM
-dataDir, an attachment record directory, a spool entry (pending or set aside as unreadable);
-the interfaces a DEL that answered success left in a pod that was still there ("pod links after
-DEL"). Quarantined records are reported on their own. VFs are n/a: this bed has no SR-IOV.
+cycle's DELs and GC): a link in the node namespace that is not the bed's own, a lease file in
+any IPAM dataDir, an attachment record directory, a spool entry (pending or set aside as
+unreadable); and the interfaces a DEL that answered success left in a pod that was still there
+("pod links after DEL"). Quarantined records are reported on their own. VFs are n/a: this bed
+has no SR-IOV.
 
 Run it as root from the repository's top directory: `python -m testbed.chaos --cycles 1000`
 (`make chaos`); `tests/netns/test_chaos.py` runs a bounded campaign in CI.
@@ -39,6 +42,7 @@ import json
 import random
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -280,7 +284,10 @@ class Plan:
         roll = rng.random()
         fault, point, phase, at = "none", "", "", 0.0
         if roll < faulty * 0.55 and points:
-            fault, point = "failpoint", f"{rng.choice(points)}@{rng.choice((1, 1, 2, 3, 4))}"
+            fault, point = (
+                "failpoint",
+                f"{rng.choice(points)}@{rng.choice((1,) * 12 + (2,) * 5 + (3, 3, 4))}",
+            )
         elif roll < faulty * 0.9:
             fault, at = "kill", rng.random()
             phase = rng.choice(("add",) * 5 + ("del1",) * 3 + ("del2", "gc"))
@@ -313,6 +320,8 @@ class Plan:
         )
 
     def describe(self) -> str:
+        if self.cycle < 0:
+            return "the end of the campaign (pods still alive torn down, a last GC)"
         what = {
             "none": "no fault",
             "failpoint": "",
@@ -499,7 +508,9 @@ class Campaign:
         record = self._record
         if by_us:
             return
-        if self.world.spec:
+        proc = self.world.daemon.proc
+        killed = proc is not None and proc.returncode == -signal.SIGKILL
+        if self.world.spec and killed:
             name = self.world.spec.split("@")[0]
             self.tally.kills_failpoint[name] += 1
             if record is not None:
@@ -508,8 +519,11 @@ class Campaign:
             return
         self.tally.crashes += 1
         tail = self.world.daemon.logs().splitlines()[-5:]
+        code = proc.returncode if proc is not None else None
         if record is not None:
-            record.crashed.append(f"plexusd died in {phase} with nothing armed: {tail}")
+            record.crashed.append(
+                f"plexusd died in {phase} (exit {code}), not at a failpoint: {tail}"
+            )
 
     def _op(self, phase: str, fn: Callable[[], Outcome], *, down: bool = False) -> Outcome:
         """Run one runtime request, SIGKILLing plexusd during it when the cycle's plan says so;
@@ -710,7 +724,8 @@ class Campaign:
         return False
 
     def _finding(self, plan: Plan, what: str, detail: str) -> None:
-        finding = Finding(plan.cycle, plan.describe(), what, detail, self.replay(plan))
+        replay = self.replay(plan) if plan.cycle >= 0 else "(the whole campaign again)"
+        finding = Finding(plan.cycle, plan.describe(), what, detail, replay)
         self.tally.findings.append(finding)
 
     def _account(self, record: CycleRecord) -> None:
@@ -728,8 +743,7 @@ class Campaign:
     def finish(self) -> Tally:
         """Tear down the pods still alive, start plexusd unarmed (it replays the spool), GC
         with nothing valid, and count every leak left on the node."""
-        last = Plan(self.tally.cycles, ())
-        self._record = CycleRecord(last)
+        self._record = CycleRecord(Plan(-1, ()))
         self.armed = ""
         self.ensure_up()
         for pod in list(self.live.values()):
@@ -739,6 +753,12 @@ class Campaign:
         self.ensure_up()
         self.gc()
         self.tally.leaks = self.leftovers(None)
+        for kind, items in self.tally.leaks.items():
+            for item in items:  # each leak is a finding of the cycle that made the pod
+                match = _CID.search(item)
+                maker = self.dead.get(match.group(0)) if match else None
+                plan = maker.plan if maker else Plan(-1, ())
+                self._finding(plan, f"leaked at the end ({kind})", item)
         self.tally.leaks["pod links after DEL"] = list(self.tally.pod_links)
         self.tally.quarantined = sorted(
             str(p.name) for p in (self.world.state / "quarantine").glob("*")
@@ -753,7 +773,7 @@ class Campaign:
             return cids is None or cid in cids
 
         out: dict[str, list[str]] = {kind: [] for kind in LEAK_KINDS}
-        hosts = {host_veth_name(cid, "eth0"): cid for cid in (cids or self.dead)}
+        hosts = {host_veth_name(cid, "eth0"): cid for cid in (self.dead if cids is None else cids)}
         for name in self.world.node.links():
             if name in BED_LINKS:
                 continue
@@ -784,9 +804,14 @@ class Campaign:
                 continue
             for network in sorted(p for p in data_dir.iterdir() if p.is_dir()):
                 for lease in sorted(network.iterdir()):
+                    if lease.name == "lock" or lease.name.startswith("last_reserved_ip."):
+                        continue
                     try:
                         ipaddress.ip_address(lease.name)
                     except ValueError:
+                        # a temp file a crash left: the next allocation removes it, so it
+                        # counts only when nothing came after (the end of the campaign)
+                        yield f"{network.name}/{lease.name} (a temp file)", "?"
                         continue
                     # `<container id>\r\n<ifname>` (or the id alone, the older format)
                     text = lease.read_bytes().decode(errors="replace").strip()

@@ -87,6 +87,18 @@ def test_a_del_that_cannot_succeed_still_leaves_nothing(campaign: Campaign, plan
     assert _verdict(campaign, plan) == ""
 
 
+EMPTY_DIR = "a finding of this campaign, fixed on no branch yet: a crash between the creation of "
+EMPTY_DIR += "a container's record directory and its first record leaves the directory empty; when "
+EMPTY_DIR += "the runtime never DELs that container, GC skips it (it has no records) and never "
+EMPTY_DIR += "removes the directory (metaplugin/gc.py, _remove_stale)"
+
+
+@pytest.mark.xfail(strict=True, reason=EMPTY_DIR)
+def test_gc_removes_the_empty_record_dir_a_crash_left(campaign: Campaign) -> None:
+    plan = Plan(902, ("mv",), "failpoint", "store_record_write_before@1", lost=True, gc=True)
+    assert _verdict(campaign, plan) == ""
+
+
 def test_random_cycles_leave_nothing(tmp_path: Path) -> None:
     """Failpoints armed at random hits, SIGKILLs at random moments, spooled DELs, pods that live
     a few cycles and pods the runtime loses (only GC collects them); then every pod is torn
