@@ -11,7 +11,7 @@ APT_PKGS := containernetworking-plugins iproute2 iptables containerd runc busybo
 STAMP    := $(VENV)/.installed
 
 .PHONY: deps apt venv lint test unit netns kernel bench bench-cri bench-builtins bench-sriov \
-        protos clean demo
+        protos clean demo chaos
 
 deps: apt venv
 
@@ -76,3 +76,10 @@ bench-sriov: deps
 protos: venv
 	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
 	    sriov/kubeletapi/deviceplugin_v1beta1.proto sriov/kubeletapi/podresources_v1.proto
+
+# Crash campaign (issue 10): 1,000 ADD/DEL cycles with plexusd SIGKILLed at its failpoints and at
+# random moments; prints cycles, kills, DELs, DEL failures and leaks by kind, and fails on any leak
+# or failed DEL. As root. Options: make chaos CHAOS_ARGS="--seed 7 --master-gone 0.05" (testbed/chaos.py).
+CHAOS_CYCLES ?= 1000
+chaos: deps
+	$(BIN)/python -m testbed.chaos --cycles $(CHAOS_CYCLES) --quiet $(CHAOS_ARGS)

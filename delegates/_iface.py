@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Sequence
 
+from cnispec import failpoints
 from cnispec.cni import Interface, IPConfig, Result, Route
 from cnispec.errors import CheckFailed
 from kernel.netlink import MAIN_TABLE, Link, Netlink
@@ -32,8 +33,10 @@ def configure(nl: Netlink, link: Link, ipam: Result) -> None:
     `default-route` is the way to move it."""
     for ip in ipam.ips:
         nl.add_address(link.index, ip.address)
+        failpoints.hit("iface_address_added")
     if not link.up:
         nl.set_up(link.index)
+        failpoints.hit("iface_up")
     if any(ip.ip.version == 6 for ip in ipam.ips):
         nl.settle_addresses(link.index)
     for route in ipam.routes:
@@ -47,6 +50,7 @@ def configure(nl: Netlink, link: Link, ipam: Result) -> None:
             mtu=route.mtu,
             advmss=route.advmss,
         )
+        failpoints.hit("iface_route_added")
 
 
 def result_for(

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cnispec import cni
+from cnispec import cni, failpoints
 from cnispec.cni import Result
 from cnispec.errors import InvalidConfig
 from delegates._common import best_effort, parse
@@ -59,11 +59,13 @@ class SubLinkPlugin(BuiltinPlugin):
             if Ipam.configured(req.config):
                 addresses = self._ipam.add(req)
                 undo.callback(self._ipam.delete, req)
+                failpoints.hit("sublink_ipam_added")
             with Netlink.open(req.netns) as pod:
                 link = pod.require(req.ifname)
                 if self.announces and any(ip.ip.version == 4 for ip in addresses.ips):
                     announce_on_up(req.netns, link.name)  # the kernel announces at link up
                 configure(pod, link, addresses)
+            failpoints.hit("sublink_configured")
             undo.pop_all()
         return result_for(link, req.netns, addresses)
 
@@ -77,6 +79,7 @@ class SubLinkPlugin(BuiltinPlugin):
                     if conf.master
                     else "no 'master' given and the node has no default route to take it from",
                 )
+            failpoints.hit("sublink_create_before")
             node.create(
                 req.ifname,
                 self.kind,
@@ -89,11 +92,14 @@ class SubLinkPlugin(BuiltinPlugin):
                 up=not self.announces,  # announcing links go up once addressed
                 data=self.link_data(conf, req),
             )
+            failpoints.hit("sublink_created")
 
     @staticmethod
     def _remove_link(req: PluginRequest) -> None:
         with Netlink.open(req.netns) as pod:
+            failpoints.hit("sublink_remove_before")
             pod.delete(req.ifname)
+            failpoints.hit("sublink_removed")
 
     def delete(self, req: PluginRequest) -> None:
         steps = []

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cnispec import cni
+from cnispec import cni, failpoints
 from cnispec.cni import KNOWN_VERSIONS, SUPPORTED_VERSIONS, Result
 from cnispec.errors import DelegateFailed, IncompatibleVersion, InternalError, PlexusError
 from cnispec.netconf import NetworkConfigList, PreparedNetwork, PreparedPlugin
@@ -92,7 +92,9 @@ class ChainRunner:
     def add(self, net: PreparedNetwork, env: CallEnv) -> Result:
         prev: Result | None = None
         for prepared in net.plugins:
+            failpoints.hit("chain_add_before")
             prev = self._plugin(prepared, env.path).add(plugin_request(prepared, env, prev))
+            failpoints.hit("chain_add_after")
         assert prev is not None  # a network has at least one plugin
         return prev
 
@@ -102,7 +104,9 @@ class ChainRunner:
         for prepared in reversed(net.plugins):
             carried = prev if cni.at_least(prepared.version, "0.4.0") else None
             try:
+                failpoints.hit("chain_del_before")
                 self._plugin(prepared, env.path).delete(plugin_request(prepared, env, carried))
+                failpoints.hit("chain_del_after")
             except PlexusError as exc:
                 failures.append(exc)
             except Exception as exc:  # noqa: BLE001 - the next plugin still gets its DEL
@@ -131,7 +135,9 @@ class ChainRunner:
             body[cni.VALID_ATTACHMENTS_KEY] = list(valid)
             body[cni.LEGACY_ATTACHMENTS_KEY] = list(valid)
             try:
+                failpoints.hit("chain_gc_before")
                 self._plugin(prepared, path).gc(PluginRequest(path=path, config=body))
+                failpoints.hit("chain_gc_after")
             except PlexusError as exc:
                 failures.append(exc)
             except Exception as exc:  # noqa: BLE001 - the next plugin still collects

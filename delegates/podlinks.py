@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Final
 
+from cnispec import failpoints
 from kernel.netlink import Netlink
 
 PLEXUS_GROUP: Final = 0x504C58
@@ -16,4 +17,6 @@ PLEXUS_GROUP: Final = 0x504C58
 def reap(netns: str) -> None:
     """Delete every link the built-in delegates made in the pod at `netns`, in one request."""
     with Netlink.open(netns) as pod:
+        failpoints.hit("podlinks_reap_before")
         pod.delete_group(PLEXUS_GROUP)
+        failpoints.hit("podlinks_reaped")

@@ -22,6 +22,7 @@ from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cnispec import failpoints
 from cnispec.cni import Interface, IPConfig, Result, Route
 from cnispec.errors import CheckFailed, InvalidConfig, TryAgainLater
 from delegates._common import best_effort, parse
@@ -74,6 +75,7 @@ class Routed(BuiltinPlugin):
         with ExitStack() as undo:
             addresses = self._ipam.add(req)
             undo.callback(self._ipam.delete, req)
+            failpoints.hit("routed_ipam_added")
             pod_ips = [ipaddress.ip_interface(ip.address).ip for ip in addresses.ips]
             host_link = self._node_side(undo, host, req, conf.mtu or self._fabric_mtu(), pod_ips)
             pod_link = self._configure_pod(req, pod_ips, host_link.mac)
@@ -117,21 +119,27 @@ class Routed(BuiltinPlugin):
         ensure_forwarding({ip.version for ip in pod_ips})
         with netns_fd(req.netns) as fd, Netlink.open() as node:
             peer = {"name": req.ifname, "netns_fd": fd, "group": PLEXUS_GROUP, "mtu": mtu}
+            failpoints.hit("routed_veth_create_before")
             node.create(
                 host, "veth", what=f"veth {host} <-> {req.ifname}", mtu=mtu, up=True, peer=peer
             )
             undo.callback(self._remove_pair, host)
+            failpoints.hit("routed_veth_created")
             link = node.require(host)
             if any(ip.version == 6 for ip in pod_ips):
                 node.add_address(link.index, f"{GATEWAY_V6}/64", nodad=True)
+                failpoints.hit("routed_node_address_added")
             for ip in pod_ips:
                 node.add_route(f"{ip}/{ip.max_prefixlen}", oif=link.index, scope=RT_SCOPE_LINK)
+                failpoints.hit("routed_node_route_added")
             return link
 
     @staticmethod
     def _remove_pair(host: str) -> None:
         with Netlink.open() as node:
+            failpoints.hit("routed_pair_remove_before")
             node.delete(host)  # the pod's end goes with it
+            failpoints.hit("routed_pair_removed")
 
     @staticmethod
     def _configure_pod(req: PluginRequest, pod_ips: list[Any], node_mac: str) -> Link:
@@ -139,7 +147,9 @@ class Routed(BuiltinPlugin):
             link = pod.require(req.ifname)
             for ip in pod_ips:
                 pod.add_address(link.index, f"{ip}/{ip.max_prefixlen}", nodad=True)
+                failpoints.hit("routed_pod_address_added")
             pod.set_up(link.index)
+            failpoints.hit("routed_pod_up")
             for ip in pod_ips:
                 gateway = GATEWAY_V4 if ip.version == 4 else GATEWAY_V6
                 pod.neighbour(link.index, gateway, node_mac)
@@ -150,6 +160,7 @@ class Routed(BuiltinPlugin):
                     gateway=gateway,
                     onlink=ip.version == 4,
                 )
+                failpoints.hit("routed_pod_route_added")
             return link
 
     def delete(self, req: PluginRequest) -> None:

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cnispec import failpoints
 from cnispec.cni import Interface, Result
 from cnispec.errors import CheckFailed, DeviceUnavailable, InvalidConfig, PlexusError
 from cnispec.identity import Holder
@@ -30,7 +31,7 @@ from delegates._iface import configure, result_for
 from delegates._ipam import Ipam
 from delegates.plugin import BuiltinPlugin, PluginRequest
 from kernel.netlink import Netlink
-from sriov import failpoints, vfconfig
+from sriov import vfconfig
 from sriov.netdev import alias_host_name, move_into_pod, put_back, vf_alias
 from sriov.owner import Placement, VfOwner
 from sriov.records import HostState, VfSettings

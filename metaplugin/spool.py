@@ -23,7 +23,7 @@ from typing import Any, Final
 
 import structlog
 
-from cnispec import cni
+from cnispec import cni, failpoints
 from cnispec.durable import atomic_write
 from metaplugin.orchestrator import Orchestrator
 from metaplugin.scheduler import Scheduler
@@ -84,6 +84,7 @@ class SpoolReplayer:
         last = attempts + 1 >= self._max_attempts
         try:
             with self._scheduler.container(req.container_id):
+                failpoints.hit("spool_replay_before")
                 self._orchestrator.delete_spooled(req, spooled_at, last=last)
         except Exception as exc:  # noqa: BLE001 - stays pending; the timer retries it
             error = getattr(exc, "msg", repr(exc))
@@ -94,7 +95,9 @@ class SpoolReplayer:
             bound.warning("spooled_del_failed", error=error, attempts=attempts + 1)
             self._count_attempt(path, data, attempts + 1)
             return False
+        failpoints.hit("spool_unlink_before")
         path.unlink(missing_ok=True)
+        failpoints.hit("spool_unlinked")
         bound.info("spooled_del_replayed")
         return True
 

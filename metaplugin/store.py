@@ -46,7 +46,7 @@ from pydantic import (
     field_validator,
 )
 
-from cnispec import cni
+from cnispec import cni, failpoints
 from cnispec.cni import Result
 from cnispec.durable import atomic_write, durable_unlink, fsync_dir
 from cnispec.errors import IOFailure, PlexusError, TryAgainLater
@@ -228,28 +228,36 @@ class AttachmentStore:
         if created:
             fsync_dir(self._root)
         data = record.model_dump_json(by_alias=True, exclude_none=True).encode()
+        failpoints.hit("store_record_write_before")
         try:
             atomic_write(directory / record.file_name, data, sync_dir=sync_dir)
         except OSError as exc:
             raise IOFailure(f"cannot write attachment record in {directory}: {exc}") from None
+        failpoints.hit("store_record_written")
         self._index(record)
 
     def plan(self, records: list[Attachment]) -> None:
         """Durably record every planned attachment (before any delegate runs)."""
+        failpoints.hit("store_plan_before")
         for record in records:
             self.save(record, sync_dir=False)
         if records:
             fsync_dir(self._dir(records[0].container_id))
+        failpoints.hit("store_plan_written")
 
     def mark_added(self, record: Attachment, result: Result) -> Attachment:
         updated = record.model_copy(update={"state": "added", "result": result})
+        failpoints.hit("store_mark_added_before")
         # No directory fsync: if a crash loses this rename, the planned record (same name) is
         # still there, and DEL of a planned attachment needs no result.
         self.save(updated, sync_dir=False)
+        failpoints.hit("store_mark_added_written")
         return updated
 
     def remove(self, record: Attachment) -> None:
+        failpoints.hit("store_remove_before")
         (self._dir(record.container_id) / record.file_name).unlink(missing_ok=True)
+        failpoints.hit("store_removed")
 
     def discard_planned(self, container_id: str, keep: Collection[AttachmentKey] = ()) -> None:
         """Forget the container's attachments that never ran (an ADD being undone), except
@@ -285,6 +293,7 @@ class AttachmentStore:
         directory = self._dir(container_id)
         if not directory.exists():
             return
+        failpoints.hit("store_remove_container_before")
         for leftover in directory.iterdir():
             if leftover.name.startswith("."):
                 leftover.unlink(missing_ok=True)  # temp files of an interrupted write
@@ -293,6 +302,7 @@ class AttachmentStore:
         except OSError:
             return  # records remain (a failed DEL keeps them for the retry)
         fsync_dir(self._root)
+        failpoints.hit("store_container_removed")
         with self._lock:
             for pod, holders in list(self._pods.items()):
                 holders.discard(container_id)

@@ -37,6 +37,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Protocol
 
+from cnispec import failpoints
 from cnispec.durable import fsync_dir
 from cnispec.errors import IOFailure, TryAgainLater
 from delegates.ipam._ranges import IPAddress
@@ -169,11 +170,13 @@ class DiskStore:
         if os.path.lexists(path):
             return False
         content = f"{container_id.strip()}{LINE_BREAK}{ifname}".encode()
+        failpoints.hit("hostlocal_lease_write_before")
         try:
             if not self._create_exclusive(path, content):
                 return False
         except OSError as exc:
             raise IOFailure(f"host-local: cannot write reservation {path}: {exc}") from None
+        failpoints.hit("hostlocal_lease_written")
         last = self.directory / f"{LAST_RESERVED_PREFIX}{range_id}"
         try:
             self._replace(last, str(ip).encode())
@@ -185,10 +188,12 @@ class DiskStore:
     def release(self, ips: Iterable[IPAddress]) -> None:
         failures = []
         for ip in ips:
+            failpoints.hit("hostlocal_release_before")
             try:
                 self._remove(self.directory / str(ip))
             except OSError as exc:
                 failures.append(f"{ip}: {exc.strerror}")
+            failpoints.hit("hostlocal_released")
         if failures:
             raise IOFailure(
                 f"host-local: could not release {', '.join(failures)} in {self.directory}"
