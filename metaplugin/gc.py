@@ -135,7 +135,13 @@ class Collector:
                         networks.setdefault(
                             record.network, _Network(record.prepared, record.cni_path)
                         )
-                    if not loaded or (container_id, loaded.runtime_ifname) in valid:
+                    if not loaded:
+                        if container_id not in {cid for cid, _ in valid}:
+                            # A crash between making its directory and writing its first
+                            # record: nothing to tear down, but the directory must go.
+                            self._store.remove_container(container_id)
+                        continue
+                    if (container_id, loaded.runtime_ifname) in valid:
                         continue
                     log.info("gc_stale_container", stale_container=container_id)
                     stale += 1

@@ -64,12 +64,6 @@ def test_a_crash_at_each_failpoint_leaves_nothing(campaign: Campaign, point: str
     assert _verdict(campaign, PLANS[point]) == ""
 
 
-STUCK = "issue 10 item 3, fixed on branch i10-delgc: with the macvlan master gone, the reference "
-STUCK += "macvlan's DEL fails for ever (code 105 'Link not found'), also the runtime's last DEL "
-STUCK += "without a netns; the record and the lease stay, and every GC answers 105"
-
-
-@pytest.mark.xfail(strict=True, reason=STUCK)
 @pytest.mark.parametrize(
     "plan",
     [
@@ -87,13 +81,6 @@ def test_a_del_that_cannot_succeed_still_leaves_nothing(campaign: Campaign, plan
     assert _verdict(campaign, plan) == ""
 
 
-EMPTY_DIR = "a finding of this campaign, fixed on no branch yet: a crash between the creation of "
-EMPTY_DIR += "a container's record directory and its first record leaves the directory empty; when "
-EMPTY_DIR += "the runtime never DELs that container, GC skips it (it has no records) and never "
-EMPTY_DIR += "removes the directory (metaplugin/gc.py, _remove_stale)"
-
-
-@pytest.mark.xfail(strict=True, reason=EMPTY_DIR)
 def test_gc_removes_the_empty_record_dir_a_crash_left(campaign: Campaign) -> None:
     plan = Plan(902, ("mv",), "failpoint", "store_record_write_before@1", lost=True, gc=True)
     assert _verdict(campaign, plan) == ""
