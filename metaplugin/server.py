@@ -25,7 +25,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import structlog
 
-from cnispec import cni
+from cnispec import cni, jsontext
 from cnispec.errors import DecodeFailure, PlexusError
 from kernel.netns import current_netns_inode
 from metaplugin.orchestrator import Orchestrator
@@ -162,7 +162,7 @@ def _cni_error(msg: str) -> bytes:
 
 def _decode_envelope(body: bytes) -> tuple[dict[str, str], str]:
     try:
-        envelope = json.loads(body)
+        envelope = jsontext.loads(body, surrogates=True)  # env: parse_request judges them
         env = {str(k): str(v) for k, v in envelope["env"].items()}
         config = envelope.get("config", "")
     except (ValueError, KeyError, TypeError, AttributeError):
@@ -174,7 +174,7 @@ def _decode_envelope(body: bytes) -> tuple[dict[str, str], str]:
 
 def _peek_version(stdin: str) -> str:
     try:
-        version = json.loads(stdin).get("cniVersion")
+        version = jsontext.loads(stdin).get("cniVersion")
     except (ValueError, AttributeError):
         return cni.LATEST_VERSION
     return (
