@@ -13,6 +13,7 @@ import pytest
 from cnispec import cni, jsontext
 from cnispec.annotations import parse_networks
 from cnispec.errors import DecodeFailure, InvalidConfig, InvalidEnvironment
+from cnispec.nad import network_config, parse_manifests
 from metaplugin.scheduler import Scheduler
 from metaplugin.server import Api
 from tests.support.world import World, nad_manifest, simple_net
@@ -274,3 +275,38 @@ def test_a_container_id_at_the_limit_adds_and_deletes(api: Api, world: World) ->
     assert records(world)[0] == cid
     assert call(api, CNI_COMMAND="DEL", CNI_CONTAINERID=cid) == (200, {})
     assert records(world) == []
+
+
+# --- NAD manifests (the local NAD directory, plexusctl validate) ------------------------------
+
+NAD_HEAD = "apiVersion: k8s.cni.cncf.io/v1\nkind: NetworkAttachmentDefinition\n"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 3000 + "]" * 3000,
+        "- " * 1000 + "x\n",
+        NAD_HEAD + "metadata: just-a-string\n",
+        NAD_HEAD + "metadata: {name: n}\nspec: [config]\n",
+        NAD_HEAD + "metadata: {name: n, annotations: [a, b]}\n",
+        NAD_HEAD + "metadata: {name: n, namespace: 5}\n",
+        # annotation values are strings in Kubernetes; str() of this one is ~5 GB
+        NAD_HEAD
+        + "x:\n  - &a0 [x, x, x, x, x, x, x, x, x, x]\n"
+        + "".join(f"  - &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9))
+        + "metadata: {name: n, annotations: {k: *a8}}\n",
+    ],
+)
+def test_nad_manifests_that_are_not_nads_are_invalid_config(text: str) -> None:
+    with pytest.raises(InvalidConfig) as err:
+        parse_manifests(text, "nads.yaml")
+    assert err.value.code == 7
+
+
+def test_a_nad_config_nested_too_deep_is_invalid_config() -> None:
+    (nad,) = parse_manifests(
+        NAD_HEAD + f"metadata: {{name: n}}\nspec: {{config: '{{\"a\": {nested(3000)}}}'}}\n", "f"
+    )
+    with pytest.raises(InvalidConfig, match="nested deeper than"):
+        network_config(nad, "/nonexistent")
