@@ -11,7 +11,7 @@ APT_PKGS := containernetworking-plugins iproute2 iptables containerd runc busybo
 STAMP    := $(VENV)/.installed
 
 .PHONY: deps apt venv lint test unit netns kernel bench bench-cri bench-builtins bench-sriov \
-        protos clean demo
+        protos clean demo fuzz
 
 deps: apt venv
 
@@ -76,3 +76,9 @@ bench-sriov: deps
 protos: venv
 	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
 	    sriov/kubeletapi/deviceplugin_v1beta1.proto sriov/kubeletapi/podresources_v1.proto
+
+# Fuzzing (tests/fuzz): the long hypothesis profile, >= 100,000 inputs across the targets; prints
+# a table of cases tried, failures, tracebacks, hangs and leftovers. `make test` runs the tier's
+# bounded `ci` profile.
+fuzz: deps
+	PLEXUS_FUZZ_PROFILE=long $(BIN)/python -m pytest -q -p no:randomly -m fuzz tests/fuzz
