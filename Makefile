@@ -11,7 +11,7 @@ APT_PKGS := containernetworking-plugins iproute2 iptables containerd runc busybo
 STAMP    := $(VENV)/.installed
 
 .PHONY: deps apt venv lint test unit netns kernel bench bench-cri bench-builtins bench-sriov \
-        protos clean demo fuzz
+        protos clean demo
 
 deps: apt venv
 
@@ -80,5 +80,6 @@ protos: venv
 # Fuzzing (tests/fuzz): the long hypothesis profile, >= 100,000 inputs across the targets; prints
 # a table of cases tried, failures, tracebacks, hangs and leftovers. `make test` runs the tier's
 # bounded `ci` profile.
+.PHONY: fuzz
 fuzz: deps
 	PLEXUS_FUZZ_PROFILE=long $(BIN)/python -m pytest -q -p no:randomly -m fuzz tests/fuzz
