@@ -162,19 +162,24 @@ commands = _mostly(*ENV_FIELDS["CNI_COMMAND"])
 
 
 @st.composite
-def cni_env(draw: st.DrawFn) -> dict[str, str]:
-    env = {key: draw(good) for key, (good, _) in ENV_FIELDS.items()}
+def cni_env(draw: st.DrawFn, **good: st.SearchStrategy[str]) -> dict[str, str]:
+    """The CNI_* variables: good ones (`good` overrides a field's, e.g. the pod's netns), with
+    none, one or a few of them spoiled, or one left out."""
+    env = {key: draw(good.get(key, ok)) for key, (ok, _) in ENV_FIELDS.items()}
     spoil = draw(st.sampled_from([0, 0, 0, 0, 0, 1, 1, 1, 2, 3]))
     for key in draw(st.lists(st.sampled_from(sorted(env)), min_size=spoil, max_size=spoil)):
         env[key] = draw(ENV_FIELDS[key][1])
-    drop = draw(st.lists(st.sampled_from(sorted(env)), max_size=1)) if not spoil else []
+    drop = draw(st.lists(st.sampled_from(sorted(env)), max_size=1)) if rare(draw, 2) else []
     return {k: v for k, v in env.items() if k not in drop or k == "CNI_COMMAND"}
 
 
 # --- pod annotations ----------------------------------------------------------------------------
 
 network_names = junk_or(
-    st.sampled_from(["net-a", "net-b", "net-x", "chained", "missing"]), "Net-A", "a" * 64, ""
+    st.sampled_from(["net-a", "net-b", "net-x", "net-fail", "chained", "missing"]),
+    "Net-A",
+    "a" * 64,
+    "",
 )
 namespaces = junk_or(st.sampled_from(["default", "other"]), "Default", "")
 ip_like = junk_or(
@@ -292,9 +297,11 @@ def runtime_configs(draw: st.DrawFn) -> Any:
 
 
 @st.composite
-def configs(draw: st.DrawFn) -> dict[str, Any]:
-    """The plexus network config a runtime passes on stdin."""
+def configs(draw: st.DrawFn, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The plexus network config a runtime passes on stdin (`base`: the installed one's keys,
+    socketPath and the like)."""
     config: dict[str, Any] = {
+        **(base or {}),
         "cniVersion": draw(versions),
         "name": draw(junk_or(st.just("plexus"))),
         "type": "plexus",
@@ -321,8 +328,11 @@ def configs(draw: st.DrawFn) -> dict[str, Any]:
 
 
 @st.composite
-def stdin_texts(draw: st.DrawFn, config: st.SearchStrategy[Any] | None = None) -> str:
-    """What arrives on stdin: the config as JSON, or that JSON spoiled."""
+def stdin_texts(
+    draw: st.DrawFn, config: st.SearchStrategy[Any] | None = None, max_depth: int = 5000
+) -> str:
+    """What arrives on stdin: the config as JSON, or that JSON spoiled (`max_depth` bounds the
+    deep nesting put in it)."""
     text = json.dumps(draw(config if config is not None else configs()))
     if not rare(draw, 2):
         return text
@@ -330,7 +340,7 @@ def stdin_texts(draw: st.DrawFn, config: st.SearchStrategy[Any] | None = None) -
     if how == 0:
         return text[: draw(st.integers(1, max(1, len(text) - 1)))]  # cut short
     if how == 1:
-        return text[:-1] + ', "x": ' + draw(deep_json()) + "}"
+        return text[:-1] + ', "x": ' + draw(deep_json(60, max_depth)) + "}"
     if how == 2:
         return text.replace("1.0.0", "NaN", 1).replace('"NaN"', "NaN", 1)
     if how == 3:
@@ -408,9 +418,16 @@ def nad_manifests(draw: st.DrawFn) -> str:
 
 
 @st.composite
-def envelopes(draw: st.DrawFn) -> bytes:
+def envelopes(
+    draw: st.DrawFn,
+    env: st.SearchStrategy[dict[str, str]] | None = None,
+    config: st.SearchStrategy[Any] | None = None,
+) -> bytes:
     """The body of POST /cni: {"env": {...}, "config": "<stdin>"}, or bytes that are not."""
-    body: Any = {"env": draw(cni_env()), "config": draw(stdin_texts())}
+    body: Any = {
+        "env": draw(env if env is not None else cni_env()),
+        "config": draw(stdin_texts(config)),
+    }
     if not rare(draw, 3):
         return json.dumps(body).encode()
     how = draw(st.integers(0, 6))
@@ -429,3 +446,15 @@ def envelopes(draw: st.DrawFn) -> bytes:
         return raw[: draw(st.integers(1, max(1, len(raw) - 1)))]
     at = draw(st.integers(0, len(raw)))
     return raw[:at] + draw(st.binary(min_size=1, max_size=4)) + raw[at:]
+
+
+def stays_in_the_bed(stdin: bytes, base: dict[str, Any]) -> bool:
+    """False when the shim would read a socketPath or spoolDir other than the test's from this
+    stdin: it would fall back to /run/plexus and /var/lib/plexus, the machine's own."""
+    try:
+        config = json.loads(stdin.decode("utf-8", "replace"))
+    except (ValueError, RecursionError):
+        return True  # the shim answers code 6 itself
+    if not isinstance(config, dict):
+        return True
+    return all(config.get(key) == base.get(key) for key in ("socketPath", "spoolDir"))

@@ -109,7 +109,7 @@ def _judge(door: Door, env: dict[str, str], stdin: str, status: int, reply: byte
         raise Violation("leftover", f"{what} left {left}")
 
 
-@budget(ci=300, long=25_000)
+@budget(ci=200, long=25_000)
 @given(env=s.cni_env(), stdin=s.stdin_texts())
 def test_cni_requests(door: Door, env: dict[str, str], stdin: str) -> None:
     with case("Api.cni (env + config, orchestrator)"):
@@ -117,7 +117,7 @@ def test_cni_requests(door: Door, env: dict[str, str], stdin: str) -> None:
         _judge(door, env, stdin, status, reply)
 
 
-@budget(ci=300, long=10_000)
+@budget(ci=150, long=10_000)
 @given(body=s.envelopes())
 def test_raw_request_bodies(door: Door, body: bytes) -> None:
     with case("Api.cni (raw request body)"):

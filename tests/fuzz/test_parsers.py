@@ -20,7 +20,7 @@ REQUEST_CODES = frozenset({1, 4, 6, 7})
 CONFIG_CODES = frozenset({7})
 
 
-@budget(ci=400, long=30_000)
+@budget(ci=250, long=30_000)
 @given(env=s.cni_env(), stdin=s.stdin_texts(), check_netns=st.booleans())
 def test_parse_request(env: dict[str, str], stdin: str, check_netns: bool) -> None:
     with case("parse_request (env + stdin)"):
@@ -34,7 +34,7 @@ def test_parse_request(env: dict[str, str], stdin: str, check_netns: bool) -> No
                 value.encode()
 
 
-@budget(ci=400, long=20_000)
+@budget(ci=250, long=20_000)
 @given(networks=s.networks_annotation, default=s.default_network_annotation)
 def test_pod_annotations(networks: str, default: str) -> None:
     with case("pod annotations (both forms)"):
@@ -42,7 +42,7 @@ def test_pod_annotations(networks: str, default: str) -> None:
         expect_cni_outcome(lambda: parse_default_network(default), allowed=CONFIG_CODES)
 
 
-@budget(ci=250, long=15_000)
+@budget(ci=150, long=15_000)
 @given(text=s.nad_manifests())
 def test_nad_manifests(text: str) -> None:
     conf_dir = str(Path("/nonexistent/plexus-fuzz/net.d"))
