@@ -153,6 +153,17 @@ def test_a_container_id_with_a_trailing_newline_is_refused() -> None:
     assert not cni.valid_network_name("net\n")
 
 
+@pytest.mark.parametrize("ifname", [".0", ".hidden", "e\x00"])
+def test_an_interface_name_with_a_leading_dot_or_a_nul_is_refused(ifname: str) -> None:
+    # The store names the record after the interface: ".0@<digest>.record" was skipped as a
+    # temp file, so DEL found nothing and the attachment leaked.
+    assert not cni.valid_ifname(ifname)
+    with pytest.raises(InvalidEnvironment, match="CNI_IFNAME"):
+        cni.parse_request(env(CNI_IFNAME=ifname), json.dumps(CONF), check_netns=False)
+    with pytest.raises(InvalidConfig, match="interface"):
+        parse_networks(json.dumps([{"name": "net-a", "interface": ifname}]))
+
+
 @pytest.mark.parametrize("command", ["ADD", "CHECK"])
 def test_add_and_check_refuse_an_over_long_container_id(command: str) -> None:
     long_id = "a" * (cni.MAX_CONTAINER_ID + 1)
@@ -266,6 +277,20 @@ def test_over_long_container_id_add_is_refused_and_its_del_is_a_no_op(
     assert_refused(call(api, CNI_CONTAINERID=long_id), 4, world)
     assert call(api, CNI_COMMAND="DEL", CNI_CONTAINERID=long_id) == (200, {})
     assert records(world) == []
+
+
+@pytest.mark.parametrize(
+    ("over", "annotation"),
+    [({"CNI_IFNAME": ".0"}, None), ({}, '[{"name": "net-a", "interface": ".1"}]')],
+)
+def test_an_interface_the_store_would_hide_is_refused_before_anything_runs(
+    api: Api, world: World, over: dict[str, str], annotation: str | None
+) -> None:
+    conf = dict(CONF)
+    if annotation:
+        annotations = {"k8s.v1.cni.cncf.io/networks": annotation}
+        conf["runtimeConfig"] = {"io.kubernetes.cri.pod-annotations": annotations}
+    assert_refused(call(api, conf, **over), 7 if annotation else 4, world)
 
 
 def test_a_container_id_at_the_limit_adds_and_deletes(api: Api, world: World) -> None:
