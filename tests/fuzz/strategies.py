@@ -452,7 +452,8 @@ def stays_in_the_bed(stdin: bytes, base: dict[str, Any]) -> bool:
     """False when the shim would read a socketPath or spoolDir other than the test's from this
     stdin: it would fall back to /run/plexus and /var/lib/plexus, the machine's own."""
     try:
-        config = json.loads(stdin.decode("utf-8", "replace"))
+        # as the shim reads it: an empty stdin is an empty config (default paths)
+        config = json.loads(stdin.decode("utf-8", "replace") or "{}")
     except (ValueError, RecursionError):
         return True  # the shim answers code 6 itself
     if not isinstance(config, dict):

@@ -72,6 +72,35 @@ def case(target: str) -> Iterator[None]:
         raise
 
 
+# --- the machine's own paths ---------------------------------------------------------------------
+
+MACHINE_SPOOL = Path("/var/lib/plexus/spool")  # the shim's default spoolDir
+_MACHINE_STATE_EXISTED = MACHINE_SPOOL.parent.exists()
+
+
+def machine_spool() -> set[Path] | None:
+    """What the machine's spool holds (None: no such directory)."""
+    return set(MACHINE_SPOOL.iterdir()) if MACHINE_SPOOL.is_dir() else None
+
+
+def guard_machine_spool(before: set[Path] | None) -> None:
+    """A case that reached the shim's default spool directory (a harness slip: its config
+    lost the test's spoolDir) is a failure, and what it wrote there is taken back."""
+    now = machine_spool()
+    if now is None or now == before:
+        return
+    for path in now - (before or set()):
+        path.unlink(missing_ok=True)
+    if before is None:  # the shim made the directory (and perhaps its parent): they go too
+        made = [MACHINE_SPOOL] + ([] if _MACHINE_STATE_EXISTED else [MACHINE_SPOOL.parent])
+        for directory in made:
+            try:
+                directory.rmdir()
+            except OSError:
+                break
+    raise Violation("leftover", f"the case spooled into the machine's {MACHINE_SPOOL}")
+
+
 # --- bounded calls ------------------------------------------------------------------------------
 
 _pool: list[ThreadPoolExecutor] = []

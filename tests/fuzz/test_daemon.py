@@ -26,7 +26,14 @@ from metaplugin.client import get
 from testbed.netns import Netns, is_root
 from tests.fuzz import strategies as s
 from tests.fuzz.conftest import budget
-from tests.fuzz.tally import HANG_SECONDS, Violation, case, check_answer
+from tests.fuzz.tally import (
+    HANG_SECONDS,
+    Violation,
+    case,
+    check_answer,
+    guard_machine_spool,
+    machine_spool,
+)
 from tests.support.require import missing
 
 pytestmark = pytest.mark.netns
@@ -55,8 +62,9 @@ class Node:
             k.encode(): v.replace("\x00", "").encode("utf-8", "surrogatepass")
             for k, v in env.items()
         }
+        before = machine_spool()
         try:
-            return subprocess.run(
+            done = subprocess.run(
                 [str(self.shim)],
                 input=stdin,
                 env=environ,  # type: ignore[arg-type]
@@ -66,6 +74,8 @@ class Node:
             )
         except subprocess.TimeoutExpired:
             raise Violation("hang", f"the shim did not answer in {HANG_SECONDS:.0f} s") from None
+        guard_machine_spool(before)
+        return done
 
     def leftovers(self) -> list[str]:
         links = set(self.pod.links()) - {"lo"}

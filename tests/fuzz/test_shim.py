@@ -24,7 +24,14 @@ from metaplugin.config import DaemonConfig
 from metaplugin.install import install_shim
 from tests.fuzz import strategies as s
 from tests.fuzz.conftest import budget
-from tests.fuzz.tally import HANG_SECONDS, Violation, case, check_error_body
+from tests.fuzz.tally import (
+    HANG_SECONDS,
+    Violation,
+    case,
+    check_error_body,
+    guard_machine_spool,
+    machine_spool,
+)
 
 INTERPRETER = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else "python3"
 SHIM_CODES = frozenset({6, 7, 11, 50})
@@ -52,8 +59,9 @@ class Shim:
             k.encode(): v.replace("\x00", "").encode("utf-8", "surrogatepass")
             for k, v in env.items()
         }
+        before = machine_spool()
         try:
-            return subprocess.run(
+            done = subprocess.run(
                 [str(self.path)],
                 input=stdin,
                 env=environ,  # type: ignore[arg-type]
@@ -64,6 +72,8 @@ class Shim:
             )
         except subprocess.TimeoutExpired:
             raise Violation("hang", "the shim did not answer") from None
+        guard_machine_spool(before)
+        return done
 
     def spooled(self) -> list[Path]:
         return sorted(self.spool.glob("*.json")) if self.spool.exists() else []
