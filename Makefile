@@ -83,3 +83,10 @@ protos: venv
 CHAOS_CYCLES ?= 1000
 chaos: deps
 	$(BIN)/python -m testbed.chaos --cycles $(CHAOS_CYCLES) --quiet $(CHAOS_ARGS)
+
+# Fuzzing (tests/fuzz): the long hypothesis profile, >= 100,000 inputs across the targets; prints
+# a table of cases tried, failures, tracebacks, hangs and leftovers. `make test` runs the tier's
+# bounded `ci` profile.
+.PHONY: fuzz
+fuzz: deps
+	PLEXUS_FUZZ_PROFILE=long $(BIN)/python -m pytest -q -p no:randomly -m fuzz tests/fuzz

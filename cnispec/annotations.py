@@ -14,13 +14,12 @@ Multus part, is in docs/annotations.md.
 from __future__ import annotations
 
 import ipaddress
-import json
 import re
 from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cnispec import cni
+from cnispec import cni, jsontext
 from cnispec.errors import InvalidConfig
 
 NETWORKS_ANNOTATION: Final = "k8s.v1.cni.cncf.io/networks"
@@ -300,7 +299,7 @@ def _fail(where: str, problem: str) -> InvalidConfig:
 
 def _parse_json(value: str) -> list[NetworkSelection]:
     try:
-        data = json.loads(value)
+        data = jsontext.loads(value)  # bounded: the pod's author is not trusted
     except ValueError as exc:
         raise _fail("JSON form", f"not valid JSON ({exc})") from None
     if not isinstance(data, list):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import ipaddress
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -28,6 +27,7 @@ from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from cnispec import jsontext
 from cnispec.errors import (
     DecodeFailure,
     IncompatibleVersion,
@@ -69,8 +69,11 @@ VALID_ATTACHMENTS_KEY: Final = "cni.dev/valid-attachments"
 # libcni also injects this misspelled key (containernetworking/cni#1101); read both.
 LEGACY_ATTACHMENTS_KEY: Final = "cni.dev/attachments"
 
-_CONTAINER_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_CONTAINER_ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 _NETWORK_NAME_RE: Final = _CONTAINER_ID_RE
+# Runtimes use 64 hex digits. The store names a directory after the ID (NAME_MAX is 255 bytes,
+# and its quarantine names add ~50 more): ADD and CHECK refuse anything longer than this.
+MAX_CONTAINER_ID: Final = 128
 IFNAMSIZ: Final = 16  # kernel limit including the trailing NUL
 _NS_GET_NSTYPE: Final = 0xB703  # _IO(0xb7, 0x3), linux/nsfs.h
 _CLONE_NEWNET: Final = 0x40000000
@@ -106,18 +109,27 @@ def pick_version(wanted: str, supported: list[str] | tuple[str, ...]) -> str | N
 
 
 def valid_ifname(name: str) -> bool:
-    """The kernel's dev_valid_name(): 1..15 bytes, not '.'/'..', no '/', ':' or whitespace."""
-    if not name or len(name.encode()) >= IFNAMSIZ or name in (".", ".."):
+    """The kernel's dev_valid_name(): 1..15 bytes, not '.'/'..', no '/', ':' or whitespace;
+    and, stricter, no NUL (the kernel would see a shorter name) and no leading '.': the
+    attachment store names a record after the interface, and a dot file is a temp file there,
+    so its DEL would never find it (the fuzz tier's finding: ADD of ".0" leaked on DEL)."""
+    if not name or name.startswith(".") or "\0" in name:
+        return False
+    try:
+        if len(name.encode()) >= IFNAMSIZ:
+            return False
+    except UnicodeEncodeError:  # a lone surrogate: not a name any kernel call can take
         return False
     return not any(c in "/:" or c.isspace() for c in name)
 
 
 def valid_container_id(cid: str) -> bool:
-    return bool(_CONTAINER_ID_RE.match(cid))
+    # fullmatch: with match(), `$` also matched before a final newline ("c1\n" was valid).
+    return bool(_CONTAINER_ID_RE.fullmatch(cid))
 
 
 def valid_network_name(name: str) -> bool:
-    return bool(_NETWORK_NAME_RE.match(name))
+    return bool(_NETWORK_NAME_RE.fullmatch(name))
 
 
 def is_netns(path: str) -> bool:
@@ -197,8 +209,10 @@ class CniRequest:
 
 def decode_config(stdin: bytes | str) -> dict[str, Any]:
     try:
-        data = json.loads(stdin or b"{}")
-    except (ValueError, UnicodeDecodeError) as exc:
+        data = jsontext.loads(stdin or b"{}")
+    except jsontext.JsonRefused as exc:
+        raise DecodeFailure(f"network configuration on stdin is refused: {exc}") from None
+    except ValueError as exc:  # also UnicodeDecodeError: bytes that are not UTF-8
         raise DecodeFailure(f"network configuration on stdin is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise DecodeFailure("network configuration on stdin must be a JSON object")
@@ -225,6 +239,7 @@ def parse_request(
         )
     require_supported(version)
     _require_verb_version(command, version)
+    _require_text(environ)
     raw_args = environ.get(ENV_ARGS, "")
     req = CniRequest(
         command=command,
@@ -249,6 +264,28 @@ def _require_verb_version(command: str, version: str) -> None:
         )
 
 
+def _require_text(environ: Mapping[str, str]) -> None:
+    """Every CNI_* value is text without NUL. The Python shim forwards a byte that is not
+    UTF-8 as a lone surrogate (os.environ's surrogateescape), which cannot be encoded again:
+    it used to fail deep inside (a record write, after its directory existed) as a 999. A NUL
+    cannot be in a real environment value and fails every path and netlink call."""
+    for key in CNI_ENV_KEYS:
+        value = environ.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise InvalidEnvironment(f"{key} must be a string, not {type(value).__name__}")
+        if "\0" in value:
+            raise InvalidEnvironment(f"{key}={value!r} holds a NUL byte")
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise InvalidEnvironment(
+                f"{key}={value!r} is not valid UTF-8 (it holds bytes the runtime's environment "
+                "could not decode)",
+            ) from None
+
+
 def _validate_env(req: CniRequest, *, check_netns: bool) -> None:
     if req.command not in (ADD, DEL, CHECK):
         return
@@ -259,12 +296,23 @@ def _validate_env(req: CniRequest, *, check_netns: bool) -> None:
             f"CNI_CONTAINERID={req.container_id!r} must start with a letter or digit and contain "
             "only letters, digits, '_', '.' and '-'",
         )
+    # DEL of a longer ID is a no-op (the store finds nothing): ADD never accepted one.
+    if req.command != DEL and len(req.container_id) > MAX_CONTAINER_ID:
+        raise InvalidEnvironment(
+            f"CNI_CONTAINERID is {len(req.container_id)} characters long; Plexus takes at most "
+            f"{MAX_CONTAINER_ID} (runtimes use 64)",
+        )
     if not req.ifname:
         raise InvalidEnvironment("CNI_IFNAME is required for " + req.command)
+    if "\ufffd" in req.ifname:
+        raise InvalidEnvironment(
+            f"CNI_IFNAME={req.ifname!r} is not valid UTF-8: U+FFFD stands for bytes a decoder "
+            "could not read, so the name the runtime asked for is lost",
+        )
     if not valid_ifname(req.ifname):
         raise InvalidEnvironment(
             f"CNI_IFNAME={req.ifname!r} is not a legal interface name: 1 to {IFNAMSIZ - 1} "
-            "bytes, not '.' or '..', without '/', ':' or whitespace",
+            "bytes, not starting with '.', without '/', ':', NUL or whitespace",
         )
     if req.command == DEL:
         return

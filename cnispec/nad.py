@@ -9,14 +9,13 @@ validate them with the same functions, without importing the daemon.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any, Final
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cnispec import confdir
+from cnispec import confdir, jsontext
 from cnispec.annotations import RESOURCE_NAME_ANNOTATION
 from cnispec.errors import InvalidConfig
 
@@ -51,22 +50,44 @@ class NetworkAttachmentDefinition(BaseModel):
     ) -> NetworkAttachmentDefinition:
         if obj.get("kind") != KIND:
             raise InvalidConfig(f"kind is {obj.get('kind')!r}, expected {KIND}")
-        meta = obj.get("metadata") or {}
+        meta = _mapping(obj.get("metadata"), "metadata")
         name = meta.get("name")
         if not isinstance(name, str) or not name:
             raise InvalidConfig(f"{KIND} without metadata.name")
-        spec = obj.get("spec") or {}
+        spec = _mapping(obj.get("spec"), f"{KIND} {name}: spec")
         config = spec.get("config", "")
         if not isinstance(config, str):
             raise InvalidConfig(f"{KIND} {name}: spec.config must be a string holding JSON")
-        return cls(
-            namespace=meta.get("namespace") or default_namespace,
-            name=name,
-            config=config,
-            annotations={str(k): str(v) for k, v in (meta.get("annotations") or {}).items()},
-            uid=str(meta.get("uid") or ""),
-            resource_version=str(meta.get("resourceVersion") or ""),
-        )
+        annotations = dict(_mapping(meta.get("annotations"), f"{KIND} {name}: annotations"))
+        strings = {key: meta.get(key) or "" for key in ("namespace", "uid", "resourceVersion")}
+        # Strings only, as Kubernetes has them: str() of any YAML value could be anything (a
+        # structure of aliases renders to gigabytes).
+        if not all(
+            isinstance(v, str) for v in [*annotations, *annotations.values(), *strings.values()]
+        ):
+            raise InvalidConfig(
+                f"{KIND} {name}: metadata.namespace, uid, resourceVersion and annotations must "
+                "be strings"
+            )
+        try:
+            return cls(
+                namespace=strings["namespace"] or default_namespace,
+                name=name,
+                config=config,
+                annotations=annotations,
+                uid=strings["uid"],
+                resource_version=strings["resourceVersion"],
+            )
+        except ValidationError as exc:  # a model rule the checks above do not cover
+            raise InvalidConfig(f"{KIND} {name}: {exc.errors()[0]['msg']}") from None
+
+
+def _mapping(value: Any, what: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidConfig(f"{what} must be a mapping")
+    return value
 
 
 def network_config(nad: NetworkAttachmentDefinition, conf_dir: str) -> dict[str, Any]:
@@ -74,7 +95,7 @@ def network_config(nad: NetworkAttachmentDefinition, conf_dir: str) -> dict[str,
     (NPWG §3.4.1); a config without `name` gets the NAD's name (§3.4.2)."""
     if nad.config.strip():
         try:
-            config = json.loads(nad.config)
+            config = jsontext.loads(nad.config)
         except ValueError as exc:
             raise InvalidConfig(f"{KIND} {nad.key}: spec.config is not valid JSON: {exc}") from None
         if not isinstance(config, dict):
@@ -116,7 +137,10 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
 def load_yaml_documents(text: str, source: str) -> list[Any]:
     """Every document of a YAML stream (safe types only), refusing alias bombs and nesting
     too deep to parse."""
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)  # reads the stream: a non-printable character fails here
+    except yaml.YAMLError as exc:
+        raise InvalidConfig(f"{source}: not valid YAML: {exc}") from None
     documents: list[Any] = []
     try:
         while loader.check_node():

@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import structlog
 
-from cnispec import cni
+from cnispec import cni, jsontext
 from cnispec.cni import CniRequest
 from cnispec.errors import DecodeFailure, NotReady, PlexusError, TryAgainLater
 from kernel.netns import current_netns_inode
@@ -287,7 +287,7 @@ def request_timeout_for(shim_timeout: float) -> float:
 
 def _decode_envelope(body: bytes) -> tuple[dict[str, str], str]:
     try:
-        envelope = json.loads(body)
+        envelope = jsontext.loads(body, surrogates=True)  # env: parse_request judges them
         env = {str(k): str(v) for k, v in envelope["env"].items()}
         config = envelope.get("config", "")
     except (ValueError, KeyError, TypeError, AttributeError):
@@ -299,7 +299,7 @@ def _decode_envelope(body: bytes) -> tuple[dict[str, str], str]:
 
 def _peek_version(stdin: str) -> str:
     try:
-        version = json.loads(stdin).get("cniVersion")
+        version = jsontext.loads(stdin).get("cniVersion")
     except (ValueError, AttributeError):
         return cni.LATEST_VERSION
     return (

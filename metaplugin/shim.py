@@ -135,6 +135,17 @@ def request(sock_path: str, body: bytes, timeout: float) -> tuple[int, bytes]:
     return int(parts[1]), payload
 
 
+def is_path(value: object) -> bool:
+    """A string the kernel can take as a path: no NUL, and UTF-8 (no lone surrogate)."""
+    if not isinstance(value, str) or not value or "\0" in value:
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def safe(text: str, limit: int) -> str:
     """ASCII letters, digits, '-', '_' and '.' only: nothing else reaches a file name."""
     return "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "_" for c in text)[:limit]
@@ -177,13 +188,13 @@ def unreachable(
     """The daemon is down: spool a DEL (success), refuse everything else with a clear code."""
     if command == "DEL":
         spool_dir = conf.get("spoolDir") or DEFAULT_SPOOL
-        if not isinstance(spool_dir, str) or not spool_dir.startswith("/"):
+        if not is_path(spool_dir) or not str(spool_dir).startswith("/"):
             # A relative or non-string path would spool where the daemon never looks.
             return fail(
-                version, INVALID_CONFIG, f"{why}; spoolDir must be an absolute path: {spool_dir}"
+                version, INVALID_CONFIG, f"{why}; spoolDir must be an absolute path: {spool_dir!a}"
             )
         try:
-            spool(spool_dir, env, stdin)
+            spool(str(spool_dir), env, stdin)
         except OSError as err:
             return fail(
                 version, TRY_AGAIN_LATER, f"{why}; spooling the DEL failed too: {err.strerror}"
@@ -219,11 +230,11 @@ def main() -> int:
         emit({"cniVersion": version, "supportedVersions": SUPPORTED_VERSIONS})
         return 0
     sock_path = conf.get("socketPath") or DEFAULT_SOCKET
-    if not isinstance(sock_path, str):
-        return fail(version, INVALID_CONFIG, f"socketPath must be a path string, not {sock_path}")
+    if not is_path(sock_path):
+        return fail(version, INVALID_CONFIG, f"socketPath must be a path string, not {sock_path!a}")
     try:
         timeout = float(conf.get("shimTimeout") or DEFAULT_TIMEOUT)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # 400 digits overflow a float
         timeout = DEFAULT_TIMEOUT
     if not 0 < timeout <= MAX_TIMEOUT:  # NaN, infinite or negative: the deadline must hold
         timeout = DEFAULT_TIMEOUT

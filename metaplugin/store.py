@@ -217,6 +217,12 @@ class AttachmentStore:
     def _dir(self, container_id: str) -> Path:
         if not cni.valid_container_id(container_id):
             raise ValueError(f"unsafe container id {container_id!r}")
+        if len(container_id) > cni.MAX_CONTAINER_ID:
+            # ADD refuses such an ID, so nothing was recorded under it, but its DEL must find
+            # "nothing" rather than fail on a file name too long. A digest (a valid ID itself,
+            # and not 64 hex digits as a runtime's would be) keeps the store total.
+            digest = hashlib.sha256(container_id.encode()).hexdigest()
+            return self._root / f"long-{digest}"
         return self._root / container_id
 
     # --- writing ------------------------------------------------------------------------------

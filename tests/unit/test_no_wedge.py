@@ -407,3 +407,9 @@ def test_the_shim_waits_for_room_in_a_full_backlog_instead_of_calling_the_daemon
         listener.close()
     assert out.returncode == 0, out.stdout + out.stderr
     assert json.loads(out.stdout)["cniVersion"] == "1.1.0"
+
+
+def test_a_nad_file_with_a_control_character_is_invalid_config() -> None:
+    # Found by the fuzz tier: PyYAML checks the stream when its loader is made.
+    with pytest.raises(InvalidConfig, match="not valid YAML"):
+        parse_manifests("\x1f", "ctl.yaml")
