@@ -110,14 +110,13 @@ class Api:
         admission = admitted if admitted is not None else self._admit()
         if admission is None:
             return 400, self._saturated()
-        version = cni.LATEST_VERSION
+        version, command = cni.LATEST_VERSION, "?"
         try:
             env, stdin = _decode_envelope(body)
-            version = _peek_version(stdin)
+            version, command = _peek_version(stdin), env.get(cni.ENV_COMMAND, "?")[:16]
             req = cni.parse_request(env, stdin)
         except Exception as exc:  # noqa: BLE001 - every refusal is a CNI error JSON
             admission.close()
-            command = str(locals().get("env", {}).get(cni.ENV_COMMAND, "?"))[:16]
             return self._refused(command, version, exc, started)
         job = Job(req.command, req.container_id, self._timeout(req), started=started)
         context = contextvars.copy_context()
@@ -131,6 +130,8 @@ class Api:
         if job.done.wait(max(job.deadline - time.monotonic(), 0.0)) and job.answer is not None:
             return job.answer
         job.overdue = True
+        if job.done.is_set() and job.answer is not None:  # it finished just now after all
+            return job.answer
         self.metrics.observe(req.command, "deadline", time.monotonic() - started)
         log.error(
             "request_deadline_exceeded",
