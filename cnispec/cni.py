@@ -241,11 +241,15 @@ def parse_request(
     _require_verb_version(command, version)
     _require_text(environ)
     raw_args = environ.get(ENV_ARGS, "")
+    # Only ADD, DEL and CHECK concern a container (the spec gives GC and STATUS none): a GC
+    # that named one took that container's hold in the daemon and then waited for the
+    # exclusive hold behind itself, wedging every later ADD and DEL.
+    attached = command in (ADD, DEL, CHECK)
     req = CniRequest(
         command=command,
-        container_id=environ.get(ENV_CONTAINERID, ""),
-        netns=environ.get(ENV_NETNS, ""),
-        ifname=environ.get(ENV_IFNAME, ""),
+        container_id=environ.get(ENV_CONTAINERID, "") if attached else "",
+        netns=environ.get(ENV_NETNS, "") if attached else "",
+        ifname=environ.get(ENV_IFNAME, "") if attached else "",
         args=parse_cni_args(raw_args),
         raw_args=raw_args,
         path=tuple(p for p in environ.get(ENV_PATH, "").split(os.pathsep) if p),

@@ -5,6 +5,7 @@ code and leaves nothing behind, where each used to get 999 with a Python excepti
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -335,3 +336,36 @@ def test_a_nad_config_nested_too_deep_is_invalid_config() -> None:
     )
     with pytest.raises(InvalidConfig, match="nested deeper than"):
         network_config(nad, "/nonexistent")
+
+
+# --- GC and STATUS carry no container ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["GC", "STATUS"])
+def test_gc_and_status_ignore_the_container_variables(command: str) -> None:
+    req = cni.parse_request(
+        env(CNI_COMMAND=command), json.dumps({**CONF, "cniVersion": "1.1.0"}), check_netns=False
+    )
+    assert (req.container_id, req.netns, req.ifname) == ("", "", "")
+
+
+def test_a_gc_that_names_a_container_does_not_wedge_the_daemon(world: World) -> None:
+    # The fuzz tier's finding: the request took its container's (shared) hold on the gate, and
+    # GC then waited for the exclusive hold behind itself; every later ADD and DEL queued
+    # behind that wait, for good. Api and GC share one Scheduler, as in plexusd.
+    api = Api(
+        handle=lambda req: world.collector.gc(req) if req.command == "GC" else None,
+        orchestrator=world.orchestrator,
+        scheduler=world.scheduler,
+        store=world.store,
+        ready=lambda: True,
+    )
+    conf = {**CONF, "cniVersion": "1.1.0", cni.VALID_ATTACHMENTS_KEY: []}
+    answers: list[tuple[int, dict[str, Any]]] = []
+    worker = threading.Thread(
+        target=lambda: answers.append(call(api, conf, CNI_COMMAND="GC")), daemon=True
+    )
+    worker.start()
+    worker.join(20)  # a bound on a deadlock, not a timing: GC answers in milliseconds
+    assert not worker.is_alive(), "GC deadlocked on its own container hold"
+    assert answers == [(200, {})]
