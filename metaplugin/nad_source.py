@@ -92,6 +92,9 @@ def _load_all(files: Iterable[Path]) -> tuple[dict[str, NetworkAttachmentDefinit
         except (InvalidConfig, OSError) as exc:
             errors.append(str(exc))
             continue
+        except UnicodeDecodeError as exc:  # one bad file must not fail every lookup
+            errors.append(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})")
+            continue
         for nad in found:
             if nad.key in nads:
                 errors.append(f"{path}: {KIND} {nad.key} is defined twice; the first one is used")

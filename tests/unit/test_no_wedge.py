@@ -413,3 +413,12 @@ def test_a_nad_file_with_a_control_character_is_invalid_config() -> None:
     # Found by the fuzz tier: PyYAML checks the stream when its loader is made.
     with pytest.raises(InvalidConfig, match="not valid YAML"):
         parse_manifests("\x1f", "ctl.yaml")
+
+
+def test_a_nad_file_that_is_not_utf8_is_set_aside_not_fatal(tmp_path: Path) -> None:
+    # Found by the fuzz tier: one such file made every NAD lookup answer 999.
+    world = World(tmp_path)
+    world.add_nads(nad_manifest("net-a", simple_net("net-a")))
+    (world.nad_dir / "broken.yaml").write_bytes(b"metadata: {name: \xff}\n")
+    assert world.nads.get("default", "net-a") is not None
+    assert any("not UTF-8" in e for e in world.nads.errors())
