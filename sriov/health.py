@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from cnispec.identity import Holder
+from cnispec.vfpools import PoolSpec, env_name
 from sriov.ledger import HELD
 from sriov.model import USERSPACE_DRIVERS, VFIO_DRIVER, Pf, Snapshot, Vf
 from sriov.owner import DeviceType
-from sriov.pools import PoolSpec, env_name
 from sriov.records import VfRecord, VfState
 
 

@@ -21,12 +21,13 @@ from typing import Any, Protocol
 import structlog
 
 from cnispec.errors import DeviceNotFound
+from cnispec.vfpools import PoolsFile, PoolSpec
 from sriov.health import VfView, givable, pool_summary, vf_view
 from sriov.inventory import Inventory
 from sriov.ledger import Ledger
 from sriov.model import Snapshot, Vf
 from sriov.owner import DeviceType
-from sriov.pools import PoolsFile, PoolSpec, assign
+from sriov.pools import assign
 
 log = structlog.get_logger(__name__)
 

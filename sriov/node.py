@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from cnispec.vfpools import PoolSpec, env_name
 from sriov.agent import NodeAgent
 from sriov.audit import audit
 from sriov.devices import DeviceSource, KubeletGrants, LocalPools
 from sriov.health import VfView
 from sriov.membership import DevicePlugin
-from sriov.pools import PoolSpec, env_name
 from sriov.pools_source import PoolsFileSource
 from sriov.sysfs import Sysfs
 from sriov.uevents import UeventSource, open_source

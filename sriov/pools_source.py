@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from sriov.pools import PoolsFile, load_pools
+from cnispec.vfpools import PoolsFile
+from sriov.pools import load_pools
 
 
 class PoolsSource(Protocol):

@@ -9,18 +9,9 @@ from textwrap import dedent
 import pytest
 
 from cnispec.errors import InvalidConfig
+from cnispec.vfpools import PfRef, PoolsFile, PoolSpec, env_name
 from sriov.model import LinkType, Pf, Snapshot, Vf
-from sriov.pools import (
-    PfRef,
-    PoolsFile,
-    PoolSpec,
-    assign,
-    desired_num_vfs,
-    env_name,
-    load_pools,
-    matches,
-    parse_pools,
-)
+from sriov.pools import assign, desired_num_vfs, load_pools, matches, parse_pools
 
 SOURCE = "/etc/plexus/vf-pools.yaml"
 

@@ -1,8 +1,9 @@
 """Loading the VF pools file's YAML into a pydantic model so that every error names file:line.
 
-Private to `sriov.pools`: `parse_pools` calls `load_validated`, and the pool validators raise
-`invalid()` errors, whose text is shown as written and whose `at` points the line at the field
-at fault. YAML is read with 1.2 core scalars, and a duplicate key is an error, not a silent
+Used by `sriov.pools` (`parse_pools` calls `load_validated`), by `cnispec.vfpools`, whose
+validators raise `invalid()` errors (their text is shown as written and their `at` points the
+line at the field at fault), and by every other YAML file an admin writes and wants `file:line`
+for. YAML is read with 1.2 core scalars, and a duplicate key is an error, not a silent
 overwrite. Pure: no file I/O (the caller reads the file).
 """
 
