@@ -3,8 +3,9 @@
 No kube-apiserver can run on the test machines, so code that talks to the API (metaplugin,
 nad_controller, ...) is tested with the real ``kubernetes`` Python client pointed at this
 server. It speaks HTTP/1.1 + JSON on 127.0.0.1 (ephemeral port) and serves Pods (with the
-``status`` subresource), Events, Nodes and NetworkAttachmentDefinitions
-(``k8s.cni.cncf.io/v1``), following the real server's semantics where tests can observe them:
+``status`` subresource), Events, Nodes, NetworkAttachmentDefinitions
+(``k8s.cni.cncf.io/v1``), Leases (``coordination.k8s.io/v1``) and Plexus's VFPools and
+VFPoolNodeStates (``plexus.dev/v1alpha1``, cluster-scoped, ``status`` subresource), following the real server's semantics where tests can observe them:
 one global resourceVersion, list/watch with field and label selectors, chunked watch streams
 that replay retained history and answer a compacted resourceVersion with an ``ERROR`` event
 (410 Expired), merge / strategic-merge / JSON patches with resourceVersion and UID
@@ -64,6 +65,9 @@ _EVENT_FIELDS = (
 )  # fmt: skip
 
 
+_BUILTIN_GROUPS = frozenset({"", "coordination.k8s.io"})
+
+
 @dataclass(frozen=True)
 class Resource:
     """One served resource type."""
@@ -82,7 +86,8 @@ class Resource:
 
     @property
     def custom(self) -> bool:
-        return bool(self.group)
+        """Served from a CRD (no strategic merge, generation on every object, typed list items)."""
+        return self.group not in _BUILTIN_GROUPS
 
     @property
     def qualified(self) -> str:
@@ -100,6 +105,9 @@ RESOURCES = (
     Resource(
         "NetworkAttachmentDefinition", "network-attachment-definitions", "k8s.cni.cncf.io", "v1"
     ),
+    Resource("Lease", "leases", "coordination.k8s.io", "v1"),
+    Resource("VFPool", "vfpools", "plexus.dev", "v1alpha1", False, True),
+    Resource("VFPoolNodeState", "vfpoolnodestates", "plexus.dev", "v1alpha1", False, True),
 )  # fmt: skip
 _BY_KIND = {r.kind: r for r in RESOURCES}
 _REASONS = {
@@ -817,8 +825,9 @@ _VERSION = {
 def discovery(path: str) -> JSON | None:
     """Minimal /version, /api, /apis and per-group-version discovery documents."""
     path = path.rstrip("/")
-    groups = sorted({r.group for r in RESOURCES if r.group})
-    gv = {g: {"groupVersion": f"{g}/v1", "version": "v1"} for g in groups}
+    versions = {r.group: r.version for r in RESOURCES if r.group}  # one version per group
+    groups = sorted(versions)
+    gv = {g: {"groupVersion": f"{g}/{versions[g]}", "version": versions[g]} for g in groups}
     if path == "/version":
         return dict(_VERSION)
     if path == "/api":

@@ -168,7 +168,16 @@ def test_discovery_and_version(api_client: client.ApiClient) -> None:
     assert client.VersionApi(api_client).get_code().major == "1"
     assert client.CoreApi(api_client).get_api_versions().versions == ["v1"]
     groups = client.ApisApi(api_client).get_api_versions().groups
-    assert [g.name for g in groups] == ["k8s.cni.cncf.io"]
+    assert [(g.name, g.preferred_version.version) for g in groups] == [
+        ("coordination.k8s.io", "v1"),
+        ("k8s.cni.cncf.io", "v1"),
+        ("plexus.dev", "v1alpha1"),
+    ]
+    plexus = client.CustomObjectsApi(api_client).get_api_resources("plexus.dev", "v1alpha1")
+    assert {r.name: r.namespaced for r in plexus.resources} == {
+        "vfpools": False, "vfpools/status": False,
+        "vfpoolnodestates": False, "vfpoolnodestates/status": False,
+    }  # fmt: skip
 
 
 def test_kubeconfig(standin: ApiStandin, tmp_path: Path) -> None:
