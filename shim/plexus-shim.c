@@ -429,6 +429,9 @@ static int literal(struct parser *p, const char *word) {
  * them); its value goes to *num. */
 static int parse_number(struct parser *p, double *num) {
     size_t start = p->i;
+    double ignored;
+    if (!num)
+        num = &ignored; /* a value nobody reads (below the top level) */
     if (literal(p, "NaN")) {
         *num = NAN;
         return 0;
@@ -454,7 +457,7 @@ static int parse_number(struct parser *p, double *num) {
         if (!digits(p))
             p->i = mark; /* "1e" is the number 1 followed by junk, as Python reads it */
     }
-    if (num) {
+    if (num != &ignored) {
         char *copy = strndup(p->s + start, p->i - start);
         if (!copy)
             die_oom();

@@ -153,6 +153,8 @@ VERSION_INPUTS = {
     "whitespace": lambda root: b' \t\r\n{"cniVersion":"1.1.0"}\n\n ',
     "brackets inside a string": lambda root: b'{"a": "' + b"[" * 600 + b'"}',
     "a huge integer": lambda root: b'{"a": -' + b"9" * 5000 + b'e5, "cniVersion": "1.1.0"}',
+    # the compiled shim once crashed on a constant below the top level (found by the fuzz tier)
+    "nested constants": lambda root: b'{"a": [NaN, -Infinity, {"b": Infinity}], "c": NaN}',
 }
 
 
