@@ -69,7 +69,7 @@ unit: venv
 netns: deps
 	$(BIN)/python -m pytest -m netns
 
-bench: deps
+bench: deps shim
 	$(BIN)/python -m bench.shim_cost
 
 clean:

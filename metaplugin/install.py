@@ -24,6 +24,7 @@ from typing import Any, Final
 import structlog
 
 from cnispec.durable import atomic_write
+from cnispec.errors import InvalidConfig
 from metaplugin.config import NETWORK_NAME, DaemonConfig
 
 log = structlog.get_logger(__name__)
@@ -55,9 +56,9 @@ def shim_text(interpreter: str) -> str:
     return "".join(lines)
 
 
-class ShimMissing(Exception):
-    """The configured compiled shim is not there: installing nothing beats installing a shim
-    the node cannot run."""
+class ShimMissing(InvalidConfig):
+    """The configured compiled shim is not there: plexusd stops with this message
+    (`plexusd_failed`), since installing nothing beats installing a shim the node cannot run."""
 
 
 def compiled_shim(cfg: DaemonConfig) -> Path | None:
@@ -66,7 +67,10 @@ def compiled_shim(cfg: DaemonConfig) -> Path | None:
     if cfg.shim_binary:
         path = Path(cfg.shim_binary)
         if not (path.is_file() and os.access(path, os.X_OK)):
-            raise ShimMissing(f"shimBinary {path} is not an executable file")
+            raise ShimMissing(
+                f"shimBinary {path} is not an executable file",
+                "build it with `make shim`, or leave shimBinary out to install the packaged shim",
+            )
         return path
     return COMPILED_SHIM if COMPILED_SHIM.is_file() else None
 
