@@ -43,7 +43,7 @@ lint: venv
 # fortify-enabled musl.
 SHIM_CC     ?= musl-gcc
 SHIM_CFLAGS := -std=c11 -static -Os -Wall -Wextra -Werror -Wshadow -Wformat=2 -Wvla \
-               -D_FORTIFY_SOURCE=2 -fstack-protector-strong -fno-plt -Wl,-z,noexecstack
+               -D_FORTIFY_SOURCE=2 -fstack-protector-strong -Wl,-z,noexecstack,-z,relro,-z,now
 SHIM_BIN    := metaplugin/bin/plexus
 shim: $(SHIM_BIN)
 

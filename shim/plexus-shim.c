@@ -1131,6 +1131,12 @@ static int read_stdin(struct buf *raw) {
         ssize_t r = read(0, raw->p + raw->len, 65536);
         if (r < 0 && errno == EINTR)
             continue;
+        if (r < 0 && errno == EAGAIN) { /* a non-blocking pipe from the runtime: wait for it */
+            struct pollfd pfd = {0, POLLIN, 0};
+            if (poll(&pfd, 1, -1) >= 0 || errno == EINTR)
+                continue;
+            return -1;
+        }
         if (r < 0)
             return -1;
         if (r == 0)
