@@ -469,8 +469,8 @@ static int parse_number(struct parser *p, double *num) {
 
 static int parse_value(struct parser *p, struct jval *out);
 
-/* An array or object at p->i; at the top level (top != NULL) the four keys the shim reads are
- * kept, the last of duplicates winning as in a Python dict. */
+/* An array or object at p->i. For the top-level object, `names` lists the keys the shim reads
+ * and `keys` receives their values, the last of duplicates winning as in a Python dict. */
 static int parse_container(struct parser *p, char close, struct jval *keys[], const char **names,
                            size_t n_names) {
     if (++p->depth > MAX_DEPTH)
