@@ -1,13 +1,18 @@
 """What one exec of the plexus shim costs, next to a Go reference plugin on the same machine.
 
-Rows (each `subprocess.run` wall time, median and p90 over N calls after a warm-up):
-  /bin/true                        the harness floor
-  Go host-local VERSION            a reference plugin's exec cost (what every delegate exec costs)
-  plexus VERSION                   the shim's own start-up (answered without the daemon)
-  plexus STATUS via plexusd        shim + unix socket + daemon round trip (no delegate exec)
+Rows (each `subprocess.run` wall time, median, p90 and p99 over N calls after a warm-up, all in
+one run; ratio = median / Go host-local VERSION's median):
+  /bin/true                          the harness floor
+  Go host-local VERSION              a reference plugin's exec cost (every delegate exec's)
+  compiled shim VERSION              the static C shim's start-up (answered without the daemon)
+  compiled shim STATUS via plexusd   shim + unix socket + daemon round trip (no delegate exec)
+  Python shim VERSION / STATUS       the same for the Python shim (the fallback)
 
-Run as root: `sudo make bench` (or `.venv/bin/python -m bench.shim_cost [N]`). Everything lives in
-a temp dir; the daemon runs in local mode with a cluster network that STATUS does not exec.
+Targets (issue 11): compiled VERSION <= 1.5x, compiled STATUS <= 2x.
+
+Run as root: `sudo make bench` (or `.venv/bin/python -m bench.shim_cost [N]` after `make shim`).
+Everything lives in a temp dir; the daemon runs in local mode with a cluster network that STATUS
+does not exec.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from metaplugin.config import DaemonConfig
+from metaplugin.install import COMPILED_SHIM, place_shim, shim_text
 from testbed.daemon import DaemonProcess
 
 GO_PLUGIN = Path("/usr/lib/cni/host-local")
@@ -46,8 +53,15 @@ def exec_fn(argv: list[str], env: dict[str, str], stdin: bytes) -> Callable[[], 
     return run
 
 
-def p90(values: list[float]) -> float:
-    return statistics.quantiles(values, n=10)[-1]
+def percentile(values: list[float], p: int) -> float:
+    return statistics.quantiles(values, n=100)[p - 1]
+
+
+def python_shim(root: Path) -> Path:
+    """The Python shim as plexusd installs it when no compiled shim was built."""
+    cfg = DaemonConfig.model_validate({"cniBinDir": str(root / "pybin"), "stateDir": str(root)})
+    interpreter = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+    return place_shim(cfg, shim_text(interpreter).encode())
 
 
 def main() -> int:
@@ -62,7 +76,13 @@ def main() -> int:
         daemon = DaemonProcess(root, {"localDir": str(root / "nads"), "logLevel": "warning"})
         daemon.start()
         try:
-            shim = str(Path(daemon.config["cniBinDir"]) / "plexus")
+            installed = Path(daemon.config["cniBinDir"]) / "plexus"
+            shims = {"Python": python_shim(root)}
+            if COMPILED_SHIM.is_file():
+                assert installed.read_bytes() == COMPILED_SHIM.read_bytes()
+                shims = {"compiled": installed, **shims}
+            else:
+                print(f"no compiled shim at {COMPILED_SHIM}: run `make shim` for its rows")
             conf = json.loads(daemon.conf_file.read_text())
             plugin = {**conf["plugins"][0], "name": conf["name"], "cniVersion": "1.1.0"}
             version_in = json.dumps({"cniVersion": "1.0.0"}).encode()
@@ -72,21 +92,33 @@ def main() -> int:
                     "Go host-local VERSION",
                     exec_fn([str(GO_PLUGIN)], {"CNI_COMMAND": "VERSION"}, version_in),
                 ),
-                ("plexus shim VERSION", exec_fn([shim], {"CNI_COMMAND": "VERSION"}, version_in)),
-                (
-                    "plexus shim STATUS via plexusd",
-                    exec_fn([shim], {"CNI_COMMAND": "STATUS"}, json.dumps(plugin).encode()),
-                ),
             ]
+            for kind, shim in shims.items():
+                rows.append(
+                    (
+                        f"{kind} shim VERSION",
+                        exec_fn([str(shim)], {"CNI_COMMAND": "VERSION"}, version_in),
+                    )
+                )
+                rows.append(
+                    (
+                        f"{kind} shim STATUS via plexusd",
+                        exec_fn(
+                            [str(shim)], {"CNI_COMMAND": "STATUS"}, json.dumps(plugin).encode()
+                        ),
+                    )
+                )
             results = [(name, measure(fn, n)) for name, fn in rows]
         finally:
             daemon.stop()
     base = statistics.median(results[1][1])
     print(f"shim cost per exec, n={n} (ms; ratio = median / Go host-local VERSION median)")
-    print(f"{'call':34} {'median':>8} {'p90':>8} {'ratio':>7}")
+    print(f"{'call':36} {'median':>8} {'p90':>8} {'p99':>8} {'ratio':>7}")
     for name, values in results:
         median = statistics.median(values)
-        print(f"{name:34} {median:8.2f} {p90(values):8.2f} {median / base:7.2f}")
+        p90, p99 = percentile(values, 90), percentile(values, 99)
+        print(f"{name:36} {median:8.2f} {p90:8.2f} {p99:8.2f} {median / base:7.2f}")
+    print("targets: compiled shim VERSION <= 1.50, compiled shim STATUS via plexusd <= 2.00")
     return 0
 
 

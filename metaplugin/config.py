@@ -230,11 +230,17 @@ class DaemonConfig(BaseModel):
         default=True,
         description=f"Install the shim and write {CONF_FILE_NAME} at start.",
     )
+    shim_binary: str | None = Field(
+        default=None,
+        alias="shimBinary",
+        description="The compiled static shim to install as 'plexus'. Default: the one shipped "
+        "in the package (metaplugin/bin/plexus, built by `make shim`).",
+    )
     shim_interpreter: str = Field(
         default="/usr/bin/python3",
         alias="shimInterpreter",
-        description="Interpreter named in the installed shim's shebang (run with -IS: isolated, "
-        "no site-packages; the shim needs only the standard library).",
+        description="Only when no compiled shim was built (a development checkout): the "
+        "interpreter in the Python shim's shebang (run with -IS: isolated, no site-packages).",
     )
     shim_timeout: float = Field(
         default=120.0,

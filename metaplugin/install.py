@@ -1,6 +1,12 @@
 """The node install step: put the shim into the CNI bin dir and Plexus's conflist into the CNI
 conf dir, as the DaemonSet's plexusd does at start.
 
+The shim installed is the compiled static one (shim/plexus-shim.c, `make shim`), which needs
+nothing on the node: it is shipped inside this package as `metaplugin/bin/plexus` (package
+data), or named by the daemon config's `shimBinary`. Only when there is no compiled shim at all
+(a development checkout without musl-gcc) is the Python shim installed instead, with a warning:
+it needs `shimInterpreter` (python3) on the node.
+
 The shim is copied to a temp file in the same directory and renamed over the old one, so a
 runtime exec'ing it never sees a half-written file ("text file busy" cannot happen: the old inode
 stays intact for whoever runs it). The conflist is renamed into place too, then its same bytes
@@ -15,11 +21,18 @@ import os
 from pathlib import Path
 from typing import Any, Final
 
+import structlog
+
 from cnispec.durable import atomic_write
+from cnispec.errors import InvalidConfig
 from metaplugin.config import NETWORK_NAME, DaemonConfig
+
+log = structlog.get_logger(__name__)
 
 SHIM_NAME: Final = "plexus"
 SHIM_SOURCE: Final = Path(__file__).with_name("shim.py")
+# Built by `make shim` (the Makefile's `shim` target) and carried as package data.
+COMPILED_SHIM: Final = Path(__file__).with_name("bin") / SHIM_NAME
 CONF_VERSION: Final = "1.0.0"  # containerd 1.6's libcni rejects 1.1.0 results
 CONF_VERSIONS: Final = ["0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 CAPABILITIES: Final = {
@@ -43,11 +56,48 @@ def shim_text(interpreter: str) -> str:
     return "".join(lines)
 
 
+class ShimMissing(InvalidConfig):
+    """The configured compiled shim is not there: plexusd stops with this message
+    (`plexusd_failed`), since installing nothing beats installing a shim the node cannot run."""
+
+
+def compiled_shim(cfg: DaemonConfig) -> Path | None:
+    """The compiled shim to install: `shimBinary` when set (it must exist), else the one in
+    the package, else None (no compiled shim was built)."""
+    if cfg.shim_binary:
+        path = Path(cfg.shim_binary)
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise ShimMissing(
+                f"shimBinary {path} is not an executable file",
+                "build it with `make shim`, or leave shimBinary out to install the packaged shim",
+            )
+        return path
+    return COMPILED_SHIM if COMPILED_SHIM.is_file() else None
+
+
+def shim_bytes(cfg: DaemonConfig) -> bytes:
+    binary = compiled_shim(cfg)
+    if binary is not None:
+        return binary.read_bytes()
+    log.warning(
+        "shim_python_fallback",
+        reason=f"no compiled shim at {COMPILED_SHIM} (run `make shim`); installing the Python "
+        f"shim, which needs {cfg.shim_interpreter} on the node",
+    )
+    return shim_text(cfg.shim_interpreter).encode()
+
+
 def install_shim(cfg: DaemonConfig) -> Path:
+    """Put the shim into the CNI bin dir: a temp file beside it, fsync, rename. A runtime
+    exec'ing the old shim keeps its inode (never "text file busy"), and one exec'ing the new
+    name sees the whole file or the old one, never half of it."""
+    return place_shim(cfg, shim_bytes(cfg))
+
+
+def place_shim(cfg: DaemonConfig, data: bytes) -> Path:
     bin_dir = Path(cfg.cni_bin_dir)
     bin_dir.mkdir(parents=True, exist_ok=True)
     target = bin_dir / SHIM_NAME
-    data = shim_text(cfg.shim_interpreter).encode()
     if target.is_file() and target.read_bytes() == data and os.access(target, os.X_OK):
         return target
     atomic_write(target, data, mode=0o755)

@@ -24,6 +24,10 @@ DEFAULT_SOCKET = "/run/plexus/plexus.sock"
 DEFAULT_SPOOL = "/var/lib/plexus/spool"
 DEFAULT_TIMEOUT = 120.0
 MAX_TIMEOUT = 86400.0
+MAX_STDIN = 4 * 1024 * 1024  # the daemon refuses far smaller bodies; a bound keeps the spool sane
+MAX_REPLY = 16 * 1024 * 1024  # a result JSON is a few KiB
+MAX_DEPTH = 512  # deeper JSON is refused (code 6) at the same depth by both shims
+JSON_SPACE = " \t\n\r"
 DECODE_FAILURE = 6
 INVALID_CONFIG = 7
 TRY_AGAIN_LATER = 11
@@ -36,27 +40,98 @@ class Unreachable(Exception):
 
 class _Decoding:  # the attributes _json's scanner reads from a json.JSONDecoder
     strict, object_hook, object_pairs_hook = True, None, None
-    parse_float, parse_int, parse_constant = float, int, float
+    # Every number is read as a float: the shim only compares shimTimeout, and an integer of
+    # more than 4,300 digits would otherwise be an error (Python's int conversion limit).
+    parse_float, parse_int, parse_constant = float, float, float
+
+
+_scan = _json.make_scanner(_Decoding())  # type: ignore[arg-type]
+
+
+class NotAnObject(ValueError):
+    """Stdin is not a JSON object; the message says what it is instead."""
 
 
 def loads(text: str) -> object:
-    start = len(text) - len(text.lstrip())
+    """Parse the config as the compiled shim does (shim/plexus-shim.c): JSON whitespace around
+    one value, at most MAX_DEPTH levels of arrays and objects; raises NotAnObject otherwise."""
+    start = len(text) - len(text.lstrip(JSON_SPACE))
     try:
-        value, end = _json.make_scanner(_Decoding())(text, start)  # type: ignore[arg-type]
-        if not text[end:].strip():
-            return value
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
+        value, end = _scan(text, start)
+    except RecursionError:  # Python's own limit (~1,000 levels) is past MAX_DEPTH
+        raise NotAnObject(f"it nests deeper than {MAX_DEPTH} levels") from None
     except (StopIteration, SystemError, ValueError):
-        # NOTE: on malformed input the C scanner wants json.decoder already imported (it raises
-        # SystemError otherwise); only this error path pays for the full module.
-        pass
-    import json
+        end = _error_position(text, start)
+    else:
+        if not text[end:].strip(JSON_SPACE):
+            if _deeper_than(text, len(text)):
+                raise NotAnObject(f"it nests deeper than {MAX_DEPTH} levels")
+            return value
+    # Invalid JSON; but nesting past MAX_DEPTH before the error is what a parser reading left
+    # to right (the compiled shim) meets first.
+    if _deeper_than(text, end):
+        raise NotAnObject(f"it nests deeper than {MAX_DEPTH} levels")
+    raise NotAnObject("it is not valid JSON")
+
+
+def _error_position(text: str, start: int) -> int:
+    """Where the scanner gives up on invalid JSON. Only this error path pays for json.decoder,
+    which the C scanner needs imported to raise its errors (SystemError otherwise)."""
+    import json.decoder
 
     try:
-        return json.loads(text)
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
+        _, end = _scan(text, start)
+    except StopIteration as exc:
+        return int(exc.value)
+    except json.decoder.JSONDecodeError as exc:
+        return exc.pos
+    except (RecursionError, ValueError):
+        return len(text)
+    return end  # parsed, with extra data after the value
+
+
+def _deeper_than(text: str, end: int) -> bool:
+    """Whether text[:end] opens more than MAX_DEPTH arrays and objects at once (outside
+    strings). Counting first keeps the common case to two C-level scans."""
+    if text.count("[", 0, end) + text.count("{", 0, end) <= MAX_DEPTH:
+        return False
+    depth, in_string, escaped = 0, False, False
+    for c in text[:end]:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                return True
+        elif c in "]}":
+            depth -= 1
+    return False
+
+
+def kind(value: object) -> str:
+    """The JSON type of a parsed value, for a message."""
+    if isinstance(value, str):
+        return "a string"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, float):
+        return "a number"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def describe(value: object) -> str:
+    """A config value for a message: ascii() of a string (it shows the NUL or lone surrogate
+    that makes it unusable), else its JSON type."""
+    return ascii(value) if isinstance(value, str) else kind(value)
 
 
 def dumps(value: object) -> str:
@@ -106,13 +181,16 @@ def request(sock_path: str, body: bytes, timeout: float) -> tuple[int, bytes]:
     try:
         connect(sock, sock_path, deadline)
         sock.sendall(head.encode() + body)
-        chunks = []
+        chunks, received = [], 0
         while True:
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
             chunk = sock.recv(65536)
             if not chunk:
                 break
             chunks.append(chunk)
+            received += len(chunk)
+            if received > MAX_REPLY:
+                raise Unreachable(f"its answer was larger than {MAX_REPLY} bytes")
     except TimeoutError:
         raise Unreachable(f"no answer within {timeout:g} s") from None
     except OSError as exc:  # reset, permission denied, ...
@@ -187,11 +265,15 @@ def unreachable(
 ) -> int:
     """The daemon is down: spool a DEL (success), refuse everything else with a clear code."""
     if command == "DEL":
-        spool_dir = conf.get("spoolDir") or DEFAULT_SPOOL
+        spool_dir = conf.get("spoolDir")
+        if spool_dir is None or spool_dir == "":
+            spool_dir = DEFAULT_SPOOL
         if not is_path(spool_dir) or not str(spool_dir).startswith("/"):
             # A relative or non-string path would spool where the daemon never looks.
             return fail(
-                version, INVALID_CONFIG, f"{why}; spoolDir must be an absolute path: {spool_dir!a}"
+                version,
+                INVALID_CONFIG,
+                f"{why}; spoolDir must be an absolute path, not {describe(spool_dir)}",
             )
         try:
             spool(str(spool_dir), env, stdin)
@@ -213,15 +295,22 @@ def unreachable(
 def main() -> int:
     env = {k: os.environ[k] for k in CNI_KEYS if k in os.environ}
     command = env.get("CNI_COMMAND", "")
-    stdin = sys.stdin.buffer.read().decode("utf-8", "replace")
+    raw = sys.stdin.buffer.read(MAX_STDIN + 1)
+    if len(raw) > MAX_STDIN:
+        return fail(
+            "1.0.0",
+            DECODE_FAILURE,
+            f"network configuration on stdin is larger than {MAX_STDIN} bytes",
+        )
+    stdin = raw.decode("utf-8", "replace")
     try:
         conf = loads(stdin or "{}")
-    except ValueError as exc:
-        conf = exc
-    if not isinstance(conf, dict):
+        if not isinstance(conf, dict):
+            raise NotAnObject(f"it is {kind(conf)}")
+    except NotAnObject as exc:
         # Without a config there is no socketPath to forward to: answer here.
         return fail(
-            "1.0.0", DECODE_FAILURE, f"network configuration on stdin is not a JSON object: {conf}"
+            "1.0.0", DECODE_FAILURE, f"network configuration on stdin is not a JSON object: {exc}"
         )
     version = conf.get("cniVersion")
     if not isinstance(version, str):
@@ -229,18 +318,21 @@ def main() -> int:
     if command == "VERSION":
         emit({"cniVersion": version, "supportedVersions": SUPPORTED_VERSIONS})
         return 0
-    sock_path = conf.get("socketPath") or DEFAULT_SOCKET
+    sock_path = conf.get("socketPath")
+    if sock_path is None or sock_path == "":
+        sock_path = DEFAULT_SOCKET
     if not is_path(sock_path):
-        return fail(version, INVALID_CONFIG, f"socketPath must be a path string, not {sock_path!a}")
-    try:
-        timeout = float(conf.get("shimTimeout") or DEFAULT_TIMEOUT)
-    except (TypeError, ValueError, OverflowError):  # 400 digits overflow a float
-        timeout = DEFAULT_TIMEOUT
-    if not 0 < timeout <= MAX_TIMEOUT:  # NaN, infinite or negative: the deadline must hold
+        return fail(
+            version, INVALID_CONFIG, f"socketPath must be a path string, not {describe(sock_path)}"
+        )
+    timeout = conf.get("shimTimeout")
+    # A deadline is always in force: one the shim cannot use (not a number, NaN, infinite, out
+    # of (0, MAX_TIMEOUT]) falls back to the default.
+    if not (isinstance(timeout, float) and 0 < timeout <= MAX_TIMEOUT):
         timeout = DEFAULT_TIMEOUT
     body = dumps({"env": env, "config": stdin}).encode()
     try:
-        status, reply = request(sock_path, body, timeout)
+        status, reply = request(str(sock_path), body, timeout)
     except Unreachable as exc:
         why = f"plexusd is not reachable at {sock_path} ({exc})"
         return unreachable(command, conf, version=version, env=env, stdin=stdin, why=why)

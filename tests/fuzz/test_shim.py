@@ -1,17 +1,21 @@
-"""The shim executable on its own (no daemon listening): whatever the runtime hands it, it
-answers with CNI error JSON (11 unreachable, 50 STATUS, 6/7 for a config it cannot use) or a
-VERSION result, or spools a DEL into the configured spool directory, and writes nowhere else.
+"""The shim executables on their own (no daemon listening), the compiled one and the Python
+one: whatever the runtime hands them, they answer with CNI error JSON (11 unreachable, 50
+STATUS, 6/7 for a config they cannot use) or a VERSION result, or spool a DEL into the
+configured spool directory, and write nowhere else; and both answer every input with the same
+bytes (`test_both_shims_answer_alike`).
 
 The inputs this tier first found the shim crashing on (deep JSON, a float overflow, paths the
 kernel cannot take) are pinned below as reproducers (`KNOWN_SHIM_CRASHES`): each is now a CNI
-error. The fuzzed space still stays below the nesting depth the strategies were written for.
+error.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +23,6 @@ import pytest
 from hypothesis import assume, event, given
 from hypothesis import strategies as st
 
-from metaplugin.config import DaemonConfig
-from metaplugin.install import install_shim
 from tests.fuzz import strategies as s
 from tests.fuzz.conftest import budget
 from tests.fuzz.tally import (
@@ -31,19 +33,16 @@ from tests.fuzz.tally import (
     guard_machine_spool,
     machine_spool,
 )
+from tests.unit.test_shim_conformance import SHIMS, install_compiled_shim, install_python_shim
 
-INTERPRETER = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else "python3"
 SHIM_CODES = frozenset({6, 7, 11, 50})
-# Below the depth at which the shim's own decoder overflows (see the xfails).
-SHIM_SAFE_DEPTH = 900
+# Both shims refuse JSON nested deeper than 512 levels (code 6) at any depth.
+SHIM_SAFE_DEPTH = 5000
 
 
 class Shim:
-    def __init__(self, root: Path) -> None:
-        cfg = DaemonConfig.model_validate(
-            {"cniBinDir": str(root / "bin"), "shimInterpreter": INTERPRETER, "stateDir": str(root)}
-        )
-        self.path = install_shim(cfg)
+    def __init__(self, root: Path, install: Callable[[Path], Path]) -> None:
+        self.path = install(root / "installed")
         self.cwd = root / "cwd"  # where a relative spool path would land
         self.cwd.mkdir()
         self.spool = root / "spool"
@@ -81,9 +80,11 @@ class Shim:
         return sorted(str(p.relative_to(self.cwd)) for p in self.cwd.rglob("*"))
 
 
-@pytest.fixture(scope="module")
-def shim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shim]:
-    yield Shim(tmp_path_factory.mktemp("fuzz-shim"))
+@pytest.fixture(scope="module", params=list(SHIMS))
+def shim(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Shim]:
+    yield Shim(tmp_path_factory.mktemp("fuzz-shim"), SHIMS[request.param])
 
 
 def judge(shim: Shim, env: dict[str, str], done: subprocess.CompletedProcess[bytes]) -> None:
@@ -177,3 +178,53 @@ def test_known_shim_spools_a_del_to_a_relative_path(shim: Shim, spool_dir: objec
     finally:
         for p in sorted(shim.cwd.rglob("*"), reverse=True):
             p.unlink() if p.is_file() else p.rmdir()
+
+
+# --- the two shims, byte for byte ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Shim, Shim]:
+    """The compiled and the Python shim, sharing one socket path and one spool directory (so
+    their messages name the same paths); the spool is emptied between the two runs."""
+    root = tmp_path_factory.mktemp("fuzz-pair")
+    compiled = Shim(root / "c", install_compiled_shim)
+    python = Shim(root / "p", install_python_shim)
+    python.cwd, python.spool, python.base = compiled.cwd, compiled.spool, compiled.base
+    return compiled, python
+
+
+def _spool_snapshot(shim: Shim) -> list[tuple[str, bytes]]:
+    """The spool's files, the clock taken out of names and contents; then empties it."""
+    out = []
+    for path in sorted(shim.spool.rglob("*")) if shim.spool.exists() else []:
+        data = b"" if path.is_dir() else path.read_bytes()
+        out.append(
+            (
+                re.sub(r"^\d{19}-", "<ns>-", path.name),
+                re.sub(rb'"spooledAt":\d+\.\d+\}$', b'"spooledAt":<s>}', data),
+            )
+        )
+    if shim.spool.exists():
+        shutil.rmtree(shim.spool)
+    return out
+
+
+@budget(ci=40, long=2_000)
+@given(data=st.data())
+def test_both_shims_answer_alike(pair: tuple[Shim, Shim], data: st.DataObject) -> None:
+    compiled, python = pair
+    env = data.draw(s.cni_env())
+    stdin = data.draw(s.stdin_texts(s.configs(base=compiled.base), max_depth=5000)).encode(
+        "utf-8", "surrogatepass"
+    )
+    assume(s.stays_in_the_bed(stdin, compiled.base))
+    with case("compiled shim vs Python shim"):
+        answers = []
+        for shim in (compiled, python):
+            done = shim.run(env, stdin)
+            answers.append((done.returncode, done.stdout, _spool_snapshot(shim), shim.stray()))
+        if answers[0] != answers[1]:
+            raise Violation(
+                "contract", f"compiled {answers[0]!r:.400} != python {answers[1]!r:.400}"
+            )

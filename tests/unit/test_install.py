@@ -14,10 +14,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
+from metaplugin import install
 from metaplugin.config import DaemonConfig
-from metaplugin.install import install_shim, write_conf
+from metaplugin.install import ShimMissing, install_shim, write_conf
 from testbed.daemon import PLEXUSD, DaemonProcess
 from testbed.runtime import CniRuntime
+from tests.support.shim import compiled_shim
 
 CLUSTER = {"cniVersion": "1.0.0", "name": "cluster", "plugins": [{"type": "bridge"}]}
 
@@ -134,8 +138,44 @@ def test_the_shim_is_replaced_by_rename(tmp_path: Path) -> None:
     shim = install_shim(cfg)
     old = shim.stat().st_ino
     with shim.open("rb"):  # a runtime exec'ing the old shim keeps its inode
-        shim.write_text(shim.read_text() + "\n# stale\n")
+        shim.write_bytes(shim.read_bytes() + b"\n# stale\n")
         install_shim(cfg)
     assert shim.stat().st_ino != old
     assert os.access(shim, os.X_OK)
     assert not [p for p in shim.parent.iterdir() if p.name.startswith(".plexus")]
+
+
+def test_the_compiled_shim_is_what_gets_installed(tmp_path: Path) -> None:
+    built = compiled_shim()
+    shim = install_shim(install_config(tmp_path))
+    assert shim.read_bytes() == built.read_bytes()
+    assert shim.read_bytes()[:4] == b"\x7fELF"  # not a script: no interpreter on the node
+    assert os.stat(shim).st_mode & 0o777 == 0o755
+    ldd = subprocess.run(["ldd", str(shim)], capture_output=True, text=True, check=False)
+    assert "not a dynamic executable" in ldd.stdout + ldd.stderr
+    out = subprocess.run(
+        [str(shim)], input=b"{}", env={"CNI_COMMAND": "VERSION"}, capture_output=True, check=False
+    )
+    assert out.returncode == 0 and json.loads(out.stdout)["cniVersion"] == "1.0.0"
+
+
+def test_shim_binary_names_the_shim_to_install(tmp_path: Path) -> None:
+    mine = tmp_path / "my-plexus"
+    mine.write_bytes(compiled_shim().read_bytes() + b"\0mine")
+    mine.chmod(0o755)
+    cfg = DaemonConfig.model_validate(
+        {**install_config(tmp_path).model_dump(by_alias=True), "shimBinary": str(mine)}
+    )
+    assert install_shim(cfg).read_bytes() == mine.read_bytes()
+    mine.unlink()
+    with pytest.raises(ShimMissing, match="my-plexus is not an executable file"):
+        install_shim(cfg)
+
+
+def test_without_a_compiled_shim_the_python_shim_is_installed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A development checkout that never ran `make shim` still gets a working shim."""
+    monkeypatch.setattr(install, "COMPILED_SHIM", tmp_path / "never-built")
+    shim = install_shim(install_config(tmp_path))
+    assert shim.read_text().splitlines()[0] == f"#!{sys.executable} -IS"

@@ -7,6 +7,7 @@ test_shim_conformance.py, against this shim and any other named in PLEXUS_SHIM.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -94,3 +95,27 @@ def test_the_shims_json_rejects_what_json_rejects(text: str) -> None:
         json.loads(text)
     with pytest.raises(ValueError):
         shim.loads(text)
+
+
+def test_the_compiled_shims_constants_match_too() -> None:
+    """shim/plexus-shim.c's defaults and limits are the Python shim's (and so the daemon's)."""
+    source = (Path(shim.__file__).parents[1] / "shim" / "plexus-shim.c").read_text()
+
+    def define(name: str) -> str:
+        match = re.search(rf"^#define {name} (.+?)(\s+/\*.*)?$", source, re.MULTILINE)
+        assert match, name
+        return match.group(1)
+
+    assert json.loads(define("DEFAULT_SOCKET")) == shim.DEFAULT_SOCKET
+    assert json.loads(define("DEFAULT_SPOOL")) == shim.DEFAULT_SPOOL
+    assert float(define("DEFAULT_TIMEOUT")) == shim.DEFAULT_TIMEOUT
+    assert float(define("MAX_TIMEOUT")) == shim.MAX_TIMEOUT
+    assert int(define("MAX_DEPTH")) == shim.MAX_DEPTH
+    assert define("MAX_STDIN") == "(4u * 1024 * 1024)" and shim.MAX_STDIN == 4 * 1024 * 1024
+    assert define("MAX_REPLY") == "(16u * 1024 * 1024)" and shim.MAX_REPLY == 16 * 1024 * 1024
+    supported = re.search(r'SUPPORTED\[\] = "(.*)";', source)
+    assert supported and json.loads(supported.group(1).replace('\\"', '"')) == list(
+        cni.SUPPORTED_VERSIONS
+    )
+    keys = re.search(r"CNI_KEYS\[\] = \{(.*?)\};", source, re.DOTALL)
+    assert keys and tuple(re.findall(r'"(\w+)"', keys.group(1))) == cni.CNI_ENV_KEYS

@@ -6,12 +6,14 @@ socket server with a stand-in handler, and asserts only what a runtime or the da
 the exit status, stdout, the bytes the daemon received and the files in the spool directory.
 So the same tests judge any implementation of the shim.
 
-The shims under test are `builtin_shims()` (the Python shim, installed as plexusd installs it)
-and every executable named in the environment variable PLEXUS_SHIM, colon-separated:
+The shims under test are `builtin_shims()`: the compiled static shim (shim/plexus-shim.c, built
+by `make shim` for the session, skipped with the reason only where musl-gcc is missing) and the
+Python shim, each installed as plexusd installs it, plus every executable named in the
+environment variable PLEXUS_SHIM, colon-separated:
 
     PLEXUS_SHIM=/path/to/plexus-c .venv/bin/python -m pytest tests/unit/test_shim_conformance.py
 
-A shim built in this repository adds its installer to `builtin_shims()` instead. What is
+test_shim_parity.py holds the two built-in shims to the same bytes on stdout. What is
 particular to the Python shim (shebang, stdlib-only imports, its JSON helpers) is tested in
 test_shim.py.
 """
@@ -37,11 +39,12 @@ import pytest
 from cnispec import cni
 from cnispec.errors import InvalidConfig
 from metaplugin.config import DaemonConfig
-from metaplugin.install import install_shim
+from metaplugin.install import install_shim, place_shim, shim_text
 from metaplugin.scheduler import Scheduler
 from metaplugin.server import Api
 from metaplugin.spool import SpoolReplayer
 from metaplugin.transport import SocketServer
+from tests.support.shim import compiled_shim
 
 INTERPRETER = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
 
@@ -49,20 +52,26 @@ ShimSource = Callable[[Path], Path]
 """Given a scratch directory, returns the shim executable to test."""
 
 
-def install_python_shim(scratch: Path) -> Path:
-    """The Python shim exactly as plexusd installs it: one file, `#!<python3> -IS`."""
-    cfg = DaemonConfig.model_validate(
-        {
-            "cniBinDir": str(scratch / "bin"),
-            "shimInterpreter": INTERPRETER,
-            "stateDir": str(scratch / "state"),
-        }
+def _scratch_config(scratch: Path, **extra: str) -> DaemonConfig:
+    return DaemonConfig.model_validate(
+        {"cniBinDir": str(scratch / "bin"), "stateDir": str(scratch / "state"), **extra}
     )
-    return install_shim(cfg)
+
+
+def install_python_shim(scratch: Path) -> Path:
+    """The Python shim exactly as plexusd installs it when no compiled shim was built: one
+    file, `#!<python3> -IS`."""
+    cfg = _scratch_config(scratch, shimInterpreter=INTERPRETER)
+    return place_shim(cfg, shim_text(cfg.shim_interpreter).encode())
+
+
+def install_compiled_shim(scratch: Path) -> Path:
+    """The compiled shim, built by `make shim`, installed as plexusd installs it."""
+    return install_shim(_scratch_config(scratch, shimBinary=str(compiled_shim())))
 
 
 def builtin_shims() -> dict[str, ShimSource]:
-    return {"python": install_python_shim}
+    return {"compiled": install_compiled_shim, "python": install_python_shim}
 
 
 def _named_executable(path: Path, _scratch: Path) -> Path:
