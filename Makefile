@@ -66,7 +66,7 @@ kernel: deps
 unit: venv
 	$(BIN)/python -m pytest -m unit
 
-netns: deps
+netns: deps shim
 	$(BIN)/python -m pytest -m netns
 
 bench: deps shim
@@ -75,13 +75,13 @@ bench: deps shim
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache build *.egg-info $(SHIM_BIN)
 
-demo: deps
+demo: deps shim
 	$(BIN)/python -m demo.local_demo
 
-bench-builtins: deps
+bench-builtins: deps shim
 	$(BIN)/python -m bench.builtins 60
 
-bench-cri: deps
+bench-cri: deps shim
 	$(BIN)/python -m bench.cri_pods 25
 
 # SR-IOV: reserve + release against pool size (flat), and uevent -> pool updated latency.
@@ -98,7 +98,7 @@ protos: venv
 # random moments; prints cycles, kills, DELs, DEL failures and leaks by kind, and fails on any leak
 # or failed DEL. As root. Options: make chaos CHAOS_ARGS="--seed 7 --master-gone 0.05" (testbed/chaos.py).
 CHAOS_CYCLES ?= 1000
-chaos: deps
+chaos: deps shim
 	$(BIN)/python -m testbed.chaos --cycles $(CHAOS_CYCLES) --quiet $(CHAOS_ARGS)
 
 # Fuzzing (tests/fuzz): the long hypothesis profile, >= 100,000 inputs across the targets; prints
