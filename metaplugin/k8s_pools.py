@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -201,6 +202,7 @@ class VFPoolSource:
         self._node = node
         self._nodes = nodes
         self._listeners: list[Callable[[], None]] = []
+        self._status_listeners: list[Callable[[], None]] = []
         self._informer: _Watched = _Watched(
             "vfpools",
             lambda **kw: custom.list_cluster_custom_object(GROUP, VERSION, POOL_PLURAL, **kw),
@@ -223,6 +225,11 @@ class VFPoolSource:
         """`fn()` when the VFPools or the Node changed (the agent's `wake`)."""
         self._listeners.append(fn)
 
+    def on_status(self, fn: Callable[[], None]) -> None:
+        """`fn()` when `refs` or `problems` changed without the pools changing (a change of
+        the pools reaches the state writer through the agent)."""
+        self._status_listeners.append(fn)
+
     def _notify(self) -> None:
         for fn in self._listeners:
             fn()
@@ -232,8 +239,9 @@ class VFPoolSource:
     def load(self) -> PoolsFile:
         if not self._waited:  # start-up: give the API a moment, not forever
             self._waited = True
+            deadline = time.monotonic() + FIRST_SYNC_WAIT
             self._informer.synced.wait(FIRST_SYNC_WAIT)
-            self._nodes.synced.wait(max(0.0, FIRST_SYNC_WAIT / 2))
+            self._nodes.synced.wait(max(0.0, deadline - time.monotonic()))
         with self._lock:
             inputs = self._inputs()
             selection = self._select(inputs)
@@ -244,8 +252,21 @@ class VFPoolSource:
         return selection.pools
 
     def changed(self) -> bool:
+        """True when the pools to serve changed. A change that leaves them as they are (a
+        VFPool for other nodes edited, a generation bumped, a problem solved) is taken in
+        here without a reload: a reload would also forget the VFs that vanished, which stay
+        listed as unhealthy until the admin changes this node's pools."""
         with self._lock:
-            return self._inputs() != self._seen
+            inputs = self._inputs()
+            if inputs == self._seen:
+                return False
+            selection = self._select(inputs)
+            if selection.pools != self._selection.pools:
+                return True
+            self._seen, self._selection = inputs, selection
+        for fn in self._status_listeners:
+            fn()
+        return False
 
     def describe(self) -> str:
         return f"VFPools selecting node {self._node}"
@@ -345,6 +366,7 @@ class NodeStateWriter:
         self._heartbeat = heartbeat
         self._dirty = threading.Event()
         self._stop = threading.Event()
+        self._retry = threading.Event()  # cuts a backoff short (the Node has arrived)
         self._written: NodeStateStatus | None = None  # what the API has, `updated` aside
         self._exists = False
         self.writes = 0  # successful writes (tests, logs)
@@ -352,12 +374,14 @@ class NodeStateWriter:
 
     def start(self) -> None:
         self._agent.on_change(self.poke)
+        self._nodes.subscribe(self._retry.set)
         self._dirty.set()  # the first write: at once
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._dirty.set()
+        self._retry.set()
         self._thread.join(timeout=5)
 
     def poke(self) -> None:
@@ -368,7 +392,8 @@ class NodeStateWriter:
         failures = 0
         while not self._stop.is_set():
             if failures:
-                self._stop.wait(min(BACKOFF[0] * 2 ** (failures - 1), BACKOFF[1]))
+                self._retry.wait(min(BACKOFF[0] * 2 ** (failures - 1), BACKOFF[1]))
+                self._retry.clear()
                 force = True
             else:
                 woke = self._dirty.wait(self._heartbeat)
@@ -410,7 +435,9 @@ class NodeStateWriter:
             return  # e.g. a reconcile that changed nothing shown: no API write
         if not self._exists:
             self._ensure_object()
-        body = {"status": status.model_dump(mode="json", by_alias=True)}
+        # Unset fields are left out, not sent as null: the CRD's schema types them as strings
+        # and booleans, and a merge patch's null would mean "delete" anyway.
+        body = {"status": status.model_dump(mode="json", by_alias=True, exclude_none=True)}
         try:
             self._custom.patch_cluster_custom_object_status(
                 GROUP,
@@ -497,11 +524,12 @@ class NodePools:
 
     def attach(self, agent: NodeAgent) -> None:
         """The agent has started: follow VFPool changes promptly and start writing the state."""
-        if self.source is not None:
-            self.source.subscribe(agent.wake)
         self.writer = NodeStateWriter(
             self._custom, self._node, agent=agent, nodes=self.nodes, source=self.source
         )
+        if self.source is not None:
+            self.source.subscribe(agent.wake)
+            self.source.on_status(self.writer.poke)
         self.writer.start()
 
     def stop(self) -> None:
