@@ -193,7 +193,10 @@ class Daemon:
         if cfg.pools_from == "file":
             log.info("vf_pools_from_file", file=cfg.vf_pools, vfpools_ignored=True)
         pools = self._node_pools = NodePools(
-            sources.api, cfg.node_name, from_vfpools=cfg.pools_from == "vfpools"
+            sources.api,
+            cfg.node_name,
+            from_vfpools=cfg.pools_from == "vfpools",
+            cache=Path(cfg.state_dir) / "sriov" / "vfpools.json",
         )
         sriov = SriovNode(sriov_settings(cfg), pools=pools.pools_source)
         sriov.start_agent()

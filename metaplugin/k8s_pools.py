@@ -20,10 +20,12 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
 import structlog
@@ -32,6 +34,7 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 from urllib3.exceptions import HTTPError
 
+from cnispec.durable import atomic_write
 from cnispec.vfpool_api import (
     API_VERSION,
     GROUP,
@@ -198,9 +201,17 @@ _Inputs = tuple[Mapping[str, str] | None, tuple[PoolObject, ...]]  # the Node's 
 class VFPoolSource:
     """The VFPools selecting this node, as the agent's `PoolsSource`."""
 
-    def __init__(self, custom: kclient.CustomObjectsApi, node: str, nodes: NodeWatch) -> None:
+    def __init__(
+        self,
+        custom: kclient.CustomObjectsApi,
+        node: str,
+        nodes: NodeWatch,
+        *,
+        cache: Path | None = None,
+    ) -> None:
         self._node = node
         self._nodes = nodes
+        self._cache = cache
         self._listeners: list[Callable[[], None]] = []
         self._status_listeners: list[Callable[[], None]] = []
         self._informer: _Watched = _Watched(
@@ -245,7 +256,11 @@ class VFPoolSource:
         with self._lock:
             inputs = self._inputs()
             selection = self._select(inputs)
+            if inputs is None and not self._selection.refs:
+                selection = self._cached() or selection
             self._seen, self._selection = inputs, selection
+        if inputs is not None:
+            self._remember(selection)
         for problem in selection.problems:
             log.warning("vfpool_problem", problem=problem)
         log.info("vfpools_selected", node=self._node, pools=[r.name for r in selection.refs])
@@ -264,9 +279,48 @@ class VFPoolSource:
             if selection.pools != self._selection.pools:
                 return True
             self._seen, self._selection = inputs, selection
+        self._remember(selection)
         for fn in self._status_listeners:
             fn()
         return False
+
+    # the last pools read, for a start while the API is down
+
+    def _remember(self, selection: Selection) -> None:
+        """Keep the pools served on disk: a daemon restarted while the API is unreachable
+        serves them (and keeps its device plugins registered) until the API answers."""
+        if self._cache is None:
+            return
+        data = {
+            "pools": selection.pools.model_dump(mode="json", by_alias=True, exclude_none=True),
+            "refs": [r.model_dump(mode="json", by_alias=True) for r in selection.refs],
+        }
+        text = json.dumps(data, sort_keys=True).encode()
+        try:
+            if self._cache.exists() and self._cache.read_bytes() == text:
+                return
+            self._cache.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            atomic_write(self._cache, text)
+        except OSError as exc:
+            log.warning("vfpools_cache_not_written", path=str(self._cache), error=exc.strerror)
+
+    def _cached(self) -> Selection | None:
+        if self._cache is None:
+            return None
+        try:
+            data = json.loads(self._cache.read_text(encoding="utf-8"))
+            pools = PoolsFile.model_validate(data["pools"])
+            refs = tuple(PoolRef.model_validate(r) for r in data["refs"])
+        except (OSError, ValueError, KeyError, TypeError):  # ValidationError is a ValueError
+            return None
+        if not refs:
+            return None
+        log.warning("vfpools_from_cache", path=str(self._cache), pools=[r.name for r in refs])
+        problem = (
+            "VFPools not read yet: the Kubernetes API has not answered; serving the pools last "
+            f"read ({', '.join(r.name for r in refs)}) until it does"
+        )
+        return Selection(pools, refs, (problem,))
 
     def describe(self) -> str:
         return f"VFPools selecting node {self._node}"
@@ -506,12 +560,14 @@ class NodePools:
     """What plexusd runs in cluster mode with SR-IOV on: the Node watch, the VFPool source
     (unless the pools come from a file) and, once the agent runs, the state writer."""
 
-    def __init__(self, api: kclient.ApiClient, node: str, *, from_vfpools: bool) -> None:
+    def __init__(
+        self, api: kclient.ApiClient, node: str, *, from_vfpools: bool, cache: Path | None = None
+    ) -> None:
         core, self._custom = kclient.CoreV1Api(api), kclient.CustomObjectsApi(api)
         self._node = node
         self.nodes = NodeWatch(core, node)
         self.source: VFPoolSource | None = (
-            VFPoolSource(self._custom, node, self.nodes) if from_vfpools else None
+            VFPoolSource(self._custom, node, self.nodes, cache=cache) if from_vfpools else None
         )
         self.writer: NodeStateWriter | None = None
         self.nodes.start()

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -275,3 +276,47 @@ def test_api_down_add_still_works_and_the_state_catches_up(world: World) -> None
     )
     assert row["pod"] == "default/db"
     world.bed.runtime.delete("c1", pod.path).ok()
+
+
+def test_a_restart_while_the_api_is_down_serves_the_pools_last_read(world: World) -> None:
+    wait(lambda: POOL in world.pools(), "no pools served")
+    wait(lambda: (world.state() or {}).get("status", {}).get("pools"), "no node state")
+    port = urlsplit(world.api.url).port
+    reject = ["OUTPUT", "-p", "tcp", "--dport", str(port), "-j", "REJECT", "--reject-with",
+              "tcp-reset"]  # fmt: skip
+    daemon = world.bed.daemon
+    registered = world.kubelet.registered(POOL)
+    daemon.stop()
+    world.kubelet.restart()  # a kubelet that forgot the plugins: they must register again
+    world.bed.node.run("iptables", "-A", *reject)
+    failed: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            daemon.start(timeout=60.0)  # ready once the API answers again
+        except BaseException as exc:
+            failed.append(exc)
+
+    starting = threading.Thread(target=start, daemon=True)
+    try:
+        starting.start()
+
+        def pools() -> dict[str, dict[str, Any]] | None:
+            try:
+                return world.pools()
+            except OSError:  # not serving yet
+                return None
+
+        served = wait(pools, "the restarted daemon serves no pools", timeout=30.0)
+        assert set(served) == {POOL} and served[POOL]["total"] == 2
+        assert world.kubelet.wait_for(lambda k: k.registered(POOL) == registered + 1, 10.0)
+        assert daemon.events("vfpools_from_cache")
+    finally:
+        world.bed.node.run("iptables", "-D", *reject)
+    starting.join(timeout=60.0)
+    assert not failed and not starting.is_alive()
+    wait(
+        lambda: (s := (world.state() or {}).get("status", {})).get("pools") and not s["problems"],
+        "the node state did not catch up once the API was back",
+        timeout=40.0,
+    )
