@@ -28,14 +28,15 @@ def node_status(
     now: datetime | None = None,
 ) -> NodeStateStatus:
     """Every PF and VF of the node now, with the pools served (and the generation acted on)
-    and the node-level problems the caller knows of."""
+    and the node-level problems: the caller's (pools it could not apply) and the agent's own
+    (a numVfs change waiting for pods, or refused by the PF)."""
     snapshot = agent.snapshot
     holders = {r.pci: r.holder for r in agent.ledger.records()}
     return NodeStateStatus(
         pfs=tuple(_pf(snapshot.pfs[pci]) for pci in sorted(snapshot.pfs)),
         vfs=tuple(_vf(view, holders.get(view.pci)) for view in agent.membership.vfs_view()),
         pools=tuple(pools),
-        problems=tuple(problems),
+        problems=(*problems, *agent.num_vfs.problems()),
         updated=(now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ"),
     )
 

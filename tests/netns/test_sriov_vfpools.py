@@ -320,3 +320,31 @@ def test_a_restart_while_the_api_is_down_serves_the_pools_last_read(world: World
         "the node state did not catch up once the API was back",
         timeout=40.0,
     )
+
+
+def test_a_numvfs_change_waits_for_the_pod_and_the_state_says_why(world: World) -> None:
+    wait(world.vf_rows, "no VFPoolNodeState")
+    granted = world.vfs[0]
+    world.kubelet.set_pod("default", "web", {POOL: [granted]})
+    created = world.api.create(pod_object("web", {NETWORKS: "sriov-net"}))
+    pod = world.bed.pod("web")
+    add(world.bed, "c1", pod.path, "web", created["metadata"]["uid"]).ok()
+
+    edited = world.api.get("VFPool", None, "intel")
+    assert edited is not None
+    edited["spec"]["numVfs"] = 6
+    world.api.update(edited)
+
+    def problems() -> list[str]:
+        return list(((world.state() or {}).get("status") or {}).get("problems") or [])
+
+    (problem,) = wait(problems, "the deferred numVfs change is not reported")
+    assert problem == f"PF pxpf0: numVfs 4 -> 6 waits until pods release 1 VF(s) ({granted})"
+    numvfs = world.hw.root / "bus/pci/devices" / PF / "sriov_numvfs"
+    assert numvfs.read_text().strip() == "4"  # the pod's VF was not pulled away
+    assert "net1" in pod.links()
+
+    world.bed.runtime.delete("c1", pod.path).ok()
+    world.kubelet.set_pod("default", "web", {})  # the pod is gone for kubelet too
+    wait(lambda: not problems(), "the problem stays after the change went in")
+    assert numvfs.read_text().strip() == "6"
