@@ -13,8 +13,10 @@ from typing import Any
 import pytest
 from kubernetes import client as kclient
 
+from cnispec.errors import InvalidConfig
 from cnispec.identity import Holder
 from cnispec.vfpool_api import NodeStateStatus
+from metaplugin.config import build
 from metaplugin.k8s_pools import NodeStateWriter, NodeWatch, pool_object, select_pools
 from sriov.agent import NodeAgent
 from sriov.pools_source import PoolsFileSource
@@ -211,3 +213,18 @@ def test_a_burst_of_changes_is_one_write_and_failures_are_retried(
     finally:
         writer.stop()
         nodes.stop()
+
+
+# --- which source the daemon takes ------------------------------------------------------------
+
+
+def test_the_pool_source_key() -> None:
+    assert build({}).pools_from == "vfpools"  # cluster mode, no file: the VFPools
+    assert build({"vfPools": "/p.yaml"}).pools_from == "file"  # an explicit file stays in force
+    assert build({"vfPools": "/p.yaml", "vfPoolSource": "vfpools"}).pools_from == "vfpools"
+    assert build({"localDir": "/n"}).pools_from is None  # local mode without a file: off
+    assert build({"localDir": "/n", "vfPools": "/p.yaml"}).pools_from == "file"
+    with pytest.raises(InvalidConfig, match="vfPoolSource vfpools needs the Kubernetes API"):
+        build({"localDir": "/n", "vfPoolSource": "vfpools"})
+    with pytest.raises(InvalidConfig, match="vfPoolSource is file but no vfPools file is set"):
+        build({"vfPoolSource": "file"})
