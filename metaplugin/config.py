@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from cnispec.errors import InvalidConfig
 from delegates.ipam.paths import DEFAULT_RESOLV_CONFS, IpamPaths
@@ -206,7 +214,16 @@ class DaemonConfig(BaseModel):
         default=None,
         alias="vfPools",
         description="The node admin's VF pools file (YAML, a top-level 'pools:' list). Unset: "
-        "SR-IOV is off. Edits take effect within a second, without a restart.",
+        "SR-IOV is off in local mode; cluster mode takes VFPools (see vfPoolSource). Edits "
+        "take effect within a second, without a restart.",
+    )
+    vf_pool_source: Literal["auto", "file", "vfpools"] = Field(
+        default="auto",
+        alias="vfPoolSource",
+        description="Where the VF pools come from. file: the vfPools file. vfpools (cluster "
+        "mode only): the VFPool objects (plexus.dev/v1alpha1) whose nodeSelector matches this "
+        "Node. auto: the vfPools file when it is set (it is an explicit choice, so an upgraded "
+        "node keeps its pools), else VFPools in cluster mode, else SR-IOV is off.",
     )
     vf_audit_interval: float = Field(
         default=60.0,
@@ -320,9 +337,28 @@ class DaemonConfig(BaseModel):
             raise ValueError(f"{', '.join(relative)}: give absolute paths")
         return value
 
+    @model_validator(mode="after")
+    def _pool_source_fits(self) -> DaemonConfig:
+        if self.vf_pool_source == "file" and self.vf_pools is None:
+            raise ValueError("vfPoolSource is file but no vfPools file is set")
+        if self.vf_pool_source == "vfpools" and self.local:
+            raise ValueError(
+                "vfPoolSource vfpools needs the Kubernetes API: local mode reads a vfPools file"
+            )
+        return self
+
     @property
     def local(self) -> bool:
         return self.local_dir is not None
+
+    @property
+    def pools_from(self) -> Literal["file", "vfpools"] | None:
+        """Where this daemon takes its VF pools from; None: SR-IOV is off."""
+        if self.vf_pool_source == "vfpools" or (
+            self.vf_pool_source == "auto" and self.vf_pools is None and not self.local
+        ):
+            return "vfpools"
+        return "file" if self.vf_pools is not None else None
 
     @property
     def socket_path(self) -> str:

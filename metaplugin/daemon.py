@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -43,6 +43,9 @@ from metaplugin.store import AttachmentStore, StateLock
 from metaplugin.transport import SocketServer
 from sriov.node import SriovNode, SriovSettings
 
+if TYPE_CHECKING:
+    from metaplugin.k8s_pools import NodePools
+
 log = structlog.get_logger(__name__)
 CONF_CHECK_INTERVAL = 2.0  # how soon a removed conf comes back, or an uninstall is honoured
 FIRST_POD_CIDRS_WAIT = 30.0  # how long start-up waits for this node's podCIDRs from the API
@@ -58,6 +61,7 @@ class Sources:
     # The fabric's nodes and this node's pod subnets, from the API; None while unknown.
     peers: Callable[[], list[Peer] | None] | None = None
     own_pod_cidrs: Callable[[float], list[str] | None] | None = None
+    api: Any = None  # cluster mode: the kubernetes ApiClient (VFPools, VFPoolNodeState)
 
 
 def local_sources(cfg: DaemonConfig) -> Sources:
@@ -80,13 +84,14 @@ def cluster_sources(cfg: DaemonConfig) -> Sources:
         stop=cluster.stop,
         peers=cluster.peers if cfg.fabric is not None else None,
         own_pod_cidrs=cluster.own_pod_cidrs,
+        api=cluster.api,
     )
 
 
 def sriov_settings(cfg: DaemonConfig) -> SriovSettings:
-    assert cfg.vf_pools is not None
+    file = cfg.vf_pools if cfg.pools_from == "file" else None
     return SriovSettings(
-        vf_pools=Path(cfg.vf_pools),
+        vf_pools=Path(file) if file else None,
         sysfs_root=Path(cfg.sysfs_root),
         state_dir=Path(cfg.state_dir) / "sriov",
         audit_interval=cfg.vf_audit_interval,
@@ -116,6 +121,7 @@ class Daemon:
         self._registry = registry
         self._stop = threading.Event()
         self._served = threading.Event()
+        self._node_pools: NodePools | None = None
 
     def run(self) -> int:
         lock = StateLock(self.cfg.state_dir)
@@ -130,7 +136,7 @@ class Daemon:
         sources = local_sources(cfg) if cfg.local else cluster_sources(cfg)
         scheduler = Scheduler(max_concurrent=cfg.max_concurrent, max_queue=cfg.max_queue)
         fabric, fabric_sync = self._fabric(sources)
-        sriov = self._sriov()
+        sriov = self._sriov(sources)
         parts = self._assemble(sources, scheduler, self._delegates(fabric, sriov), sriov)
         spool = SpoolReplayer(cfg.spool_path, orchestrator=parts.orchestrator, scheduler=scheduler)
         log.info("spool_replayed", still_pending=spool.replay())  # before serving anything
@@ -165,17 +171,36 @@ class Daemon:
         spool.stop()
         if fabric_sync is not None:
             fabric_sync.stop()
+        if self._node_pools is not None:
+            self._node_pools.stop()
         if sriov is not None:
             sriov.stop()
         if sources.stop is not None:
             sources.stop()
         return 0
 
-    def _sriov(self) -> SriovNode | None:
-        if self.cfg.vf_pools is None:
+    def _sriov(self, sources: Sources) -> SriovNode | None:
+        cfg = self.cfg
+        if cfg.pools_from is None:
             return None
-        sriov = SriovNode(sriov_settings(self.cfg))
+        if cfg.local:
+            sriov = SriovNode(sriov_settings(cfg))
+            sriov.start_agent()
+            return sriov
+        # Cluster mode: pools from the VFPools (or the file), and this node's VFPoolNodeState.
+        from metaplugin.k8s_pools import NodePools
+
+        if cfg.pools_from == "file":
+            log.info("vf_pools_from_file", file=cfg.vf_pools, vfpools_ignored=True)
+        pools = self._node_pools = NodePools(
+            sources.api,
+            cfg.node_name,
+            from_vfpools=cfg.pools_from == "vfpools",
+            cache=Path(cfg.state_dir) / "sriov" / "vfpools.json",
+        )
+        sriov = SriovNode(sriov_settings(cfg), pools=pools.pools_source)
         sriov.start_agent()
+        pools.attach(sriov.agent)
         return sriov
 
     def _delegates(self, fabric: Fabric | None, sriov: SriovNode | None) -> PluginRegistry:

@@ -444,6 +444,7 @@ class Cluster:
     """The API-backed sources the daemon uses in cluster mode."""
 
     def __init__(self, api: kclient.ApiClient, node: str) -> None:
+        self.api = api  # shared with metaplugin.k8s_pools (VFPools, the node's state object)
         core = kclient.CoreV1Api(api)
         custom = kclient.CustomObjectsApi(api)
         self._nad_informer: Informer[NetworkAttachmentDefinition] = Informer(

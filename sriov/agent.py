@@ -2,7 +2,8 @@
 parts that share one lock (a claim must see membership, health and a PF being resized from the
 same moment):
 
-- `pools` (`sriov.pools_source`): where the admin's pools come from (the file today);
+- `pools` (`sriov.pools_source`): where the admin's pools come from (the file, or in cluster
+  mode the VFPool objects that select this node);
 - `membership` (`sriov.membership`): which VFs serve which pool, their health, the device
   plugins and the views behind `plexusctl pools` / `plexusctl vfs`;
 - `num_vfs` (`sriov.numvfs`): each PF's VF count, changed only when no pod holds one of its VFs;
@@ -55,7 +56,7 @@ class NodeAgent:
         self.inventory = Inventory(
             sysfs=sysfs, source_factory=source_factory, rescan_interval=rescan_interval
         )
-        ledger = Ledger(state_dir)
+        ledger = self.ledger = Ledger(state_dir)
         lock = threading.RLock()
         self.membership = Membership(
             inventory=self.inventory, ledger=ledger, lock=lock, plugin_factory=plugin_factory
@@ -76,6 +77,7 @@ class NodeAgent:
             lock=lock,
         )
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._watcher: threading.Thread | None = None
 
     # --- life cycle ---------------------------------------------------------------------------
@@ -98,8 +100,17 @@ class NodeAgent:
             self.membership.start_plugins()
         self.membership.reconcile("audit")
 
+    def on_change(self, fn: Callable[[], None]) -> None:
+        """`fn()` whenever what `plexusctl vfs` shows may have changed: membership or health
+        (inventory uevents, pools, health) and any VF's state (reserve, attach, release). Called
+        from the thread that made the change, maybe under the agent's locks: it must only take
+        note, never block (the VFPoolNodeState writer sets a flag and writes later)."""
+        self.membership.on_change(fn)
+        self.ledger.on_change(fn)
+
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         self.inventory.stop()
         if self._watcher is not None:
             self._watcher.join(timeout=5)
@@ -123,8 +134,17 @@ class NodeAgent:
             self.membership.start_plugins()
         return True
 
+    def wake(self) -> None:
+        """Look at the pools source now rather than within POOLS_CHECK_INTERVAL (a source
+        that is told of changes, like the VFPool watch, calls this)."""
+        self._wake.set()
+
     def _watch_pools(self) -> None:
-        while not self._stop.wait(POOLS_CHECK_INTERVAL):
+        while True:
+            self._wake.wait(POOLS_CHECK_INTERVAL)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             if self.pools is not None and self.pools.changed():
                 self.reload()
                 continue

@@ -18,7 +18,7 @@ import heapq
 import re
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Final
 
@@ -89,6 +89,7 @@ class Ledger:
         self._members: dict[str, set[str]] = {}  # pool -> PCI addresses set_pool gave
         self._pool_of: dict[str, str] = {}  # PCI -> its pool (a VF is in one pool at most)
         self._free: dict[str, _FreeIndex] = {}
+        self._listeners: list[Callable[[], None]] = []
         for record in self._load():
             self._remember(record)
 
@@ -220,7 +221,14 @@ class Ledger:
             raise IOFailure(f"cannot write VF record {path}: {exc.strerror}") from None
         self._forget(record.pci)
         self._remember(record)
+        for fn in self._listeners:
+            fn()
         return record
+
+    def on_change(self, fn: Callable[[], None]) -> None:
+        """`fn()` after every stored change of a record (reserve, attach, release, unhealthy).
+        Called under the ledger's lock: it must only take note (set a flag), never block."""
+        self._listeners.append(fn)
 
     def _remember(self, record: VfRecord) -> None:
         if not _plainly_free(record):

@@ -161,6 +161,12 @@ class Membership:
     def on_change(self, fn: Callable[[], None]) -> None:
         self._listeners.append(fn)
 
+    def notify(self) -> None:
+        """Tell the listeners of a change they show that no reconcile follows (numVfs
+        problems)."""
+        for fn in self._listeners:
+            fn()
+
     def _givable(self, snapshot: Snapshot, vf: Vf, device_type: DeviceType) -> bool:
         state = self._ledger.get(vf.pci).state
         return givable(vf, snapshot.pf_of(vf), state, device_type, verified=self._verified)

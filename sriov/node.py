@@ -1,8 +1,9 @@
 """SR-IOV on this node, assembled for plexusd: the node agent (inventory, pools, ledger, one
 kubelet device plugin per pool in cluster mode), where attachments get their VFs (kubelet's
 grants, or the pool itself in local mode), and the audit that heals VFs at start and then
-every `audit_interval` seconds. plexusd builds it only when its config names a `vfPools` file,
-from the `SriovSettings` it takes out of that config.
+every `audit_interval` seconds. plexusd builds it when its config names a `vfPools` file, or in
+cluster mode from the VFPool objects (`metaplugin.k8s_pools` hands in that `PoolsSource`), from
+the `SriovSettings` it takes out of that config.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from sriov.audit import audit
 from sriov.devices import DeviceSource, KubeletGrants, LocalPools
 from sriov.health import VfView
 from sriov.membership import DevicePlugin
-from sriov.pools_source import PoolsFileSource
+from sriov.pools_source import PoolsFileSource, PoolsSource
 from sriov.sysfs import Sysfs
 from sriov.uevents import UeventSource, open_source
 
@@ -36,7 +37,7 @@ class SriovSettings:
     """The daemon config's SR-IOV keys (vfPools, sysfsRoot, vfAuditInterval, devicePluginDir,
     podResourcesSocket), and whether a kubelet picks the devices (cluster mode)."""
 
-    vf_pools: Path
+    vf_pools: Path | None  # None: the caller hands SriovNode its own PoolsSource
     sysfs_root: Path
     state_dir: Path  # the agent's own: the daemon's stateDir/sriov
     audit_interval: float
@@ -47,7 +48,11 @@ class SriovSettings:
 
 class SriovNode:
     def __init__(
-        self, cfg: SriovSettings, *, source_factory: Callable[[], UeventSource] | None = None
+        self,
+        cfg: SriovSettings,
+        *,
+        source_factory: Callable[[], UeventSource] | None = None,
+        pools: PoolsSource | None = None,
     ) -> None:
         root = cfg.sysfs_root
         self._root = root
@@ -55,7 +60,7 @@ class SriovNode:
         kubelet = self._kubelet = self._pod_resources() if cfg.kubelet else None
         self.agent = NodeAgent(
             sysfs=Sysfs(root),
-            pools=PoolsFileSource(cfg.vf_pools),
+            pools=pools or _file_source(cfg),
             state_dir=cfg.state_dir,
             source_factory=source_factory or (lambda: open_source(root)),
             plugin_factory=self._device_plugin if cfg.kubelet else None,
@@ -140,3 +145,9 @@ class SriovNode:
 
     def vfs(self) -> list[dict[str, Any]]:
         return [asdict(v) for v in self.agent.membership.vfs_view()]
+
+
+def _file_source(cfg: SriovSettings) -> PoolsFileSource:
+    if cfg.vf_pools is None:
+        raise ValueError("SriovNode needs a vfPools file or a PoolsSource")
+    return PoolsFileSource(cfg.vf_pools)

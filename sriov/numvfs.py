@@ -50,10 +50,17 @@ class NumVfs:
         self._granted = granted
         self._pending = False  # a change waits for pods to release VFs
         self._resizing: set[str] = set()  # PFs whose sriov_numvfs is being written
+        self._problems: dict[str, str] = {}  # PF PCI -> why its numVfs is not what is wanted
 
     @property
     def pending(self) -> bool:
         return self._pending
+
+    def problems(self) -> list[str]:
+        """Why a PF does not have the numVfs its pools want (a change waiting for pods to
+        release VFs, or a write that failed), for the node's VFPoolNodeState."""
+        with self._lock:
+            return [self._problems[pf] for pf in sorted(self._problems)]
 
     def resizing(self, pf_pci: str) -> bool:
         """The PF's VF count is being written now (its VFs must not be claimed)."""
@@ -64,11 +71,19 @@ class NumVfs:
         """Write each PF's numVfs where it differs from the pools in force."""
         pending = changed = False
         wanted = desired_num_vfs(self._inventory.snapshot, self._membership.pools)
+        with self._lock:
+            before = dict(self._problems)
+            for pf_pci in [p for p in self._problems if p not in wanted]:
+                del self._problems[pf_pci]  # no pool wants a count of it any more
         for pf_pci, count in wanted.items():
             outcome = self._resize(pf_pci, count)
             pending |= outcome == "later"
             changed |= outcome == "done"
         self._pending = pending
+        with self._lock:
+            news = self._problems != before
+        if news:
+            self._membership.notify()
         if changed:
             self._inventory.refresh()
 
@@ -78,6 +93,7 @@ class NumVfs:
         with self._lock:
             pf = self._inventory.snapshot.pfs.get(pf_pci)
             if pf is None or pf.num_vfs == wanted:
+                self._problems.pop(pf_pci, None)
                 return ""
             held = [vf.pci for vf in pf.vfs if self._ledger.get(vf.pci).state in HELD]
             held += self._granted_of(pf)
@@ -86,6 +102,12 @@ class NumVfs:
                     log.warning(
                         "num_vfs_deferred", pf=pf_pci, have=pf.num_vfs, want=wanted, in_use=held
                     )
+                holding = sorted(set(held))  # ours and kubelet's grants overlap
+                self._problems[pf_pci] = (
+                    f"PF {pf.name}: numVfs {pf.num_vfs} -> {wanted} waits until pods release "
+                    f"{len(holding)} VF(s) ({', '.join(holding[:4])}"
+                    f"{', ...' if len(holding) > 4 else ''})"
+                )
                 return "later"
             self._resizing.add(pf_pci)  # claims of its VFs are refused from now on...
             self._membership.withdraw({vf.pci for vf in pf.vfs})  # ...and none is allocated
@@ -93,12 +115,16 @@ class NumVfs:
             self._sysfs.set_num_vfs(pf_pci, wanted)
         except PlexusError as exc:
             log.error("num_vfs_failed", pf=pf_pci, want=wanted, error=exc.msg)
+            with self._lock:
+                self._problems[pf_pci] = f"PF {pf.name}: numVfs {wanted} not set: {exc.msg}"
             return "later" if isinstance(exc, TryAgainLater) else ""
         finally:
             with self._lock:
                 self._resizing.discard(pf_pci)
             self._membership.forget_vanished()  # VFs we removed ourselves are not faults
             self._membership.reconcile("num_vfs")
+        with self._lock:
+            self._problems.pop(pf_pci, None)
         log.info("num_vfs_set", pf=pf_pci, was=pf.num_vfs, now=wanted)
         return "done"
 

@@ -1,6 +1,8 @@
 """Where the node's VF pools come from. `PoolsSource` is what the node agent reads them through:
-`PoolsFileSource` is the admin's pools file (`vfPools`, local and cluster mode today); the
-cluster controller's VFPool objects will be another source behind the same two calls.
+`PoolsFileSource` is the admin's pools file (`vfPools`: local mode, or cluster mode when the
+daemon config chooses it); in cluster mode the VFPool objects selecting this node are the other
+source behind the same calls (`metaplugin.k8s_pools.VFPoolSource`, which also wakes the agent
+with `NodeAgent.wake()` when they change).
 """
 
 from __future__ import annotations
