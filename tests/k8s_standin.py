@@ -9,7 +9,11 @@ VFPoolNodeStates (``plexus.dev/v1alpha1``, cluster-scoped, ``status`` subresourc
 one global resourceVersion, list/watch with field and label selectors, chunked watch streams
 that replay retained history and answer a compacted resourceVersion with an ``ERROR`` event
 (410 Expired), merge / strategic-merge / JSON patches with resourceVersion and UID
-preconditions, 409 on conflicts, finalizers, and ``Status`` bodies for every error.
+preconditions, 409 on conflicts, finalizers, and ``Status`` bodies for every error. Custom
+resources and Leases refuse an update without resourceVersion (422), like their strategies; a
+custom resource's create drops ``status`` and its ``/status`` writes change only ``status``;
+``metadata.generation`` moves on spec changes only; deleting an owner deletes the dependents
+whose ``ownerReferences`` all point at deleted objects (background propagation).
 
 Typical use::
 
@@ -27,7 +31,11 @@ validation; DELETE of a pod is immediate (no graceful termination unless it has 
 server-side apply (``application/apply-patch+yaml``), ``sendInitialEvents``,
 ``resourceVersionMatch`` and protobuf are not supported; a watch from a future
 resourceVersion does not wait; paged lists continue from current state, not a snapshot;
-strategic merge knows only a few list merge keys and ignores ``$retainKeys``.
+strategic merge knows only a few list merge keys and ignores ``$retainKeys``. The custom
+resources are served from a fixed table, not from CustomResourceDefinition objects. The
+garbage collector runs synchronously right after an owner's deletion (the real one follows
+within moments); ``Foreground`` propagation is treated as ``Background`` and
+``blockOwnerDeletion`` is ignored; ``Orphan`` removes the owner's references at once.
 """
 
 from __future__ import annotations
@@ -509,6 +517,8 @@ class ObjectStore:
         name: str,
         check: Callable[[JSON], None] | None = None,
         force: bool = False,
+        *,
+        orphan: bool = False,
     ) -> tuple[JSON, bool]:
         """Delete (returns the last state and True), or, while finalizers remain and not
         ``force``, only set deletionTimestamp (returns the object and False)."""
@@ -525,7 +535,30 @@ class ObjectStore:
                 new = copy.deepcopy(old)
                 new["metadata"].update(deletionTimestamp=_now(), deletionGracePeriodSeconds=0)
                 return self._commit(key, "MODIFIED", new, old), False
-            return self._commit(key, "DELETED", copy.deepcopy(old), old), True
+            gone = self._commit(key, "DELETED", copy.deepcopy(old), old)
+            self._collect_garbage(old["metadata"]["uid"], orphan)
+            return gone, True
+
+    # -- garbage collector (ownerReferences) ----------------------------------------- i12-ctl
+
+    def _collect_garbage(self, owner_uid: str, orphan: bool) -> None:
+        """What the garbage collector does once an owner is gone: a dependent whose every
+        owner is now absent is deleted (background propagation; a DELETE, so its finalizers
+        hold it), one with owners left loses the dangling reference, and with the Orphan
+        policy every dependent only loses the reference. Runs synchronously, right after the
+        owner's DELETED event (the real collector follows within moments)."""
+        live = {o["metadata"]["uid"] for o in self._objects.values()}
+        for (kind, namespace, name), obj in list(self._objects.items()):
+            refs = obj["metadata"].get("ownerReferences") or []
+            if not any(r.get("uid") == owner_uid for r in refs):
+                continue
+            res = _BY_KIND[kind]
+            left = [r for r in refs if r.get("uid") != owner_uid and r.get("uid") in live]
+            if left or orphan:
+                kept = [r for r in refs if r.get("uid") != owner_uid]
+                self.update(res, namespace or None, name, lambda o, k=kept: _with_owners(o, k))
+            elif (kind, namespace, name) in self._objects:
+                self.delete(res, namespace or None, name)
 
     def _commit(self, key: tuple[str, str, str], kind: str, obj: JSON, prev: JSON | None) -> JSON:
         self._rv += 1
@@ -590,6 +623,11 @@ class ObjectStore:
         with self._lock:
             for watcher in self._watchers:
                 watcher.queue.put(_bookmark(watcher.res, self._rv))
+
+
+def _with_owners(obj: JSON, refs: list[JSON]) -> JSON:
+    obj["metadata"]["ownerReferences"] = refs or None
+    return obj
 
 
 def _spec_changed(old: JSON, new: JSON) -> bool:
@@ -679,6 +717,8 @@ def api_create(store: ObjectStore, route: Route, body: Any) -> JSON:
         meta.pop(field, None)
     if route.res.kind == "Pod":
         obj["status"] = {"phase": "Pending"}
+    elif route.res.custom and route.res.has_status:  # the CR create strategy resets status
+        obj.pop("status", None)
     return store.create(route.res, obj)
 
 
@@ -693,7 +733,13 @@ def _check_preconditions(res: Resource, old: JSON, meta: JSON) -> None:
 
 
 def _update_strategy(route: Route, old: JSON, new: JSON) -> JSON:
-    """What an update of the main resource or of ``/status`` may change (pods, nodes)."""
+    """What an update of the main resource or of ``/status`` may change: a CR's ``/status``
+    write keeps everything of the old object but ``status`` (metadata too, as the CR status
+    strategy does); a pod's or node's keeps spec and owner references."""
+    if route.sub == "status" and route.res.custom:
+        kept = copy.deepcopy(old)
+        kept.pop("status", None)
+        return {**kept, **({"status": new["status"]} if "status" in new else {})}
     if route.sub == "status":
         new = {**new, "spec": old.get("spec")}
         new["metadata"]["ownerReferences"] = old["metadata"].get("ownerReferences")
@@ -701,6 +747,13 @@ def _update_strategy(route: Route, old: JSON, new: JSON) -> JSON:
         new = {**new, "status": old.get("status")}
     new["metadata"] = {k: v for k, v in new["metadata"].items() if v is not None}
     return {k: v for k, v in new.items() if v is not None}
+
+
+def _unconditional_update(res: Resource) -> bool:
+    """Whether a PUT without resourceVersion is allowed (the strategy's
+    AllowUnconditionalUpdate): not for Leases, whose holders must not overwrite each other,
+    nor for custom resources."""
+    return not res.custom and res.kind != "Lease"
 
 
 def api_replace(store: ObjectStore, route: Route, body: Any) -> JSON:
@@ -711,6 +764,10 @@ def api_replace(store: ObjectStore, route: Route, body: Any) -> JSON:
         raise ApiError(400, msg + f"on the URL ({route.name})")
 
     def change(old: JSON) -> JSON:
+        if not obj["metadata"].get("resourceVersion") and not _unconditional_update(route.res):
+            msg = f'{route.res.kind}.{route.res.group or "core"} "{route.name}" is invalid: '
+            msg += "metadata.resourceVersion: Invalid value: 0: must be specified for an update"
+            raise ApiError(422, msg, "Invalid", route.res.details(route.name or ""))
         _check_preconditions(route.res, old, obj["metadata"])
         return _update_strategy(route, old, obj)
 
@@ -743,7 +800,10 @@ def api_delete(store: ObjectStore, route: Route, body: Any) -> JSON:
                     409, msg + f"{label} in object meta: {have}", details=res.details(name)
                 )
 
-    obj, deleted = store.delete(res, route.namespace, name, check)
+    policy = (body.get("propagationPolicy") if isinstance(body, dict) else None) or "Background"
+    if policy not in ("Background", "Orphan", "Foreground"):
+        raise ApiError(400, f"unsupported propagationPolicy: {policy!r}")
+    obj, deleted = store.delete(res, route.namespace, name, check, orphan=policy == "Orphan")
     if not deleted or res.kind == "Pod":
         return obj
     details = res.details(name, obj["metadata"]["uid"])
