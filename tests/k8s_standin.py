@@ -1288,3 +1288,20 @@ class ApiStandin:
                 self._connections.add(conn)
             else:
                 self._connections.discard(conn)
+
+
+# ---------------------------------------------------------------- serve from the command line (i12-ctl)
+
+
+def main() -> None:
+    """``python -m tests.k8s_standin``: serve until stdin closes, printing the URL first (for
+    benchmarks, which must not import the tests, and for trying a client by hand)."""
+    import sys
+
+    with ApiStandin() as api:
+        print(api.url, flush=True)
+        sys.stdin.read()
+
+
+if __name__ == "__main__":
+    main()
