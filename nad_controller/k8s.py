@@ -190,6 +190,15 @@ class Informer:
                     sock.shutdown(socket.SHUT_RDWR)
         self._thread.join(timeout=5)
 
+    def _trim(self, obj: JSON) -> JSON:
+        """Nodes are kept as name, uid and labels: the status of a big cluster's Nodes (images,
+        conditions) would be most of the controller's memory, and it reads none of it."""
+        if self.kind != NODE:
+            return obj
+        meta = obj.get("metadata") or {}
+        kept = {k: meta[k] for k in ("name", "uid", "labels", "resourceVersion") if k in meta}
+        return {"metadata": kept}
+
     def items(self) -> list[JSON]:
         with self._lock:
             return list(self._items.values())
@@ -214,7 +223,7 @@ class Informer:
 
     def _relist(self) -> None:
         data = _call(lambda: self._list(**_raw()))
-        items = {_name(o): o for o in data.get("items") or []}
+        items = {_name(o): self._trim(o) for o in data.get("items") or []}
         with self._lock:
             self._items = items
             self._rv = str(data["metadata"]["resourceVersion"])
@@ -255,7 +264,7 @@ class Informer:
         rv = (obj.get("metadata") or {}).get("resourceVersion")
         with self._lock:
             if kind in ("ADDED", "MODIFIED"):
-                self._items[_name(obj)] = obj
+                self._items[_name(obj)] = self._trim(obj)
             elif kind == "DELETED":
                 self._items.pop(_name(obj), None)
             if rv:

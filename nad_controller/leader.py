@@ -133,7 +133,7 @@ class LeaseElector:
             new_spec = {
                 **spec,
                 "holderIdentity": self.identity,
-                "leaseDurationSeconds": int(self.timing.lease_duration),
+                "leaseDurationSeconds": self._duration_seconds,
                 "renewTime": micro_time(now),
             }
             if not mine:
@@ -151,6 +151,10 @@ class LeaseElector:
             self._log.warning("lease_unavailable", error=str(exc)[:200])
             return False
 
+    @property
+    def _duration_seconds(self) -> int:
+        return max(1, round(self.timing.lease_duration))  # the API field is whole seconds
+
     def _new_lease(self, now: float) -> JSON:
         return {
             "apiVersion": "coordination.k8s.io/v1",
@@ -158,7 +162,7 @@ class LeaseElector:
             "metadata": {"name": self.name, "namespace": self.namespace},
             "spec": {
                 "holderIdentity": self.identity,
-                "leaseDurationSeconds": int(self.timing.lease_duration),
+                "leaseDurationSeconds": self._duration_seconds,
                 "acquireTime": micro_time(now),
                 "renewTime": micro_time(now),
                 "leaseTransitions": 0,

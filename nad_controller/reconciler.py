@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from cnispec.vfpool_api import API_VERSION, POOL_KIND, VFPoolSpec, VFPoolStatus
 from nad_controller.api import JSON, ApiFailure, Cache, NotFound, StatusWriter
 from nad_controller.events import EventRecorder
-from nad_controller.status import NodeState, pool_status, status_json
+from nad_controller.status import NodeState, invalid_status, pool_status, status_json
 
 log = structlog.get_logger(__name__)
 
@@ -49,6 +49,7 @@ class Reconciler:
         # cache moves past that version, our own write is the truth (no rewrite loop).
         self._written: dict[str, tuple[JSON, str]] = {}
         self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
+        self._backoff = 0.0  # seconds to wait after a failed status write (doubles, max 30)
         self.writes = 0  # status writes made (tests and the benchmark read it)
 
     # wiring
@@ -86,7 +87,8 @@ class Reconciler:
             if not self._leading.is_set():
                 self._leading.wait(self.resync)
                 continue
-            self._stop.wait(self.debounce)  # coalesce a burst of node-state writes
+            # Coalesce a burst of node-state writes; after a failed write, back off instead.
+            self._stop.wait(max(self.debounce, self._backoff))
             self._dirty.clear()
             try:
                 self.reconcile_all()
@@ -116,13 +118,18 @@ class Reconciler:
         current = pool.get("status") or {}
         written = self._written.get(uid)
         before = written[0] if written and written[1] == rv else current
+        generation = int(meta.get("generation") or 0)
+        try:
+            previous = VFPoolStatus.model_validate(before) if before else None
+        except ValidationError:
+            previous = None  # not ours to keep: recompute from scratch
         try:
             spec = VFPoolSpec.model_validate(pool.get("spec") or {})
-            previous = VFPoolStatus.model_validate(before) if before else None
         except ValidationError as exc:
             log.warning("vfpool_invalid", pool=name, error=str(exc)[:300])
+            status = invalid_status(generation, exc, previous, self._now())
+            self._write(pool, status, before=before, previous=previous)
             return
-        generation = int(meta.get("generation") or 0)
         status = pool_status(
             name=name,
             generation=generation,
@@ -133,6 +140,14 @@ class Reconciler:
             now=self._now(),
             stale_after=self.stale_after,
         )
+        self._write(pool, status, before=before, previous=previous)
+
+    def _write(
+        self, pool: JSON, status: VFPoolStatus, *, before: JSON, previous: VFPoolStatus | None
+    ) -> None:
+        meta = pool.get("metadata") or {}
+        name, uid = str(meta.get("name")), str(meta.get("uid"))
+        rv = str(meta.get("resourceVersion"))
         new = status_json(status)
         if new == before:
             return
@@ -141,13 +156,21 @@ class Reconciler:
         except NotFound:
             return  # deleted meanwhile
         except ApiFailure as exc:
-            log.warning("status_write_failed", pool=name, error=str(exc)[:200])
+            self._backoff = min(self._backoff * 2 or 0.5, 30.0)
+            log.warning("status_write_failed", pool=name, error=str(exc)[:200],
+                        retry_in=self._backoff)  # fmt: skip
             self._dirty.set()
             return
+        self._backoff = 0.0
         self.writes += 1
         self._written[uid] = (new, rv)
         conditions = {c.type: c.status for c in status.conditions}
-        log.info("vfpool_status_written", pool=name, generation=generation, **conditions)
+        log.info(
+            "vfpool_status_written",
+            pool=name,
+            generation=status.observed_generation,
+            **conditions,
+        )
         self._announce(pool, previous, status)
 
     def _announce(self, pool: JSON, previous: VFPoolStatus | None, status: VFPoolStatus) -> None:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from pydantic import ValidationError
+
 from cnispec.vfpool_api import (
     Condition,
     LabelSelector,
@@ -213,6 +215,26 @@ def _degraded(generation: int, findings: list[Finding]) -> Condition:
         reason=reason,
         message=message,
         observed_generation=generation,
+    )
+
+
+def invalid_status(
+    generation: int, error: ValidationError, previous: VFPoolStatus | None, now: datetime
+) -> VFPoolStatus:
+    """A spec this controller cannot read (the CRD schema or the webhook should have refused
+    it): say so on the object, where the person who wrote it looks."""
+    why = "; ".join(
+        f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()[:5]
+    )
+    conditions = (
+        Condition(type="Ready", status="False", reason="InvalidSpec", message=why[:MESSAGE_MAX],
+                  observed_generation=generation),
+        Condition(type="Degraded", status="True", reason="InvalidSpec", message=why[:MESSAGE_MAX],
+                  observed_generation=generation),
+    )  # fmt: skip
+    return VFPoolStatus(
+        observed_generation=generation,
+        conditions=_keep_transitions(conditions, previous, now),
     )
 
 

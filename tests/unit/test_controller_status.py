@@ -165,3 +165,19 @@ def test_events_are_deduplicated_with_a_count_and_rate_limited() -> None:
     now[0] += 60.0  # one token back
     recorder.record(pool, "Warning", "VFsUnhealthy", "again")
     assert len(writer.created) == 3
+
+
+def test_unreadable_spec_is_reported_on_the_pool() -> None:
+    from pydantic import ValidationError
+
+    from nad_controller.status import invalid_status
+
+    try:
+        VFPoolSpec.model_validate({"nicSelector": {"pfNames": ["ens1f0"]}, "mtu": 20})
+    except ValidationError as exc:
+        status = invalid_status(4, exc, None, NOW)
+    ready = cond(status, "Ready")
+    assert (ready.status, ready.reason) == ("False", "InvalidSpec")
+    assert "spec.resourceName: Field required" in ready.message
+    assert "spec.mtu: Input should be greater than or equal to 68" in ready.message
+    assert status.observed_generation == 4
