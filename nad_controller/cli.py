@@ -91,7 +91,12 @@ def parser() -> argparse.ArgumentParser:
     )
     webhook = _webhook()
     if webhook is not None:
-        webhook.add_arguments(run)  # the same TLS flags: serve the webhook alongside
+        # The same flags on `run`, where they are optional: given TLS files, `run` also serves
+        # the webhook; without them it only reconciles.
+        known = len(run._actions)
+        webhook.add_arguments(run)
+        for action in run._actions[known:]:
+            action.required = False
         webhook.add_arguments(sub.add_parser("webhook", help="serve only the admission webhook"))
     return top
 

@@ -47,5 +47,6 @@ def configure(
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
         logger_factory=structlog.PrintLoggerFactory(file=out),
-        cache_logger_on_first_use=True,
+        # Not cached: a logger bound once must follow a later configure (tests reconfigure).
+        cache_logger_on_first_use=False,
     )
