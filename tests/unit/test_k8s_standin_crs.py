@@ -12,7 +12,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from tests.k8s_standin import ApiStandin
+from tests.k8s_standin import ApiStandin, resource_for
 
 G, V = "plexus.dev", "v1alpha1"
 
@@ -179,3 +179,54 @@ def _history(standin: ApiStandin) -> list[dict[str, Any]]:
     """Every change as a watch from the beginning would replay it."""
     changes = standin.store._history
     return [{"type": c.type, "object": c.obj} for c in changes]
+
+
+def crd(plural: str = "vfpools", kind: str = "VFPool", scope: str = "Cluster") -> dict[str, Any]:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.{G}"},
+        "spec": {"group": G, "scope": scope,
+                 "names": {"plural": plural, "singular": kind.lower(), "kind": kind},
+                 "versions": [{"name": V, "served": True, "storage": True,
+                               "subresources": {"status": {}},
+                               "schema": {"openAPIV3Schema": {"type": "object"}}}]},
+    }  # fmt: skip
+
+
+def test_with_require_crds_a_kind_is_served_only_while_its_crd_exists() -> None:
+    with (
+        ApiStandin(require_crds=True) as standin,
+        client.ApiClient(client.Configuration(host=standin.url)) as api,
+    ):
+        custom = client.CustomObjectsApi(api)
+        with pytest.raises(ApiException) as err:
+            custom.list_cluster_custom_object(G, V, "vfpools")
+        assert err.value.status == 404
+        groups = client.ApisApi(api).get_api_versions().groups
+        assert G not in [g.name for g in groups]
+
+        ext = client.ApiextensionsV1Api(api)
+        made = _json(ext.create_custom_resource_definition(crd(), _preload_content=False))
+        established = {c["type"]: c["status"] for c in made["status"]["conditions"]}
+        assert established == {"NamesAccepted": "True", "Established": "True"}
+        custom.create_cluster_custom_object(G, V, "vfpools", pool())
+        assert [
+            p["metadata"]["name"]
+            for p in custom.list_cluster_custom_object(G, V, "vfpools")["items"]
+        ] == ["p1"]
+        with pytest.raises(ApiException):  # another kind's CRD is still missing
+            custom.list_cluster_custom_object(G, V, "vfpoolnodestates")
+
+        ext.delete_custom_resource_definition(f"vfpools.{G}")
+        assert standin.get("VFPool", None, "p1") is None  # its objects go with it
+        with pytest.raises(ApiException) as err:
+            custom.list_cluster_custom_object(G, V, "vfpools")
+        assert err.value.status == 404
+
+
+def test_a_crd_with_the_wrong_scope_serves_nothing() -> None:
+    with ApiStandin(require_crds=True) as standin:
+        standin.create(crd(scope="Namespaced"))
+        assert not standin.store.served(resource_for("VFPool"))
+        standin.create({**crd("vfpoolnodestates", "VFPoolNodeState")})
+        assert standin.store.served(resource_for("VFPoolNodeState"))
