@@ -48,6 +48,7 @@ class Reconciler:
         # pool uid -> (status we wrote, the resourceVersion the cache had before): until the
         # cache moves past that version, our own write is the truth (no rewrite loop).
         self._written: dict[str, tuple[JSON, str]] = {}
+        self._states: dict[str, tuple[str, NodeState]] = {}  # name -> (rv, parsed)
         self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
         self._backoff = 0.0  # seconds to wait after a failed status write (doubles, max 30)
         self.writes = 0  # status writes made (tests and the benchmark read it)
@@ -98,18 +99,34 @@ class Reconciler:
                 self._stop.wait(1.0)
 
     def reconcile_all(self) -> None:
-        states = []
-        for obj in self.cache.states():
-            try:
-                states.append(NodeState.from_object(obj))
-            except ValidationError as exc:
-                name = (obj.get("metadata") or {}).get("name")
-                log.warning("node_state_unreadable", state=name, error=str(exc)[:300])
+        states = self._parsed_states()
         nodes = self.cache.nodes()
-        for pool in self.cache.pools():
+        pools = self.cache.pools()
+        live = {str((p.get("metadata") or {}).get("uid")) for p in pools}
+        for uid in set(self._written) - live:  # deleted pools
+            del self._written[uid]
+        for pool in pools:
             if not self._leading.is_set():
                 return
             self.reconcile(pool, states, nodes)
+
+    def _parsed_states(self) -> list[NodeState]:
+        """Every node state, parsed once per resourceVersion (a big cluster's states are most
+        of a recompute's work, and only the changed one needs parsing again)."""
+        parsed: dict[str, tuple[str, NodeState]] = {}
+        for obj in self.cache.states():
+            meta = obj.get("metadata") or {}
+            name, rv = str(meta.get("name")), str(meta.get("resourceVersion"))
+            known = self._states.get(name)
+            if known is not None and known[0] == rv:
+                parsed[name] = known
+                continue
+            state = NodeState.from_object(obj)
+            if state.error:
+                log.warning("node_state_unreadable", state=name, error=state.error)
+            parsed[name] = (rv, state)
+        self._states = parsed
+        return [state for _, state in parsed.values()]
 
     def reconcile(self, pool: JSON, states: list[NodeState], nodes: list[JSON]) -> None:
         meta = pool.get("metadata") or {}

@@ -48,13 +48,20 @@ class NodeState:
     node: str
     status: NodeStateStatus
     updated: datetime | None  # status.updated, None when never written
+    error: str = ""  # why the object could not be read (then status is empty)
 
     @classmethod
     def from_object(cls, obj: Mapping[str, Any]) -> NodeState:
         meta = obj.get("metadata") or {}
-        node = (obj.get("spec") or {}).get("nodeName") or meta.get("name", "")
-        status = NodeStateStatus.model_validate(obj.get("status") or {})
-        return cls(node=str(node), status=status, updated=parse_time(status.updated))
+        node = str((obj.get("spec") or {}).get("nodeName") or meta.get("name", ""))
+        try:
+            status = NodeStateStatus.model_validate(obj.get("status") or {})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = "status." + ".".join(str(p) for p in first["loc"])
+            why = f"{where}: {first['msg']}"
+            return cls(node=node, status=NodeStateStatus(), updated=None, error=why)
+        return cls(node=node, status=status, updated=parse_time(status.updated))
 
 
 def parse_time(text: str) -> datetime | None:
@@ -155,6 +162,8 @@ def _node_findings(
     if state is None:
         why = "selected but has no VFPoolNodeState (is plexusd running there in cluster mode?)"
         return [Finding("NodeStateMissing", f"{node}: {why}")]
+    if state.error:
+        return [Finding("NodeProblem", f"{node}: VFPoolNodeState unreadable: {state.error}")]
     found = []
     if state.updated is None or (now - state.updated).total_seconds() > stale_after:
         since = f"since {rfc3339(state.updated)}" if state.updated else "ever"

@@ -381,3 +381,22 @@ def test_cli_run_leads_writes_and_releases_on_sigterm(standin: ApiStandin, kube:
     events = {line["event"] for line in lines}
     assert {"leadership_acquired", "vfpool_status_written", "lease_released"} <= events
     assert all(line["identity"] == "ctl-cli" for line in lines)
+
+
+def test_an_unreadable_node_state_is_left_out_not_fatal(
+    standin: ApiStandin, kube: client.ApiClient, controllers: list[Controller]
+) -> None:
+    controllers.append(replica(kube, "ctl-a"))
+    create_pool(kube)
+    three_nodes(standin, kube)
+    broken = standin.get("VFPoolNodeState", None, "node-2")
+    assert broken is not None
+    broken["status"]["vfs"] = [{"index": "not a number"}]  # what no agent of ours writes
+    standin.update(broken)
+    controllers[0].start()
+    assert wait_until(lambda: condition(standin, "Degraded").get("reason") == "NodeProblem")
+    assert condition(standin, "Degraded")["message"] == (
+        "node-2: VFPoolNodeState unreadable: status.vfs.0.pci: Field required"
+    )
+    assert [r["node"] for r in pool_status(standin)["nodes"]] == ["node-1", "node-3"]
+    assert condition(standin, "Ready")["status"] == "True"
