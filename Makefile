@@ -10,7 +10,7 @@ APT_PKGS := containernetworking-plugins iproute2 iptables containerd runc busybo
             linux-source-6.1 linux-headers-amd64 gcc make binutils xz-utils musl-tools
 STAMP    := $(VENV)/.installed
 
-.PHONY: deps apt venv lint test unit netns kernel shim bench bench-cri bench-builtins bench-sriov \
+.PHONY: deps apt venv lint test unit netns kernel shim bench bench-cri bench-builtins bench-sriov bench-controller \
         protos clean demo chaos
 
 deps: apt venv
@@ -88,6 +88,10 @@ bench-cri: deps shim
 bench-sriov: deps
 	$(BIN)/python -m bench.sriov_alloc --n 1000
 	$(BIN)/python -m bench.sriov_uevents 30
+
+# Controller: VFPoolNodeState marks VFs unhealthy -> VFPool Degraded, 20 runs (median, p90).
+bench-controller: venv
+	$(BIN)/python -m bench.controller_latency --runs 20
 
 # Regenerate the kubelet API stubs from the .proto files (written from the public API reference).
 protos: venv

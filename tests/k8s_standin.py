@@ -4,12 +4,17 @@ No kube-apiserver can run on the test machines, so code that talks to the API (m
 nad_controller, ...) is tested with the real ``kubernetes`` Python client pointed at this
 server. It speaks HTTP/1.1 + JSON on 127.0.0.1 (ephemeral port) and serves Pods (with the
 ``status`` subresource), Events, Nodes, NetworkAttachmentDefinitions
-(``k8s.cni.cncf.io/v1``), Leases (``coordination.k8s.io/v1``) and Plexus's VFPools and
+(``k8s.cni.cncf.io/v1``), Leases (``coordination.k8s.io/v1``), CustomResourceDefinitions
+(``apiextensions.k8s.io/v1``) and Plexus's VFPools and
 VFPoolNodeStates (``plexus.dev/v1alpha1``, cluster-scoped, ``status`` subresource), following the real server's semantics where tests can observe them:
 one global resourceVersion, list/watch with field and label selectors, chunked watch streams
 that replay retained history and answer a compacted resourceVersion with an ``ERROR`` event
 (410 Expired), merge / strategic-merge / JSON patches with resourceVersion and UID
-preconditions, 409 on conflicts, finalizers, and ``Status`` bodies for every error.
+preconditions, 409 on conflicts, finalizers, and ``Status`` bodies for every error. Custom
+resources and Leases refuse an update without resourceVersion (422), like their strategies; a
+custom resource's create drops ``status`` and its ``/status`` writes change only ``status``;
+``metadata.generation`` moves on spec changes only; deleting an owner deletes the dependents
+whose ``ownerReferences`` all point at deleted objects (background propagation).
 
 Typical use::
 
@@ -27,7 +32,13 @@ validation; DELETE of a pod is immediate (no graceful termination unless it has 
 server-side apply (``application/apply-patch+yaml``), ``sendInitialEvents``,
 ``resourceVersionMatch`` and protobuf are not supported; a watch from a future
 resourceVersion does not wait; paged lists continue from current state, not a snapshot;
-strategic merge knows only a few list merge keys and ignores ``$retainKeys``.
+strategic merge knows only a few list merge keys and ignores ``$retainKeys``. The custom
+resources come from a fixed table: CustomResourceDefinitions are stored and, with
+``require_crds``, switch serving of a table entry on and off (their schemas are not applied,
+and a CRD for a kind not in the table serves nothing). The
+garbage collector runs synchronously right after an owner's deletion (the real one follows
+within moments); ``Foreground`` propagation is treated as ``Background`` and
+``blockOwnerDeletion`` is ignored; ``Orphan`` removes the owner's references at once.
 """
 
 from __future__ import annotations
@@ -65,7 +76,7 @@ _EVENT_FIELDS = (
 )  # fmt: skip
 
 
-_BUILTIN_GROUPS = frozenset({"", "coordination.k8s.io"})
+_BUILTIN_GROUPS = frozenset({"", "coordination.k8s.io", "apiextensions.k8s.io"})
 
 
 @dataclass(frozen=True)
@@ -106,6 +117,8 @@ RESOURCES = (
         "NetworkAttachmentDefinition", "network-attachment-definitions", "k8s.cni.cncf.io", "v1"
     ),
     Resource("Lease", "leases", "coordination.k8s.io", "v1"),
+    Resource("CustomResourceDefinition", "customresourcedefinitions", "apiextensions.k8s.io", "v1",
+             False, True),
     Resource("VFPool", "vfpools", "plexus.dev", "v1alpha1", False, True),
     Resource("VFPoolNodeState", "vfpoolnodestates", "plexus.dev", "v1alpha1", False, True),
 )  # fmt: skip
@@ -421,7 +434,8 @@ def _without_rv(obj: JSON) -> JSON:
 class ObjectStore:
     """Thread-safe object storage, global resourceVersion, event history and open watches."""
 
-    def __init__(self, history_limit: int | None = None) -> None:
+    def __init__(self, history_limit: int | None = None, require_crds: bool = False) -> None:
+        self.require_crds = require_crds
         self._lock = threading.RLock()
         self._objects: dict[tuple[str, str, str], JSON] = {}
         self._history: list[_Change] = []
@@ -509,6 +523,8 @@ class ObjectStore:
         name: str,
         check: Callable[[JSON], None] | None = None,
         force: bool = False,
+        *,
+        orphan: bool = False,
     ) -> tuple[JSON, bool]:
         """Delete (returns the last state and True), or, while finalizers remain and not
         ``force``, only set deletionTimestamp (returns the object and False)."""
@@ -525,7 +541,68 @@ class ObjectStore:
                 new = copy.deepcopy(old)
                 new["metadata"].update(deletionTimestamp=_now(), deletionGracePeriodSeconds=0)
                 return self._commit(key, "MODIFIED", new, old), False
-            return self._commit(key, "DELETED", copy.deepcopy(old), old), True
+            gone = self._commit(key, "DELETED", copy.deepcopy(old), old)
+            self._collect_garbage(old["metadata"]["uid"], orphan)
+            if res.kind == "CustomResourceDefinition":
+                self._drop_custom_resources(old)
+            return gone, True
+
+    # -- CRD-driven serving ---------------------------------------------------------- i12-ctl
+
+    def served(self, res: Resource) -> bool:
+        """Whether ``res`` is served now: always, unless ``require_crds`` and ``res`` is a
+        custom resource without a CustomResourceDefinition that serves it (group, plural,
+        scope and a served version matching the stand-in's table)."""
+        if not (self.require_crds and res.custom):
+            return True
+        with self._lock:
+            return self._crd_for(res) is not None
+
+    def _crd_for(self, res: Resource) -> JSON | None:
+        scope = "Namespaced" if res.namespaced else "Cluster"
+        for (kind, _, _), crd in self._objects.items():
+            spec = crd.get("spec") or {}
+            if kind != "CustomResourceDefinition" or spec.get("group") != res.group:
+                continue
+            names = spec.get("names") or {}
+            versions = spec.get("versions") or []
+            if (
+                names.get("plural") == res.plural
+                and spec.get("scope") == scope
+                and any(v.get("name") == res.version and v.get("served") for v in versions)
+            ):
+                return crd
+        return None
+
+    def _drop_custom_resources(self, crd: JSON) -> None:
+        """Deleting a CRD deletes every object of its kind, as the API server does."""
+        spec = crd.get("spec") or {}
+        plural = (spec.get("names") or {}).get("plural")
+        for res in RESOURCES:
+            if res.custom and (res.group, res.plural) == (spec.get("group"), plural):
+                for _, namespace, name in [k for k in self._objects if k[0] == res.kind]:
+                    self.delete(res, namespace or None, name, force=True)
+
+    # -- garbage collector (ownerReferences) ----------------------------------------- i12-ctl
+
+    def _collect_garbage(self, owner_uid: str, orphan: bool) -> None:
+        """What the garbage collector does once an owner is gone: a dependent whose every
+        owner is now absent is deleted (background propagation; a DELETE, so its finalizers
+        hold it), one with owners left loses the dangling reference, and with the Orphan
+        policy every dependent only loses the reference. Runs synchronously, right after the
+        owner's DELETED event (the real collector follows within moments)."""
+        live = {o["metadata"]["uid"] for o in self._objects.values()}
+        for (kind, namespace, name), obj in list(self._objects.items()):
+            refs = obj["metadata"].get("ownerReferences") or []
+            if not any(r.get("uid") == owner_uid for r in refs):
+                continue
+            res = _BY_KIND[kind]
+            left = [r for r in refs if r.get("uid") != owner_uid and r.get("uid") in live]
+            if left or orphan:
+                kept = [r for r in refs if r.get("uid") != owner_uid]
+                self.update(res, namespace or None, name, lambda o, k=kept: _with_owners(o, k))
+            elif (kind, namespace, name) in self._objects:
+                self.delete(res, namespace or None, name)
 
     def _commit(self, key: tuple[str, str, str], kind: str, obj: JSON, prev: JSON | None) -> JSON:
         self._rv += 1
@@ -590,6 +667,11 @@ class ObjectStore:
         with self._lock:
             for watcher in self._watchers:
                 watcher.queue.put(_bookmark(watcher.res, self._rv))
+
+
+def _with_owners(obj: JSON, refs: list[JSON]) -> JSON:
+    obj["metadata"]["ownerReferences"] = refs or None
+    return obj
 
 
 def _spec_changed(old: JSON, new: JSON) -> bool:
@@ -679,7 +761,28 @@ def api_create(store: ObjectStore, route: Route, body: Any) -> JSON:
         meta.pop(field, None)
     if route.res.kind == "Pod":
         obj["status"] = {"phase": "Pending"}
+    elif route.res.custom and route.res.has_status:  # the CR create strategy resets status
+        obj.pop("status", None)
+    elif route.res.kind == "CustomResourceDefinition":
+        obj["status"] = _crd_status(obj)
     return store.create(route.res, obj)
+
+
+def _crd_status(crd: JSON) -> JSON:
+    """What the API server's CRD controllers write soon after a create: names accepted and
+    established (here at once, so ``kubectl wait --for=condition=Established`` returns)."""
+    spec = crd.get("spec") or {}
+    now = _now()
+    stored = [v.get("name") for v in spec.get("versions") or [] if v.get("storage")]
+    conditions = [
+        {"type": t, "status": "True", "reason": r, "message": m, "lastTransitionTime": now}
+        for t, r, m in (
+            ("NamesAccepted", "NoConflicts", "no conflicts found"),
+            ("Established", "InitialNamesAccepted", "the initial names have been accepted"),
+        )
+    ]
+    return {"acceptedNames": spec.get("names") or {}, "conditions": conditions,
+            "storedVersions": stored}  # fmt: skip
 
 
 def _check_preconditions(res: Resource, old: JSON, meta: JSON) -> None:
@@ -693,7 +796,13 @@ def _check_preconditions(res: Resource, old: JSON, meta: JSON) -> None:
 
 
 def _update_strategy(route: Route, old: JSON, new: JSON) -> JSON:
-    """What an update of the main resource or of ``/status`` may change (pods, nodes)."""
+    """What an update of the main resource or of ``/status`` may change: a CR's ``/status``
+    write keeps everything of the old object but ``status`` (metadata too, as the CR status
+    strategy does); a pod's or node's keeps spec and owner references."""
+    if route.sub == "status" and route.res.custom:
+        kept = copy.deepcopy(old)
+        kept.pop("status", None)
+        return {**kept, **({"status": new["status"]} if "status" in new else {})}
     if route.sub == "status":
         new = {**new, "spec": old.get("spec")}
         new["metadata"]["ownerReferences"] = old["metadata"].get("ownerReferences")
@@ -701,6 +810,13 @@ def _update_strategy(route: Route, old: JSON, new: JSON) -> JSON:
         new = {**new, "status": old.get("status")}
     new["metadata"] = {k: v for k, v in new["metadata"].items() if v is not None}
     return {k: v for k, v in new.items() if v is not None}
+
+
+def _unconditional_update(res: Resource) -> bool:
+    """Whether a PUT without resourceVersion is allowed (the strategy's
+    AllowUnconditionalUpdate): not for Leases, whose holders must not overwrite each other,
+    nor for custom resources."""
+    return not res.custom and res.kind != "Lease"
 
 
 def api_replace(store: ObjectStore, route: Route, body: Any) -> JSON:
@@ -711,6 +827,10 @@ def api_replace(store: ObjectStore, route: Route, body: Any) -> JSON:
         raise ApiError(400, msg + f"on the URL ({route.name})")
 
     def change(old: JSON) -> JSON:
+        if not obj["metadata"].get("resourceVersion") and not _unconditional_update(route.res):
+            msg = f'{route.res.kind}.{route.res.group or "core"} "{route.name}" is invalid: '
+            msg += "metadata.resourceVersion: Invalid value: 0: must be specified for an update"
+            raise ApiError(422, msg, "Invalid", route.res.details(route.name or ""))
         _check_preconditions(route.res, old, obj["metadata"])
         return _update_strategy(route, old, obj)
 
@@ -743,7 +863,10 @@ def api_delete(store: ObjectStore, route: Route, body: Any) -> JSON:
                     409, msg + f"{label} in object meta: {have}", details=res.details(name)
                 )
 
-    obj, deleted = store.delete(res, route.namespace, name, check)
+    policy = (body.get("propagationPolicy") if isinstance(body, dict) else None) or "Background"
+    if policy not in ("Background", "Orphan", "Foreground"):
+        raise ApiError(400, f"unsupported propagationPolicy: {policy!r}")
+    obj, deleted = store.delete(res, route.namespace, name, check, orphan=policy == "Orphan")
     if not deleted or res.kind == "Pod":
         return obj
     details = res.details(name, obj["metadata"]["uid"])
@@ -822,10 +945,12 @@ _VERSION = {
 }  # fmt: skip
 
 
-def discovery(path: str) -> JSON | None:
-    """Minimal /version, /api, /apis and per-group-version discovery documents."""
+def discovery(path: str, served: Callable[[Resource], bool] | None = None) -> JSON | None:
+    """Minimal /version, /api, /apis and per-group-version discovery documents (of the
+    resources ``served`` accepts, all by default)."""
     path = path.rstrip("/")
-    versions = {r.group: r.version for r in RESOURCES if r.group}  # one version per group
+    resources = [r for r in RESOURCES if served is None or served(r)]
+    versions = {r.group: r.version for r in resources if r.group}  # one version per group
     groups = sorted(versions)
     gv = {g: {"groupVersion": f"{g}/{versions[g]}", "version": versions[g]} for g in groups}
     if path == "/version":
@@ -838,17 +963,17 @@ def discovery(path: str) -> JSON | None:
         return {"kind": "APIGroupList", "apiVersion": "v1", "groups": list(group_docs.values())}
     if path.startswith("/apis/") and path[6:] in group_docs:
         return {"kind": "APIGroup", "apiVersion": "v1", **group_docs[path[6:]]}
-    served = [r for r in RESOURCES if path in ("/api/v1", f"/apis/{r.api_version}")]
-    if not served:
+    served_here = [r for r in resources if path in ("/api/v1", f"/apis/{r.api_version}")]
+    if not served_here:
         return None
     verbs = ["create", "delete", "get", "list", "patch", "update", "watch"]
     listed = []
-    for r in served:
+    for r in served_here:
         one = {"name": r.plural, "singularName": r.kind.lower(), "namespaced": r.namespaced}
         listed.append({**one, "kind": r.kind, "verbs": verbs})
         if r.has_status:
             listed.append({**one, "name": f"{r.plural}/status", "kind": r.kind, "verbs": verbs[3:]})
-    group_version = served[0].api_version
+    group_version = served_here[0].api_version
     return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version,
             "resources": listed}  # fmt: skip
 
@@ -917,11 +1042,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(
         self, method: str, path: str, query: dict[str, str], ctype: str, raw: bytes
     ) -> tuple[int, JSON] | None:
-        doc = discovery(path) if method == "GET" else None
+        store = self.server.standin.store
+        doc = discovery(path, store.served) if method == "GET" else None
         if doc is not None:
             return 200, doc
         route = parse_route(path)
-        if route is None:
+        if route is None or not store.served(route.res):  # i12-ctl: CRD-driven serving
             raise ApiError(404, "the server could not find the requested resource")
         try:
             body = json.loads(raw) if raw else None
@@ -1040,8 +1166,10 @@ class _Failure:
 class ApiStandin:
     """The stand-in API server: start/stop, kubeconfig, fixtures, fault injection."""
 
-    def __init__(self, history_limit: int | None = None) -> None:
-        self.store = ObjectStore(history_limit)
+    def __init__(self, history_limit: int | None = None, require_crds: bool = False) -> None:
+        """``require_crds``: serve a custom resource only while a CustomResourceDefinition for
+        it exists (off by default: the Plexus kinds are served from the start)."""
+        self.store = ObjectStore(history_limit, require_crds)
         self._lock = threading.Lock()
         self._log: list[RecordedRequest] = []
         self._failures: list[_Failure] = []
@@ -1228,3 +1356,20 @@ class ApiStandin:
                 self._connections.add(conn)
             else:
                 self._connections.discard(conn)
+
+
+# ---------------------------------------------------------------- serve from the command line (i12-ctl)
+
+
+def main() -> None:
+    """``python -m tests.k8s_standin``: serve until stdin closes, printing the URL first (for
+    benchmarks, which must not import the tests, and for trying a client by hand)."""
+    import sys
+
+    with ApiStandin() as api:
+        print(api.url, flush=True)
+        sys.stdin.read()
+
+
+if __name__ == "__main__":
+    main()

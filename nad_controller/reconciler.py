@@ -1,0 +1,211 @@
+"""The VFPool reconciler: level-triggered, leader-only.
+
+Informers (every replica runs them, so a new leader starts with a warm cache) call `notify` on
+each change; the worker, while this replica leads, waits for the first dirty mark, lets a burst
+of node-state writes gather for `debounce` seconds (bounded from the *first* mark, so a steady
+stream of updates cannot postpone a health change), then recomputes every dirty pool from the
+cache and writes its status only when it differs. A resync every `resync` seconds re-evaluates
+staleness (time passes without any event). Nothing lives only in memory: a new leader lists
+everything and converges to the same status.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from pydantic import ValidationError
+
+from cnispec.vfpool_api import API_VERSION, POOL_KIND, VFPoolSpec, VFPoolStatus
+from nad_controller.api import JSON, ApiFailure, Cache, NotFound, StatusWriter
+from nad_controller.events import EventRecorder
+from nad_controller.status import NodeState, invalid_status, pool_status, status_json
+
+log = structlog.get_logger(__name__)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        cache: Cache,
+        writer: StatusWriter,
+        events: EventRecorder,
+        *,
+        stale_after: float = 120.0,
+        debounce: float = 0.1,
+        resync: float = 30.0,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.cache, self.writer, self.events = cache, writer, events
+        self.stale_after, self.debounce, self.resync = stale_after, debounce, resync
+        self._now = now
+        self._dirty = threading.Event()
+        self._leading = threading.Event()
+        self._stop = threading.Event()
+        # pool uid -> (status we wrote, the resourceVersion the cache had before): until the
+        # cache moves past that version, our own write is the truth (no rewrite loop).
+        self._written: dict[str, tuple[JSON, str]] = {}
+        self._states: dict[str, tuple[str, NodeState]] = {}  # name -> (rv, parsed)
+        self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
+        self._backoff = 0.0  # seconds to wait after a failed status write (doubles, max 30)
+        self.writes = 0  # status writes made (tests and the benchmark read it)
+
+    # wiring
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._dirty.set()
+        self._thread.join(timeout=10)
+
+    def notify(self, kind: str, obj: JSON | None) -> None:
+        """An informer saw a change (`obj` None: it listed again). Every pool is recomputed:
+        there are few pools, and a node state can concern any of them."""
+        self._dirty.set()
+
+    def started_leading(self) -> None:
+        self._written.clear()
+        self._leading.set()
+        self._dirty.set()  # converge from whatever the previous leader left
+
+    def stopped_leading(self) -> None:
+        self._leading.clear()
+
+    # the loop
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self._dirty.wait(self.resync):
+                self._dirty.set()  # resync: time alone can make a node state stale
+                continue
+            if self._stop.is_set():
+                return
+            if not self._leading.is_set():
+                self._leading.wait(self.resync)
+                continue
+            # Coalesce a burst of node-state writes; after a failed write, back off instead.
+            self._stop.wait(max(self.debounce, self._backoff))
+            self._dirty.clear()
+            try:
+                self.reconcile_all()
+            except Exception:  # the loop must survive a bad object or a bug
+                log.exception("reconcile_failed")
+                self._dirty.set()
+                self._stop.wait(1.0)
+
+    def reconcile_all(self) -> None:
+        states = self._parsed_states()
+        nodes = self.cache.nodes()
+        pools = self.cache.pools()
+        live = {str((p.get("metadata") or {}).get("uid")) for p in pools}
+        for uid in set(self._written) - live:  # deleted pools
+            del self._written[uid]
+        for pool in pools:
+            if not self._leading.is_set():
+                return
+            self.reconcile(pool, states, nodes)
+
+    def _parsed_states(self) -> list[NodeState]:
+        """Every node state, parsed once per resourceVersion (a big cluster's states are most
+        of a recompute's work, and only the changed one needs parsing again)."""
+        parsed: dict[str, tuple[str, NodeState]] = {}
+        for obj in self.cache.states():
+            meta = obj.get("metadata") or {}
+            name, rv = str(meta.get("name")), str(meta.get("resourceVersion"))
+            known = self._states.get(name)
+            if known is not None and known[0] == rv:
+                parsed[name] = known
+                continue
+            state = NodeState.from_object(obj)
+            if state.error:
+                log.warning("node_state_unreadable", state=name, error=state.error)
+            parsed[name] = (rv, state)
+        self._states = parsed
+        return [state for _, state in parsed.values()]
+
+    def reconcile(self, pool: JSON, states: list[NodeState], nodes: list[JSON]) -> None:
+        meta = pool.get("metadata") or {}
+        name, uid = str(meta.get("name")), str(meta.get("uid"))
+        rv = str(meta.get("resourceVersion"))
+        current = pool.get("status") or {}
+        written = self._written.get(uid)
+        before = written[0] if written and written[1] == rv else current
+        generation = int(meta.get("generation") or 0)
+        try:
+            previous = VFPoolStatus.model_validate(before) if before else None
+        except ValidationError:
+            previous = None  # not ours to keep: recompute from scratch
+        try:
+            spec = VFPoolSpec.model_validate(pool.get("spec") or {})
+        except ValidationError as exc:
+            log.warning("vfpool_invalid", pool=name, error=str(exc)[:300])
+            status = invalid_status(generation, exc, previous, self._now())
+            self._write(pool, status, before=before, previous=previous)
+            return
+        status = pool_status(
+            name=name,
+            generation=generation,
+            spec=spec,
+            states=states,
+            nodes=nodes,
+            previous=previous,
+            now=self._now(),
+            stale_after=self.stale_after,
+        )
+        self._write(pool, status, before=before, previous=previous)
+
+    def _write(
+        self, pool: JSON, status: VFPoolStatus, *, before: JSON, previous: VFPoolStatus | None
+    ) -> None:
+        meta = pool.get("metadata") or {}
+        name, uid = str(meta.get("name")), str(meta.get("uid"))
+        rv = str(meta.get("resourceVersion"))
+        new = status_json(status)
+        if new == before:
+            return
+        try:
+            self.writer.patch_pool_status(name, new)
+        except NotFound:
+            return  # deleted meanwhile
+        except ApiFailure as exc:
+            self._backoff = min(self._backoff * 2 or 0.5, 30.0)
+            log.warning("status_write_failed", pool=name, error=str(exc)[:200],
+                        retry_in=self._backoff)  # fmt: skip
+            self._dirty.set()
+            return
+        self._backoff = 0.0
+        self.writes += 1
+        self._written[uid] = (new, rv)
+        conditions = {c.type: c.status for c in status.conditions}
+        log.info(
+            "vfpool_status_written",
+            pool=name,
+            generation=status.observed_generation,
+            **conditions,
+        )
+        self._announce(pool, previous, status)
+
+    def _announce(self, pool: JSON, previous: VFPoolStatus | None, status: VFPoolStatus) -> None:
+        """An Event for each condition whose status or reason changed."""
+        before = {c.type: c for c in previous.conditions} if previous else {}
+        meta = pool.get("metadata") or {}
+        involved: dict[str, Any] = {
+            "apiVersion": API_VERSION,
+            "kind": POOL_KIND,
+            "name": meta.get("name"),
+            "uid": meta.get("uid"),
+        }
+        for c in status.conditions:
+            old = before.get(c.type)
+            bad = (c.type == "Degraded") == (c.status == "True")
+            # A new finding while degraded is news; Ready's counts changing with every attach
+            # are not (they are in the status rows).
+            same = old is not None and (old.status, old.reason) == (c.status, c.reason)
+            if same and not (bad and c.type == "Degraded" and old and old.message != c.message):
+                continue
+            self.events.record(involved, "Warning" if bad else "Normal", c.reason, c.message)
