@@ -8,12 +8,38 @@ uses it (`cnispec.validation`), without importing the delegates. Pure: no kernel
 
 from __future__ import annotations
 
+from typing import Final
+
+from pydantic import BaseModel
+
 from cnispec.builtin_conf.links import (
     IpvlanConf,
     MacvlanConf,
     RoutedConf,
+    SbrConf,
     SriovConf,
     SubLinkConf,
 )
 
-__all__ = ["IpvlanConf", "MacvlanConf", "RoutedConf", "SriovConf", "SubLinkConf"]
+# Every built-in `type` and the model its config must pass (`delegates.builtins` registers
+# exactly these types: a unit test holds the two lists together).
+MODELS: Final[dict[str, type[BaseModel]]] = {
+    "plexus-routed": RoutedConf,
+    "plexus-macvlan": MacvlanConf,
+    "plexus-ipvlan": IpvlanConf,
+    "plexus-sriov": SriovConf,
+    "plexus-sbr": SbrConf,
+}
+# The IPAM types the built-ins run in-process (any other is exec'd from the CNI path).
+IPAM_TYPES: Final = ("host-local", "static")
+
+__all__ = [
+    "IPAM_TYPES",
+    "MODELS",
+    "IpvlanConf",
+    "MacvlanConf",
+    "RoutedConf",
+    "SbrConf",
+    "SriovConf",
+    "SubLinkConf",
+]

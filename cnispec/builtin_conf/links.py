@@ -95,3 +95,14 @@ class SriovConf(BaseModel):
         if self.max_tx_rate and (self.min_tx_rate or 0) > self.max_tx_rate:
             raise ValueError("min_tx_rate is above max_tx_rate")
         return self
+
+
+class SbrConf(BaseModel):
+    """`plexus-sbr`: `table` pins the routing table (else the delegate picks a free one from
+    100); a `table` that is not an integer would be ignored by the delegate, so the checks
+    refuse it rather than let it pass unnoticed."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str
+    table: int | None = Field(default=None, ge=1, le=0xFFFFFFFF)
