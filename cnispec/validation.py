@@ -157,12 +157,13 @@ def check_nad(
         str(v) if isinstance(v := meta.get(k), str) else "" for k in ("name", "namespace")
     )
     verdict = Verdict(f"{NAD_KIND} {namespace + '/' if namespace else ''}{name or '?'}")
-    if name or not meta.get("generateName"):
-        problem = dns1123_subdomain_problem(name)
-        if problem:
-            verdict.errors.append(
-                Problem(("metadata", "name"), f"{name!r} is not a DNS-1123 subdomain: {problem}")
-            )
+    problem = dns1123_subdomain_problem(name) if name or not meta.get("generateName") else ""
+    if problem:
+        verdict.errors.append(
+            Problem(("metadata", "name"), f"{name!r} is not a DNS-1123 subdomain: {problem}")
+        )
+    # A config without `name` takes the NAD's; a bad NAD name is reported once, above.
+    config_name = "nad" if problem or not name else name
     spec = obj.get("spec")
     if spec is not None and not isinstance(spec, Mapping):
         verdict.errors.append(Problem(("spec",), "must be an object"))
@@ -171,7 +172,7 @@ def check_nad(
     if not isinstance(config, str):
         verdict.errors.append(Problem(("spec", "config"), "must be a string holding JSON"))
     elif config.strip():
-        verdict.errors += check_config_text(config, name or "nad")
+        verdict.errors += check_config_text(config, config_name)
     elif conf_for_empty is not None:
         found = conf_for_empty(name)
         if found is None:
@@ -179,7 +180,7 @@ def check_nad(
                 Problem(("spec", "config"), f"is empty and no CNI config named {name!r} is there")
             )
         else:
-            verdict.errors += check_config(dict(found), name)
+            verdict.errors += check_config(dict(found), config_name)
     else:
         verdict.warnings.append(
             Problem(
