@@ -94,6 +94,9 @@ class WebhookServer(ThreadingHTTPServer):
         self.max_body = max_body
         self.timeout = timeout
         self.slots = threading.BoundedSemaphore(max_concurrent)
+        # Connections (each a thread until it is served or times out): a flood of idle ones
+        # is turned away at accept instead of growing threads without bound.
+        self.connections = threading.BoundedSemaphore(max_concurrent * 4)
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
@@ -103,6 +106,18 @@ class WebhookServer(ThreadingHTTPServer):
         return self.context().wrap_socket(
             sock, server_side=True, do_handshake_on_connect=False
         ), addr
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.connections.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A failed TLS handshake or a client gone mid-request: no traceback on stderr.

@@ -497,6 +497,21 @@ def test_an_unreachable_webhook_follows_the_failure_policy(cluster: Cluster, fai
     )
 
 
+def test_a_webhook_that_does_not_answer_in_time_fails_the_call(cluster: Cluster) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as mute:  # accepts, never speaks TLS
+        cluster.standin.admission.services[SERVICE_DNS] = f"127.0.0.1:{mute.getsockname()[1]}"
+        config = vwc(cluster.served.ca_pem)
+        for hook in config["webhooks"]:
+            hook["timeoutSeconds"] = 1
+        cluster.standin.update(config)
+        with pytest.raises(ApiException) as refused:
+            cluster.create_nad("mv", GOOD)
+    assert refused.value.status == 500
+    message = json.loads(refused.value.body)["message"]
+    assert 'failed calling webhook "nads.plexus.dev"' in message
+    assert "timed out" in message
+
+
 def test_a_ca_bundle_that_does_not_match_fails_the_call(cluster: Cluster) -> None:
     cluster.standin.update(vwc(certs.generate(["other"]).ca_pem))
     with pytest.raises(ApiException) as refused:
