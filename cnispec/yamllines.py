@@ -109,13 +109,13 @@ def _describe(exc: ValidationError, root: yaml.Node, source: str, fields: str) -
     for err in exc.errors(include_url=False):
         ctx = err.get("ctx") or {}
         loc = (*err["loc"], *ctx.get("at", ()))
-        line = _line_of(root, loc)
+        line = line_of(root, loc)
         found.append((line, f"{source}:{line}: {_loc_text(loc)}: {_message(err, fields)}"))
     found.sort(key=lambda item: item[0])
     return "; ".join(text for _, text in found)
 
 
-def _line_of(root: yaml.Node, loc: Iterable[str | int]) -> int:
+def line_of(root: yaml.Node, loc: Iterable[str | int]) -> int:
     """The line (1-based) of the deepest node of `loc` that the file has; a missing field
     points at the mapping that lacks it."""
     node, line = root, root.start_mark.line

@@ -7,9 +7,8 @@ from __future__ import annotations
 from contextlib import ExitStack
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from cnispec import cni, failpoints
+from cnispec.builtin_conf import SubLinkConf
 from cnispec.cni import Result
 from cnispec.errors import InvalidConfig
 from delegates._common import best_effort, parse
@@ -20,18 +19,6 @@ from delegates.plugin import BuiltinPlugin, PluginRequest
 from delegates.podlinks import PLEXUS_GROUP
 from kernel.netlink import Netlink
 from kernel.netns import netns_fd
-
-
-class SubLinkConf(BaseModel):
-    """Keys shared with the reference macvlan/ipvlan plugins (unknown keys are ignored, as the
-    reference plugins ignore them)."""
-
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
-
-    name: str
-    master: str | None = None
-    mtu: int | None = Field(default=None, ge=68, le=65535)
-    link_in_container: bool = Field(default=False, alias="linkInContainer")
 
 
 class SubLinkPlugin(BuiltinPlugin):

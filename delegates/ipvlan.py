@@ -4,16 +4,12 @@ without ipvlan gets a clear error (CNI code 109)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-from delegates._sublink import SubLinkConf, SubLinkPlugin
+from cnispec.builtin_conf import IpvlanConf
+from delegates._sublink import SubLinkPlugin
 from delegates.plugin import PluginRequest
 from kernel.netlink import IPVLAN_FLAGS, IPVLAN_MODES
-
-
-class IpvlanConf(SubLinkConf):
-    mode: Literal["l2", "l3", "l3s"] = "l2"
-    flag: Literal["bridge", "private", "vepa"] = "bridge"
 
 
 class Ipvlan(SubLinkPlugin):

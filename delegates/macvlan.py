@@ -3,29 +3,12 @@ master, mode, mtu, mac, bcqueuelen, ipam; runtimeConfig.mac through the `mac` ca
 
 from __future__ import annotations
 
-import re
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field, field_validator
-
-from delegates._sublink import SubLinkConf, SubLinkPlugin
+from cnispec.builtin_conf import MacvlanConf
+from delegates._sublink import SubLinkPlugin
 from delegates.plugin import PluginRequest
 from kernel.netlink import MACVLAN_MODES
-
-_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
-
-
-class MacvlanConf(SubLinkConf):
-    mode: Literal["bridge", "private", "vepa", "passthru"] = "bridge"
-    mac: str | None = None
-    bcqueuelen: int | None = Field(default=None, ge=0)
-
-    @field_validator("mac")
-    @classmethod
-    def _mac(cls, value: str | None) -> str | None:
-        if value is not None and not _MAC.match(value):
-            raise ValueError(f"{value!r} is not a MAC address")
-        return value
 
 
 class Macvlan(SubLinkPlugin):

@@ -20,9 +20,8 @@ from contextlib import ExitStack
 from dataclasses import replace
 from typing import Any, Final
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from cnispec import failpoints
+from cnispec.builtin_conf import RoutedConf
 from cnispec.cni import Interface, IPConfig, Result, Route
 from cnispec.errors import CheckFailed, InvalidConfig, TryAgainLater
 from delegates._common import best_effort, parse
@@ -37,14 +36,6 @@ from kernel.netns import netns_fd
 
 GATEWAY_V4: Final = "169.254.1.1"
 GATEWAY_V6: Final = "fe80::1"
-
-
-class RoutedConf(BaseModel):
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
-
-    name: str
-    mtu: int | None = Field(default=None, ge=1280, le=65535)
-    link_in_container: bool = Field(default=False, alias="linkInContainer")
 
 
 def host_veth_name(container_id: str, ifname: str) -> str:

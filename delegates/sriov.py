@@ -12,15 +12,14 @@ in network-status `device-info`. Built by `delegates.builtins`.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
-from typing import Any, Literal
+from typing import Any
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cnispec import failpoints
+from cnispec.builtin_conf import SriovConf as _SriovKeys
 from cnispec.cni import Interface, Result
 from cnispec.errors import CheckFailed, DeviceUnavailable, InvalidConfig, PlexusError
 from cnispec.identity import Holder
@@ -38,53 +37,10 @@ from sriov.records import HostState, VfSettings
 from sriov.release import release_attachment
 
 log = structlog.get_logger(__name__)
-_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
-OnOff = Literal["on", "off"]
 
 
-class SriovConf(BaseModel):
-    """sriov-cni's keys; unknown keys are ignored, as sriov-cni ignores them. Pure: which VF,
-    and what its PF can do, is looked up at ADD time."""
-
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
-
-    name: str = ""
-    device_id: str | None = Field(default=None, alias="deviceID")
-    vlan: int | None = Field(default=None, ge=0, le=4094)
-    vlan_qos: int | None = Field(default=None, alias="vlanQoS", ge=0, le=7)
-    vlan_proto: Literal["802.1q", "802.1ad"] | None = Field(default=None, alias="vlanProto")
-    mac: str | None = None
-    spoofchk: OnOff | None = None
-    trust: OnOff | None = None
-    link_state: Literal["auto", "enable", "disable"] | None = None
-    min_tx_rate: int | None = Field(default=None, ge=0)
-    max_tx_rate: int | None = Field(default=None, ge=0)
-
-    @field_validator("vlan_proto", mode="before")
-    @classmethod
-    def _proto(cls, value: Any) -> Any:
-        return value.lower() if isinstance(value, str) else value  # sriov-cni takes "802.1Q"
-
-    @field_validator("mac")
-    @classmethod
-    def _mac(cls, value: str | None) -> str | None:
-        if value is not None and not _MAC.match(value):
-            raise ValueError(f"{value!r} is not a MAC address")
-        return value.lower() if value else value
-
-    @model_validator(mode="after")
-    def _consistent(self) -> SriovConf:
-        if self.vlan_qos is not None and self.vlan is None:
-            raise ValueError("vlanQoS needs vlan")
-        if self.vlan_qos and not self.vlan:
-            raise ValueError("a non-zero vlanQoS needs a non-zero vlan")
-        if self.vlan_proto is not None and self.vlan is None:
-            raise ValueError("vlanProto needs vlan")
-        if self.vlan_proto == "802.1ad" and not self.vlan:
-            raise ValueError("vlanProto 802.1ad needs a vlan above 0")
-        if self.max_tx_rate and (self.min_tx_rate or 0) > self.max_tx_rate:
-            raise ValueError("min_tx_rate is above max_tx_rate")
-        return self
+class SriovConf(_SriovKeys):
+    """sriov-cni's keys (`cnispec.builtin_conf.SriovConf`) and the PF-side settings they set."""
 
     def pf_side(self, mac: str | None) -> VfSettings:
         """The PF-side settings this NAD sets (None: left as the VF has it)."""

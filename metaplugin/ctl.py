@@ -3,7 +3,7 @@
     plexusctl version                       CNI versions Plexus speaks
     plexusctl attachments [--json]          what the node daemon has attached, per container
     plexusctl network-status NS/POD         the pod's network-status JSON (local mode's source)
-    plexusctl validate FILE...              check NAD manifests without a cluster
+    plexusctl validate FILE...              the admission webhook's checks on manifest files
     plexusctl health [--live]               the daemon's /readyz (or /healthz)
 
 It talks to plexusd over the same unix socket as the shim (`--socket`, or `--config` to take
@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cnispec import cni
+from cnispec import cni, confdir
 from cnispec.errors import PlexusError
-from cnispec.nad import network_config, parse_manifests
-from cnispec.netconf import NetworkConfigList
+from cnispec.validation import check_manifests
 from metaplugin import client
 from metaplugin import config as daemon_config
 
@@ -95,20 +94,44 @@ def cmd_network_status(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    failed = 0
+    """The admission webhook's verdicts for manifest files (`cnispec.validation`), each
+    problem at its file:line; non-zero when any document is refused. Without an API the
+    references a pod makes (and NADs' resourceNames) are not looked up: that is said."""
+    refused = checked = 0
     for file in args.files:
         try:
-            nads = parse_manifests(Path(file).read_text(), file)
-            if not nads:
-                raise PlexusError(f"{file}: no NetworkAttachmentDefinition found")
-            for nad in nads:
-                net = NetworkConfigList.parse(network_config(nad, args.cni_conf_dir))
-                types = ", ".join(str(p["type"]) for p in net.plugins)
-                print(f"ok   {file}: {nad.key} (cniVersion {net.version}; plugins: {types})")
-        except (PlexusError, OSError) as exc:
-            failed += 1
-            print(f"FAIL {file}: {getattr(exc, 'msg', exc)}")
-    return 1 if failed else 0
+            found = check_manifests(
+                Path(file).read_text(), file, conf_for_empty=_conf_lookup(args.cni_conf_dir)
+            )
+        except (PlexusError, OSError, UnicodeDecodeError) as exc:
+            refused += 1
+            print(f"FAIL {getattr(exc, 'msg', exc)}")
+            continue
+        for doc in found:
+            if doc.verdict is None:
+                print(f"skip {file}:{doc.line}: {doc.kind} (not checked)")
+                continue
+            checked += 1
+            for line, problem in doc.errors:
+                print(f"FAIL {file}:{line}: {doc.verdict.subject}: {problem}")
+            for line, problem in doc.warnings:
+                print(f"warn {file}:{line}: {doc.verdict.subject}: {problem}")
+            if doc.verdict.allowed:
+                print(f"ok   {file}:{doc.line}: {doc.verdict.subject}")
+            else:
+                refused += 1
+        if not any(doc.verdict for doc in found):
+            refused += 1
+            print(f"FAIL {file}: no NetworkAttachmentDefinition or pod found")
+    return 1 if refused else 0
+
+
+def _conf_lookup(conf_dir: str) -> Callable[[str], dict[str, Any] | None]:
+    def find(name: str) -> dict[str, Any] | None:
+        found = confdir.find_by_name(conf_dir, name)
+        return found[1] if found is not None else None
+
+    return find
 
 
 def cmd_health(args: argparse.Namespace) -> int:
@@ -208,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("vfs", help="every VF of this node: pool, state, health and holder")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_vfs)
-    p = sub.add_parser("validate", help="validate NAD manifest files")
+    p = sub.add_parser(
+        "validate", help="check NADs and pods' network annotations in manifest files"
+    )
     p.add_argument("files", nargs="+")
     p.add_argument(
         "--cni-conf-dir",

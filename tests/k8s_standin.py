@@ -27,8 +27,14 @@ Test helpers (``create``/``update``/``delete``) write straight to storage, like 
 unlike a POST they keep the given ``status``. Errors can be injected with ``fail_next`` and
 watches cut with ``close_watches``. Stdlib only, so any test can import it.
 
-Known differences from kube-apiserver: no authn/authz, admission, defaulting or schema
-validation; DELETE of a pod is immediate (no graceful termination unless it has finalizers);
+Validating admission webhooks are called (``Admission``: ValidatingWebhookConfigurations'
+rules, namespace/object selectors, failurePolicy, timeoutSeconds, caBundle, denial and warning
+formats). Known differences from kube-apiserver: no authn/authz, mutating admission, built-in
+admission plugins, defaulting or schema validation; webhooks see the object computed from the
+state before the write (a concurrent write in between is not re-admitted), are never sent
+DELETE or CONNECT, get no ``options`` and matchPolicy is always Exact (no equivalent-version
+conversion); matchConditions and reinvocation are not supported; Namespaces are stored but
+have no lifecycle (no Terminating, deleting one leaves its objects); DELETE of a pod is immediate (no graceful termination unless it has finalizers);
 server-side apply (``application/apply-patch+yaml``), ``sendInitialEvents``,
 ``resourceVersionMatch`` and protobuf are not supported; a watch from a future
 resourceVersion does not wait; paged lists continue from current state, not a snapshot;
@@ -46,6 +52,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import copy
+import http.client
 import json
 import os
 import queue
@@ -53,6 +60,7 @@ import random
 import re
 import select
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -76,7 +84,9 @@ _EVENT_FIELDS = (
 )  # fmt: skip
 
 
-_BUILTIN_GROUPS = frozenset({"", "coordination.k8s.io", "apiextensions.k8s.io"})
+_BUILTIN_GROUPS = frozenset(
+    {"", "coordination.k8s.io", "apiextensions.k8s.io", "admissionregistration.k8s.io"}
+)
 
 
 @dataclass(frozen=True)
@@ -121,6 +131,12 @@ RESOURCES = (
              False, True),
     Resource("VFPool", "vfpools", "plexus.dev", "v1alpha1", False, True),
     Resource("VFPoolNodeState", "vfpoolnodestates", "plexus.dev", "v1alpha1", False, True),
+    # admission (see "admission webhooks" below)
+    Resource("Namespace", "namespaces", "", "v1", False),
+    Resource(
+        "ValidatingWebhookConfiguration", "validatingwebhookconfigurations",
+        "admissionregistration.k8s.io", "v1", False,
+    ),
 )  # fmt: skip
 _BY_KIND = {r.kind: r for r in RESOURCES}
 _REASONS = {
@@ -978,6 +994,213 @@ def discovery(path: str, served: Callable[[Resource], bool] | None = None) -> JS
             "resources": listed}  # fmt: skip
 
 
+# ---------------------------------------------------------------- admission webhooks
+# Calls validating admission webhooks as kube-apiserver does (admissionregistration.k8s.io/v1
+# ValidatingWebhookConfiguration): every webhook whose rules, namespaceSelector and
+# objectSelector match a CREATE or UPDATE gets an AdmissionReview POSTed over TLS verified
+# with its caBundle; a denial answers the client with the API's Status text, a call that fails
+# follows failurePolicy, warnings go back in `Warning` headers. A service clientConfig is
+# dialled through `Admission.services` ({"name.namespace.svc": "127.0.0.1:port"}), the name
+# still being what the certificate is verified against, as the API server verifies it.
+
+
+def _selector_matches(selector: Any, labels: JSON) -> bool:
+    """metav1.LabelSelector semantics (absent or empty selects everything)."""
+    if not isinstance(selector, dict):
+        return True
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr.get("key"), expr.get("operator"), expr.get("values") or []
+        present = key in labels
+        ok = {
+            "In": present and labels.get(key) in values,
+            "NotIn": not present or labels.get(key) not in values,
+            "Exists": present,
+            "DoesNotExist": not present,
+        }.get(op, False)
+        if not ok:
+            return False
+    return True
+
+
+def _rule_matches(rule: JSON, res: Resource, sub: str | None, operation: str) -> bool:
+    def has(key: str, value: str) -> bool:
+        listed = rule.get(key) or []
+        return "*" in listed or value in listed
+
+    resource = f"{res.plural}/{sub}" if sub else res.plural
+    resources = rule.get("resources") or []
+    named = resource in resources or (sub is None and "*" in resources)
+    named = named or (sub is not None and ("*/*" in resources or f"{res.plural}/*" in resources))
+    scope = rule.get("scope", "*")
+    in_scope = scope == "*" or (scope == "Namespaced") == res.namespaced
+    return (
+        has("operations", operation)
+        and has("apiGroups", res.group)
+        and has("apiVersions", res.version)
+        and named
+        and in_scope
+    )
+
+
+class Admission:
+    """The webhook calls of one stand-in; `services` maps a Service's DNS name to an address."""
+
+    def __init__(self, standin: ApiStandin) -> None:
+        self.standin = standin
+        self.services: dict[str, str] = {}
+        self.calls = 0
+
+    def admit(self, method: str, route: Route, ctype: str, body: Any) -> list[str]:
+        """Run the matching webhooks for a write about to happen; raises ApiError when one
+        denies (or fails, failurePolicy Fail); returns their warnings."""
+        if route.res.group == "admissionregistration.k8s.io":
+            return []  # as the API server: webhook configurations are never sent to webhooks
+        try:
+            operation, obj, old = self._candidate(method, route, ctype, body)
+        except (ApiError, ValueError, KeyError, TypeError, AttributeError):
+            return []  # the write itself will fail and say why
+        hooks = self._matching(route, operation, obj, old)
+        warnings: list[str] = []
+        for config_name, hook in hooks:
+            warnings += self._call(config_name, hook, route, operation, obj, old=old)
+        return warnings
+
+    def _candidate(
+        self, method: str, route: Route, ctype: str, body: Any
+    ) -> tuple[str, JSON, JSON | None]:
+        """The object as it would be stored (what the API server sends webhooks)."""
+        if method == "POST":
+            obj = _check_body(route, body)
+            meta = obj["metadata"]
+            if not meta.get("name") and meta.get("generateName"):
+                # Name it now, and in the body too, so the stored object has the admitted name.
+                meta["name"] = body["metadata"]["name"] = _generate_name(meta["generateName"])
+            return "CREATE", obj, None
+        old = self.standin.store.get(route.res, route.namespace, route.name or "")
+        new = apply_patch(route.res, old, ctype, body) if method == "PATCH" else body
+        new = _update_strategy(route, old, _check_body(route, new))
+        return "UPDATE", new, old
+
+    def _matching(
+        self, route: Route, operation: str, obj: JSON, old: JSON | None
+    ) -> list[tuple[str, JSON]]:
+        configs = self.standin.list_objects("ValidatingWebhookConfiguration")
+        labels = (obj.get("metadata") or {}).get("labels") or {}
+        old_labels = ((old or {}).get("metadata") or {}).get("labels") or {}
+        found = []
+        for config in sorted(configs, key=lambda c: c["metadata"]["name"]):
+            for hook in config.get("webhooks") or []:
+                rules = hook.get("rules") or []
+                if not any(_rule_matches(r, route.res, route.sub, operation) for r in rules):
+                    continue
+                if route.res.namespaced and not _selector_matches(
+                    hook.get("namespaceSelector"), self._namespace_labels(route.namespace or "")
+                ):
+                    continue
+                selector = hook.get("objectSelector")
+                if not (
+                    _selector_matches(selector, labels) or _selector_matches(selector, old_labels)
+                ):
+                    continue
+                found.append((config["metadata"]["name"], hook))
+        return found
+
+    def _namespace_labels(self, namespace: str) -> JSON:
+        ns = self.standin.get("Namespace", None, namespace) or {}
+        labels = dict((ns.get("metadata") or {}).get("labels") or {})
+        labels.setdefault("kubernetes.io/metadata.name", namespace)  # as the API server adds
+        return labels
+
+    def _call(
+        self, config: str, hook: JSON, route: Route, operation: str, obj: JSON, *, old: JSON | None
+    ) -> list[str]:
+        name = hook.get("name", config)
+        uid = str(uuid.uuid4())
+        res = route.res
+        request: JSON = {
+            "uid": uid,
+            "kind": {"group": res.group, "version": res.version, "kind": res.kind},
+            "resource": {"group": res.group, "version": res.version, "resource": res.plural},
+            "requestKind": {"group": res.group, "version": res.version, "kind": res.kind},
+            "requestResource": {
+                "group": res.group, "version": res.version, "resource": res.plural,
+            },
+            "name": obj["metadata"].get("name", ""),
+            "operation": operation,
+            "userInfo": {"username": "standin-admin", "groups": ["system:masters"]},
+            "object": obj,
+            "oldObject": old,
+            "dryRun": False,
+        }  # fmt: skip
+        if route.sub:
+            request["subResource"] = route.sub
+        if res.namespaced:
+            request["namespace"] = route.namespace
+        review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}
+        self.calls += 1
+        try:
+            if "v1" not in (hook.get("admissionReviewVersions") or []):
+                raise OSError("admissionReviewVersions does not list v1")
+            answer = self._post(hook, {**review, "request": request})
+            response = answer.get("response") if isinstance(answer, dict) else None
+            if not isinstance(response, dict) or response.get("uid") != uid:
+                raise OSError(f"expected response.uid={uid!r}")
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            if hook.get("failurePolicy", "Fail") == "Ignore":
+                return []
+            message = f'failed calling webhook "{name}": failed to call webhook: {exc}'
+            raise ApiError(500, f"Internal error occurred: {message}") from None
+        if response.get("allowed") is True:
+            return [str(w) for w in response.get("warnings") or []]
+        raise self._denied(name, response.get("status") or {})
+
+    @staticmethod
+    def _denied(name: str, status: JSON) -> ApiError:
+        """k8s.io/apiserver webhook errors.ToStatusErr: a code under 400 becomes 400, the
+        message is prefixed with who denied it."""
+        code = status.get("code") or 0
+        code = code if isinstance(code, int) and code >= 400 else 400
+        denied = f'admission webhook "{name}" denied the request'
+        why = status.get("message") or status.get("reason")
+        message = f"{denied}: {why}" if why else f"{denied} without explanation"
+        return ApiError(code, message, str(status.get("reason") or ""))
+
+    def _post(self, hook: JSON, review: JSON) -> Any:
+        client = hook.get("clientConfig") or {}
+        timeout = max(1, min(30, int(hook.get("timeoutSeconds") or 10)))
+        context = ssl.create_default_context()
+        if client.get("caBundle"):
+            context = ssl.create_default_context(
+                cadata=base64.b64decode(client["caBundle"]).decode()
+            )
+        if client.get("url"):
+            url = urlsplit(client["url"])
+            server_name, address = url.hostname or "", f"{url.hostname}:{url.port or 443}"
+            path = url.path or "/"
+        else:
+            service = client.get("service") or {}
+            server_name = f"{service.get('name')}.{service.get('namespace')}.svc"
+            if server_name not in self.services:
+                raise OSError(f'service "{server_name}" has no address in this test')
+            address, path = self.services[server_name], service.get("path") or "/"
+        host, _, port = address.rpartition(":")
+        raw = socket.create_connection((host, int(port)), timeout=timeout)
+        conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+        conn.sock = context.wrap_socket(raw, server_hostname=server_name)
+        try:
+            data = json.dumps(review).encode()
+            conn.request("POST", path, data, {"Content-Type": "application/json"})
+            reply = conn.getresponse()
+            body = reply.read()
+            if reply.status != 200:
+                raise OSError(f"the server responded with HTTP {reply.status}")
+            return json.loads(body)
+        finally:
+            conn.close()
+
+
 # ---------------------------------------------------------------- HTTP
 
 
@@ -1002,6 +1225,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server: _Server
+    warnings: list[str] = []  # set by admission for the response being written
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -1067,6 +1291,7 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "GET":
             return 200, api_list(store, route, query)
         if method == "POST" and (route.namespace or not route.res.namespaced):
+            self.warnings = self.server.standin.admission.admit(method, route, "", body)
             return 201, api_create(store, route, body)
         raise ApiError(405, "the server does not allow this method on the requested resource")
 
@@ -1081,6 +1306,8 @@ class _Handler(BaseHTTPRequestHandler):
             verbs["DELETE"] = lambda: api_delete(store, route, body)
         if method not in verbs:
             raise ApiError(405, "the server does not allow this method on the requested resource")
+        if method in ("PUT", "PATCH"):
+            self.warnings = self.server.standin.admission.admit(method, route, ctype, body)
         return 200, verbs[method]()
 
     def _send_json(self, code: int, body: JSON) -> None:
@@ -1088,6 +1315,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for warning in self.warnings:  # admission webhooks' (RFC 7234 code 299)
+            text = warning.replace('"', "'").encode("ascii", "replace").decode()
+            self.send_header("Warning", f'299 - "{text}"')
+        self.warnings = []
         if code == 429:
             self.send_header("Retry-After", "1")
         self.end_headers()
@@ -1180,6 +1411,7 @@ class ApiStandin:
         self.streams_done = threading.Condition()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        self.admission = Admission(self)
 
     # lifecycle
 

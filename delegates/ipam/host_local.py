@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
+from cnispec.builtin_conf.ipam import HostLocalConf as _IpamConf
 from cnispec.cni import (
     DNS,
     LEGACY_ATTACHMENTS_KEY,
@@ -62,19 +63,6 @@ class ReservationMissing(PlexusError):
     """CHECK: the attachment holds no address in a range set (999, as the reference)."""
 
     cni_code = 999
-
-
-class _IpamConf(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
-
-    subnet: str | None = None
-    range_start: str | None = Field(default=None, alias="rangeStart")
-    range_end: str | None = Field(default=None, alias="rangeEnd")
-    gateway: str | None = None
-    ranges: list[list[RangeConf]] = Field(default_factory=list)
-    routes: Any = None
-    data_dir: str = Field(default="", alias="dataDir")
-    resolv_conf: str = Field(default="", alias="resolvConf")
 
 
 @dataclass(frozen=True, slots=True)

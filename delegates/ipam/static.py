@@ -9,17 +9,18 @@ whole list when non-empty. Every address must carry a prefix length.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
-from cnispec.cni import DNS, IPConfig, Result, Route, parse_cni_args
+from cnispec.builtin_conf.ipam import StaticAddress as _Address
+from cnispec.builtin_conf.ipam import StaticConf as _StaticConf
+from cnispec.builtin_conf.ipam import plain_ip as _ip
+from cnispec.builtin_conf.ipam import static_address as _address
+from cnispec.cni import DNS, Result, Route, parse_cni_args
 from cnispec.errors import InvalidConfig, PlexusError
 from delegates.ipam._ranges import (
-    IPAddress,
     describe_error,
     ipam_section,
     parse_routes,
@@ -32,30 +33,6 @@ class StaticCheckFailed(PlexusError):
     """CHECK: the previous result does not carry a configured address (999, as the reference)."""
 
     cni_code = 999
-
-
-class _AddressConf(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    address: str
-    gateway: str | None = None
-
-
-class _StaticConf(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    addresses: list[_AddressConf] = Field(default_factory=list)
-    routes: Any = None
-    dns: DNS = Field(default_factory=DNS)
-
-
-@dataclass(frozen=True, slots=True)
-class _Address:
-    interface: ipaddress.IPv4Interface | ipaddress.IPv6Interface
-    gateway: IPAddress | None = None
-
-    def to_ip_config(self) -> IPConfig:
-        return IPConfig(address=str(self.interface), gateway=_str_or_none(self.gateway))
 
 
 class StaticIpam:
@@ -129,31 +106,7 @@ def _overrides(req: PluginRequest) -> list[tuple[str, list[str]]]:
     ]
 
 
-def _address(text: str, gateway: str | None, *, what: str) -> _Address:
-    if "/" not in text:
-        raise InvalidConfig(f"{what}: {text!r} must be in CIDR notation, e.g. 10.1.0.5/24")
-    try:
-        interface = ipaddress.ip_interface(text.strip())
-    except ValueError:
-        raise InvalidConfig(f"{what}: {text!r} is not an address in CIDR notation") from None
-    gw = _ip(gateway, what=f"{what}.gateway") if gateway else None
-    if gw is not None and gw.version != interface.version:
-        raise InvalidConfig(f"{what}: gateway {gw} is not of the same family as {interface}")
-    return _Address(interface, gw)
-
-
-def _ip(text: str, *, what: str) -> IPAddress:
-    try:
-        return ipaddress.ip_address(text.strip())
-    except ValueError:
-        raise InvalidConfig(f"{what}: {text!r} is not an IP address") from None
-
-
 def _prev_result(prev: Mapping[str, Any], version: str) -> Result:
     body = dict(prev)
     body.setdefault("cniVersion", version)
     return Result.from_wire(body)
-
-
-def _str_or_none(value: object | None) -> str | None:
-    return None if value is None else str(value)

@@ -169,6 +169,7 @@ def test_discovery_and_version(api_client: client.ApiClient) -> None:
     assert client.CoreApi(api_client).get_api_versions().versions == ["v1"]
     groups = client.ApisApi(api_client).get_api_versions().groups
     assert [(g.name, g.preferred_version.version) for g in groups] == [
+        ("admissionregistration.k8s.io", "v1"),
         ("apiextensions.k8s.io", "v1"),
         ("coordination.k8s.io", "v1"),
         ("k8s.cni.cncf.io", "v1"),

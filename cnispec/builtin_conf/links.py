@@ -1,0 +1,108 @@
+"""Config models of the built-in link delegates: `plexus-routed`, `plexus-macvlan`,
+`plexus-ipvlan` (the keys of the reference macvlan/ipvlan plugins) and `plexus-sriov`
+(sriov-cni's keys). Unknown keys are ignored, as the reference plugins ignore them."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+OnOff = Literal["on", "off"]
+
+
+class RoutedConf(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str
+    mtu: int | None = Field(default=None, ge=1280, le=65535)
+    link_in_container: bool = Field(default=False, alias="linkInContainer")
+
+
+class SubLinkConf(BaseModel):
+    """Keys shared with the reference macvlan/ipvlan plugins (unknown keys are ignored, as the
+    reference plugins ignore them)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str
+    master: str | None = None
+    mtu: int | None = Field(default=None, ge=68, le=65535)
+    link_in_container: bool = Field(default=False, alias="linkInContainer")
+
+
+class MacvlanConf(SubLinkConf):
+    mode: Literal["bridge", "private", "vepa", "passthru"] = "bridge"
+    mac: str | None = None
+    bcqueuelen: int | None = Field(default=None, ge=0)
+
+    @field_validator("mac")
+    @classmethod
+    def _mac(cls, value: str | None) -> str | None:
+        if value is not None and not _MAC.match(value):
+            raise ValueError(f"{value!r} is not a MAC address")
+        return value
+
+
+class IpvlanConf(SubLinkConf):
+    mode: Literal["l2", "l3", "l3s"] = "l2"
+    flag: Literal["bridge", "private", "vepa"] = "bridge"
+
+
+class SriovConf(BaseModel):
+    """sriov-cni's keys; unknown keys are ignored, as sriov-cni ignores them. Pure: which VF,
+    and what its PF can do, is looked up at ADD time (`delegates.sriov` adds the PF-side
+    settings it derives)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str = ""
+    device_id: str | None = Field(default=None, alias="deviceID")
+    vlan: int | None = Field(default=None, ge=0, le=4094)
+    vlan_qos: int | None = Field(default=None, alias="vlanQoS", ge=0, le=7)
+    vlan_proto: Literal["802.1q", "802.1ad"] | None = Field(default=None, alias="vlanProto")
+    mac: str | None = None
+    spoofchk: OnOff | None = None
+    trust: OnOff | None = None
+    link_state: Literal["auto", "enable", "disable"] | None = None
+    min_tx_rate: int | None = Field(default=None, ge=0)
+    max_tx_rate: int | None = Field(default=None, ge=0)
+
+    @field_validator("vlan_proto", mode="before")
+    @classmethod
+    def _proto(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value  # sriov-cni takes "802.1Q"
+
+    @field_validator("mac")
+    @classmethod
+    def _mac(cls, value: str | None) -> str | None:
+        if value is not None and not _MAC.match(value):
+            raise ValueError(f"{value!r} is not a MAC address")
+        return value.lower() if value else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SriovConf:
+        if self.vlan_qos is not None and self.vlan is None:
+            raise ValueError("vlanQoS needs vlan")
+        if self.vlan_qos and not self.vlan:
+            raise ValueError("a non-zero vlanQoS needs a non-zero vlan")
+        if self.vlan_proto is not None and self.vlan is None:
+            raise ValueError("vlanProto needs vlan")
+        if self.vlan_proto == "802.1ad" and not self.vlan:
+            raise ValueError("vlanProto 802.1ad needs a vlan above 0")
+        if self.max_tx_rate and (self.min_tx_rate or 0) > self.max_tx_rate:
+            raise ValueError("min_tx_rate is above max_tx_rate")
+        return self
+
+
+class SbrConf(BaseModel):
+    """`plexus-sbr`: `table` pins the routing table (else the delegate picks a free one from
+    100); a `table` that is not an integer would be ignored by the delegate, so the checks
+    refuse it rather than let it pass unnoticed."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str
+    table: int | None = Field(default=None, ge=1, le=0xFFFFFFFF)
