@@ -94,7 +94,7 @@ def parser() -> argparse.ArgumentParser:
         # The same flags on `run`, where they are optional: given TLS files, `run` also serves
         # the webhook; without them it only reconciles.
         known = len(run._actions)
-        webhook.add_arguments(run)
+        webhook.add_arguments(run, kubeconfig=False)
         for action in run._actions[known:]:
             action.required = False
         webhook.add_arguments(sub.add_parser("webhook", help="serve only the admission webhook"))

@@ -48,7 +48,9 @@ WEBHOOK_CONFIG: Final = "plexus-validation"
 MAX_BODY: Final = 4 * 1024 * 1024
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, *, kubeconfig: bool = True) -> None:
+    """The webhook's flags; `kubeconfig=False` where the parser already has `--kubeconfig`
+    (`plexus-controller run`, whose webhook shares the reconciler's API connection settings)."""
     parser.add_argument("--tls-cert-file", help="serving certificate (PEM; e.g. tls.crt)")
     parser.add_argument("--tls-private-key-file", help="its private key (PEM; e.g. tls.key)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
@@ -63,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--service-name", default=SERVICE)
     parser.add_argument("--service-namespace", default=NAMESPACE)
     parser.add_argument("--webhook-config-name", default=WEBHOOK_CONFIG)
-    parser.add_argument("--kubeconfig", help="default: in-cluster, else $KUBECONFIG")
+    if kubeconfig:
+        parser.add_argument("--kubeconfig", help="default: in-cluster, else $KUBECONFIG")
     parser.add_argument(
         "--no-api", action="store_true", help="never contact the API: check what needs none"
     )

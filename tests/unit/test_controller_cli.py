@@ -4,14 +4,12 @@ nad_controller.webhook when present) optional on `run`, as given on `webhook`.""
 from __future__ import annotations
 
 import argparse
-import sys
-import types
 from collections.abc import Iterator
 
 import pytest
 import structlog
 
-from nad_controller import cli
+from nad_controller import cli, webhook
 
 
 @pytest.fixture(autouse=True)
@@ -23,23 +21,16 @@ def _keep_logging() -> Iterator[None]:
 
 
 @pytest.fixture
-def fake_webhook(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[argparse.Namespace]]:
-    served: list[argparse.Namespace] = []
-    module = types.ModuleType("nad_controller.webhook")
-
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--tls-cert-file", required=True)
-        parser.add_argument("--tls-private-key-file", required=True)
-        parser.add_argument("--port", type=int, default=9443)
+def served(monkeypatch: pytest.MonkeyPatch) -> list[argparse.Namespace]:
+    """The real webhook module's flags, with serving replaced by a record of the arguments."""
+    calls: list[argparse.Namespace] = []
 
     def serve(args: argparse.Namespace) -> int:
-        served.append(args)
+        calls.append(args)
         return 0
 
-    module.add_arguments = add_arguments  # type: ignore[attr-defined]
-    module.serve = serve  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "nad_controller.webhook", module)
-    yield served
+    monkeypatch.setattr(webhook, "serve", serve)
+    return calls
 
 
 def test_run_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -52,15 +43,14 @@ def test_run_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (args.lease_duration, args.renew_deadline, args.retry_period) == (15, 10, 2)
 
 
-def test_webhook_flags_are_optional_on_run(fake_webhook: list[argparse.Namespace]) -> None:
-    assert cli.parser().parse_args(["run"]).tls_cert_file is None
-    args = cli.parser().parse_args(
-        ["webhook", "--tls-cert-file", "c", "--tls-private-key-file", "k"]
-    )
-    assert cli.main(["webhook", "--tls-cert-file", "c", "--tls-private-key-file", "k"]) == 0
-    assert fake_webhook[0].tls_cert_file == "c" and args.port == 9443
-    with pytest.raises(SystemExit):
-        cli.parser().parse_args(["webhook"])  # required there
+def test_webhook_flags_are_optional_on_run(served: list[argparse.Namespace]) -> None:
+    run = cli.parser().parse_args(["run", "--kubeconfig", "kc"])
+    assert run.tls_cert_file is None and run.kubeconfig == "kc"  # one --kubeconfig for both
+    assert cli.main(
+        ["webhook", "--tls-cert-file", "c", "--tls-private-key-file", "k", "--kubeconfig", "kc"]
+    ) == 0
+    assert served[0].tls_cert_file == "c" and served[0].port == webhook.DEFAULT_PORT
+    assert served[0].kubeconfig == "kc"
 
 
 def test_bad_election_timing_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
