@@ -20,7 +20,6 @@ import yaml
 from cnispec.nad import network_config, parse_manifests
 from cnispec.netconf import NetworkConfigList
 from metaplugin.config import DaemonConfig
-from sriov.pools import parse_pools
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
@@ -40,15 +39,12 @@ def test_configmap_holds_a_valid_daemon_config() -> None:
     assert cfg.cni_conf_dir == "/host/etc/cni/net.d"
 
 
-def test_configmap_holds_a_valid_vf_pools_file() -> None:
+def test_configmap_takes_vf_pools_from_vfpools() -> None:
+    # cluster mode: no pools file, so plexusd serves the VFPools selecting its Node
     (cm,) = yaml.safe_load_all((DEPLOY / "configmap.yaml").read_text())
     cfg = DaemonConfig.model_validate(yaml.safe_load(cm["data"]["plexusd.yaml"]))
-    assert cfg.vf_pools == "/etc/plexus/vf-pools.yaml"  # the ConfigMap's own mount
-    pools = parse_pools(cm["data"]["vf-pools.yaml"], "configmap.yaml")
-    assert [p.resource_name for p in pools.pools] == [
-        "plexus.dev/intel_vf",
-        "plexus.dev/intel_dpdk",
-    ]
+    assert cfg.vf_pools is None
+    assert set(cm["data"]) == {"plexusd.yaml"}
 
 
 def test_kustomization_lists_existing_files() -> None:
@@ -281,7 +277,7 @@ def test_node_agent_may_write_node_states_but_delete_nothing(rendered: list[Obj]
         _grants(
             ("plexus.dev", "vfpools", "get list watch", ""),
             ("plexus.dev", "vfpoolnodestates", "get create patch update", ""),
-            ("plexus.dev", "vfpoolnodestates/status", "patch update", ""),
+            ("plexus.dev", "vfpoolnodestates/status", "get patch update", ""),
             ("", "nodes", "get watch", ""),
         )
         <= grants
@@ -396,3 +392,29 @@ def test_node_agent_objects_stay_in_kube_system(rendered: list[Obj]) -> None:
     binding = _one(rendered, "ClusterRoleBinding", "plexus-node")
     sa = daemonset["spec"]["template"]["spec"]["serviceAccountName"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": NODE_NS}]
+
+
+def test_example_nads_and_pods_name_resources_an_example_vfpool_provides() -> None:
+    examples = [
+        d
+        for p in sorted((DEPLOY / "examples").glob("*.yaml"))
+        for d in yaml.safe_load_all(p.read_text())
+        if d
+    ]
+    provided = {d["spec"]["resourceName"] for d in examples if d["kind"] == "VFPool"}
+    named = {
+        d["metadata"]["annotations"]["k8s.v1.cni.cncf.io/resourceName"]
+        for d in examples
+        if d["kind"] == "NetworkAttachmentDefinition"
+        and "k8s.v1.cni.cncf.io/resourceName" in d["metadata"].get("annotations", {})
+    }
+    requested = {
+        r
+        for d in examples
+        if d["kind"] == "Pod"
+        for c in d["spec"]["containers"]
+        for r in c.get("resources", {}).get("limits", {})
+    }
+    assert named and requested
+    assert named <= provided
+    assert requested <= provided

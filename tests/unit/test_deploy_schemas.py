@@ -320,8 +320,8 @@ def test_example_vfpools_pass_the_crd_and_the_models() -> None:
     }
     served = pools_for_node(pools, labels)
     assert [p.resource_name for p in served.pools] == [
-        "plexus.dev/intel_e810_vf",
-        "plexus.dev/intel_e810_dpdk",
+        "plexus.dev/intel_vf",
+        "plexus.dev/intel_dpdk",
     ]
     assert served.pools[1].device_type == "vfio-pci"
     served = pools_for_node(pools, {"node-role.kubernetes.io/dataplane": ""})
