@@ -224,8 +224,8 @@ def test_crd_is_structural_cluster_scoped_with_status(crd: Json) -> None:
                 assert "maxLength" in node, f"{path}: a CEL rule on an unbounded string"
             if node["type"] == "array":
                 assert "maxItems" in node, f"{path}: a CEL rule on an unbounded list"
-            if node["type"] == "object" and "additionalProperties" in node:
-                assert "maxProperties" in node, f"{path}: a CEL rule on an unbounded map"
+            # a map's keys have no maxLength: a rule walking them is estimated unbounded
+            assert "additionalProperties" not in node, f"{path}: a CEL rule on a map"
 
 
 def test_crd_kinds_match_the_api_module() -> None:
@@ -499,7 +499,6 @@ NEGATIVE: list[tuple[str, Any, str]] = [
     ),
     ("nodeSelector.matchExpressions", [{"key": "a", "operator": "Has"}], "is not one of"),
     ("nodeSelector.matchExpressions", [{"operator": "Exists"}], "'key' is a required property"),
-    ("nodeSelector.matchLabels", {"-bad": "x"}, "a label key is [prefix/]name"),
     ("nodeSelector.matchLabels", {"zone": "a b"}, "does not match"),
 ]
 CRD_ONLY = {
