@@ -169,14 +169,16 @@ class Collector:
         remaining = self._remaining()
         if remaining is None:
             return 0
+        # config name -> its live attachments: every network sharing its plugins' state is told
+        # of them all (one pass over the records, not one per network)
+        by_name: dict[str, list[dict[str, str]]] = {}
+        for r in remaining:
+            by_name.setdefault(r.prepared.name, []).append(
+                {"containerID": r.container_id, "ifname": r.ifname}
+            )
         failed = 0
         for key, network in networks.items():
-            name = network.config_name
-            still_valid = [
-                {"containerID": r.container_id, "ifname": r.ifname}
-                for r in remaining
-                if r.prepared.name == name  # every network sharing its plugins' state
-            ]
+            still_valid = by_name.get(network.config_name, [])
             search = self._orchestrator.path(network.path + request_path)
             try:
                 prepared = (

@@ -31,7 +31,7 @@ from cnispec.annotations import (
 )
 from cnispec.errors import InvalidConfig, NetworkNotFound, NetworkNotPermitted, PlexusError
 from cnispec.identity import PodInfo
-from cnispec.nad import network_config
+from cnispec.nad import NetworkAttachmentDefinition, network_config
 from cnispec.netconf import NetworkConfigList, plugin_configs, with_plugin_key
 from metaplugin.config import DaemonConfig
 from metaplugin.nad_source import NadSource
@@ -120,9 +120,9 @@ class Resolver:
                 )
             except PlexusError as exc:
                 log.info("network_not_resolvable", network=ref, error=exc.msg)
-        for nad in self._nads.all():
+        for nad in self._nads.all():  # one snapshot: no lookup per NAD
             try:
-                out.append(self._from_nad(nad.namespace, nad.name, what="GC"))
+                out.append(self._resolved(nad))
             except PlexusError as exc:
                 log.info("network_not_resolvable", network=nad.key, error=exc.msg)
         return out
@@ -209,6 +209,9 @@ class Resolver:
             raise NetworkNotFound(
                 f"{what}: NetworkAttachmentDefinition {namespace}/{name} not found",
             )
+        return self._resolved(nad)
+
+    def _resolved(self, nad: NetworkAttachmentDefinition) -> ResolvedNetwork:
         net = ResolvedNetwork(
             nad.key, network_config(nad, self._cfg.cni_conf_dir), nad.resource_name
         )
