@@ -38,9 +38,9 @@ class NadSource(Protocol):
     def synced(self) -> bool: ...
 
 
-class _Nad(NamedTuple):
-    """A NAD as stored between lookups: its strings only (a pydantic model is ~1.6 KB; 10,000
-    NADs would cost 16 MB of the daemon's resident memory)."""
+class StoredNad(NamedTuple):
+    """A NAD as the sources store it between lookups: its strings only (a pydantic model is
+    ~1.6 KB; 10,000 NADs would cost 16 MB of the daemon's resident memory)."""
 
     namespace: str
     name: str
@@ -50,7 +50,7 @@ class _Nad(NamedTuple):
     resource_version: str
 
     @classmethod
-    def of(cls, nad: NetworkAttachmentDefinition) -> _Nad:
+    def of(cls, nad: NetworkAttachmentDefinition) -> StoredNad:
         return cls(
             sys.intern(nad.namespace),
             nad.name,
@@ -93,8 +93,10 @@ class LocalNadSource:
         self._watcher = watcher if watcher is not None else dirwatch.shared()
         self._lock = threading.Lock()  # the index
         self._files: dict[str, _File] = {}
-        self._index: dict[str, tuple[str, _Nad]] = {}  # key -> (file, NAD) of the file read first
-        self._shadowed: dict[str, dict[str, _Nad]] = {}  # key -> the other files defining it
+        self._index: dict[
+            str, tuple[str, StoredNad]
+        ] = {}  # key -> (file, NAD) of the file read first
+        self._shadowed: dict[str, dict[str, StoredNad]] = {}  # key -> the other files defining it
         # What the watcher noticed, not applied yet (its own lock: the watcher never waits for
         # a re-read to finish).
         self._pending_lock = threading.Lock()
@@ -226,7 +228,7 @@ class LocalNadSource:
     def _path(self, name: str) -> str:
         return os.path.join(self._dir, name)
 
-    def _add(self, key: str, file: str, nad: _Nad) -> None:
+    def _add(self, key: str, file: str, nad: StoredNad) -> None:
         owner = self._index.get(key)
         if owner is None:
             self._index[key] = (file, nad)
@@ -271,12 +273,12 @@ def _signature(path: str) -> Signature | None:
     return hash((st.st_mtime_ns, st.st_size, st.st_ino))
 
 
-def _read(path: str) -> tuple[list[_Nad], list[str]]:
+def _read(path: str) -> tuple[list[StoredNad], list[str]]:
     """The NADs of one manifest file, or why it has none; one bad file never fails a lookup."""
     try:
         with open(path, "rb") as f:
             text = f.read().decode()
-        return [_Nad.of(nad) for nad in parse_manifests(text, path)], []
+        return [StoredNad.of(nad) for nad in parse_manifests(text, path)], []
     except UnicodeDecodeError as exc:
         return [], [f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"]
     except InvalidConfig as exc:
