@@ -87,15 +87,16 @@ class _File:
 class LocalNadSource:
     """NADs from manifest files in one directory, each file re-read only when it changes."""
 
-    def __init__(self, directory: str, *, watcher: dirwatch.DirWatcher | None = None) -> None:
+    def __init__(self, directory: str, *, watch: bool = True) -> None:
+        """`watch=False`, or no inotify to be had: every lookup stat()s the directory's files
+        (still re-reading only the changed ones)."""
         # Paths as strings: pathlib interns every name it parses, for the process's lifetime.
         self._dir = directory
-        self._watcher = watcher if watcher is not None else dirwatch.shared()
+        self._watcher = dirwatch.shared() if watch else None
         self._lock = threading.Lock()  # the index
         self._files: dict[str, _File] = {}
-        self._index: dict[
-            str, tuple[str, StoredNad]
-        ] = {}  # key -> (file, NAD) of the file read first
+        # key -> (file, NAD), from the file read first (by name) of those that define it
+        self._index: dict[str, tuple[str, StoredNad]] = {}
         self._shadowed: dict[str, dict[str, StoredNad]] = {}  # key -> the other files defining it
         # What the watcher noticed, not applied yet (its own lock: the watcher never waits for
         # a re-read to finish).
