@@ -13,6 +13,8 @@ import pytest
 import yaml
 
 from cnispec.errors import NetworkNotFound
+from delegates.ipam import HostLocalIpam, IpamPaths
+from delegates.plugin import PluginRequest
 from metaplugin import nad_source
 from metaplugin.nad_source import LocalNadSource
 from tests.support.world import World, nad_manifest, simple_net
@@ -219,3 +221,46 @@ def test_a_lookup_with_nothing_changed_looks_at_no_file(
     assert '"ipvlan"' in (src.get("default", "net-7") or pytest.fail()).config
     assert looked in ([], ["n007.yaml"])  # by the watcher, or by this lookup: no other file
     assert listed == []
+
+
+def test_host_local_gc_of_a_network_that_never_leased_here_resolves_no_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GC runs for every NAD; resolving (and confining) each one's lease directory, symlink by
+    symlink, was most of a 10,000-NAD GC, for directories that do not exist."""
+    resolved: list[str] = []
+    real = IpamPaths.lease_dir
+
+    def counting(self: IpamPaths, data_dir: object, network: str) -> Path:
+        resolved.append(network)
+        return real(self, data_dir, network)
+
+    monkeypatch.setattr(IpamPaths, "lease_dir", counting)
+    ipam = HostLocalIpam(paths=IpamPaths(data_roots=(str(tmp_path),)))
+
+    def req(name: str, cid: str = "c1", valid: list[str] | None = None) -> PluginRequest:
+        config: dict[str, Any] = {
+            "cniVersion": "1.1.0",
+            "name": name,
+            "ipam": {
+                "type": "host-local",
+                "dataDir": str(tmp_path),
+                "ranges": [[{"subnet": "10.1.0.0/24"}]],
+            },
+        }
+        if valid is not None:
+            config["cni.dev/valid-attachments"] = [
+                {"containerID": c, "ifname": "eth0"} for c in valid
+            ]
+        return PluginRequest(
+            container_id=cid, netns="/proc/self/ns/net", ifname="eth0", config=config
+        )
+
+    ipam.add(req("used"))
+    resolved.clear()
+    for i in range(100):
+        ipam.gc(req(f"never-{i}", valid=[]))
+    assert resolved == []
+    ipam.gc(req("used", valid=[]))  # ... and one that did lease is collected as before
+    assert resolved == ["used"]
+    assert list((tmp_path / "used").glob("10.*")) == []
