@@ -8,9 +8,9 @@ lets those listeners settle, off the request path. A reader that must see a chan
 ago calls `drain()` first: the kernel queues an event before the writer's close() or rename()
 returns, so whatever was written before the request is in the queue by then.
 
-Notices are hints, never the data: a listener re-reads the files named (or, on a queue overflow
-or every `SAFETY_RESCAN` seconds, stat()s them all), so events read out of order or twice do no
-harm.
+Notices are hints, never the data: a listener re-reads the files named (or, on a queue overflow,
+stat()s them all; every `SAFETY_RESCAN` seconds it audits them, for what inotify cannot see), so
+events read out of order or twice do no harm.
 """
 
 from __future__ import annotations
@@ -68,6 +68,10 @@ class Listener(Protocol):
 
     def settle(self) -> None:
         """Called from the watcher's thread after a notice: apply what was recorded."""
+
+    def audit(self) -> None:
+        """Called from the watcher's thread every `SAFETY_RESCAN` seconds: look for changes
+        that no event reported."""
 
 
 class DirWatcher:
@@ -153,24 +157,24 @@ class DirWatcher:
                 self._libc.inotify_rm_watch(self._fd, wd)
 
     def _run(self) -> None:
-        next_rescan = time.monotonic() + SAFETY_RESCAN
+        next_audit = time.monotonic() + SAFETY_RESCAN
         while True:
             try:
                 ready, _, _ = select.select([self._fd], [], [], 1.0)
                 touched: set[Listener] = set()
+                audited: list[Listener] = []
                 with self._lock:
                     if ready:
                         self._read_into(touched)
-                    if time.monotonic() >= next_rescan:
-                        next_rescan = time.monotonic() + SAFETY_RESCAN
-                        for listeners in self._listeners.values():
-                            for listener in listeners:
-                                listener.notice(set(), rescan=True, lost=False)
-                                touched.add(listener)
+                    if time.monotonic() >= next_audit:
+                        next_audit = time.monotonic() + SAFETY_RESCAN
+                        audited = [x for listeners in self._listeners.values() for x in listeners]
                 self._prune()
                 for listener in touched:  # outside the lock: a listener re-reads files
                     listener.settle()
-                del touched
+                for listener in audited:
+                    listener.audit()
+                del touched, audited
             except Exception:  # the watcher must outlive any one failure
                 log.exception("dirwatch_failed")
                 threading.Event().wait(1.0)

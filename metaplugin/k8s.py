@@ -19,7 +19,7 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Generic, TypeVar
@@ -281,8 +281,8 @@ class ApiNadSource:
         )
         return NetworkAttachmentDefinition.from_object(obj) if obj is not None else None
 
-    def all(self) -> list[NetworkAttachmentDefinition]:
-        return [nad.model() for nad in self._informer.values()]
+    def all(self) -> Iterator[NetworkAttachmentDefinition]:
+        return (nad.model() for nad in self._informer.values())
 
     def synced(self) -> bool:
         return self._informer.synced.is_set()

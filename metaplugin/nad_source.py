@@ -33,7 +33,10 @@ log = structlog.get_logger(__name__)
 class NadSource(Protocol):
     def get(self, namespace: str, name: str) -> NetworkAttachmentDefinition | None: ...
 
-    def all(self) -> list[NetworkAttachmentDefinition]: ...
+    def all(self) -> Iterator[NetworkAttachmentDefinition]:
+        """Every NAD as of the call; each one is built as the caller reaches it (10,000 NADs
+        built at once would hold 16 MB)."""
+        ...
 
     def synced(self) -> bool: ...
 
@@ -112,9 +115,10 @@ class LocalNadSource:
             found = self._index.get(f"{namespace}/{name}")
             return found[1].model() if found is not None else None
 
-    def all(self) -> list[NetworkAttachmentDefinition]:
+    def all(self) -> Iterator[NetworkAttachmentDefinition]:
         with self._synced():
-            return [nad.model() for _, nad in self._index.values()]
+            snapshot = [nad for _, nad in self._index.values()]
+        return (nad.model() for nad in snapshot)
 
     def errors(self) -> list[str]:
         """What is wrong with the manifests now (files that do not parse, NADs defined twice)."""
@@ -182,25 +186,29 @@ class LocalNadSource:
 
     def _scan(self) -> None:
         """stat() every manifest; re-read those whose signature moved, forget the ones gone."""
-        seen: dict[str, Signature] = {}
-        try:
-            with os.scandir(self._dir) as entries:
-                for entry in entries:
-                    if entry.name.endswith(_MANIFEST_SUFFIXES):
-                        signature = _signature(entry.path)
-                        if signature is not None:
-                            seen[entry.name] = signature
-        except (FileNotFoundError, NotADirectoryError):
-            pass
-        for name in self._files.keys() - seen.keys():
+        seen = _listing(self._dir)
+        gone = self._files.keys() - seen.keys()
+        for name in gone:
             self._drop(name)
-        changed = [
-            n for n, sig in seen.items() if n not in self._files or self._files[n].signature != sig
-        ]
+        changed = _changed(seen, {n: f.signature for n, f in self._files.items()})
         for name in sorted(changed):
             self._load(name, seen[name])
-        if changed or len(seen) != len(self._files):
+        if changed or gone:
             log.info("nads_loaded", directory=self._dir, count=len(self._index))
+
+    def audit(self) -> None:
+        """The watcher's safety net, for what inotify does not report (a writer that never
+        closes, a network filesystem): stat() every manifest without holding the index, so
+        lookups meanwhile are not kept waiting, then re-read what moved."""
+        with self._lock:
+            known = {n: f.signature for n, f in self._files.items()}
+        seen = _listing(self._dir)
+        suspects = _changed(seen, known) | (known.keys() - seen.keys())
+        if suspects:  # each one looked at again, under the lock, as inotify had named it
+            log.info("nad_changes_not_notified", files=sorted(suspects)[:10], count=len(suspects))
+            with self._pending_lock:
+                self._dirty |= suspects
+            self.settle()
 
     def _reload(self, name: str) -> None:
         """A file inotify named: read again whatever its signature says (a rewrite within one
@@ -260,6 +268,25 @@ class LocalNadSource:
 
 def _twice(path: str, key: str) -> str:
     return f"{path}: {KIND} {key} is defined twice; the first one is used"
+
+
+def _listing(directory: str) -> dict[str, Signature]:
+    """Every manifest of the directory and its signature (none when there is no directory)."""
+    seen: dict[str, Signature] = {}
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.name.endswith(_MANIFEST_SUFFIXES):
+                    signature = _signature(entry.path)
+                    if signature is not None:
+                        seen[entry.name] = signature
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    return seen
+
+
+def _changed(seen: dict[str, Signature], known: dict[str, Signature]) -> set[str]:
+    return {name for name, sig in seen.items() if known.get(name) != sig}
 
 
 def _signature(path: str) -> Signature | None:

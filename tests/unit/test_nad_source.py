@@ -264,3 +264,22 @@ def test_host_local_gc_of_a_network_that_never_leased_here_resolves_no_path(
     ipam.gc(req("used", valid=[]))  # ... and one that did lease is collected as before
     assert resolved == ["used"]
     assert list((tmp_path / "used").glob("10.*")) == []
+
+
+def test_the_audit_finds_a_change_no_event_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """inotify cannot see everything (a writer that never closes its file, a network
+    filesystem): the watcher audits every minute, without holding up lookups."""
+    src = LocalNadSource(str(tmp_path))
+    write(tmp_path, "a.yaml", manifest("net-a", "old"))
+    write(tmp_path, "b.yaml", manifest("net-b"))
+    assert src.get("default", "net-a") is not None
+    monkeypatch.setattr(src, "notice", lambda *a, **kw: None)  # every event lost from here
+    write(tmp_path, "a.yaml", manifest("net-a", "new"))
+    (tmp_path / "b.yaml").unlink()
+    write(tmp_path, "c.yaml", manifest("net-c"))
+    src.audit()
+    assert '"new"' in (src.get("default", "net-a") or pytest.fail()).config
+    assert src.get("default", "net-b") is None
+    assert src.get("default", "net-c") is not None
