@@ -10,6 +10,7 @@ or by the lookup itself when the change came an instant before it.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import sys
@@ -107,6 +108,7 @@ class LocalNadSource:
         self._dirty: set[str] = set()
         self._rescan = True
         self._watched = False
+        self._watch_error = ""
 
     # --- the NadSource interface ---------------------------------------------------------------
 
@@ -177,8 +179,15 @@ class LocalNadSource:
             return
         try:
             self._watcher.watch(self._dir, self)
-        except OSError as exc:  # no such directory yet: tried again at the next lookup
-            log.debug("nad_dir_not_watched", directory=self._dir, error=str(exc))
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                return  # no directory (yet): no NADs, and watched as soon as it is there
+            # Out of inotify watches (fs.inotify.max_user_watches): look at every lookup.
+            if str(exc) != self._watch_error:
+                log.warning("nad_dir_not_watched_polling", directory=self._dir, error=str(exc))
+                self._watch_error = str(exc)
+            with self._pending_lock:
+                self._rescan = True
             return
         with self._pending_lock:
             self._watched = True

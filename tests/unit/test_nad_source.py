@@ -4,6 +4,7 @@ of them (10,000 NADs made an ADD 17x slower and a GC never finish)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from pathlib import Path
@@ -15,7 +16,7 @@ import yaml
 from cnispec.errors import NetworkNotFound
 from delegates.ipam import HostLocalIpam, IpamPaths
 from delegates.plugin import PluginRequest
-from metaplugin import nad_source
+from metaplugin import dirwatch, nad_source
 from metaplugin.nad_source import LocalNadSource
 from tests.support.world import World, nad_manifest, simple_net
 from tests.unit.test_orchestrator import request
@@ -283,3 +284,22 @@ def test_the_audit_finds_a_change_no_event_reported(
     assert '"new"' in (src.get("default", "net-a") or pytest.fail()).config
     assert src.get("default", "net-b") is None
     assert src.get("default", "net-c") is not None
+
+
+def test_a_directory_that_cannot_be_watched_is_looked_at_on_every_lookup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of inotify watches (the node's limit is shared with everything else): the NADs are
+    still read, and a change still seen by the next lookup."""
+    watcher = dirwatch.shared()
+    assert watcher is not None
+
+    def no_watches(path: str, listener: object) -> int:
+        raise OSError(errno.ENOSPC, "inotify_add_watch: No space left on device")
+
+    monkeypatch.setattr(watcher, "watch", no_watches)
+    src = LocalNadSource(str(tmp_path))
+    write(tmp_path, "a.yaml", manifest("net-a", "old"))
+    assert '"old"' in (src.get("default", "net-a") or pytest.fail()).config
+    write(tmp_path, "a.yaml", manifest("net-a", "new-and-longer"))
+    assert '"new-and-longer"' in (src.get("default", "net-a") or pytest.fail()).config
