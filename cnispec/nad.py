@@ -151,12 +151,14 @@ def load_yaml_documents(text: str, source: str) -> list[Any]:
             f"{source}: not valid YAML: unacceptable character #x{ord(text[exc.start]):04x}"
         ) from None
     documents: list[Any] = []
+    aliases = "*" in text
     try:
         while loader.check_node():
             node = loader.get_node()
             if node is None:
                 continue
-            size = _expanded_size(node, {})
+            # Only an alias (`*name`) expands: a stream without one is as big as it reads.
+            size = _expanded_size(node, {}) if aliases else 0
             if size > MAX_EXPANDED_NODES:
                 raise InvalidConfig(
                     f"{source}: document {len(documents)} expands to {size} YAML nodes through "
