@@ -43,6 +43,8 @@ import random
 import re
 import shutil
 import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -157,7 +159,23 @@ class World:
         return [self.root / "leases", self.root / "ipam"]
 
     def alive(self) -> bool:
-        return self.daemon.proc is not None and self.daemon.proc.poll() is None
+        """Whether plexusd runs. A SIGKILLed plexusd closes its sockets (the shim sees it gone
+        and answers at once) a moment before it can be reaped: one that no longer accepts is
+        waited for, so that moment is not taken for a live daemon."""
+        proc = self.daemon.proc
+        if proc is None or proc.poll() is not None:
+            return False
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(self.daemon.socket)
+                return True
+            except OSError:
+                pass
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return True  # alive, only not serving
+        return False
 
     def start(self, spec: str) -> int | None:
         """Start plexusd armed with `spec`; the signal number when it died while starting (a
