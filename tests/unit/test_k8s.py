@@ -250,3 +250,19 @@ def test_an_invalid_nad_in_the_cluster_fails_its_own_lookups_only(
         eventually(lambda: cluster._nad_informer.get("default/good") is None)
     finally:
         cluster.stop()
+
+
+def test_nad_lookups_and_listings_are_answered_from_the_watched_cache(
+    api: ApiStandin, cluster: Cluster
+) -> None:
+    for i in range(50):
+        api.create(nad(f"net-{i}", namespace="team"))
+    eventually(lambda: cluster._nad_informer.get("team/net-49"))
+    before = len(api.requests)
+    for _ in range(3):
+        for i in range(50):
+            found = cluster.nads.get("team", f"net-{i}")
+            assert found is not None and found.key == f"team/net-{i}"
+        assert len(list(cluster.nads.all())) == 50
+    # No live GET and no relist of the NADs: every answer was a dict hit.
+    assert [p for _, p in api.requests[before:] if "network-attachment-definitions" in p] == []
