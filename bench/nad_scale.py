@@ -2,11 +2,12 @@
 manifest file each, the same 3-interface pod (plexus-routed primary + 2 plexus-macvlan, each with
 host-local), measured through the installed shim exactly as a runtime calls it.
 
-Per size: start-up to ready (socket answering and conflist written: the cluster network is read
-from the NADs' directory), ADD median/p90/p99 (and plexusd's own time), the first ADD after one
-NAD file changed (an unrelated one, and one the pod uses), a GC of every network Plexus knows
-(one per NAD, cniVersion 1.1.0 so each one's plugins do collect), and plexusd's resident memory
-idle after the pods (and its peak).
+Every size's plexusd runs at once, each in its own node namespace, and the sizes get their pods
+in turn (drift hits them alike). Per size: start-up to ready (socket answering and conflist
+written: the cluster network is read from the NADs' directory), ADD median/p90/p99 (and
+plexusd's own time), the first ADD after one NAD file changed (an unrelated one, and one the pod
+uses), a GC of every network Plexus knows (one per NAD, cniVersion 1.1.0 so each one's plugins
+do collect), and plexusd's resident memory idle after the pods (and its peak).
 
 Targets (issue 11): ADD median at 10,000 within 1.2x of 10; GC <= 2 s; idle RSS <= 70 MiB; a
 change seen by the next ADD without slowing it.
@@ -165,46 +166,72 @@ class Bench:
         return time.perf_counter() - started
 
 
-def measure(n_nads: int, n: int) -> Run:
-    run = Run(n_nads)
+def measure(sizes: list[int], n: int) -> list[Run]:
+    """Every size's daemon runs side by side and gets its pods in turn, so the machine's drift
+    hits them alike; GC and memory are taken one daemon at a time."""
+    runs = [Run(size) for size in sizes]
     with tempfile.TemporaryDirectory(prefix="plexus-bench-nads-") as tmp, namespaces() as made:
-        node = Netns("nb-node")
-        made.append(node)
-        node.run("ip", "link", "add", "bench0", "type", "veth", "peer", "name", "bench1")
-        node.run("ip", "link", "set", "bench0", "up")
-        node.run("ip", "link", "set", "bench1", "up")
-        bench = Bench(Path(tmp), node, n_nads)
-        run.startup_s = bench.start()
-        daemon = bench.daemon
-        assert daemon.proc is not None
+        benches = []
+        for k, size in enumerate(sizes):
+            node = Netns(f"nb{k}-node")
+            made.append(node)
+            node.run("ip", "link", "add", "bench0", "type", "veth", "peer", "name", "bench1")
+            node.run("ip", "link", "set", "bench0", "up")
+            node.run("ip", "link", "set", "bench1", "up")
+            benches.append(Bench(Path(tmp) / f"n{size}", node, size))
         try:
-            for i in range(WARMUP):
-                bench.cycle(f"w{i}")
-            run.add_ms = [bench.cycle(f"a{i}") for i in range(n)]
-            run.add_daemon_ms = daemon_ms(daemon, "ADD", "a")
-            time.sleep(1.0)
-            run.idle_rss_mib, _ = rss_mib(daemon.proc.pid)
-            for i in range(CHANGES):
-                # an unrelated NAD file, then one the pod uses (another subnet, then back)
-                write_nad(bench.nads, 2 + i % (n_nads - 2), bench.data)
-                run.changed_other_ms.append(bench.cycle(f"o{i}"))
-                subnet = "10.63.0.0/24" if i % 2 == 0 else None
-                write_nad(bench.nads, 1, bench.data, subnet)
-                run.changed_used_ms.append(bench.cycle(f"u{i}"))
-            live = [(f"l{i}", Netns(f"nb-l{i}")) for i in range(LIVE + 1)]
-            made.extend(pod for _, pod in live)
-            for cid, pod in live:
-                bench.add(cid, pod)
-            run.gc_s = bench.gc([cid for cid, _ in live[:LIVE]])  # the last one is stale
-            gc_done = [e for e in daemon.events("cni_request_done") if e.get("command") == "GC"]
-            run.gc_daemon_s = float(gc_done[-1]["ms"]) / 1000 if gc_done else float("nan")
-            for cid, pod in live[:LIVE]:
-                bench.delete(cid, pod)
-            time.sleep(1.0)
-            run.after_gc_rss_mib, run.peak_rss_mib = rss_mib(daemon.proc.pid)
+            for run, bench in zip(runs, benches, strict=True):
+                run.startup_s = bench.start()
+            _pods(runs, benches, n)
+            _changes(runs, benches)
+            for run, bench in zip(runs, benches, strict=True):
+                _gc(run, bench, made)
         finally:
-            daemon.stop()
-    return run
+            for bench in benches:
+                bench.daemon.stop()
+    return runs
+
+
+def _pods(runs: list[Run], benches: list[Bench], n: int) -> None:
+    for i in range(WARMUP + n):
+        for k, (run, bench) in enumerate(zip(runs, benches, strict=True)):
+            ms = bench.cycle(f"a{k}-{i}")
+            if i >= WARMUP:
+                run.add_ms.append(ms)
+    for k, (run, bench) in enumerate(zip(runs, benches, strict=True)):
+        run.add_daemon_ms = daemon_ms(bench.daemon, "ADD", f"a{k}-")[-n:]
+    time.sleep(1.0)
+    for run, bench in zip(runs, benches, strict=True):
+        assert bench.daemon.proc is not None
+        run.idle_rss_mib, _ = rss_mib(bench.daemon.proc.pid)
+
+
+def _changes(runs: list[Run], benches: list[Bench]) -> None:
+    """The first ADD after an unrelated NAD file changed, and after the pod's own one did
+    (another subnet, then back)."""
+    for i in range(CHANGES):
+        for k, (run, bench) in enumerate(zip(runs, benches, strict=True)):
+            write_nad(bench.nads, 2 + i % (run.nads - 2), bench.data)
+            run.changed_other_ms.append(bench.cycle(f"o{k}-{i}"))
+            write_nad(bench.nads, 1, bench.data, "10.63.0.0/24" if i % 2 == 0 else None)
+            run.changed_used_ms.append(bench.cycle(f"u{k}-{i}"))
+
+
+def _gc(run: Run, bench: Bench, made: list[Netns]) -> None:
+    """A GC with a few pods alive (told valid) and one the runtime forgot (torn down)."""
+    daemon = bench.daemon
+    assert daemon.proc is not None
+    live = [(f"l{run.nads}-{i}", Netns(f"nb-l{run.nads}-{i}")) for i in range(LIVE + 1)]
+    made.extend(pod for _, pod in live)
+    for cid, pod in live:
+        bench.add(cid, pod)
+    run.gc_s = bench.gc([cid for cid, _ in live[:LIVE]])
+    gc_done = [e for e in daemon.events("cni_request_done") if e.get("command") == "GC"]
+    run.gc_daemon_s = float(gc_done[-1]["ms"]) / 1000 if gc_done else float("nan")
+    for cid, pod in live[:LIVE]:
+        bench.delete(cid, pod)
+    time.sleep(1.0)
+    run.after_gc_rss_mib, run.peak_rss_mib = rss_mib(daemon.proc.pid)
 
 
 def pct(values: list[float], p: int) -> float:
@@ -268,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(sizes) < 2 or min(sizes) < 3:
         print("bench.nad_scale: --nads needs two or more counts, each >= 3", file=sys.stderr)
         return 2
-    runs = [measure(size, args.n) for size in sizes]
+    runs = measure(sizes, args.n)
     report(runs, args.n)
     return 0
 
