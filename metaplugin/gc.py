@@ -107,7 +107,10 @@ class Collector:
         valid = valid_attachments(req.config)
         recorded: Networks = {}
         stale, container_failures = self._remove_stale(valid, recorded)
-        with self._exclusive():  # no ADD or DEL while plugins learn what is valid
+        # No ADD or DEL while plugins learn what is valid. NOTE: the NADs are resolved in there
+        # too, one at a time: resolving them all first, outside, held every config at once
+        # (+31 MiB at 10,000 NADs) to shorten the exclusive part by a third.
+        with self._exclusive():
             collected, network_failures = self._collect(recorded, req.path)
         self.stats.add(
             runs=1,
