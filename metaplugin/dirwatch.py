@@ -82,9 +82,7 @@ class DirWatcher:
             err = ctypes.get_errno()
             raise OSError(err, f"inotify_init1: {os.strerror(err)}")
         self._fd = fd
-        # RLock: a listener dropped while events are handed out is unregistered from a weakref
-        # callback, in whichever thread let go of it, possibly this one.
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
         self._listeners: dict[int, weakref.WeakSet[Listener]] = {}
         self._thread = threading.Thread(target=self._run, name="nad-dirwatch", daemon=True)
         self._thread.start()
@@ -158,9 +156,11 @@ class DirWatcher:
 
     def _run(self) -> None:
         next_audit = time.monotonic() + SAFETY_RESCAN
+        poller = select.poll()  # not select(): no limit on the descriptor's number
+        poller.register(self._fd, select.POLLIN)
         while True:
             try:
-                ready, _, _ = select.select([self._fd], [], [], 1.0)
+                ready = poller.poll(1000)
                 touched: set[Listener] = set()
                 audited: list[Listener] = []
                 with self._lock:
