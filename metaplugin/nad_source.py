@@ -108,6 +108,7 @@ class LocalNadSource:
         self._dirty: set[str] = set()
         self._rescan = True
         self._watched = False
+        self._watched_dir: tuple[int, int] | None = None  # (st_dev, st_ino) of the one watched
         self._watch_error = ""
 
     # --- the NadSource interface ---------------------------------------------------------------
@@ -163,6 +164,11 @@ class LocalNadSource:
             yield
 
     def _apply_pending(self) -> None:
+        if self._watched and _identity(self._dir) != self._watched_dir:
+            # Another directory is there now (a symlink to it swapped, one renamed in place):
+            # no event comes from the one watched. One stat() per lookup tells.
+            with self._pending_lock:
+                self._watched, self._rescan = False, True
         if not self._watched:
             self._watch()
         with self._pending_lock:
@@ -177,6 +183,7 @@ class LocalNadSource:
     def _watch(self) -> None:
         if self._watcher is None:
             return
+        identity = _identity(self._dir)  # before the watch: a swap in between is seen next time
         try:
             self._watcher.watch(self._dir, self)
         except OSError as exc:
@@ -190,7 +197,7 @@ class LocalNadSource:
                 self._rescan = True
             return
         with self._pending_lock:
-            self._watched = True
+            self._watched, self._watched_dir = True, identity
             self._rescan = True  # what changed while nothing watched is only seen by looking
 
     def _scan(self) -> None:
@@ -277,6 +284,14 @@ class LocalNadSource:
 
 def _twice(path: str, key: str) -> str:
     return f"{path}: {KIND} {key} is defined twice; the first one is used"
+
+
+def _identity(directory: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def _listing(directory: str) -> dict[str, Signature]:

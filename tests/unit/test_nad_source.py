@@ -303,3 +303,20 @@ def test_a_directory_that_cannot_be_watched_is_looked_at_on_every_lookup(
     assert '"old"' in (src.get("default", "net-a") or pytest.fail()).config
     write(tmp_path, "a.yaml", manifest("net-a", "new-and-longer"))
     assert '"new-and-longer"' in (src.get("default", "net-a") or pytest.fail()).config
+
+
+def test_a_nad_directory_swapped_through_its_symlink_is_seen(tmp_path: Path) -> None:
+    """The daemon may be pointed at a symlink its admin swaps to another directory: no event
+    comes from the directory watched."""
+    for version, plugin in (("v1", "old"), ("v2", "new")):
+        (tmp_path / version).mkdir()
+        write(tmp_path / version, "a.yaml", manifest("net-a", plugin))
+    (tmp_path / "nads").symlink_to("v1")
+    src = LocalNadSource(str(tmp_path / "nads"))
+    assert '"old"' in (src.get("default", "net-a") or pytest.fail()).config
+    (tmp_path / "nads.tmp").symlink_to("v2")
+    os.replace(tmp_path / "nads.tmp", tmp_path / "nads")
+    assert '"new"' in (src.get("default", "net-a") or pytest.fail()).config
+    (tmp_path / "nads.tmp").symlink_to("gone")
+    os.replace(tmp_path / "nads.tmp", tmp_path / "nads")
+    assert src.get("default", "net-a") is None
