@@ -10,7 +10,7 @@ APT_PKGS := containernetworking-plugins iproute2 iptables containerd runc busybo
             linux-source-6.1 linux-headers-amd64 gcc make binutils xz-utils
 STAMP    := $(VENV)/.installed
 
-.PHONY: deps apt venv lint test unit netns kernel bench bench-cri bench-builtins bench-sriov bench-nads \
+.PHONY: deps apt venv lint test unit netns kernel bench bench-cri bench-builtins bench-sriov \
         protos clean demo chaos
 
 deps: apt venv
@@ -68,6 +68,7 @@ bench-cri: deps
 	$(BIN)/python -m bench.cri_pods 25
 
 # 10 vs 10,000 NADs in local mode: ADD, first ADD after a NAD change, GC, start-up, idle RSS.
+.PHONY: bench-nads
 bench-nads: deps
 	$(BIN)/python -m bench.nad_scale 60 --nads 10,10000
 
