@@ -84,6 +84,11 @@ bench-builtins: deps shim
 bench-cri: deps shim
 	$(BIN)/python -m bench.cri_pods 25
 
+# 10 vs 10,000 NADs in local mode: ADD, first ADD after a NAD change, GC, start-up, idle RSS.
+.PHONY: bench-nads
+bench-nads: deps
+	$(BIN)/python -m bench.nad_scale 60 --nads 10,10000
+
 # SR-IOV: reserve + release against pool size (flat), and uevent -> pool updated latency.
 bench-sriov: deps
 	$(BIN)/python -m bench.sriov_alloc --n 1000

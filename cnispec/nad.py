@@ -134,20 +134,31 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
     return total
 
 
+# libyaml's parser reads a manifest ~10x faster than PyYAML's own (10,000 NADs: 0.4 s, not 4 s);
+# PyYAML's wheels ship it, the pure-Python one is the fallback.
+_Loader: Final[Any] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def load_yaml_documents(text: str, source: str) -> list[Any]:
     """Every document of a YAML stream (safe types only), refusing alias bombs and nesting
     too deep to parse."""
     try:
-        loader = yaml.SafeLoader(text)  # reads the stream: a non-printable character fails here
+        loader = _Loader(text)  # reads the stream: a non-printable character fails here
     except yaml.YAMLError as exc:
         raise InvalidConfig(f"{source}: not valid YAML: {exc}") from None
+    except UnicodeEncodeError as exc:  # libyaml takes UTF-8: a lone surrogate is not
+        raise InvalidConfig(
+            f"{source}: not valid YAML: unacceptable character #x{ord(text[exc.start]):04x}"
+        ) from None
     documents: list[Any] = []
+    aliases = "*" in text
     try:
         while loader.check_node():
             node = loader.get_node()
             if node is None:
                 continue
-            size = _expanded_size(node, {})
+            # Only an alias (`*name`) expands: a stream without one is as big as it reads.
+            size = _expanded_size(node, {}) if aliases else 0
             if size > MAX_EXPANDED_NODES:
                 raise InvalidConfig(
                     f"{source}: document {len(documents)} expands to {size} YAML nodes through "
@@ -155,6 +166,8 @@ def load_yaml_documents(text: str, source: str) -> list[Any]:
                 )
             documents.append(loader.construct_document(node))
     except yaml.YAMLError as exc:
+        if "maximum nesting depth" in str(exc):  # libyaml's own limit (1000 levels)
+            raise InvalidConfig(f"{source}: YAML nested too deeply") from None
         raise InvalidConfig(f"{source}: not valid YAML: {exc}") from None
     except RecursionError:
         raise InvalidConfig(f"{source}: YAML nested too deeply") from None

@@ -19,7 +19,7 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Generic, TypeVar
@@ -38,6 +38,7 @@ from cnispec.identity import PodInfo
 from cnispec.nad import NetworkAttachmentDefinition
 from delegates.fabric import Peer
 from metaplugin.config import DaemonConfig
+from metaplugin.nad_source import StoredNad
 
 log = structlog.get_logger(__name__)
 
@@ -72,11 +73,11 @@ class Informer(Generic[V]):
         self,
         name: str,
         list_fn: Callable[..., Any],
-        convert: Callable[[Mapping[str, Any]], V],
+        convert: Callable[[Mapping[str, Any]], V | None],
     ) -> None:
         self._name = name
         self._list = list_fn
-        self._convert = convert
+        self._convert = convert  # None: an object not to cache
         self._items: dict[str, V] = {}
         self._rv: str | None = None
         self._cond = threading.Condition()
@@ -145,7 +146,9 @@ class Informer(Generic[V]):
         data = _json(resp)
         items = {}
         for obj in data.get("items") or []:
-            items[_key(obj)] = self._convert(obj)
+            item = self._convert(obj)
+            if item is not None:
+                items[_key(obj)] = item
         with self._cond:
             self._items = items
             self._rv = str(data["metadata"]["resourceVersion"])
@@ -181,10 +184,11 @@ class Informer(Generic[V]):
                 raise Gone()
             raise _TransientApiError(f"watch error: {obj.get('message', obj)}")
         rv = (obj.get("metadata") or {}).get("resourceVersion")
+        item = self._convert(obj) if kind in ("ADDED", "MODIFIED") else None
         with self._cond:
-            if kind in ("ADDED", "MODIFIED"):
-                self._items[_key(obj)] = self._convert(obj)
-            elif kind == "DELETED":
+            if item is not None:
+                self._items[_key(obj)] = item
+            elif kind in ("ADDED", "MODIFIED", "DELETED"):
                 self._items.pop(_key(obj), None)
             if rv:
                 self._rv = str(rv)
@@ -241,21 +245,28 @@ def _peer(obj: Mapping[str, Any]) -> Peer:
     )
 
 
-def _nad(obj: Mapping[str, Any]) -> NetworkAttachmentDefinition:
-    return NetworkAttachmentDefinition.from_object(obj)
+def _nad(obj: Mapping[str, Any]) -> StoredNad | None:
+    """A NAD as cached, compact; None for one that is not valid (kept out of the cache, where
+    it would fail every list: a lookup of it asks the API, and answers why it is invalid)."""
+    try:
+        return StoredNad.of(NetworkAttachmentDefinition.from_object(obj))
+    except InvalidConfig as exc:
+        log.warning("nad_invalid", nad=_key(obj), error=exc.msg)
+        return None
 
 
 class ApiNadSource:
-    def __init__(
-        self, informer: Informer[NetworkAttachmentDefinition], custom: kclient.CustomObjectsApi
-    ) -> None:
+    """Lookups are answered from the watch-fed cache, a dict hit; the API is asked only for a
+    NAD the cache does not hold (created a moment ago)."""
+
+    def __init__(self, informer: Informer[StoredNad], custom: kclient.CustomObjectsApi) -> None:
         self._informer = informer
         self._custom = custom
 
     def get(self, namespace: str, name: str) -> NetworkAttachmentDefinition | None:
         found = self._informer.get(f"{namespace}/{name}")
         if found is not None:
-            return found
+            return found.model()
         # A NAD created a moment ago may not have reached the watch yet: ask once.
         obj = _get_or_none(
             lambda: self._custom.get_namespaced_custom_object(
@@ -270,8 +281,8 @@ class ApiNadSource:
         )
         return NetworkAttachmentDefinition.from_object(obj) if obj is not None else None
 
-    def all(self) -> list[NetworkAttachmentDefinition]:
-        return self._informer.values()
+    def all(self) -> Iterator[NetworkAttachmentDefinition]:
+        return (nad.model() for nad in self._informer.values())
 
     def synced(self) -> bool:
         return self._informer.synced.is_set()
@@ -447,7 +458,7 @@ class Cluster:
         self.api = api  # shared with metaplugin.k8s_pools (VFPools, the node's state object)
         core = kclient.CoreV1Api(api)
         custom = kclient.CustomObjectsApi(api)
-        self._nad_informer: Informer[NetworkAttachmentDefinition] = Informer(
+        self._nad_informer: Informer[StoredNad] = Informer(
             "network-attachment-definitions",
             lambda **kw: custom.list_cluster_custom_object(
                 nadmod.GROUP, nadmod.VERSION, nadmod.PLURAL, **kw

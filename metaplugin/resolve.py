@@ -14,7 +14,7 @@ confined to the node admin's data roots and resolv.conf files (`delegates.ipam.p
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
@@ -31,7 +31,7 @@ from cnispec.annotations import (
 )
 from cnispec.errors import InvalidConfig, NetworkNotFound, NetworkNotPermitted, PlexusError
 from cnispec.identity import PodInfo
-from cnispec.nad import network_config
+from cnispec.nad import NetworkAttachmentDefinition, network_config
 from cnispec.netconf import NetworkConfigList, plugin_configs, with_plugin_key
 from metaplugin.config import DaemonConfig
 from metaplugin.nad_source import NadSource
@@ -107,25 +107,26 @@ class Resolver:
             f"and no CNI config named {ref!r} in {self._cfg.cni_conf_dir}",
         )
 
-    def known_networks(self) -> list[ResolvedNetwork]:
+    def known_networks(self) -> Iterator[ResolvedNetwork]:
         """Every network Plexus can currently resolve: the cluster and default networks and
-        every NAD (GC collects them all). One that does not resolve is skipped."""
-        out = []
+        every NAD (GC collects them all), resolved one at a time as the caller reaches it, from
+        one snapshot of the NADs. One that does not resolve is skipped."""
         refs: list[tuple[str | None, str]] = [(self._cfg.cluster_network, "clusterNetwork")]
         refs += [(ref, "defaultNetworks entry") for ref in self._cfg.default_networks]
         for ref, what in refs:
             try:
-                out.append(
-                    self.resolve_reference(ref, what=what) if ref else self.cluster_network()
-                )
+                net = self.resolve_reference(ref, what=what) if ref else self.cluster_network()
             except PlexusError as exc:
                 log.info("network_not_resolvable", network=ref, error=exc.msg)
+                continue
+            yield net
         for nad in self._nads.all():
             try:
-                out.append(self._from_nad(nad.namespace, nad.name, what="GC"))
+                net = self._resolved(nad)
             except PlexusError as exc:
                 log.info("network_not_resolvable", network=nad.key, error=exc.msg)
-        return out
+                continue
+            yield net
 
     def plan(
         self, *, ifname: str, pod: PodInfo | None, runtime_config: Mapping[str, Any]
@@ -209,6 +210,9 @@ class Resolver:
             raise NetworkNotFound(
                 f"{what}: NetworkAttachmentDefinition {namespace}/{name} not found",
             )
+        return self._resolved(nad)
+
+    def _resolved(self, nad: NetworkAttachmentDefinition) -> ResolvedNetwork:
         net = ResolvedNetwork(
             nad.key, network_config(nad, self._cfg.cni_conf_dir), nad.resource_name
         )

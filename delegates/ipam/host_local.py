@@ -12,6 +12,7 @@ points elsewhere is refused before a directory is made or a file read.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -129,6 +130,16 @@ class HostLocalIpam:
 
     def gc(self, req: PluginRequest) -> None:
         exact, container_ids = valid_attachments(req.config)
+        # NOTE: a GC runs for every NAD, and most never leased here: with no directory there is
+        # nothing to collect, and no need to resolve (and confine) its path first.
+        data_dir = ipam_section(req.config).get("dataDir") or self._default_data_dir
+        name = req.network_name
+        if (
+            isinstance(data_dir, str)
+            and valid_network_name(name)
+            and not os.path.lexists(os.path.join(data_dir, name))
+        ):
+            return
         directory = network_dir(req, default_data_dir=self._default_data_dir, paths=self._paths)
         if not directory.is_dir():
             return

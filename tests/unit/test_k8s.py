@@ -217,3 +217,52 @@ def test_own_pod_cidrs_are_unknown_until_assigned(api: ApiStandin, cluster: Clus
     assert node is not None
     api.update({**node, "spec": {"podCIDR": "10.244.9.0/24"}})
     eventually(lambda: cluster.own_pod_cidrs() == ["10.244.9.0/24"])
+
+
+def test_an_invalid_nad_in_the_cluster_fails_its_own_lookups_only(
+    api: ApiStandin, tmp_path: Path
+) -> None:
+    """A NAD whose spec.config is not a string (a CRD installed without its schema lets it
+    in) kept the NAD cache from ever listing: every lookup went to the API, none was synced."""
+    bad = nad("bad")
+    bad["spec"]["config"] = {"cniVersion": "1.0.0", "type": "macvlan"}
+    api.create(bad)
+    api.create(nad("good"))
+    cfg = DaemonConfig.model_validate(
+        {
+            "kubeconfig": api.kubeconfig(tmp_path / "kubeconfig"),
+            "nodeName": NODE,
+            "stateDir": str(tmp_path / "state"),
+        }
+    )
+    cluster = Cluster.connect(cfg)
+    try:
+        assert cluster.synced.wait(5)
+        assert [n.key for n in cluster.nads.all()] == ["default/good"]
+        with pytest.raises(InvalidConfig, match=r"spec\.config must be a string") as err:
+            cluster.nads.get("default", "bad")
+        assert err.value.code == 7
+        # ... and one that turns invalid leaves the cache, rather than stay as it was.
+        good = api.get("NetworkAttachmentDefinition", "default", "good")
+        assert good is not None
+        good["spec"]["config"] = ["not", "a", "string"]
+        api.update(good)
+        eventually(lambda: cluster._nad_informer.get("default/good") is None)
+    finally:
+        cluster.stop()
+
+
+def test_nad_lookups_and_listings_are_answered_from_the_watched_cache(
+    api: ApiStandin, cluster: Cluster
+) -> None:
+    for i in range(50):
+        api.create(nad(f"net-{i}", namespace="team"))
+    eventually(lambda: cluster._nad_informer.get("team/net-49"))
+    before = len(api.requests)
+    for _ in range(3):
+        for i in range(50):
+            found = cluster.nads.get("team", f"net-{i}")
+            assert found is not None and found.key == f"team/net-{i}"
+        assert len(list(cluster.nads.all())) == 50
+    # No live GET and no relist of the NADs: every answer was a dict hit.
+    assert [p for _, p in api.requests[before:] if "network-attachment-definitions" in p] == []
