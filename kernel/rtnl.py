@@ -160,6 +160,18 @@ class Rtnl:
     def request(self, msg: Any, msg_type: int, flags: int = 0, *, dump: bool = False) -> list[Any]:
         """Send one request; return the decoded messages of the answer (NetlinkError on a
         negative ack). `dump` is explicit: NLM_F_DUMP's bits are NLM_F_EXCL's on a NEW request."""
+        out = []
+        for raw in self.request_raw(msg, msg_type, flags, dump=dump):
+            reply = type(msg)(raw)
+            reply.decode()
+            out.append(reply)
+        return out
+
+    def request_raw(
+        self, msg: Any, msg_type: int, flags: int = 0, *, dump: bool = False
+    ) -> list[bytes]:
+        """`request`, answering each message as its raw bytes (header included), for a caller
+        that reads a few attributes itself: pyroute2 decodes a link in ~150 us."""
         if dump:
             flags |= NLM_F_DUMP
         self._seq += 1
@@ -168,7 +180,7 @@ class Rtnl:
         msg["header"]["sequence_number"] = self._seq
         msg.encode()
         self._sock.send(msg.data)
-        answer: list[Any] = []
+        answer: list[bytes] = []
         interrupted = False
         while True:
             try:
@@ -189,9 +201,7 @@ class Rtnl:
                     if interrupted:
                         raise NetlinkDumpInterrupted()
                     return answer
-                reply = type(msg)(data[frame.start : frame.end])
-                reply.decode()
-                answer.append(reply)
+                answer.append(data[frame.start : frame.end])
 
     def close(self) -> None:
         self._sock.close()
