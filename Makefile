@@ -10,7 +10,7 @@ APT_PKGS := containernetworking-plugins iproute2 iptables containerd runc busybo
             linux-source-6.1 linux-headers-amd64 gcc make binutils xz-utils
 STAMP    := $(VENV)/.installed
 
-.PHONY: deps apt venv lint test unit netns kernel bench bench-cri bench-builtins bench-sriov \
+.PHONY: deps apt venv lint test unit netns kernel bench bench-cri bench-builtins bench-burst bench-sriov \
         protos clean demo chaos
 
 deps: apt venv
@@ -63,6 +63,11 @@ demo: deps
 
 bench-builtins: deps
 	$(BIN)/python -m bench.builtins 60
+
+# 110 pods (kubelet's default maxPods) ADDed at once through the shim, then DELed: failures,
+# p50/p90/p99, plexusd's CPU and peak RSS. `--direct` posts to the socket without the shim.
+bench-burst: deps
+	$(BIN)/python -m bench.burst 110 $(BURST_ARGS)
 
 bench-cri: deps
 	$(BIN)/python -m bench.cri_pods 25
