@@ -231,7 +231,7 @@ def main() -> int:
             made.append(warm)
             runtime.add("warm", warm.path, annotations=annotations, pod=("bench", "warm")).ok()
             runtime.delete("warm", warm.path).ok()
-            calls = (
+            calls: tuple[Callable[[str, str], Outcome], Callable[[str, str], Outcome]] = (
                 Direct(runtime, daemon.socket, annotations).calls()
                 if opts.direct
                 else (
