@@ -26,6 +26,7 @@ import structlog
 from cnispec import cni, jsontext
 from cnispec.cni import CniRequest
 from cnispec.errors import DecodeFailure, NotReady, PlexusError, TryAgainLater
+from kernel import rtnl
 from kernel.netns import current_netns_inode
 from metaplugin.orchestrator import Orchestrator
 from metaplugin.scheduler import Scheduler, request_deadline
@@ -238,7 +239,7 @@ class Api:
         # CNI_CONTAINERID too (the spec does not forbid it); GC taking that lock and then the
         # exclusive gate waited on itself and wedged every later request.
         locked = req.container_id if req.command in CONTAINER_VERBS else ""
-        with self.scheduler.worker(locked):
+        with self.scheduler.worker(locked), rtnl.session():
             reply = self.handle(req)
         return 200, json.dumps(reply).encode() if reply is not None else b""
 

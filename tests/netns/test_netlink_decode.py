@@ -4,10 +4,12 @@ decode (twice per attachment on the ADD path): it must say exactly what the full
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
+from kernel import rtnl
 from kernel.netlink import Link, Netlink, _link
 from kernel.rtnl import message
 from testbed.netns import Netns, is_root, namespaces
@@ -53,3 +55,27 @@ def _getlink(name: str) -> object:
 
 def _fields(link: Link) -> dict[str, object]:
     return {f: getattr(link, f) for f in Link.__slots__}
+
+
+def test_a_session_opens_each_namespace_once(ns: Netns, monkeypatch: pytest.MonkeyPatch) -> None:
+    trips: list[str] = []
+    real = rtnl.run_in_netns
+
+    def counting(path: str, fn: Any) -> Any:
+        trips.append(path)
+        return real(path, fn)
+
+    monkeypatch.setattr(rtnl, "run_in_netns", counting)
+    with rtnl.session():
+        for _ in range(3):
+            with Netlink.open(ns.path) as nl:
+                assert nl.require("m0").mtu == 1400
+            with Netlink.open() as node:
+                assert node.link("m0") is None  # the caller's own namespace, not the pod's
+        with Netlink.open(ns.path) as nl:
+            kept = nl._nl
+    assert trips == [ns.path]  # one trip into the namespace for the whole session
+    assert kept._sock.fileno() == -1  # closed when the session ended
+    with Netlink.open(ns.path) as nl:
+        assert nl.require("m0").mtu == 1400
+    assert trips == [ns.path, ns.path]  # outside a session: a socket per open, as before
