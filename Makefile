@@ -10,7 +10,8 @@ APT_PKGS := containernetworking-plugins iproute2 iptables containerd runc busybo
             linux-source-6.1 linux-headers-amd64 gcc make binutils xz-utils musl-tools
 STAMP    := $(VENV)/.installed
 
-.PHONY: deps apt venv lint test unit netns kernel shim bench bench-cri bench-builtins bench-sriov bench-controller \
+.PHONY: deps apt venv lint test unit netns kernel shim bench bench-cri bench-builtins bench-burst bench-sriov \
+        bench-controller \
         protos clean demo chaos
 
 deps: apt venv
@@ -80,6 +81,11 @@ demo: deps shim
 
 bench-builtins: deps shim
 	$(BIN)/python -m bench.builtins 60
+
+# 110 pods (kubelet's default maxPods) ADDed at once through the compiled shim, then DELed:
+# failures, p50/p90/p99, plexusd's CPU and peak RSS. `--direct` posts to the socket without the shim.
+bench-burst: deps shim
+	$(BIN)/python -m bench.burst 110 $(BURST_ARGS)
 
 bench-cri: deps shim
 	$(BIN)/python -m bench.cri_pods 25

@@ -26,6 +26,7 @@ import structlog
 from cnispec import cni, jsontext
 from cnispec.cni import CniRequest
 from cnispec.errors import DecodeFailure, NotReady, PlexusError, TryAgainLater
+from kernel import rtnl
 from kernel.netns import current_netns_inode
 from metaplugin.orchestrator import Orchestrator
 from metaplugin.scheduler import Scheduler, request_deadline
@@ -105,7 +106,18 @@ class Api:
 
         `admitted` is the admission the transport took before reading the body; whoever runs
         the work releases it when the work really ends (the thread, or this call on a refusal).
+        This waits on the calling thread; the transport uses `start` and `finish` instead and
+        waits on its event loop.
         """
+        started = self.start(body, admitted)
+        if isinstance(started, tuple):
+            return started
+        started.done.wait(max(started.deadline - time.monotonic(), 0.0))
+        return self.finish(started)
+
+    def start(self, body: bytes, admitted: ExitStack | None = None) -> tuple[int, bytes] | Job:
+        """Decode the request and start its work on a thread of its own: the running `Job`,
+        or the answer at once when the request is refused."""
         started = time.monotonic()
         admission = admitted if admitted is not None else self._admit()
         if admission is None:
@@ -118,7 +130,9 @@ class Api:
         except Exception as exc:  # noqa: BLE001 - every refusal is a CNI error JSON
             admission.close()
             return self._refused(command, version, exc, started)
-        job = Job(req.command, req.container_id, self._timeout(req), started=started)
+        job = Job(
+            req.command, req.container_id, self._timeout(req), started=started, version=version
+        )
         context = contextvars.copy_context()
         worker = threading.Thread(
             target=context.run,
@@ -127,23 +141,27 @@ class Api:
             daemon=True,
         )
         worker.start()
-        if job.done.wait(max(job.deadline - time.monotonic(), 0.0)) and job.answer is not None:
+        return job
+
+    def finish(self, job: Job) -> tuple[int, bytes]:
+        """The answer of a started request once it is done or its deadline has passed."""
+        if job.done.is_set() and job.answer is not None:
             return job.answer
         job.overdue = True
         if job.done.is_set() and job.answer is not None:  # it finished just now after all
             return job.answer
-        self.metrics.observe(req.command, "deadline", time.monotonic() - started)
+        self.metrics.observe(job.command, "deadline", time.monotonic() - job.started)
         log.error(
             "request_deadline_exceeded",
-            command=req.command,
-            container_id=req.container_id or None,
+            command=job.command,
+            container_id=job.container_id or None,
             deadline_s=job.timeout,
         )
         err = TryAgainLater(
-            f"plexusd did not finish {req.command} within {job.timeout:.0f} s; the work goes "
+            f"plexusd did not finish {job.command} within {job.timeout:.0f} s; the work goes "
             "on in the background and the runtime should retry",
         )
-        return 400, json.dumps(cni.to_cni_error(err, version)).encode()
+        return 400, json.dumps(cni.to_cni_error(err, job.version)).encode()
 
     def _admit(self) -> ExitStack | None:
         stack = ExitStack()
@@ -212,7 +230,7 @@ class Api:
                 log.info("cni_request_done", outcome=outcome, ms=round(elapsed * 1000, 2))
                 self._assert_netns()
             finally:
-                job.done.set()  # last: the request is logged and counted before it is answered
+                job.complete()  # last: the request is logged and counted before it is answered
 
     def _answer(self, req: CniRequest) -> tuple[int, bytes]:
         if req.command == cni.STATUS and (why := self.watchdog.stuck()):
@@ -221,7 +239,7 @@ class Api:
         # CNI_CONTAINERID too (the spec does not forbid it); GC taking that lock and then the
         # exclusive gate waited on itself and wedged every later request.
         locked = req.container_id if req.command in CONTAINER_VERBS else ""
-        with self.scheduler.worker(locked):
+        with self.scheduler.worker(locked), rtnl.session():
             reply = self.handle(req)
         return 200, json.dumps(reply).encode() if reply is not None else b""
 

@@ -2,7 +2,8 @@
 
 One asyncio event loop reads every connection, so a client costs a file descriptor and its
 buffered bytes, never a thread, until its request is complete; only complete requests reach
-`Api` (a CNI request then runs on a thread of its own, see `metaplugin.watchdog`). A thread per
+`Api` (a CNI request then runs on a thread of its own, see `metaplugin.watchdog`, and its
+answer is awaited on the loop, so a request in flight costs one thread, not two). A thread per
 connection, as before, let 200 slow clients hold 204 threads, and one byte every 10 s kept a
 thread for ever. The bounds (`ConnectionLimits`):
 - a request must be in whole within `read_deadline` seconds of the accept, however it trickles;
@@ -26,6 +27,7 @@ import resource
 import socket
 import stat
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -230,11 +232,33 @@ class SocketServer:
             admitted.close()
             raise
         if method == "POST":
-            status, answer = await loop.run_in_executor(
-                self._waiters, self._app.cni, body, admitted
-            )
-            return status, answer, "application/json"
+            return (*await self._cni(body, admitted), "application/json")
         return await loop.run_in_executor(self._waiters, self._app.view, target)
+
+    async def _cni(self, body: bytes, admitted: ExitStack) -> tuple[int, bytes]:
+        """Start the request (decoded here when it is a shim's few KiB, on a pool thread when
+        larger), then wait for its answer on this loop, until its deadline: no thread waits."""
+        loop = asyncio.get_running_loop()
+        if len(body) <= self._limits.small_body:
+            started = self._app.start(body, admitted)
+        else:
+            started = await loop.run_in_executor(self._waiters, self._app.start, body, admitted)
+        if isinstance(started, tuple):
+            return started
+        done: asyncio.Future[None] = loop.create_future()
+
+        def settle() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        def wake() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(settle)
+
+        started.when_done(wake)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done, max(started.deadline - time.monotonic(), 0.0))
+        return self._app.finish(started)
 
     async def _read(
         self, reader: asyncio.StreamReader, admitted: ExitStack, read_by: float

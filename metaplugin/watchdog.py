@@ -2,7 +2,8 @@
 
 Every CNI request runs on its own thread with a deadline (the shim's timeout minus a margin, so
 the daemon answers before the shim gives up). The connection waits for the answer only until the
-deadline; past it the client gets code 11 and the work goes on to its end in the background (its
+deadline, on the transport's event loop (`Job.when_done`: no second thread per request just to
+wait); past it the client gets code 11 and the work goes on to its end in the background (its
 locks are released when it really finishes: another operation on the same container must not
 start while one is still changing it). A request still running well past its deadline (twice
 it) means requests have stopped completing: liveness, readiness and CNI STATUS say so, so the
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -33,6 +34,26 @@ class Job:
     done: threading.Event = field(default_factory=threading.Event)
     answer: tuple[int, bytes] | None = None
     overdue: bool = False  # the client was already told code 11
+    version: str = ""  # the CNI version the request was made in (its error JSON's)
+    _callbacks: list[Callable[[], None]] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def complete(self) -> None:
+        """The work has ended and `answer` is final: wake whoever waits for it."""
+        with self._lock:
+            self.done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def when_done(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (from the worker's thread) once the job is done; at once if it is.
+        The transport's event loop waits this way, without a thread per waiting request."""
+        with self._lock:
+            if not self.done.is_set():
+                self._callbacks.append(callback)
+                return
+        callback()
 
     @property
     def deadline(self) -> float:

@@ -14,7 +14,7 @@ import pytest
 
 from cnispec.cni import VALID_ATTACHMENTS_KEY
 from cnispec.errors import InvalidConfig, PlexusError, TryAgainLater
-from delegates.ipam import HostLocalIpam, IpamPaths
+from delegates.ipam import HostLocalIpam, IpamPaths, _disk
 from delegates.ipam._disk import DiskStore
 from delegates.ipam._ranges import RangeConf, allocation_order, build_range, build_range_set
 from delegates.ipam.host_local import AllocationFailed, ReservationMissing
@@ -494,6 +494,41 @@ def test_a_held_lock_makes_the_caller_try_again_later(tmp_path: Path) -> None:
         os.close(fd)
     with DiskStore(directory, lock_timeout=0.05) as store:
         assert store.reservations() == {}
+
+
+def test_threads_of_the_daemon_wait_their_turn_without_polling_the_flock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A waiter polled the flock with a backoff up to 20 ms, sleeping on after the holder was
+    # done (a burst of pods on one network queued on it); now it waits on a mutex and is woken.
+    directory = tmp_path / NET
+    refused: list[int] = []
+    real = fcntl.flock
+
+    def recording(fd: int, op: int) -> None:
+        try:
+            real(fd, op)
+        except BlockingIOError:
+            refused.append(fd)
+            raise
+
+    monkeypatch.setattr(_disk.fcntl, "flock", recording)
+    waiting, done = threading.Event(), threading.Event()
+
+    def second() -> None:
+        waiting.set()
+        with DiskStore(directory) as store:
+            assert store.reservations() == {}
+        done.set()
+
+    with DiskStore(directory):
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        waiting.wait(5)
+        threading.Event().wait(0.05)  # the waiter's chance to poll, as it did before
+        assert not done.is_set()
+    waiter.join(5)
+    assert done.is_set() and refused == []
 
 
 def test_fifty_threads_get_fifty_distinct_addresses(tmp_path: Path) -> None:

@@ -177,6 +177,38 @@ def test_a_request_past_its_deadline_answers_11_and_liveness_fails_until_it_ends
         served.server.stop()
 
 
+def test_a_request_in_flight_costs_one_thread_not_two(tmp_path: Path) -> None:
+    # A burst of 110 pods held 220 threads (each request's own plus a pool thread waiting for
+    # its answer); the answer is now awaited on the event loop.
+    served = Served(tmp_path)
+    release = threading.Event()
+    served.block = lambda req: release.wait(30)
+    answers: list[int] = []
+    clients = [
+        threading.Thread(
+            target=lambda c=f"c{i}": answers.append(post(served.sock, env("ADD", c), conf())[0])
+        )
+        for i in range(6)
+    ]
+    try:
+        before = threading.active_count()
+        for client in clients:
+            client.start()
+        deadline = time.monotonic() + 10
+        while served.api.watchdog.in_flight() < 6:
+            assert time.monotonic() < deadline, "the requests did not start"
+            time.sleep(0.01)
+        waiting = [t.name for t in threading.enumerate() if t.name.startswith("plexusd-answer")]
+        assert waiting == []
+        assert threading.active_count() - before <= 6 + 6  # the clients, and one per request
+    finally:
+        release.set()
+        for client in clients:
+            client.join(20)
+        served.server.stop()
+    assert answers == [200] * 6
+
+
 def test_gc_waiting_for_busy_containers_gives_up_at_its_deadline(tmp_path: Path) -> None:
     served = Served(tmp_path, request_timeout=0.5)
     release = threading.Event()

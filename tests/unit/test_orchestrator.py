@@ -233,10 +233,24 @@ def test_crash_between_delegates_is_undone_by_del(world: World) -> None:
     assert world.store.container_ids() == []
 
 
+def test_a_torn_record_is_read_from_the_plan_journal_and_deleted(world: World) -> None:
+    # A power cut after ADD may tear a record written without fsync; the journal has its plan.
+    world.orchestrator.add(request("ADD", networks="net-a, net-b"))
+    victim = world.state / "attachments" / "c1" / file_name("default/net-a", "net1")
+    victim.write_text('{"version": 2, "holder": {"container_id": "c1", "ifn')  # a torn write
+    world.exec.calls.clear()
+    world.orchestrator.delete(request("DEL"))
+    assert ("macvlan", "DEL", "net1") in world.exec.commands()
+    assert world.exec.live() == {}
+    assert world.store.quarantined() == []
+    assert world.store.container_ids() == []
+
+
 def test_corrupt_record_is_quarantined_and_the_rest_still_deleted(world: World) -> None:
     world.orchestrator.add(request("ADD", networks="net-a, net-b"))
     victim = world.state / "attachments" / "c1" / file_name("default/net-a", "net1")
     victim.write_text('{"version": 2, "holder": {"container_id": "c1", "ifn')  # a torn write
+    (victim.parent / ".journal").write_text("[{torn")  # and no journal to read it from
     world.orchestrator.delete(request("DEL"))
     assert world.exec.live() == {"macvlan": {("c1", "net1"): "10.1.0.2/24"}}
     assert len(world.store.quarantined()) == 1

@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
 
+from cnispec.cni import Result
 from cnispec.errors import IOFailure
 from metaplugin.store import Attachment, AttachmentKey, AttachmentStore, file_name
 
@@ -184,3 +187,76 @@ def test_discarding_an_undone_add_keeps_the_records_whose_rollback_failed(
     assert store.load("legacyc2").records == (eth0, net1, net2)
     store.discard_planned("legacyc2")
     assert store.load("legacyc2").records == (eth0, net1)
+
+
+def _planned(tmp_path: Path) -> list[Attachment]:
+    """Three attachments of one container as ADD plans them (taken from a migrated fixture)."""
+    _v1(tmp_path / "old", "added", "legacyc1")
+    records = AttachmentStore(tmp_path / "old").load("legacyc1").records[:3]
+    return [
+        r.model_copy(
+            update={"holder": r.holder.model_copy(update={"container_id": "c9"})}
+        ).model_copy(update={"state": "planned", "result": None})
+        for r in records
+    ]
+
+
+def test_a_pod_add_makes_one_durable_file_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    planned = _planned(tmp_path)
+    store = AttachmentStore(tmp_path / "state")
+    synced: list[str] = []
+    real = os.fsync
+
+    def counting(fd: int) -> None:
+        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", counting)
+    store.plan(planned)
+    added = [store.mark_added(r, planned[0].result or _result()) for r in planned]
+    assert synced.count("file") == 1  # the journal; before: one per plan and per mark_added
+    assert synced.count("dir") <= 2  # the new container's entry and the container dir
+    assert [r.state for r in store.load("c9").records] == ["added"] * 3
+    assert store.load("c9").records == tuple(added)
+
+
+def _result() -> Result:
+    return Result()
+
+
+def test_a_record_torn_by_a_power_cut_is_read_from_the_journal(tmp_path: Path) -> None:
+    planned = _planned(tmp_path)
+    store = AttachmentStore(tmp_path / "state")
+    store.plan(planned)
+    store.mark_added(planned[1], _result())
+    torn = tmp_path / "state" / "attachments" / "c9" / planned[1].file_name
+    torn.write_bytes(b"")  # renamed into place, its data never reached the disk
+    loaded = AttachmentStore(tmp_path / "state").load("c9")
+    assert loaded.records == tuple(planned)  # the planned state: DEL runs without prevResult
+    assert loaded.quarantined == ()
+    assert store.get(planned[1].key) == planned[1]
+
+
+def test_a_record_deleted_is_not_brought_back_by_the_journal(tmp_path: Path) -> None:
+    planned = _planned(tmp_path)
+    store = AttachmentStore(tmp_path / "state")
+    store.plan(planned)
+    store.remove(planned[0])
+    assert store.load("c9").records == tuple(planned[1:])
+    assert store.get(planned[0].key) is None
+
+
+def test_a_crash_after_the_journal_leaves_nothing_to_undo_and_no_directory(
+    tmp_path: Path,
+) -> None:
+    planned = _planned(tmp_path)
+    store = AttachmentStore(tmp_path / "state")
+    store.plan(planned)
+    for record in planned:  # SIGKILL at store_record_write_before@1: only the journal exists
+        (tmp_path / "state" / "attachments" / "c9" / record.file_name).unlink()
+    again = AttachmentStore(tmp_path / "state")
+    assert not again.load("c9")
+    again.remove_container("c9")
+    assert again.container_ids() == []
