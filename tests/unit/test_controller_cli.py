@@ -46,9 +46,8 @@ def test_run_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_webhook_flags_are_optional_on_run(served: list[argparse.Namespace]) -> None:
     run = cli.parser().parse_args(["run", "--kubeconfig", "kc"])
     assert run.tls_cert_file is None and run.kubeconfig == "kc"  # one --kubeconfig for both
-    assert cli.main(
-        ["webhook", "--tls-cert-file", "c", "--tls-private-key-file", "k", "--kubeconfig", "kc"]
-    ) == 0
+    argv = ["webhook", "--tls-cert-file", "c", "--tls-private-key-file", "k", "--kubeconfig", "kc"]
+    assert cli.main(argv) == 0
     assert served[0].tls_cert_file == "c" and served[0].port == webhook.DEFAULT_PORT
     assert served[0].kubeconfig == "kc"
 
