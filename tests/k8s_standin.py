@@ -61,6 +61,7 @@ import re
 import select
 import socket
 import ssl
+import sys
 import threading
 import time
 import uuid
@@ -1215,9 +1216,16 @@ class RecordedRequest(NamedTuple):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, standin: ApiStandin) -> None:
+    def __init__(self, standin: ApiStandin, host: str) -> None:
         self.standin = standin
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__((host, 0), _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up (a daemon stopped mid-watch) is routine, as for the API
+        server; anything else is printed as socketserver does."""
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            return
+        super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -1397,9 +1405,13 @@ class _Failure:
 class ApiStandin:
     """The stand-in API server: start/stop, kubeconfig, fixtures, fault injection."""
 
-    def __init__(self, history_limit: int | None = None, require_crds: bool = False) -> None:
+    def __init__(
+        self, history_limit: int | None = None, require_crds: bool = False, host: str = "127.0.0.1"
+    ) -> None:
         """``require_crds``: serve a custom resource only while a CustomResourceDefinition for
-        it exists (off by default: the Plexus kinds are served from the start)."""
+        it exists (off by default: the Plexus kinds are served from the start). ``host``: the
+        address to listen on (a multi-node bed serves its nodes' namespaces on a bridge)."""
+        self.host = host
         self.store = ObjectStore(history_limit, require_crds)
         self._lock = threading.Lock()
         self._log: list[RecordedRequest] = []
@@ -1417,7 +1429,7 @@ class ApiStandin:
 
     def start(self) -> ApiStandin:
         if self._server is None:
-            self._server = _Server(self)
+            self._server = _Server(self, self.host)
             self._thread = threading.Thread(
                 target=self._server.serve_forever, args=(0.05,), name="k8s-standin", daemon=True
             )
@@ -1453,7 +1465,7 @@ class ApiStandin:
     def url(self) -> str:
         if self._server is None:
             raise RuntimeError("ApiStandin is not started")
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return f"http://{self.host}:{self._server.server_address[1]}"
 
     def kubeconfig(self, path: str | os.PathLike[str]) -> str:
         """Write a kubeconfig (JSON, which is YAML) pointing at this server; return its path."""
@@ -1596,8 +1608,6 @@ class ApiStandin:
 def main() -> None:
     """``python -m tests.k8s_standin``: serve until stdin closes, printing the URL first (for
     benchmarks, which must not import the tests, and for trying a client by hand)."""
-    import sys
-
     with ApiStandin() as api:
         print(api.url, flush=True)
         sys.stdin.read()
