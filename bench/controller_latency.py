@@ -167,11 +167,12 @@ def _seed(api_url: str, nodes: list[str]) -> None:
 
 
 def _start_controller(api_url: str, tmp: Path) -> Callable[[], None]:
-    from nad_controller import k8s, logs
+    from cnispec import logs
+    from nad_controller import k8s
     from nad_controller.controller import Controller, Settings
     from nad_controller.leader import ElectionTiming
 
-    logs.configure("warning", "json")
+    logs.configure("warning", "json", cache=False)
     config = tmp / "kubeconfig"
     config.write_text(json.dumps({
         "apiVersion": "v1", "kind": "Config", "current-context": "bench",

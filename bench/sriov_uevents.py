@@ -26,8 +26,8 @@ import threading
 import time
 from pathlib import Path
 
+from cnispec import logs
 from kernel.netns import run_in_netns
-from metaplugin import logs
 from sriov.agent import NodeAgent
 from sriov.pools_source import PoolsFileSource
 from sriov.sysfs import Sysfs

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from cnispec import cni
+from cnispec import cni, logs
 from cnispec.cni import CniRequest
 from cnispec.errors import PlexusError
 from cnispec.netconf import NetworkConfigList
@@ -28,7 +28,7 @@ from delegates.external import ChildTracker, RawExec
 from delegates.fabric import Fabric, Peer
 from delegates.registry import PluginRegistry
 from metaplugin import config as daemon_config
-from metaplugin import install, logs
+from metaplugin import install
 from metaplugin.config import DaemonConfig
 from metaplugin.fabric_sync import FabricSync, config_peers, fabric_from_config
 from metaplugin.gc import Collector

@@ -22,7 +22,7 @@ from typing import Any
 
 import structlog
 
-from nad_controller import logs
+from cnispec import logs
 from nad_controller.controller import DEFAULT_NAMESPACE, LEASE_NAME, Controller, Settings
 from nad_controller.leader import ElectionTiming
 
@@ -145,7 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     identity = getattr(args, "identity", None) or socket.gethostname()
     logs.configure(
-        args.log_level, args.log_format, component="plexus-controller", identity=identity
+        args.log_level,
+        args.log_format,
+        cache=False,
+        component="plexus-controller",
+        identity=identity,
     )
     if args.command == "run":
         return run(args)
