@@ -29,7 +29,13 @@ from cnispec.annotations import (
     parse_default_network,
     parse_networks,
 )
-from cnispec.errors import InvalidConfig, NetworkNotFound, NetworkNotPermitted, PlexusError
+from cnispec.errors import (
+    InvalidConfig,
+    NetworkNotFound,
+    NetworkNotPermitted,
+    PlexusError,
+    TryAgainLater,
+)
 from cnispec.identity import PodInfo
 from cnispec.nad import NetworkAttachmentDefinition, network_config
 from cnispec.netconf import NetworkConfigList, plugin_configs, with_plugin_key
@@ -96,7 +102,17 @@ class Resolver:
         if "/" in ref:
             namespace, _, name = ref.partition("/")
             return self._from_nad(namespace, name, what=what)
-        nad = self._nads.get(self._cfg.multus_namespace, ref)
+        try:
+            nad = self._nads.get(self._cfg.multus_namespace, ref)
+        except TryAgainLater as exc:
+            # The NAD cache has no such NAD and the API cannot be asked: a conf of that name in
+            # the node's own conf dir serves (the cluster network must not need the API).
+            found = confdir.find_by_name(self._cfg.cni_conf_dir, ref)
+            if found is None:
+                raise
+            log.warning("network_from_conf_dir_api_unreachable", what=what, ref=ref,
+                        conf=str(found[0]), error=exc.msg)  # fmt: skip
+            return _validated(ResolvedNetwork(ref, found[1]))
         if nad is not None:
             return self._from_nad(self._cfg.multus_namespace, ref, what=what)
         found = confdir.find_by_name(self._cfg.cni_conf_dir, ref)

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from cnispec.errors import InvalidConfig, NetworkNotFound, NetworkNotPermitted
+from cnispec.errors import InvalidConfig, NetworkNotFound, NetworkNotPermitted, TryAgainLater
 from cnispec.identity import PodInfo
+from metaplugin.resolve import Resolver
 from tests.support.world import World, nad_manifest, simple_net
 
 NETWORKS = "k8s.v1.cni.cncf.io/networks"
@@ -98,6 +99,31 @@ def test_cluster_network_by_nad_name_conf_name_and_path(tmp_path: Path) -> None:
     assert w2.resolver.cluster_network().network == "by-path"
     w3 = World(tmp_path / "w3", clusterNetwork=str(w.conf_dir))
     assert w3.resolver.cluster_network().network == "cluster"  # directory: first file
+
+
+class _ApiDown:
+    """A cluster-mode NAD source whose cache misses and whose API cannot be reached."""
+
+    def get(self, namespace: str, name: str) -> None:
+        raise TryAgainLater("Kubernetes API unreachable: connection refused")
+
+    def all(self) -> list[Any]:
+        return []
+
+    def synced(self) -> bool:
+        return True
+
+
+def test_api_down_cluster_network_named_by_a_conf_still_resolves(tmp_path: Path) -> None:
+    w = World(tmp_path, clusterNetwork="cluster")
+    resolver = Resolver(config=w.config, nads=_ApiDown())
+    with capture_logs() as logs:
+        assert resolver.cluster_network().network == "cluster"  # the node's own conf
+    assert [e["event"] for e in logs] == ["network_from_conf_dir_api_unreachable"]
+    # A name no conf has: the API was the only place left to look, so try again later.
+    missing = Resolver(config=World(tmp_path / "w2", clusterNetwork="nope").config, nads=_ApiDown())
+    with pytest.raises(TryAgainLater, match="unreachable"):
+        missing.cluster_network()
 
 
 def test_missing_cluster_network_is_network_not_found(tmp_path: Path) -> None:
