@@ -6,8 +6,7 @@ It keeps two watch-fed caches — every NetworkAttachmentDefinition, and the pod
 pod Events from a background worker so the CNI path never waits on the API. ApiException statuses
 are translated here, once: 404 → "not there", 409 → retry, anything else → TryAgainLater.
 
-Informer loop: list (records resourceVersion) → watch from it with bookmarks → on 410 Gone relist
-→ on any other failure back off and re-watch from the last resourceVersion.
+The caches are `kubeapi.informer.Informer`s (list, watch with bookmarks, relist on 410).
 """
 
 from __future__ import annotations
@@ -16,19 +15,17 @@ import contextlib
 import json
 import os
 import queue
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final
 
 import structlog
 from kubernetes import client as kclient
 from kubernetes import config as kconfig
 from kubernetes.client.exceptions import ApiException
-from kubernetes.watch.watch import iter_resp_lines
 from urllib3.exceptions import HTTPError
 
 from cnispec import nad as nadmod
@@ -37,162 +34,22 @@ from cnispec.errors import InvalidConfig, TryAgainLater
 from cnispec.identity import PodInfo
 from cnispec.nad import NetworkAttachmentDefinition
 from delegates.fabric import Peer
+from kubeapi.informer import REQUEST_TIMEOUT, Informer, namespaced_key
 from metaplugin.config import DaemonConfig
 from metaplugin.nad_source import StoredNad
 
 log = structlog.get_logger(__name__)
 
-WATCH_TIMEOUT: Final = 300
-REQUEST_TIMEOUT: Final = (5.0, 15.0)
 CACHE_WAIT: Final = 2.0
 STATUS_RETRIES: Final = 5
 EVENT_COMPONENT: Final = "plexus"
 EVENT_MESSAGE_MAX: Final = 1024
-
-V = TypeVar("V")
-
-
-class Gone(Exception):
-    """The watch's resourceVersion is too old (410): relist."""
-
-
-class _TransientApiError(Exception):
-    """A watch ERROR event other than 410."""
 
 
 def _api_error(exc: Exception) -> TryAgainLater:
     if isinstance(exc, ApiException):
         return TryAgainLater(f"Kubernetes API error {exc.status} {exc.reason}")
     return TryAgainLater(f"Kubernetes API unreachable: {exc}")
-
-
-class Informer(Generic[V]):
-    """A list+watch cache of one resource, keyed by namespace/name."""
-
-    def __init__(
-        self,
-        name: str,
-        list_fn: Callable[..., Any],
-        convert: Callable[[Mapping[str, Any]], V | None],
-    ) -> None:
-        self._name = name
-        self._list = list_fn
-        self._convert = convert  # None: an object not to cache
-        self._items: dict[str, V] = {}
-        self._rv: str | None = None
-        self._cond = threading.Condition()
-        self.synced = threading.Event()
-        self._stop = threading.Event()
-        self._response: Any = None
-        self._thread = threading.Thread(target=self._run, name=f"informer-{name}", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        resp = self._response
-        if resp is not None:
-            # NOTE: closing the response would block on the reader's buffer lock; shutting the
-            # socket down makes the blocked read return at once.
-            sock = getattr(getattr(resp, "connection", None), "sock", None)
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-    def get(self, key: str) -> V | None:
-        with self._cond:
-            return self._items.get(key)
-
-    def values(self) -> list[V]:
-        with self._cond:
-            return list(self._items.values())
-
-    def wait_for(self, key: str, accept: Callable[[V], bool], timeout: float) -> V | None:
-        """Wait up to `timeout` for an item at `key` that `accept`s (the watch may lag)."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                item = self._items.get(key)
-                if item is not None and accept(item):
-                    return item
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                self._cond.wait(left)
-
-    def _run(self) -> None:
-        backoff = 0.5
-        while not self._stop.is_set():
-            try:
-                if self._rv is None:
-                    self._relist()
-                self._watch()
-                backoff = 0.5
-            except Gone:
-                log.info("watch_expired_relisting", resource=self._name)
-                self._rv = None
-            except Exception as exc:  # noqa: BLE001 - an informer must outlive any failure
-                if self._stop.is_set():
-                    return  # stop() closed the stream under us
-                log.warning(
-                    "watch_failed", resource=self._name, error=str(exc)[:200], retry_in=backoff
-                )
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
-
-    def _relist(self) -> None:
-        resp = self._list(_preload_content=False, _request_timeout=REQUEST_TIMEOUT)
-        data = _json(resp)
-        items = {}
-        for obj in data.get("items") or []:
-            item = self._convert(obj)
-            if item is not None:
-                items[_key(obj)] = item
-        with self._cond:
-            self._items = items
-            self._rv = str(data["metadata"]["resourceVersion"])
-            self._cond.notify_all()
-        self.synced.set()
-        log.info("informer_listed", resource=self._name, count=len(items), rv=self._rv)
-
-    def _watch(self) -> None:
-        resp = self._list(
-            watch=True,
-            resource_version=self._rv,
-            allow_watch_bookmarks=True,
-            timeout_seconds=WATCH_TIMEOUT,
-            _preload_content=False,
-            _request_timeout=(REQUEST_TIMEOUT[0], WATCH_TIMEOUT + 30),
-        )
-        self._response = resp
-        try:
-            for line in iter_resp_lines(resp):
-                if self._stop.is_set():
-                    return
-                self._apply(json.loads(line))
-        finally:
-            self._response = None
-            with contextlib.suppress(Exception):
-                resp.release_conn()
-
-    def _apply(self, event: Mapping[str, Any]) -> None:
-        kind = event.get("type")
-        obj = event.get("object") or {}
-        if kind == "ERROR":
-            if obj.get("code") == 410:
-                raise Gone()
-            raise _TransientApiError(f"watch error: {obj.get('message', obj)}")
-        rv = (obj.get("metadata") or {}).get("resourceVersion")
-        item = self._convert(obj) if kind in ("ADDED", "MODIFIED") else None
-        with self._cond:
-            if item is not None:
-                self._items[_key(obj)] = item
-            elif kind in ("ADDED", "MODIFIED", "DELETED"):
-                self._items.pop(_key(obj), None)
-            if rv:
-                self._rv = str(rv)
-            self._cond.notify_all()
 
 
 def _json(resp: Any) -> dict[str, Any]:
@@ -214,11 +71,6 @@ def _get_or_none(call: Callable[[], Any]) -> dict[str, Any] | None:
         raise _api_error(exc) from None
     except (HTTPError, OSError) as exc:
         raise _api_error(exc) from None
-
-
-def _key(obj: Mapping[str, Any]) -> str:
-    meta = obj.get("metadata") or {}
-    return f"{meta.get('namespace', '')}/{meta.get('name', '')}"
 
 
 def _pod_info(obj: Mapping[str, Any]) -> PodInfo:
@@ -251,7 +103,7 @@ def _nad(obj: Mapping[str, Any]) -> StoredNad | None:
     try:
         return StoredNad.of(NetworkAttachmentDefinition.from_object(obj))
     except InvalidConfig as exc:
-        log.warning("nad_invalid", nad=_key(obj), error=exc.msg)
+        log.warning("nad_invalid", nad=namespaced_key(obj), error=exc.msg)
         return None
 
 

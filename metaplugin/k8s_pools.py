@@ -48,7 +48,7 @@ from cnispec.vfpool_api import (
     VFPool,
 )
 from cnispec.vfpools import PoolsFile, PoolSpec, env_name
-from metaplugin.k8s import REQUEST_TIMEOUT, Informer
+from kubeapi.informer import REQUEST_TIMEOUT, Informer
 from sriov.agent import NodeAgent
 from sriov.nodestate import node_status
 from sriov.pools_source import PoolsSource
@@ -172,29 +172,6 @@ def select_pools(
 # --- the watches ------------------------------------------------------------------------------
 
 
-class _Watched(Informer[Any]):
-    """An informer that says when its items changed (after the cache has the change)."""
-
-    def __init__(
-        self,
-        name: str,
-        list_fn: Callable[..., Any],
-        convert: Callable[[Mapping[str, Any]], Any],
-        changed: Callable[[], None],
-    ) -> None:
-        super().__init__(name, list_fn, convert)
-        self._changed = changed
-
-    def _relist(self) -> None:
-        super()._relist()
-        self._changed()
-
-    def _apply(self, event: Mapping[str, Any]) -> None:
-        super()._apply(event)
-        if event.get("type") in ("ADDED", "MODIFIED", "DELETED"):
-            self._changed()
-
-
 _Inputs = tuple[Mapping[str, str] | None, tuple[PoolObject, ...]]  # the Node's labels, VFPools
 
 
@@ -214,11 +191,11 @@ class VFPoolSource:
         self._cache = cache
         self._listeners: list[Callable[[], None]] = []
         self._status_listeners: list[Callable[[], None]] = []
-        self._informer: _Watched = _Watched(
+        self._informer: Informer[PoolObject] = Informer(
             "vfpools",
             lambda **kw: custom.list_cluster_custom_object(GROUP, VERSION, POOL_PLURAL, **kw),
             pool_object,
-            self._notify,
+            on_change=lambda _: self._notify(),
         )
         nodes.subscribe(self._notify)
         self._lock = threading.Lock()
@@ -367,11 +344,11 @@ class NodeWatch:
     def __init__(self, core: kclient.CoreV1Api, node: str) -> None:
         self._node = node
         self._listeners: list[Callable[[], None]] = []
-        self._informer: _Watched = _Watched(
+        self._informer: Informer[NodeInfo] = Informer(
             "node",
             lambda **kw: core.list_node(field_selector=f"metadata.name={node}", **kw),
             node_info,
-            self._notify,
+            on_change=lambda _: self._notify(),
         )
         self.synced = self._informer.synced
 

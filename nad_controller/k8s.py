@@ -1,33 +1,29 @@
 """The controller's one adaptor to the Kubernetes API (the only nad_controller module that
 imports `kubernetes`, enforced by import-linter): configuration, the Lease calls the elector
-makes, list+watch informers for VFPools, VFPoolNodeStates and Nodes, and the VFPool status and
-Event writes. Objects cross this boundary as plain JSON dicts (`_preload_content=False`): the
-controller reads the CRs through `cnispec.vfpool_api`'s models, not the client's."""
+makes, list+watch informers (`kubeapi.informer`) for VFPools, VFPoolNodeStates and Nodes, and
+the VFPool status and Event writes. Objects cross this boundary as plain JSON dicts
+(`_preload_content=False`): the controller reads the CRs through `cnispec.vfpool_api`'s
+models, not the client's."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import socket
-import threading
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Final
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import structlog
 from kubernetes import client as kclient
 from kubernetes import config as kconfig
 from kubernetes.client.exceptions import ApiException
-from kubernetes.watch.watch import iter_resp_lines
 from urllib3.exceptions import HTTPError
 
 from cnispec import vfpool_api as v
+from kubeapi.informer import REQUEST_TIMEOUT, Informer, name_key
 from nad_controller.api import JSON, ApiFailure, Conflict, Gone, Handler, NotFound
 
 log = structlog.get_logger(__name__)
 
-WATCH_TIMEOUT: Final = 300
-REQUEST_TIMEOUT: Final = (5.0, 15.0)
 POOL, STATE, NODE = "VFPool", "VFPoolNodeState", "Node"
 
 
@@ -153,137 +149,33 @@ def _raw() -> dict[str, Any]:
     return {"_preload_content": False, "_request_timeout": REQUEST_TIMEOUT}
 
 
-def _name(obj: Mapping[str, Any]) -> str:
-    return str((obj.get("metadata") or {}).get("name", ""))
+def _as_dict(obj: Mapping[str, Any]) -> JSON:
+    return dict(obj)
 
 
-class Informer:
-    """A list+watch cache of one cluster-scoped resource, keyed by name. Lists, then watches
-    from the list's resourceVersion (with bookmarks); a 410 lists again. `on_change(kind, obj)`
-    runs on the informer's thread for every change, and with obj None after every (re)list:
-    consumers are level-triggered and read the cache, so a missed event costs nothing."""
-
-    def __init__(self, kind: str, list_fn: Callable[..., Any], on_change: Handler) -> None:
-        self.kind = kind
-        self._list = list_fn
-        self._on_change = on_change
-        self._items: dict[str, JSON] = {}
-        self._rv: str | None = None
-        self._lock = threading.Lock()
-        self.synced = threading.Event()
-        self._stop = threading.Event()
-        self._response: Any = None
-        self._thread = threading.Thread(target=self._run, name=f"informer-{kind}", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        resp = self._response
-        if resp is not None:
-            # NOTE: closing the response would block on the reader's buffer lock; shutting the
-            # socket down makes the blocked read return at once.
-            sock = getattr(getattr(resp, "connection", None), "sock", None)
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-        self._thread.join(timeout=5)
-
-    def _trim(self, obj: JSON) -> JSON:
-        """Nodes are kept as name, uid and labels: the status of a big cluster's Nodes (images,
-        conditions) would be most of the controller's memory, and it reads none of it."""
-        if self.kind != NODE:
-            return obj
-        meta = obj.get("metadata") or {}
-        kept = {k: meta[k] for k in ("name", "uid", "labels", "resourceVersion") if k in meta}
-        return {"metadata": kept}
-
-    def items(self) -> list[JSON]:
-        with self._lock:
-            return list(self._items.values())
-
-    def _run(self) -> None:
-        backoff = 0.5
-        while not self._stop.is_set():
-            try:
-                if self._rv is None:
-                    self._relist()
-                self._watch()
-                backoff = 0.5
-            except Gone:
-                log.info("watch_expired_relisting", resource=self.kind)
-                self._rv = None
-            except Exception as exc:  # noqa: BLE001 - an informer must outlive any failure
-                if self._stop.is_set():
-                    return  # stop() closed the stream under us
-                log.warning("watch_failed", resource=self.kind, error=str(exc)[:200])
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
-
-    def _relist(self) -> None:
-        data = _call(lambda: self._list(**_raw()))
-        items = {_name(o): self._trim(o) for o in data.get("items") or []}
-        with self._lock:
-            self._items = items
-            self._rv = str(data["metadata"]["resourceVersion"])
-        self.synced.set()
-        log.info("informer_listed", resource=self.kind, count=len(items), rv=self._rv)
-        self._on_change(self.kind, None)
-
-    def _watch(self) -> None:
-        try:
-            resp = self._list(
-                watch=True,
-                resource_version=self._rv,
-                allow_watch_bookmarks=True,
-                timeout_seconds=WATCH_TIMEOUT,
-                _preload_content=False,
-                _request_timeout=(REQUEST_TIMEOUT[0], WATCH_TIMEOUT + 30),
-            )
-        except ApiException as exc:
-            raise _translate(exc) from None
-        self._response = resp
-        try:
-            for line in _lines(resp):
-                if self._stop.is_set():
-                    return
-                self._apply(json.loads(line))
-        finally:
-            self._response = None
-            with contextlib.suppress(Exception):
-                resp.release_conn()
-
-    def _apply(self, event: Mapping[str, Any]) -> None:
-        kind = event.get("type")
-        obj = event.get("object") or {}
-        if kind == "ERROR":
-            if obj.get("code") == 410:
-                raise Gone(obj.get("message", "watch expired"))
-            raise ApiFailure(f"watch error: {obj.get('message', obj)}")
-        rv = (obj.get("metadata") or {}).get("resourceVersion")
-        with self._lock:
-            if kind in ("ADDED", "MODIFIED"):
-                self._items[_name(obj)] = self._trim(obj)
-            elif kind == "DELETED":
-                self._items.pop(_name(obj), None)
-            if rv:
-                self._rv = str(rv)
-        if kind != "BOOKMARK":
-            self._on_change(self.kind, obj)
+def _trim_node(obj: Mapping[str, Any]) -> JSON:
+    """Nodes are kept as name, uid and labels: the status of a big cluster's Nodes (images,
+    conditions) would be most of the controller's memory, and it reads none of it."""
+    meta = obj.get("metadata") or {}
+    kept = {k: meta[k] for k in ("name", "uid", "labels", "resourceVersion") if k in meta}
+    return {"metadata": kept}
 
 
-def _lines(resp: Any) -> Iterator[str]:
-    for line in iter_resp_lines(resp):
-        if line:
-            yield line if isinstance(line, str) else line.decode()
+def _informer(kind: str, api: ClusterApi, on_change: Handler) -> Informer[JSON]:
+    return Informer(
+        kind,
+        api.lister(kind),
+        _trim_node if kind == NODE else _as_dict,
+        key=name_key,  # every kind the controller reads is cluster-scoped
+        on_change=lambda obj: on_change(kind, None if obj is None else dict(obj)),
+    )
 
 
 class Informers:
     """The three informers the reconciler reads (`nad_controller.api.Cache`)."""
 
     def __init__(self, api: ClusterApi, on_change: Handler) -> None:
-        self._by_kind = {k: Informer(k, api.lister(k), on_change) for k in (POOL, STATE, NODE)}
+        self._by_kind = {k: _informer(k, api, on_change) for k in (POOL, STATE, NODE)}
 
     def start(self) -> None:
         for informer in self._by_kind.values():
@@ -297,10 +189,10 @@ class Informers:
         return all(i.synced.wait(timeout) for i in self._by_kind.values())
 
     def pools(self) -> list[JSON]:
-        return self._by_kind[POOL].items()
+        return self._by_kind[POOL].values()
 
     def states(self) -> list[JSON]:
-        return self._by_kind[STATE].items()
+        return self._by_kind[STATE].values()
 
     def nodes(self) -> list[JSON]:
-        return self._by_kind[NODE].items()
+        return self._by_kind[NODE].values()
