@@ -30,7 +30,6 @@ from cnispec.annotations import (
 from cnispec.builtin_conf import IPAM_TYPES, MODELS
 from cnispec.builtin_conf.ipam import (
     HostLocalConf,
-    RangeConf,
     StaticConf,
     build_range_sets,
     parse_routes,
@@ -300,15 +299,7 @@ def _check_static(ipam: Mapping[str, Any]) -> None:
 
 def _check_host_local(ipam: Mapping[str, Any], capabilities: Any) -> None:
     conf = HostLocalConf.model_validate(ipam)
-    sets = list(conf.ranges)
-    if conf.subnet:
-        legacy = RangeConf(
-            subnet=conf.subnet,
-            rangeStart=conf.range_start,
-            rangeEnd=conf.range_end,
-            gateway=conf.gateway,
-        )
-        sets.insert(0, [legacy])
+    sets = conf.configured_range_sets()
     by_runtime = isinstance(capabilities, Mapping) and capabilities.get("ipRanges")
     if sets or not by_runtime:  # the ipRanges capability may bring every range at ADD
         build_range_sets(sets)

@@ -224,6 +224,21 @@ class HostLocalConf(BaseModel):
     data_dir: str = Field(default="", alias="dataDir")
     resolv_conf: str = Field(default="", alias="resolvConf")
 
+    def configured_range_sets(self) -> list[list[RangeConf]]:
+        """The range sets the config names: the legacy single range (`subnet`, `rangeStart`,
+        ...) first, then `ranges`, as the reference reads them (the `ipRanges` capability,
+        when given at ADD, comes before both)."""
+        sets = list(self.ranges)
+        if self.subnet:
+            legacy = RangeConf(
+                subnet=self.subnet,
+                rangeStart=self.range_start,
+                rangeEnd=self.range_end,
+                gateway=self.gateway,
+            )
+            sets.insert(0, [legacy])
+        return sets
+
 
 class StaticAddressConf(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)

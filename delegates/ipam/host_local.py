@@ -251,15 +251,7 @@ def load_net(req: PluginRequest, *, default_data_dir: str, paths: IpamPaths) -> 
 def _raw_range_sets(conf: _IpamConf, runtime: Mapping[str, Any]) -> list[list[RangeConf]]:
     """As the reference: the `ipRanges` capability first, then the legacy single range, then
     `ranges`."""
-    sets = list(conf.ranges)
-    if conf.subnet:
-        legacy = RangeConf(
-            subnet=conf.subnet,
-            rangeStart=conf.range_start,
-            rangeEnd=conf.range_end,
-            gateway=conf.gateway,
-        )
-        sets.insert(0, [legacy])
+    sets = conf.configured_range_sets()
     ip_ranges = runtime.get("ipRanges")
     if ip_ranges:
         try:
