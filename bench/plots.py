@@ -28,6 +28,7 @@ matplotlib.use("Agg")  # before pyplot: no display, no GUI toolkit import
 
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 # Plexus rows take the saturated colours, the reference rows the muted ones.
@@ -126,6 +127,10 @@ def _draw(ax: Axes, panel: Panel, method: Method) -> None:
     lows = [min(s.samples_ms) for s in panel.series]
     if min(lows) > 0 and max(medians) / min(medians) > LOG_SPAN:
         ax.set_xscale("log")
+        # Plain ms at 1-2-5 steps: 10^0 and 10^1 alone say little to someone reading latencies.
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
     plexus = iter(PLEXUS_COLOURS * 3)
     reference = iter(REFERENCE_COLOURS * 6)
     for series in panel.series:
