@@ -135,8 +135,10 @@ def _draw(ax: Axes, panel: Panel, method: Method) -> None:
     reference = iter(REFERENCE_COLOURS * 6)
     for series in panel.series:
         colour = next(reference) if series.reference else next(plexus)
-        xs = sorted(series.samples_ms)
-        ys = [(i + 1) / len(xs) for i in range(len(xs))]
+        ordered = sorted(series.samples_ms)
+        # The curve rises from 0 at the fastest call: every step is one sample.
+        xs = [ordered[0], *ordered]
+        ys = [0.0, *((i + 1) / len(ordered) for i in range(len(ordered)))]
         marks = percentiles(series.samples_ms, method)
         label = f"{series.label}: p50 {marks[50]:.1f} / p90 {marks[90]:.1f} / p99 {marks[99]:.1f}"
         ax.step(
