@@ -9,11 +9,13 @@ Rows, measured in the same run, pod by pod in turn so drift hits them alike:
 (a) and (b) go through the installed shim exactly as a runtime calls it; their "daemon" columns
 are plexusd's own time per request (from its log), i.e. without the shim's exec.
 
-Run as root: `sudo make bench-builtins` (or `.venv/bin/python -m bench.builtins [N]`, N >= 50).
+Run as root: `sudo make bench-builtins` (or `.venv/bin/python -m bench.builtins [N] [--plot DIR]`,
+N >= 50); the ADD and DEL distributions go to a PNG (bench/plots.py).
 """
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import json
 import os
@@ -28,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from bench import plots
 from testbed.daemon import DaemonProcess
 from testbed.manifests import host_local, nad
 from testbed.netns import Netns, namespaces
@@ -154,7 +157,11 @@ TARGET = 0.5  # issue 11: built-in ADD and DEL medians at most half the referenc
 
 
 def main() -> int:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 60
+    parser = argparse.ArgumentParser(prog="bench.builtins", description=__doc__.splitlines()[0])
+    parser.add_argument("n", nargs="?", type=int, default=60, help="pods per row (default 60)")
+    plots.add_arguments(parser)
+    opts = parser.parse_args()
+    n = opts.n
     if n < MIN_RUNS:
         print(f"bench.builtins: N must be at least {MIN_RUNS} for stable medians", file=sys.stderr)
         return 2
@@ -225,17 +232,33 @@ def main() -> int:
             for key in "ab"
         }
     report(n, timings, inside)
+    plot(opts, timings)
     return 0
+
+
+LABELS = {
+    "a": "(a) Plexus built-ins",
+    "b": "(b) Plexus + reference plugins",
+    "c": "(c) reference plugins, no meta-plugin",
+}
+
+
+def plot(opts: argparse.Namespace, timings: dict[str, dict[str, list[float]]]) -> None:
+    """The ADD and DEL distributions of the three rows, (c) drawn as the reference."""
+    panels = [
+        plots.Panel(
+            f"{cmd} of a 3-attachment pod (through the shim)",
+            [plots.Series(LABELS[key], timings[key][cmd], reference=key == "c") for key in "abc"],
+        )
+        for cmd in ("ADD", "DEL")
+    ]
+    plots.emit(opts, "builtins", "built-in delegates vs exec'd reference plugins", panels)
 
 
 def report(
     n: int, timings: dict[str, dict[str, list[float]]], inside: dict[str, dict[str, list[float]]]
 ) -> None:
-    labels = {
-        "a": "(a) Plexus built-ins",
-        "b": "(b) Plexus + reference plugins",
-        "c": "(c) reference plugins, no meta-plugin",
-    }
+    labels = LABELS
     base = {cmd: stats(timings["c"][cmd])[0] for cmd in ("ADD", "DEL")}
     print(f"3 attachments per pod (routed primary + 2 macvlan, host-local), n={n} pods per row, ms")
     print(

@@ -6,7 +6,8 @@ idle before the burst and at its peak (VmHWM from /proc), and its peak thread co
 
 Targets (issue 11): 0 failures, p99 <= 1.5 s on 2 cores, peak RSS <= 60 MiB.
 
-Run as root: `sudo make bench-burst` (or `.venv/bin/python -m bench.burst [N]`).
+Run as root: `sudo make bench-burst` (or `.venv/bin/python -m bench.burst [N] [--plot DIR]`); the
+ADD and DEL latency distributions go to a PNG (bench/plots.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from bench import plots
 from bench.builtins import OVERRIDE, configs, enter
 from testbed.daemon import DaemonProcess
 from testbed.manifests import nad
@@ -214,6 +216,7 @@ def main() -> int:
         "--direct", action="store_true", help="post to the socket, no shim exec (see Direct)"
     )
     args.add_argument("--max-concurrent", type=int, help="plexusd's maxConcurrent (default: its)")
+    plots.add_arguments(args)
     opts = args.parse_args()
     extra = {"maxConcurrent": opts.max_concurrent} if opts.max_concurrent else {}
     how = "posted straight to the socket (--direct)" if opts.direct else "through the shim"
@@ -252,6 +255,17 @@ def main() -> int:
         finally:
             daemon.stop()
     report(opts.n, run)
+    plots.emit(
+        opts,
+        "burst",
+        f"{opts.n} pods at once {run.how} (routed + 2 macvlan, host-local)",
+        [
+            plots.Panel(
+                "each pod's call, burst released together",
+                [plots.Series(p.name, p.ms) for p in run.phases],
+            )
+        ],
+    )
     failed = sum(sum(p.failures.values()) for p in run.phases)
     return 1 if failed else 0
 

@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from bench import plots
+
 G, V = "plexus.dev", "v1alpha1"
 POOL = "bench-pool"
 RESOURCE = "plexus.dev/bench"
@@ -224,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--node", default="node-3", help="the node whose VFs change health")
     ap.add_argument("--writer", help="module:factory changing VF health (default: write the "
                     "node state directly)")  # fmt: skip
+    plots.add_arguments(ap)
     args = ap.parse_args(argv)
     if args.runs < 20:
         print("--runs must be at least 20 for a median and a p90 worth printing", file=sys.stderr)
@@ -262,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     for label, values in (("2 VFs unhealthy -> True", degrade), ("healed -> False", heal)):
         print(f"| {label:<27} | {statistics.median(values):6.1f} | {_pct(values, 0.9):6.1f} "
               f"| {max(values):6.1f} |")  # fmt: skip
+    series = [plots.Series("2 VFs unhealthy -> Degraded=True", degrade),
+              plots.Series("healed -> Degraded=False", heal)]  # fmt: skip
+    plots.emit(args, "controller_latency", "VF health change -> VFPool Degraded condition",
+               [plots.Panel("write to condition seen by a watch", series)])  # fmt: skip
     return 0
 
 

@@ -8,11 +8,13 @@ Columns: RunPodSandbox wall time and the CNI phase containerd itself logs ('begi
 'cni result': loopback, the plugin, libcni's cache write), medians and p90 over N pods each, and
 the ratio of medians to (c). (b) and (a) alternate pod by pod so drift hits both alike.
 
-Run as root: `sudo make bench-cri` (or `.venv/bin/python -m bench.cri_pods [N]`, N >= 20).
+Run as root: `sudo make bench-cri` (or `.venv/bin/python -m bench.cri_pods [N] [--plot DIR]`,
+N >= 20); both columns' distributions go to a PNG (bench/plots.py).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from bench import plots
 from testbed.cri import ContainerdBed, containerd_bed
 from testbed.manifests import bridge_conflist, host_local, macvlan, nad
 
@@ -41,7 +44,11 @@ def stats(values: list[float]) -> tuple[float, float]:
 
 
 def main() -> int:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 25
+    parser = argparse.ArgumentParser(prog="bench.cri_pods", description=__doc__.splitlines()[0])
+    parser.add_argument("n", nargs="?", type=int, default=25, help="pods per row (default 25)")
+    plots.add_arguments(parser)
+    opts = parser.parse_args()
+    n = opts.n
     runs: dict[str, list[tuple[str, float]]] = {"a": [], "b": [], "c": [], "d": []}
     with tempfile.TemporaryDirectory(prefix="plexus-bench-cri-") as tmp:
         root = Path(tmp)
@@ -122,6 +129,22 @@ def main() -> int:
             f"{labels[key]:48} {run_med:7.1f} {run_p90:7.1f} {run_med / base_run:6.2f} "
             f"{cni_med:7.1f} {cni_p90:7.1f} {cni_med / base_cni:6.2f}"
         )
+    order = ("c", "b", "a", "d")
+    panels = [
+        plots.Panel(
+            "RunPodSandbox (CRI call wall time)",
+            [plots.Series(labels[k], [ms for _, ms in runs[k]], reference=k == "c") for k in order],
+        ),
+        plots.Panel(
+            "CNI phase (containerd's own log)",
+            [
+                plots.Series(labels[k], [phases[s] for s, _ in runs[k]], reference=k == "c")
+                for k in order
+            ],
+        ),
+    ]
+    # The table's p90 is statistics.quantiles' default (exclusive) method: the legend's too.
+    plots.emit(opts, "cri_pods", "pod setup through containerd's CRI", panels, method="exclusive")
     return 0
 
 

@@ -10,13 +10,15 @@ one run; ratio = median / Go host-local VERSION's median):
 
 Targets (issue 11): compiled VERSION <= 1.5x, compiled STATUS <= 2x.
 
-Run as root: `sudo make bench` (or `.venv/bin/python -m bench.shim_cost [N]` after `make shim`).
+Run as root: `sudo make bench` (or `.venv/bin/python -m bench.shim_cost [N] [--plot DIR]`
+after `make shim`); the latency distributions go to a PNG (bench/plots.py).
 Everything lives in a temp dir; the daemon runs in local mode with a cluster network that STATUS
 does not exec.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import subprocess
@@ -26,6 +28,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench import plots
 from metaplugin.config import DaemonConfig
 from metaplugin.install import COMPILED_SHIM, place_shim, shim_text
 from testbed.daemon import DaemonProcess
@@ -65,7 +68,11 @@ def python_shim(root: Path) -> Path:
 
 
 def main() -> int:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 100
+    parser = argparse.ArgumentParser(prog="bench.shim_cost", description=__doc__.splitlines()[0])
+    parser.add_argument("n", nargs="?", type=int, default=100, help="calls per row (default 100)")
+    plots.add_arguments(parser)
+    opts = parser.parse_args()
+    n = opts.n
     with tempfile.TemporaryDirectory(prefix="plexus-bench-") as tmp:
         root = Path(tmp)
         (root / "net.d").mkdir()
@@ -119,6 +126,17 @@ def main() -> int:
         p90, p99 = percentile(values, 90), percentile(values, 99)
         print(f"{name:36} {median:8.2f} {p90:8.2f} {p99:8.2f} {median / base:7.2f}")
     print("targets: compiled shim VERSION <= 1.50, compiled shim STATUS via plexusd <= 2.00")
+    # The harness floor and the Go plugin are the reference rows; every shim row is Plexus.
+    series = [
+        plots.Series(name, values, reference=i < 2) for i, (name, values) in enumerate(results)
+    ]
+    plots.emit(
+        opts,
+        "shim_cost",
+        "one exec of the plexus shim vs a Go reference plugin",
+        [plots.Panel("per exec (subprocess.run wall time)", series)],
+        method="exclusive",
+    )
     return 0
 
 

@@ -5,6 +5,8 @@
     plexusctl network-status NS/POD         the pod's network-status JSON (local mode's source)
     plexusctl validate FILE...              the admission webhook's checks on manifest files
     plexusctl health [--live]               the daemon's /readyz (or /healthz)
+    plexusctl topology [--format F]         this node's pods, interfaces and networks: a text
+                                            tree, Graphviz DOT (--format dot) or SVG (svg)
 
 It talks to plexusd over the same unix socket as the shim (`--socket`, or `--config` to take
 runDir from the daemon config).
@@ -14,6 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import socket
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,7 +27,7 @@ from typing import Any
 from cnispec import cni, confdir
 from cnispec.errors import PlexusError
 from cnispec.validation import check_manifests
-from metaplugin import client
+from metaplugin import client, topology
 from metaplugin import config as daemon_config
 
 
@@ -203,6 +208,48 @@ def cmd_vfs(args: argparse.Namespace) -> int:
     return 0
 
 
+GRAPHVIZ_PACKAGE = "graphviz"
+
+
+def cmd_topology(args: argparse.Namespace) -> int:
+    status, body = _get(_socket_path(args), "/v1/attachments")
+    if status != 200:
+        print(f"plexusctl: plexusd answered {status}: {body.decode()[:200]}", file=sys.stderr)
+        return 1
+    try:
+        pods = topology.build(topology.parse(body))
+    except ValueError as exc:  # pydantic's ValidationError: a daemon of another version
+        print(f"plexusctl: unexpected /v1/attachments view from plexusd: {exc}", file=sys.stderr)
+        return 1
+    node = args.node or socket.gethostname()
+    if args.format == "tree":
+        print("\n".join(topology.render_tree(node, pods)))
+        return 0
+    dot = topology.render_dot(node, pods)
+    if args.format == "dot":
+        print(dot, end="")
+        return 0
+    return _print_svg(dot)
+
+
+def _print_svg(dot: str) -> int:
+    binary = shutil.which("dot")
+    if binary is None:
+        print(
+            "plexusctl: --format svg needs Graphviz's `dot` binary, which is not on PATH: "
+            f"install the Debian package {GRAPHVIZ_PACKAGE} (apt-get install {GRAPHVIZ_PACKAGE}), "
+            "or take --format dot and render it elsewhere",
+            file=sys.stderr,
+        )
+        return 1
+    proc = subprocess.run([binary, "-Tsvg"], input=dot.encode(), capture_output=True, check=False)
+    if proc.returncode != 0:
+        print(f"plexusctl: dot -Tsvg failed: {proc.stderr.decode().strip()}", file=sys.stderr)
+        return 1
+    sys.stdout.write(proc.stdout.decode())
+    return 0
+
+
 def table(rows: Sequence[tuple[str, ...]], *, indent: str = "", rule: bool = False) -> None:
     """Print rows as aligned columns (the first row is the header; `rule` underlines it)."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -244,6 +291,15 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("health", help="is plexusd ready (or, with --live, alive)")
     p.add_argument("--live", action="store_true", help="liveness: /healthz instead of /readyz")
     p.set_defaults(fn=cmd_health)
+    p = sub.add_parser("topology", help="this node's pods, their interfaces and networks")
+    p.add_argument(
+        "--format",
+        choices=("tree", "dot", "svg"),
+        default="tree",
+        help="tree (text, default), dot (Graphviz DOT) or svg (rendered by Graphviz's dot)",
+    )
+    p.add_argument("--node", help="the node's name in the picture (default: this host's name)")
+    p.set_defaults(fn=cmd_topology)
     args = parser.parse_args(argv)
     result: int = args.fn(args)
     return result
