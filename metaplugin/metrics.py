@@ -228,12 +228,26 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _MetricsHttpServer(ThreadingHTTPServer):
     daemon_threads = True  # a slow client's thread never keeps plexusd from exiting
+    max_connections = 8  # scrapers at once; more are hung up on at accept, not given threads
 
     def __init__(self, address: tuple[str, int], render: Callable[[], bytes]) -> None:
         self.render = render
+        self.connections = threading.BoundedSemaphore(self.max_connections)
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.connections.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release()
 
 
 def parse_address(address: str) -> tuple[str, int]:

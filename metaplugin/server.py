@@ -158,10 +158,13 @@ class Api:
             cni.LATEST_VERSION,
         )
 
-    def _error_json(self, command: str, exc: BaseException, version: str) -> bytes:
+    def _error_json(
+        self, command: str, exc: BaseException, version: str, *, count: bool = True
+    ) -> bytes:
         """The CNI error JSON of a failed request, counted by its code."""
         error = cni.to_cni_error(exc, version)
-        self.metrics.observe_error(command, error.get("code"))
+        if count:
+            self.metrics.observe_error(command, error.get("code"))
         return json.dumps(error).encode()
 
     def _timeout(self, req: CniRequest) -> float:
@@ -200,10 +203,17 @@ class Api:
                     outcome = "ok"
                 except PlexusError as exc:
                     log.warning("cni_request_failed", code=exc.code, error=exc.msg)
-                    job.answer = 400, self._error_json(req.command, exc, version)
+                    # overdue: the runtime got (and the metrics counted) code 11 instead
+                    job.answer = (
+                        400,
+                        self._error_json(req.command, exc, version, count=not job.overdue),
+                    )
                 except Exception as exc:
                     log.exception("cni_request_crashed")
-                    job.answer = 400, self._error_json(req.command, exc, version)
+                    job.answer = (
+                        400,
+                        self._error_json(req.command, exc, version, count=not job.overdue),
+                    )
         finally:
             try:
                 elapsed = time.monotonic() - job.started
