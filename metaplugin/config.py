@@ -295,7 +295,7 @@ class DaemonConfig(BaseModel):
         "made.",
     )
     metrics_address: str = Field(
-        # 9465: free in Prometheus's default port allocations when chosen; the controller's 9466.
+        # 9465, and the controller 9466: clear of the common exporters' ports (docs/metrics.md).
         default=":9465",
         alias="metricsAddress",
         description="[host]:port serving Prometheus metrics at GET /metrics over TCP (the "
