@@ -10,7 +10,9 @@ under a 1.1.0 network is spoken to in 1.0.0 and its result converted.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,9 +53,25 @@ def plugin_request(
     )
 
 
+# Told of every plugin call: (type, exec'd or built-in, verb, seconds). plexusd's metrics.
+CallObserver = Callable[[str, bool, str, float], None]
+
+
 class ChainRunner:
-    def __init__(self, *, registry: PluginRegistry) -> None:
+    def __init__(self, *, registry: PluginRegistry, observe: CallObserver | None = None) -> None:
         self._registry = registry
+        self._observe = observe
+
+    @contextmanager
+    def _timed(self, prepared: PreparedPlugin, verb: str) -> Iterator[None]:
+        if self._observe is None:
+            yield
+            return
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self._observe(prepared.type, bool(prepared.path), verb, time.monotonic() - started)
 
     def prepare(
         self,
@@ -93,7 +111,8 @@ class ChainRunner:
         prev: Result | None = None
         for prepared in net.plugins:
             failpoints.hit("chain_add_before")
-            prev = self._plugin(prepared, env.path).add(plugin_request(prepared, env, prev))
+            with self._timed(prepared, cni.ADD):
+                prev = self._plugin(prepared, env.path).add(plugin_request(prepared, env, prev))
             failpoints.hit("chain_add_after")
         assert prev is not None  # a network has at least one plugin
         return prev
@@ -105,7 +124,8 @@ class ChainRunner:
             carried = prev if cni.at_least(prepared.version, "0.4.0") else None
             try:
                 failpoints.hit("chain_del_before")
-                self._plugin(prepared, env.path).delete(plugin_request(prepared, env, carried))
+                with self._timed(prepared, cni.DEL):
+                    self._plugin(prepared, env.path).delete(plugin_request(prepared, env, carried))
                 failpoints.hit("chain_del_after")
             except PlexusError as exc:
                 failures.append(exc)
@@ -118,7 +138,9 @@ class ChainRunner:
             return
         for prepared in net.plugins:
             if cni.at_least(prepared.version, "0.4.0"):
-                self._plugin(prepared, env.path).check(plugin_request(prepared, env, prev), prev)
+                with self._timed(prepared, cni.CHECK):
+                    plugin = self._plugin(prepared, env.path)
+                    plugin.check(plugin_request(prepared, env, prev), prev)
 
     def gc(
         self, net: PreparedNetwork, valid: Sequence[Mapping[str, str]], path: tuple[str, ...]
@@ -136,7 +158,8 @@ class ChainRunner:
             body[cni.LEGACY_ATTACHMENTS_KEY] = list(valid)
             try:
                 failpoints.hit("chain_gc_before")
-                self._plugin(prepared, path).gc(PluginRequest(path=path, config=body))
+                with self._timed(prepared, cni.GC):
+                    self._plugin(prepared, path).gc(PluginRequest(path=path, config=body))
                 failpoints.hit("chain_gc_after")
             except PlexusError as exc:
                 failures.append(exc)

@@ -294,6 +294,14 @@ class DaemonConfig(BaseModel):
         "defaultNetworks; a pod that asks for more is refused with code 7 before anything is "
         "made.",
     )
+    metrics_address: str = Field(
+        # 9465, and the controller 9466: clear of the common exporters' ports (docs/metrics.md).
+        default=":9465",
+        alias="metricsAddress",
+        description="[host]:port serving Prometheus metrics at GET /metrics over TCP (the "
+        "DaemonSet runs in the host network: every node address); empty turns it off. The "
+        "unix socket serves /metrics too, for plexusctl.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", alias="logLevel", description="Log level."
     )
@@ -317,6 +325,14 @@ class DaemonConfig(BaseModel):
         # Multus writes globalNamespaces as "a,b"; accept both forms everywhere.
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _metrics_address(cls, value: str) -> str:
+        _host, sep, port = value.rpartition(":")
+        if value and (not sep or not port.isdigit() or not 0 <= int(port) <= 65535):
+            raise ValueError(f"metricsAddress {value!r} is not [host]:port (e.g. :9465)")
         return value
 
     @field_validator("run_dir")

@@ -32,6 +32,7 @@ from metaplugin import install
 from metaplugin.config import DaemonConfig
 from metaplugin.fabric_sync import FabricSync, config_peers, fabric_from_config
 from metaplugin.gc import Collector
+from metaplugin.metrics import DaemonMetrics, LiveSources, MetricsServer
 from metaplugin.nad_source import LocalNadSource, NadSource
 from metaplugin.orchestrator import Orchestrator, PodSource
 from metaplugin.resolve import Resolver
@@ -137,8 +138,10 @@ class Daemon:
         scheduler = Scheduler(max_concurrent=cfg.max_concurrent, max_queue=cfg.max_queue)
         fabric, fabric_sync = self._fabric(sources)
         sriov = self._sriov(sources)
-        parts = self._assemble(sources, scheduler, self._delegates(fabric, sriov), sriov)
+        metrics = DaemonMetrics()
+        parts = self._assemble(sources, scheduler, self._delegates(fabric, sriov), sriov, metrics)
         spool = SpoolReplayer(cfg.spool_path, orchestrator=parts.orchestrator, scheduler=scheduler)
+        metrics.watch(_live_sources(scheduler, spool, parts.collector, sriov, fabric_sync))
         log.info("spool_replayed", still_pending=spool.replay())  # before serving anything
         if sriov is not None:
             sriov.heal_and_open()  # after the spooled DELs put their VFs back themselves
@@ -150,9 +153,13 @@ class Daemon:
             ready=lambda: sources.synced.is_set() and self._served.is_set(),
             sriov=sriov,
             request_timeout=request_timeout_for(cfg.shim_timeout),
+            metrics=metrics,
         )
         server = SocketServer(cfg.socket_path, api)
         server.start()
+        scrape = MetricsServer(cfg.metrics_address, metrics.render) if cfg.metrics_address else None
+        if scrape is not None:
+            scrape.start()
         spool.start_retries()
         if cfg.install:
             install.install_shim(cfg)
@@ -168,6 +175,8 @@ class Daemon:
         self._stop.wait()
         log.info("plexusd_stopping")
         server.stop()
+        if scrape is not None:
+            scrape.stop()
         spool.stop()
         if fabric_sync is not None:
             fabric_sync.stop()
@@ -245,10 +254,12 @@ class Daemon:
         scheduler: Scheduler,
         registry: PluginRegistry,
         sriov: SriovNode | None = None,
+        metrics: DaemonMetrics | None = None,
     ) -> Parts:
         store = AttachmentStore(self.cfg.state_dir)
         resolver = Resolver(config=self.cfg, nads=sources.nads)
-        runner = ChainRunner(registry=registry)
+        observe = metrics.delegate_observer(registry.builtin_types) if metrics else None
+        runner = ChainRunner(registry=registry, observe=observe)
         orchestrator = Orchestrator(
             config=self.cfg,
             resolver=resolver,
@@ -300,6 +311,31 @@ class Daemon:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def _live_sources(
+    scheduler: Scheduler,
+    spool: SpoolReplayer,
+    collector: Collector,
+    sriov: SriovNode | None,
+    fabric_sync: FabricSync | None,
+) -> LiveSources:
+    """What a scrape reads from the running daemon (the live objects, never copies)."""
+    stats = collector.stats
+    return LiveSources(
+        admitted=lambda: scheduler.admitted,
+        spool_depth=lambda: len(spool.pending()),
+        spool_replays=lambda: spool.replayed,
+        gc_stats=lambda: {
+            "runs": stats.runs,
+            "stale_containers": stats.stale_containers,
+            "container_failures": stats.container_failures,
+            "network_failures": stats.network_failures,
+        },
+        vf_pools=sriov.pools if sriov is not None else None,
+        vf_healed=(lambda: dict(sriov.healed)) if sriov is not None else None,
+        fabric_peers=(lambda: fabric_sync.peer_count) if fabric_sync is not None else None,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

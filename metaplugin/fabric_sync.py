@@ -71,6 +71,12 @@ class FabricSync:
         except Exception:  # the loop must survive anything; the next pass retries
             log.exception("fabric_reconcile_crashed")
 
+    @property
+    def peer_count(self) -> int | None:
+        """Peers of the last pass (None before the first one): for /metrics."""
+        last = self._last
+        return None if last is None else len(last)
+
     def start(self) -> None:
         self._thread.start()
 

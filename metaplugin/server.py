@@ -15,19 +15,20 @@ import json
 import os
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 import structlog
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from cnispec import cni, jsontext
 from cnispec.cni import CniRequest
 from cnispec.errors import DecodeFailure, NotReady, PlexusError, TryAgainLater
 from kernel import rtnl
 from kernel.netns import current_netns_inode
+from metaplugin.metrics import DaemonMetrics, LiveSources
 from metaplugin.orchestrator import Orchestrator
 from metaplugin.scheduler import Scheduler, request_deadline
 from metaplugin.store import AttachmentStore
@@ -37,35 +38,6 @@ log = structlog.get_logger(__name__)
 JSON = "application/json"
 CONTAINER_VERBS = frozenset({cni.ADD, cni.DEL, cni.CHECK})
 DEFAULT_REQUEST_TIMEOUT = 115.0  # = request_timeout_for(the default shimTimeout, 120 s)
-
-
-class Metrics:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests: Counter[tuple[str, str]] = Counter()
-        self.seconds: dict[str, float] = {}
-
-    def observe(self, command: str, outcome: str, seconds: float) -> None:
-        with self._lock:
-            self.requests[(command, outcome)] += 1
-            self.seconds[command] = self.seconds.get(command, 0.0) + seconds
-
-    def render(self, scheduler: Scheduler) -> str:
-        lines = [
-            "# TYPE plexus_cni_requests_total counter",
-            *(
-                f'plexus_cni_requests_total{{command="{c}",outcome="{o}"}} {n}'
-                for (c, o), n in sorted(self.requests.items())
-            ),
-            "# TYPE plexus_cni_request_seconds_total counter",
-            *(
-                f'plexus_cni_request_seconds_total{{command="{c}"}} {s:.6f}'
-                for c, s in sorted(self.seconds.items())
-            ),
-            "# TYPE plexus_requests_admitted gauge",
-            f"plexus_requests_admitted {scheduler.admitted}",
-        ]
-        return "\n".join(lines) + "\n"
 
 
 class SriovView(Protocol):
@@ -89,6 +61,7 @@ class Api:
         ready: Callable[[], bool],
         sriov: SriovView | None = None,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        metrics: DaemonMetrics | None = None,
     ) -> None:
         self.handle = handle
         self.orchestrator = orchestrator
@@ -97,7 +70,10 @@ class Api:
         self.ready = ready
         self.sriov = sriov
         self.request_timeout = request_timeout
-        self.metrics = Metrics()
+        if metrics is None:
+            metrics = DaemonMetrics()
+            metrics.watch(LiveSources(admitted=lambda: scheduler.admitted))
+        self.metrics = metrics
         self.watchdog = Watchdog()
         self._netns_inode = current_netns_inode()
 
@@ -150,7 +126,7 @@ class Api:
         job.overdue = True
         if job.done.is_set() and job.answer is not None:  # it finished just now after all
             return job.answer
-        self.metrics.observe(job.command, "deadline", time.monotonic() - job.started)
+        self.metrics.observe_request(job.command, "deadline", time.monotonic() - job.started)
         log.error(
             "request_deadline_exceeded",
             command=job.command,
@@ -161,7 +137,7 @@ class Api:
             f"plexusd did not finish {job.command} within {job.timeout:.0f} s; the work goes "
             "on in the background and the runtime should retry",
         )
-        return 400, json.dumps(cni.to_cni_error(err, job.version)).encode()
+        return 400, self._error_json(job.command, err, job.version)
 
     def _admit(self) -> ExitStack | None:
         stack = ExitStack()
@@ -172,15 +148,24 @@ class Api:
         return stack
 
     def _saturated(self) -> bytes:
-        self.metrics.observe("?", "saturated", 0.0)
-        return json.dumps(
-            cni.to_cni_error(
-                TryAgainLater(
-                    f"plexusd is saturated ({self.scheduler.admitted} requests in progress or "
-                    "queued); the runtime should retry"
-                )
-            )
-        ).encode()
+        self.metrics.observe_request("?", "saturated", 0.0)
+        return self._error_json(
+            "?",
+            TryAgainLater(
+                f"plexusd is saturated ({self.scheduler.admitted} requests in progress or "
+                "queued); the runtime should retry"
+            ),
+            cni.LATEST_VERSION,
+        )
+
+    def _error_json(
+        self, command: str, exc: BaseException, version: str, *, count: bool = True
+    ) -> bytes:
+        """The CNI error JSON of a failed request, counted by its code."""
+        error = cni.to_cni_error(exc, version)
+        if count:
+            self.metrics.observe_error(command, error.get("code"))
+        return json.dumps(error).encode()
 
     def _timeout(self, req: CniRequest) -> float:
         # The shim gives up after its shimTimeout (read from the same config): answer before.
@@ -197,8 +182,8 @@ class Api:
             log.warning("cni_request_refused", command=command, code=exc.code, error=exc.msg)
         else:
             log.exception("cni_request_crashed", command=command)
-        self.metrics.observe(command, "error", time.monotonic() - started)
-        return 400, json.dumps(cni.to_cni_error(exc, version)).encode()
+        self.metrics.observe_request(command, "error", time.monotonic() - started)
+        return 400, self._error_json(command, exc, version)
 
     def _run(self, req: CniRequest, job: Job, version: str, admission: ExitStack) -> None:
         # Waits give up a little before the answer is due, so the answer can say what held it.
@@ -218,15 +203,22 @@ class Api:
                     outcome = "ok"
                 except PlexusError as exc:
                     log.warning("cni_request_failed", code=exc.code, error=exc.msg)
-                    job.answer = 400, json.dumps(cni.to_cni_error(exc, version)).encode()
+                    # overdue: the runtime got (and the metrics counted) code 11 instead
+                    job.answer = (
+                        400,
+                        self._error_json(req.command, exc, version, count=not job.overdue),
+                    )
                 except Exception as exc:
                     log.exception("cni_request_crashed")
-                    job.answer = 400, json.dumps(cni.to_cni_error(exc, version)).encode()
+                    job.answer = (
+                        400,
+                        self._error_json(req.command, exc, version, count=not job.overdue),
+                    )
         finally:
             try:
                 elapsed = time.monotonic() - job.started
                 if not job.overdue:
-                    self.metrics.observe(req.command, outcome, elapsed)
+                    self.metrics.observe_request(req.command, outcome, elapsed)
                 log.info("cni_request_done", outcome=outcome, ms=round(elapsed * 1000, 2))
                 self._assert_netns()
             finally:
@@ -265,7 +257,7 @@ class Api:
             code, text = self.health(ready=url.path == "/readyz")
             return code, text.encode(), "text/plain"
         if url.path == "/metrics":
-            return 200, self.metrics.render(self.scheduler).encode(), "text/plain"
+            return 200, self.metrics.render(), CONTENT_TYPE_LATEST
         rows: Any
         if url.path == "/v1/attachments":
             rows = self.attachments()

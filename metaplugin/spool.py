@@ -51,6 +51,7 @@ class SpoolReplayer:
         self._scheduler = scheduler
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.replayed = 0  # spooled DELs done since start (for /metrics)
 
     def pending(self) -> list[Path]:
         try:
@@ -98,6 +99,7 @@ class SpoolReplayer:
         failpoints.hit("spool_unlink_before")
         path.unlink(missing_ok=True)
         failpoints.hit("spool_unlinked")
+        self.replayed += 1  # NOTE: replays run one at a time (start, then the retry thread)
         bound.info("spooled_del_replayed")
         return True
 

@@ -21,10 +21,12 @@ from types import ModuleType
 from typing import Any
 
 import structlog
+from prometheus_client import start_http_server
 
 from cnispec import logs
 from nad_controller.controller import DEFAULT_NAMESPACE, LEASE_NAME, Controller, Settings
 from nad_controller.leader import ElectionTiming
+from nad_controller.metrics import ControllerMetrics
 
 log = structlog.get_logger("nad_controller.cli")
 
@@ -89,6 +91,12 @@ def parser() -> argparse.ArgumentParser:
         default=0.1,
         help="seconds to gather a burst of node-state updates (default 0.1)",
     )
+    run.add_argument(
+        "--metrics-address",
+        default=":9466",
+        help="[host]:port serving Prometheus metrics at GET /metrics (default :9466, every "
+        "address); empty turns it off",
+    )
     webhook = _webhook()
     if webhook is not None:
         # The same flags on `run`, where they are optional: given TLS files, `run` also serves
@@ -128,17 +136,39 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
     controller.start()
-    _maybe_serve_webhook(args)
+    if not _serve_metrics(args.metrics_address, controller.metrics):
+        controller.stop(release=True)
+        return 2
+    _maybe_serve_webhook(args, controller.metrics)
     done.wait()
     controller.stop(release=True)
     return 0
 
 
-def _maybe_serve_webhook(args: argparse.Namespace) -> None:
+def _serve_metrics(address: str, metrics: ControllerMetrics) -> bool:
+    """Serve /metrics on its own threads (prometheus_client's server); False if it cannot."""
+    if not address:
+        return True
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        log.error("controller_config_invalid", error=f"--metrics-address {address!r}: [host]:port")
+        return False
+    try:
+        start_http_server(int(port), host.strip("[]") or "0.0.0.0", registry=metrics.registry)
+    except OSError as exc:
+        log.error("metrics_not_served", address=address, error=str(exc))
+        return False
+    log.info("metrics_serving", address=address)
+    return True
+
+
+def _maybe_serve_webhook(args: argparse.Namespace, metrics: ControllerMetrics) -> None:
     webhook = _webhook()
     if webhook is None or not getattr(args, "tls_cert_file", None):
         return
-    threading.Thread(target=webhook.serve, args=(args,), name="webhook", daemon=True).start()
+    threading.Thread(
+        target=webhook.serve, args=(args, metrics), name="webhook", daemon=True
+    ).start()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ import structlog
 from nad_controller.events import EventRecorder
 from nad_controller.k8s import ClusterApi, Informers
 from nad_controller.leader import ElectionTiming, LeaseElector
+from nad_controller.metrics import ControllerMetrics
 from nad_controller.reconciler import Reconciler
 
 log = structlog.get_logger(__name__)
@@ -52,6 +53,9 @@ class Controller:
             on_started=self.reconciler.started_leading,
             on_stopped=self.reconciler.stopped_leading,
         )
+        self.metrics = ControllerMetrics()
+        self.metrics.watch(leader=lambda: self.is_leader, writes=lambda: self.reconciler.writes)
+        self.reconciler.observe_pass = self.metrics.reconcile_seconds.observe
 
     def _changed(self, kind: str, obj: object) -> None:
         self.reconciler.notify(kind, obj if isinstance(obj, dict) else None)

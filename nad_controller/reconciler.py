@@ -12,6 +12,7 @@ everything and converges to the same status.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -51,7 +52,8 @@ class Reconciler:
         self._states: dict[str, tuple[str, NodeState]] = {}  # name -> (rv, parsed)
         self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
         self._backoff = 0.0  # seconds to wait after a failed status write (doubles, max 30)
-        self.writes = 0  # status writes made (tests and the benchmark read it)
+        self.writes = 0  # status writes made (tests, the benchmark and /metrics read it)
+        self.observe_pass: Callable[[float], None] | None = None  # seconds of each pass
 
     # wiring
 
@@ -91,8 +93,11 @@ class Reconciler:
             # Coalesce a burst of node-state writes; after a failed write, back off instead.
             self._stop.wait(max(self.debounce, self._backoff))
             self._dirty.clear()
+            started = time.monotonic()
             try:
                 self.reconcile_all()
+                if self.observe_pass is not None:
+                    self.observe_pass(time.monotonic() - started)
             except Exception:  # the loop must survive a bad object or a bug
                 log.exception("reconcile_failed")
                 self._dirty.set()

@@ -25,6 +25,7 @@ import ssl
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -35,6 +36,7 @@ import structlog
 from cnispec import jsontext
 from cnispec.validation import Lookups
 from nad_controller import certs
+from nad_controller.metrics import ControllerMetrics
 from nad_controller.validate import BadReview, review
 
 log = structlog.get_logger(__name__)
@@ -91,8 +93,10 @@ class WebhookServer(ThreadingHTTPServer):
         max_body: int = MAX_BODY,
         timeout: float = 10.0,
         max_concurrent: int = 32,
+        metrics: ControllerMetrics | None = None,
     ) -> None:
         self.context = context
+        self.metrics = metrics
         self.lookups = lookups
         self.max_body = max_body
         self.timeout = timeout
@@ -176,13 +180,18 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.slots.release()
 
     def _review(self, raw: bytes) -> None:
+        started, kind = time.monotonic(), None
         try:
-            answer = review(jsontext.loads(raw), self.server.lookups)
+            body = jsontext.loads(raw)
+            kind = _reviewed_kind(body)
+            answer = review(body, self.server.lookups)
         except BadReview as exc:
             self._refuse(400, str(exc))
+            self._count(kind, "error", started)
             return
         except ValueError as exc:
             self._refuse(400, f"body is not JSON: {exc}")
+            self._count(kind, "error", started)
             return
         response = answer["response"]
         log.info(
@@ -193,6 +202,11 @@ class _Handler(BaseHTTPRequestHandler):
             warnings=len(response.get("warnings", [])),
         )
         self._send(200, json.dumps(answer).encode(), "application/json")
+        self._count(kind, "allowed" if response["allowed"] else "denied", started)
+
+    def _count(self, kind: object, decision: str, started: float) -> None:
+        if self.server.metrics is not None:
+            self.server.metrics.observe_admission(kind, decision, time.monotonic() - started)
 
     def _refuse(self, code: int, message: str) -> None:
         self.close_connection = True
@@ -206,6 +220,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
+
+
+def _reviewed_kind(body: Any) -> object:
+    """The reviewed object's kind (for /metrics; an unknown kind becomes "other" there)."""
+    request = body.get("request") if isinstance(body, dict) else None
+    kind = request.get("kind") if isinstance(request, dict) else None
+    return kind.get("kind") if isinstance(kind, dict) else None
 
 
 def _certificates(args: argparse.Namespace, api: Any | None) -> certs.CertSource:
@@ -232,7 +253,7 @@ def _certificates(args: argparse.Namespace, api: Any | None) -> certs.CertSource
     return certs.CertSource(str(cert), str(key))
 
 
-def build(args: argparse.Namespace) -> WebhookServer:
+def build(args: argparse.Namespace, metrics: ControllerMetrics | None = None) -> WebhookServer:
     """The server for `args`, bound (port 0 picks one), not yet serving."""
     api = None
     lookups: Lookups | None = None
@@ -249,11 +270,12 @@ def build(args: argparse.Namespace) -> WebhookServer:
         max_body=args.max_body_bytes,
         timeout=args.request_timeout,
         max_concurrent=args.max_concurrent,
+        metrics=metrics,
     )
 
 
-def serve(args: argparse.Namespace) -> int:
-    server = build(args)
+def serve(args: argparse.Namespace, metrics: ControllerMetrics | None = None) -> int:
+    server = build(args, metrics)
     log.info("webhook serving", port=server.port, api=server.lookups is not None)
     try:
         server.serve_forever(poll_interval=0.5)

@@ -71,6 +71,9 @@ class SriovNode:
         )
         self._stop = threading.Event()
         self._loop: threading.Thread | None = None
+        # What the audits did since start, by kind (plexusd's /metrics reads it when scraped).
+        self.healed = {"healed": 0, "corrected": 0, "unhealthy": 0}
+        self._healed_lock = threading.Lock()
 
     def _pod_resources(self) -> PodResourcesClient:
         from sriov.podresources import PodResourcesClient  # grpc: cluster mode only
@@ -123,6 +126,9 @@ class SriovNode:
         summary = asdict(report)
         counts = {k: v if isinstance(v, int) else len(v) for k, v in summary.items()}
         log.info("vf_audit_done", **counts)
+        with self._healed_lock:  # the audit loop and a start-up audit may both count
+            for kind in ("healed", "corrected", "unhealthy"):
+                self.healed[kind] += counts.get(kind, 0)
         return summary
 
     def _audit_loop(self) -> None:

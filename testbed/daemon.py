@@ -18,6 +18,7 @@ import yaml
 from metaplugin.client import get
 
 PLEXUSD = str(Path(sys.executable).with_name("plexusd"))
+METRICS_PORT = 9465
 
 
 class DaemonProcess:
@@ -45,6 +46,9 @@ class DaemonProcess:
             "logLevel": "debug",
             # Test beds keep host-local leases in their own temp dirs, wherever those are.
             "hostLocalDataRoots": [tempfile.gettempdir()],
+            # In its own namespace, metrics on that namespace's loopback; in the host's, none
+            # (a test never opens a port on the host).
+            "metricsAddress": f"127.0.0.1:{METRICS_PORT}" if netns or launcher else "",
             **config,
         }
         root.mkdir(parents=True, exist_ok=True)

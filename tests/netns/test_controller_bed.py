@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ import pytest
 import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
+from prometheus_client.parser import text_string_to_metric_families
 
 from kernel.netns import run_in_netns
 from nad_controller import certs
@@ -170,6 +172,9 @@ def _start_node(root: Path, ns: Netns, i: int, api: ApiStandin, sockets: Path) -
     return NodeAgent(f"node-{i}", ns, hw, vfs, kubelet, daemon)
 
 
+METRICS_OFFSET = 100  # a replica's metrics port: its webhook port + 100
+
+
 def _start_replica(
     cp: Netns, root: Path, identity: str, *, port: int, kubeconfig: str, tls: tuple[Path, Path]
 ) -> Replica:
@@ -181,7 +186,9 @@ def _start_replica(
              "--kubeconfig", kubeconfig, "--identity", identity, "--namespace", LEASE_NS,
              "--lease-duration", "4", "--renew-deadline", "3", "--retry-period", "0.5",
              "--tls-cert-file", str(tls[0]), "--tls-private-key-file", str(tls[1]),
-             "--bind-address", "127.0.0.1", "--port", str(port)],
+             "--bind-address", "127.0.0.1", "--port", str(port),
+             # both replicas share the namespace: a metrics port each
+             "--metrics-address", f"127.0.0.1:{port + METRICS_OFFSET}"],
             stdout=out, stderr=subprocess.STDOUT, text=True, env=env,
         )  # fmt: skip
     return Replica(identity, port, proc, log)
@@ -287,6 +294,25 @@ def test_exactly_one_replica_leads(bed: Bed) -> None:
     holder = wait(bed.lease_holder, "no replica took the Lease")
     assert holder in {"ctl-a", "ctl-b"}
     assert all(r.alive() for r in bed.replicas)
+    # each replica's metrics port says which one leads (what the dashboard's Leader panel shows)
+    expected = {r.identity: float(r.identity == holder) for r in bed.replicas}
+    wait(
+        lambda: {r.identity: _leader_gauge(bed, r) for r in bed.replicas} == expected,
+        "the replicas' leader gauges disagree with the Lease",
+    )
+
+
+def _leader_gauge(bed: Bed, replica: Replica) -> float:
+    def scrape() -> bytes:
+        url = f"http://127.0.0.1:{replica.port + METRICS_OFFSET}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            return bytes(reply.read())
+
+    text = run_in_netns(bed.cp.path, scrape).decode()
+    (family,) = [
+        f for f in text_string_to_metric_families(text) if f.name == "plexus_controller_leader"
+    ]
+    return float(family.samples[0].value)
 
 
 def test_a_vf_health_change_reaches_the_pool_condition_within_seconds(bed: Bed) -> None:

@@ -367,7 +367,7 @@ def test_cli_run_leads_writes_and_releases_on_sigterm(standin: ApiStandin, kube:
     proc = subprocess.Popen(
         [sys.executable, "-m", "nad_controller.cli", "run", "--kubeconfig", config,
          "--identity", "ctl-cli", "--lease-duration", "4", "--renew-deadline", "3",
-         "--retry-period", "0.5"],
+         "--retry-period", "0.5", "--metrics-address", ""],  # no port on this host
         stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     try:

@@ -212,7 +212,7 @@ def test_socket_is_private_and_probes_are_harmless(served) -> None:
         s.close()
     assert get(sock, "/healthz")[0] == 200
     assert get(sock, "/readyz")[0] == 200
-    assert b"plexus_requests_admitted 0" in get(sock, "/metrics")[1]
+    assert b"\nplexus_requests_admitted 0.0\n" in get(sock, "/metrics")[1]
 
 
 def test_cni_over_the_socket(served) -> None:
@@ -240,7 +240,10 @@ def test_cni_over_the_socket(served) -> None:
     status, body = post(sock, {"nope": 1})
     assert status == 400 and body is not None and body["code"] == 6
     metrics = get(sock, "/metrics")[1].decode()
-    assert 'plexus_cni_requests_total{command="ADD",outcome="ok"} 1' in metrics
+    assert 'plexus_cni_request_duration_seconds_count{outcome="ok",verb="ADD"} 1.0' in metrics
+    assert 'plexus_cni_errors_total{code="4",verb="ADD"} 1.0' in metrics
+    assert 'plexus_cni_errors_total{code="6",verb="?"}' not in metrics  # bounded: "other"
+    assert 'plexus_cni_errors_total{code="6",verb="other"} 1.0' in metrics
     listed = json.loads(get(sock, "/v1/attachments")[1])
     assert [a["ifname"] for a in listed[0]["attachments"]] == ["eth0", "net1"]
 

@@ -171,7 +171,8 @@ def test_a_request_past_its_deadline_answers_11_and_liveness_fails_until_it_ends
             time.sleep(0.05)
         assert post(served.sock, env("DEL", "stuck"), conf())[0] == 200
         metrics = get(served.sock, "/metrics")[1].decode()
-        assert 'plexus_cni_requests_total{command="ADD",outcome="deadline"} 1' in metrics
+        count = "plexus_cni_request_duration_seconds_count"
+        assert f'{count}{{outcome="deadline",verb="ADD"}} 1.0' in metrics
     finally:
         release.set()
         served.server.stop()

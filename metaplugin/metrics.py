@@ -1,0 +1,282 @@
+"""plexusd's Prometheus metrics: one registry per daemon (never the process-wide default, so a
+test can run several daemons), served on the unix socket (plexusctl) and on a TCP port.
+
+Label values are bounded: verbs are the CNI verbs (anything else is "other"), outcomes a fixed
+set, codes the CNI error codes, delegate types the built-in types (an exec'd plugin is "exec"),
+pools the node's configured pools. Nothing a pod or a NAD writes becomes a label value.
+
+What the daemon already keeps (the scheduler's admitted count, the spool directory, the GC
+stats, the VF ledger, the fabric's peers) is read at scrape time by `LiveCollector`, never
+copied into gauges that could go stale.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from cnispec import cni
+
+log = structlog.get_logger(__name__)
+
+VERBS = frozenset({cni.ADD, cni.DEL, cni.CHECK, cni.GC, cni.STATUS, cni.VERSION})
+OUTCOMES = frozenset({"ok", "error", "deadline", "saturated"})
+# Resolve 1-100 ms, where a pod's interfaces are made, and still see a stuck exec'd plugin.
+BUCKETS = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
+    0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+MAX_CODE = 999  # CNI codes are small integers; reserved ranges go up to 999
+MAX_POOLS = 256  # VF pools exported per node (a node configures a handful)
+
+
+def verb_label(command: str) -> str:
+    return command if command in VERBS else "other"
+
+
+def code_label(code: object) -> str:
+    return str(code) if isinstance(code, int) and 0 <= code <= MAX_CODE else "other"
+
+
+class DaemonMetrics:
+    """The metrics plexusd updates as it works; `LiveCollector` adds what is read at scrape."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.request_seconds = Histogram(
+            "plexus_cni_request_duration_seconds",
+            "Time from a CNI request's arrival at plexusd to its answer, by verb and outcome "
+            "(ok, error, deadline, saturated).",
+            ["verb", "outcome"],
+            buckets=BUCKETS,
+            registry=r,
+        )
+        self.delegate_seconds = Histogram(
+            "plexus_delegate_duration_seconds",
+            "Time one delegate plugin call took, by delegate type (a built-in's type, or exec "
+            "for an exec'd plugin) and verb.",
+            ["delegate", "verb"],
+            buckets=BUCKETS,
+            registry=r,
+        )
+        self.errors = Counter(
+            "plexus_cni_errors",
+            "CNI requests answered with an error, by verb and CNI error code.",
+            ["verb", "code"],
+            registry=r,
+        )
+        self.refusals = Counter(
+            "plexus_queue_refusals",
+            "CNI requests refused at once with code 11 because maxConcurrent + maxQueue "
+            "requests were already admitted.",
+            registry=r,
+        )
+
+    def observe_request(self, command: str, outcome: str, seconds: float) -> None:
+        self.request_seconds.labels(
+            verb_label(command), outcome if outcome in OUTCOMES else "error"
+        ).observe(max(seconds, 0.0))
+        if outcome == "saturated":
+            self.refusals.inc()
+
+    def observe_error(self, command: str, code: object) -> None:
+        self.errors.labels(verb_label(command), code_label(code)).inc()
+
+    def watch(self, sources: LiveSources) -> None:
+        """Read the daemon's live state at every scrape."""
+        self.registry.register(LiveCollector(sources))
+
+    def delegate_observer(self, builtin_types: frozenset[str]) -> DelegateObserver:
+        return DelegateObserver(self.delegate_seconds, builtin_types)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+@dataclass(frozen=True)
+class DelegateObserver:
+    """What the chain runner calls after each plugin call (delegates/ cannot import this)."""
+
+    histogram: Histogram
+    builtin_types: frozenset[str]
+
+    def __call__(self, plugin_type: str, exec_: bool, verb: str, seconds: float) -> None:
+        kind = plugin_type if not exec_ and plugin_type in self.builtin_types else "exec"
+        self.histogram.labels(kind, verb_label(verb)).observe(max(seconds, 0.0))
+
+
+@dataclass
+class LiveSources:
+    """Where `LiveCollector` reads the daemon's state at scrape time (None: not running)."""
+
+    admitted: Callable[[], int]
+    spool_depth: Callable[[], int] | None = None
+    spool_replays: Callable[[], int] | None = None
+    gc_stats: Callable[[], dict[str, int]] | None = None
+    vf_pools: Callable[[], list[dict[str, Any]]] | None = None
+    vf_healed: Callable[[], dict[str, int]] | None = None
+    fabric_peers: Callable[[], int | None] | None = None
+
+
+class LiveCollector(Collector):
+    def __init__(self, sources: LiveSources) -> None:
+        self._s = sources
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # collected only when scraped: describing must not read the live state
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._s
+        yield GaugeMetricFamily(
+            "plexus_requests_admitted",
+            "CNI requests admitted (running or queued) right now.",
+            value=s.admitted(),
+        )
+        if s.spool_depth is not None:
+            yield GaugeMetricFamily(
+                "plexus_spool_depth", "Spooled DELs waiting for a replay.", value=s.spool_depth()
+            )
+        if s.spool_replays is not None:
+            yield CounterMetricFamily(
+                "plexus_spool_replays", "Spooled DELs replayed (done).", value=s.spool_replays()
+            )
+        if s.gc_stats is not None:
+            yield from _gc_families(s.gc_stats())
+        if s.vf_healed is not None:
+            healed = CounterMetricFamily(
+                "plexus_vf_audit_healed",
+                "VFs the audit healed, by kind: healed (rolled back and freed), corrected "
+                "(attached, PF-side settings put back), unhealthy (marked unhealthy).",
+                labels=["kind"],
+            )
+            for kind, n in sorted(s.vf_healed().items()):
+                healed.add_metric([kind], n)
+            yield healed
+        if s.vf_pools is not None:
+            yield from _pool_families(s.vf_pools())
+        if s.fabric_peers is not None and (peers := s.fabric_peers()) is not None:
+            yield GaugeMetricFamily(
+                "plexus_fabric_peers", "Fabric peers this node routes to.", value=peers
+            )
+
+
+def _gc_families(stats: dict[str, int]) -> Iterator[Metric]:
+    yield CounterMetricFamily("plexus_gc_runs", "CNI GC collections run.", value=stats["runs"])
+    leaks = CounterMetricFamily(
+        "plexus_gc_healed",
+        "What GC cleaned up, by kind: stale_container (recorded attachments of a container "
+        "the runtime no longer knows, torn down).",
+        labels=["kind"],
+    )
+    leaks.add_metric(["stale_container"], stats["stale_containers"])
+    yield leaks
+    failures = CounterMetricFamily(
+        "plexus_gc_failures",
+        "Failures a GC logged and went past, by kind (container, network).",
+        labels=["kind"],
+    )
+    failures.add_metric(["container"], stats["container_failures"])
+    failures.add_metric(["network"], stats["network_failures"])
+    yield failures
+
+
+def _pool_families(pools: list[dict[str, Any]]) -> Iterator[Metric]:
+    families = {
+        key: GaugeMetricFamily(f"plexus_vf_pool_{name}", help_, labels=["pool"])
+        for key, name, help_ in (
+            ("total", "total", "VFs in the pool."),
+            ("healthy", "healthy", "Healthy VFs in the pool."),
+            ("free", "free", "Healthy VFs free to give out."),
+            ("inUse", "in_use", "VFs held by pods (or being set up or released)."),
+        )
+    }
+    for pool in pools[:MAX_POOLS]:
+        for key, family in families.items():
+            family.add_metric([str(pool["resourceName"])], int(pool[key]))
+    yield from families.values()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _MetricsHttpServer
+    timeout = 5.0  # a client that sends nothing ties up its own thread for 5 s, nothing else
+
+    def do_GET(self) -> None:
+        if self.path.split("?", 1)[0] != "/metrics":
+            self.send_error(404)
+            return
+        body = self.server.render()
+        self.send_response(200)
+        self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # a scrape every 15 s is not worth a log line
+
+
+class _MetricsHttpServer(ThreadingHTTPServer):
+    daemon_threads = True  # a slow client's thread never keeps plexusd from exiting
+    max_connections = 8  # scrapers at once; more are hung up on at accept, not given threads
+
+    def __init__(self, address: tuple[str, int], render: Callable[[], bytes]) -> None:
+        self.render = render
+        self.connections = threading.BoundedSemaphore(self.max_connections)
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.connections.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release()
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """ ":9465" -> ("", 9465) (every address), "127.0.0.1:9465", "[::1]:9465"."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"metrics address {address!r} is not [host]:port")
+    return host.strip("[]"), int(port)
+
+
+class MetricsServer:
+    """GET /metrics on TCP, on threads of its own: a slow or stuck scraper holds only its own
+    connection thread (with a socket timeout), never a CNI request or the unix socket."""
+
+    def __init__(self, address: str, render: Callable[[], bytes]) -> None:
+        host, port = parse_address(address)
+        self._server = _MetricsHttpServer((host, port), render)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="metrics-http", daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("metrics_serving", address=self._server.server_address[:2])
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
