@@ -21,6 +21,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 from urllib3.exceptions import HTTPError
 
+from cnispec import nad as nadmod
 from cnispec import vfpool_api as v
 from nad_controller.api import JSON, ApiFailure, Conflict, Gone, Handler, NotFound
 
@@ -29,6 +30,7 @@ log = structlog.get_logger(__name__)
 WATCH_TIMEOUT: Final = 300
 REQUEST_TIMEOUT: Final = (5.0, 15.0)
 POOL, STATE, NODE = "VFPool", "VFPoolNodeState", "Node"
+NAD = "NetworkAttachmentDefinition"
 
 
 class ConfigError(Exception):
@@ -137,6 +139,10 @@ class ClusterApi:
     def lister(self, kind: str) -> Callable[..., Any]:
         if kind == NODE:
             return self._core.list_node
+        if kind == NAD:
+            return lambda **kw: self._custom.list_cluster_custom_object(
+                nadmod.GROUP, nadmod.VERSION, nadmod.PLURAL, **kw
+            )
         plural = v.POOL_PLURAL if kind == POOL else v.STATE_PLURAL
         return lambda **kw: self._custom.list_cluster_custom_object(
             v.GROUP, v.VERSION, plural, **kw
@@ -155,6 +161,12 @@ def _raw() -> dict[str, Any]:
 
 def _name(obj: Mapping[str, Any]) -> str:
     return str((obj.get("metadata") or {}).get("name", ""))
+
+
+def _key(obj: Mapping[str, Any]) -> str:
+    """An object's cache key: its name, and `namespace/name` for a namespaced one (NADs)."""
+    namespace = (obj.get("metadata") or {}).get("namespace")
+    return f"{namespace}/{_name(obj)}" if namespace else _name(obj)
 
 
 class Informer:
@@ -192,12 +204,15 @@ class Informer:
 
     def _trim(self, obj: JSON) -> JSON:
         """Nodes are kept as name, uid and labels: the status of a big cluster's Nodes (images,
-        conditions) would be most of the controller's memory, and it reads none of it."""
-        if self.kind != NODE:
+        conditions) would be most of the controller's memory, and it reads none of it. NADs are
+        kept as their identity and annotations (their resourceName), without the config."""
+        if self.kind not in (NODE, NAD):
             return obj
         meta = obj.get("metadata") or {}
-        kept = {k: meta[k] for k in ("name", "uid", "labels", "resourceVersion") if k in meta}
-        return {"metadata": kept}
+        keys: tuple[str, ...] = ("name", "uid", "labels", "resourceVersion")
+        if self.kind == NAD:
+            keys = ("name", "namespace", "uid", "annotations", "resourceVersion")
+        return {"metadata": {k: meta[k] for k in keys if k in meta}}
 
     def items(self) -> list[JSON]:
         with self._lock:
@@ -223,7 +238,7 @@ class Informer:
 
     def _relist(self) -> None:
         data = _call(lambda: self._list(**_raw()))
-        items = {_name(o): self._trim(o) for o in data.get("items") or []}
+        items = {_key(o): self._trim(o) for o in data.get("items") or []}
         with self._lock:
             self._items = items
             self._rv = str(data["metadata"]["resourceVersion"])
@@ -264,9 +279,9 @@ class Informer:
         rv = (obj.get("metadata") or {}).get("resourceVersion")
         with self._lock:
             if kind in ("ADDED", "MODIFIED"):
-                self._items[_name(obj)] = self._trim(obj)
+                self._items[_key(obj)] = self._trim(obj)
             elif kind == "DELETED":
-                self._items.pop(_name(obj), None)
+                self._items.pop(_key(obj), None)
             if rv:
                 self._rv = str(rv)
         if kind != "BOOKMARK":
@@ -280,10 +295,11 @@ def _lines(resp: Any) -> Iterator[str]:
 
 
 class Informers:
-    """The three informers the reconciler reads (`nad_controller.api.Cache`)."""
+    """The informers the reconciler reads (`nad_controller.api.Cache`)."""
 
     def __init__(self, api: ClusterApi, on_change: Handler) -> None:
-        self._by_kind = {k: Informer(k, api.lister(k), on_change) for k in (POOL, STATE, NODE)}
+        kinds = (POOL, STATE, NODE, NAD)
+        self._by_kind = {k: Informer(k, api.lister(k), on_change) for k in kinds}
 
     def start(self) -> None:
         for informer in self._by_kind.values():
@@ -304,3 +320,6 @@ class Informers:
 
     def nodes(self) -> list[JSON]:
         return self._by_kind[NODE].items()
+
+    def nads(self) -> list[JSON]:
+        return self._by_kind[NAD].items()
