@@ -30,7 +30,8 @@ from urllib3.exceptions import HTTPError
 
 from cnispec import nad as nadmod
 from cnispec.annotations import NETWORK_STATUS_ANNOTATION
-from cnispec.errors import InvalidConfig, TryAgainLater
+from cnispec.errors import InvalidConfig, PlexusError, TryAgainLater
+from cnispec.eventlimit import Bump, Create, EventLimiter
 from cnispec.identity import PodInfo
 from cnispec.nad import NetworkAttachmentDefinition
 from delegates.fabric import Peer
@@ -171,9 +172,18 @@ class _StatusJob:
 class ApiStatusSink:
     """Publishes network-status and Events from a worker thread, never on the CNI path."""
 
-    def __init__(self, core: kclient.CoreV1Api, node: str, *, capacity: int = 1024) -> None:
+    def __init__(
+        self,
+        core: kclient.CoreV1Api,
+        node: str,
+        *,
+        capacity: int = 1024,
+        limiter: EventLimiter | None = None,
+    ) -> None:
         self._core = core
         self._node = node
+        # Used only by the worker thread: no lock.
+        self.limiter = limiter or EventLimiter()
         self._jobs: queue.Queue[_StatusJob | None] = queue.Queue(maxsize=capacity)
         self._thread = threading.Thread(target=self._run, name="status-publisher", daemon=True)
         self._thread.start()
@@ -188,6 +198,9 @@ class ApiStatusSink:
 
     def teardown_abandoned(self, pod: PodInfo, message: str) -> None:
         self._put(_StatusJob(pod, event=("Warning", "TeardownAbandoned", message)))
+
+    def add_failed(self, pod: PodInfo, error: PlexusError) -> None:
+        self._put(_StatusJob(pod, event=("Warning", "AddFailed", add_failed_message(error))))
 
     def _put(self, job: _StatusJob) -> None:
         try:
@@ -267,7 +280,46 @@ class ApiStatusSink:
         log.error("network_status_not_published", pod=pod.ref, attempts=STATUS_RETRIES)
 
     def _event(self, pod: PodInfo, kind: str, reason: str, message: str) -> None:
+        """One Event, through the limiter: a repeat within its window bumps the Event already
+        written (count, lastTimestamp), and a pod past its budget gets nothing."""
+        message = _event_message(message)
+        obj = pod.uid or pod.ref
+        decision = self.limiter.decide(obj, kind, reason, message)
         now = datetime.now(UTC)
+        try:
+            if isinstance(decision, Bump):
+                try:
+                    self._core.patch_namespaced_event(
+                        decision.name,
+                        pod.namespace,
+                        {"count": decision.count, "lastTimestamp": now.isoformat()},
+                        _content_type="application/merge-patch+json",
+                        _request_timeout=REQUEST_TIMEOUT,
+                    )
+                    return
+                except ApiException as exc:
+                    if exc.status != 404:
+                        raise
+                    # The Event expired (its TTL) while the pod kept failing: a new one.
+                    self.limiter.forget(obj, kind, reason, message)
+            elif not isinstance(decision, Create):
+                if decision.report:
+                    log.warning(
+                        "pod_events_rate_limited",
+                        pod=pod.ref,
+                        reason=reason,
+                        window=self.limiter.window,
+                        dropped_total=self.limiter.dropped,
+                    )
+                return
+            self._create_event(pod, kind, reason, message, now)
+        except (ApiException, HTTPError, OSError) as exc:
+            log.warning("pod_event_failed", pod=pod.ref, reason=reason, error=str(exc)[:200])
+
+    def _create_event(
+        self, pod: PodInfo, kind: str, reason: str, message: str, now: datetime
+    ) -> None:
+        obj = pod.uid or pod.ref
         body = kclient.CoreV1Event(
             metadata=kclient.V1ObjectMeta(generate_name=f"{pod.name}.", namespace=pod.namespace),
             involved_object=kclient.V1ObjectReference(
@@ -279,20 +331,28 @@ class ApiStatusSink:
             ),
             type=kind,
             reason=reason,
-            message=_event_message(message),
+            message=message,
             source=kclient.V1EventSource(component=EVENT_COMPONENT, host=self._node),
             reporting_component=EVENT_COMPONENT,
             reporting_instance=self._node,
             first_timestamp=now,
             last_timestamp=now,
-            count=1,
+            count=self.limiter.count(obj, kind, reason, message),
         )
-        try:
+        made = _json(
             self._core.create_namespaced_event(
-                pod.namespace, body, _request_timeout=REQUEST_TIMEOUT
+                pod.namespace, body, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
             )
-        except (ApiException, HTTPError, OSError) as exc:
-            log.warning("pod_event_failed", pod=pod.ref, reason=reason, error=str(exc)[:200])
+        )
+        name = str((made.get("metadata") or {}).get("name", ""))
+        if name:
+            self.limiter.created(obj, kind, reason, message, name)
+
+
+def add_failed_message(error: PlexusError) -> str:
+    """The AddFailed Event's note: the CNI code and its name first (what `kubectl get events`
+    shows of it), then the message, which names the network and interface that failed."""
+    return f"CNI error {error.code} {type(error).__name__}: {error.msg}"
 
 
 def _event_message(message: str) -> str:

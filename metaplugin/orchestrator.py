@@ -139,6 +139,17 @@ class Orchestrator:
     def add(self, req: CniRequest) -> dict[str, Any]:
         runtime_config = _runtime_config(req)
         pod = self._pod(req, runtime_config)
+        try:
+            return self._add(req, pod, runtime_config)
+        except PlexusError as exc:
+            # NetworkNotFound has its own Event (NoNetworkFound), sent where it is raised.
+            if pod is not None and not isinstance(exc, NetworkNotFound):
+                self._sink.add_failed(pod, exc)
+            raise
+
+    def _add(
+        self, req: CniRequest, pod: PodInfo | None, runtime_config: Mapping[str, Any]
+    ) -> dict[str, Any]:
         self._wait_ready()
         plan = self._plan(req, pod, runtime_config)
         self._refuse_leftovers(req)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Final, Protocol
 
 from cnispec.cni import Interface, Result
+from cnispec.errors import PlexusError
 from cnispec.identity import PodInfo
 from metaplugin.store import Attachment
 
@@ -98,6 +99,11 @@ class StatusSink(Protocol):
         which attachment, why, what Plexus released itself and where its record is kept."""
         ...
 
+    def add_failed(self, pod: PodInfo, error: PlexusError) -> None:
+        """An ADD failed (a Warning Event on the pod: the CNI code, the network, the message).
+        Queued: the CNI answer never waits for the API."""
+        ...
+
 
 class NullSink:
     """Local mode: nothing to publish; plexusctl reads status from the daemon."""
@@ -110,3 +116,6 @@ class NullSink:
 
     def teardown_abandoned(self, pod: PodInfo, message: str) -> None:
         return None  # the daemon's log line (`teardown_abandoned`) says it all
+
+    def add_failed(self, pod: PodInfo, error: PlexusError) -> None:
+        return None  # the runtime has the CNI error itself

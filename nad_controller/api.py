@@ -38,13 +38,16 @@ class LeaseApi(Protocol):
 
 
 class Cache(Protocol):
-    """The informers' view: every VFPool, VFPoolNodeState and Node, as last seen."""
+    """The informers' view: every VFPool, VFPoolNodeState, Node and NAD, as last seen (NADs
+    and Nodes trimmed to their metadata)."""
 
     def pools(self) -> list[JSON]: ...
 
     def states(self) -> list[JSON]: ...
 
     def nodes(self) -> list[JSON]: ...
+
+    def nads(self) -> list[JSON]: ...
 
 
 class StatusWriter(Protocol):

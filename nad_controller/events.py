@@ -20,7 +20,8 @@ from nad_controller.api import ApiFailure, NotFound, StatusWriter
 log = structlog.get_logger(__name__)
 
 COMPONENT: Final = "plexus-controller"
-# Events of cluster-scoped objects live in "default", where `kubectl describe` looks for them.
+# Events of cluster-scoped objects live in "default", where `kubectl describe` looks for them;
+# a namespaced object's (a NAD's) in its own namespace.
 EVENT_NAMESPACE: Final = "default"
 MESSAGE_MAX: Final = 1024
 
@@ -36,6 +37,7 @@ class _Seen:
     name: str
     count: int
     first: str
+    namespace: str
 
 
 class EventRecorder:
@@ -67,7 +69,7 @@ class EventRecorder:
             if seen is not None:
                 seen.count += 1
                 patch = {"count": seen.count, "lastTimestamp": now}
-                self.api.patch_event(EVENT_NAMESPACE, seen.name, patch)
+                self.api.patch_event(seen.namespace, seen.name, patch)
                 return
             self._create(
                 key=key, involved=involved, kind=kind, reason=reason, message=message, now=now
@@ -92,10 +94,11 @@ class EventRecorder:
         now: str,
     ) -> None:
         name = f"{involved.get('name')}.{secrets.token_hex(8)}"
+        namespace = str(involved.get("namespace") or EVENT_NAMESPACE)
         body = {
             "apiVersion": "v1",
             "kind": "Event",
-            "metadata": {"name": name, "namespace": EVENT_NAMESPACE},
+            "metadata": {"name": name, "namespace": namespace},
             "involvedObject": involved,
             "reason": reason,
             "message": message,
@@ -108,12 +111,12 @@ class EventRecorder:
             "reportingInstance": self.instance,
         }
         try:
-            self.api.create_event(EVENT_NAMESPACE, body)
+            self.api.create_event(namespace, body)
         except ApiFailure as exc:
             log.warning("event_failed", object=involved.get("name"), error=str(exc)[:200])
             return
         with self._lock:
-            self._seen[key] = _Seen(name, 1, now)
+            self._seen[key] = _Seen(name, 1, now, namespace)
             if len(self._seen) > 4096:  # bounded: forget the oldest
                 self._seen.pop(next(iter(self._seen)))
 

@@ -18,6 +18,7 @@ from kubernetes import config as kconfig
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
+from cnispec import nad as nadmod
 from cnispec import vfpool_api as v
 from kubeapi.informer import REQUEST_TIMEOUT, Informer, name_key
 from nad_controller.api import JSON, ApiFailure, Conflict, Gone, Handler, NotFound
@@ -25,6 +26,7 @@ from nad_controller.api import JSON, ApiFailure, Conflict, Gone, Handler, NotFou
 log = structlog.get_logger(__name__)
 
 POOL, STATE, NODE = "VFPool", "VFPoolNodeState", "Node"
+NAD = "NetworkAttachmentDefinition"
 
 
 class ConfigError(Exception):
@@ -133,6 +135,10 @@ class ClusterApi:
     def lister(self, kind: str) -> Callable[..., Any]:
         if kind == NODE:
             return self._core.list_node
+        if kind == NAD:
+            return lambda **kw: self._custom.list_cluster_custom_object(
+                nadmod.GROUP, nadmod.VERSION, nadmod.PLURAL, **kw
+            )
         plural = v.POOL_PLURAL if kind == POOL else v.STATE_PLURAL
         return lambda **kw: self._custom.list_cluster_custom_object(
             v.GROUP, v.VERSION, plural, **kw
@@ -161,21 +167,37 @@ def _trim_node(obj: Mapping[str, Any]) -> JSON:
     return {"metadata": kept}
 
 
+def _trim_nad(obj: Mapping[str, Any]) -> JSON:
+    """NADs are kept as their identity and annotations (their resourceName), without the
+    config."""
+    meta = obj.get("metadata") or {}
+    keys = ("name", "namespace", "uid", "annotations", "resourceVersion")
+    return {"metadata": {k: meta[k] for k in keys if k in meta}}
+
+
+def _key(obj: Mapping[str, Any]) -> str:
+    """An object's cache key: its name, and `namespace/name` for a namespaced one (NADs)."""
+    meta = obj.get("metadata") or {}
+    name = name_key(obj)
+    return f"{meta['namespace']}/{name}" if meta.get("namespace") else name
+
+
 def _informer(kind: str, api: ClusterApi, on_change: Handler) -> Informer[JSON]:
     return Informer(
         kind,
         api.lister(kind),
-        _trim_node if kind == NODE else _as_dict,
-        key=name_key,  # every kind the controller reads is cluster-scoped
+        {NODE: _trim_node, NAD: _trim_nad}.get(kind, _as_dict),
+        key=_key,
         on_change=lambda obj: on_change(kind, None if obj is None else dict(obj)),
     )
 
 
 class Informers:
-    """The three informers the reconciler reads (`nad_controller.api.Cache`)."""
+    """The informers the reconciler reads (`nad_controller.api.Cache`)."""
 
     def __init__(self, api: ClusterApi, on_change: Handler) -> None:
-        self._by_kind = {k: _informer(k, api, on_change) for k in (POOL, STATE, NODE)}
+        kinds = (POOL, STATE, NODE, NAD)
+        self._by_kind = {k: _informer(k, api, on_change) for k in kinds}
 
     def start(self) -> None:
         for informer in self._by_kind.values():
@@ -196,3 +218,6 @@ class Informers:
 
     def nodes(self) -> list[JSON]:
         return self._by_kind[NODE].values()
+
+    def nads(self) -> list[JSON]:
+        return self._by_kind[NAD].values()

@@ -20,6 +20,9 @@ from typing import Any
 import structlog
 from pydantic import ValidationError
 
+from cnispec.annotations import RESOURCE_NAME_ANNOTATION
+from cnispec.nad import GROUP as NAD_GROUP
+from cnispec.nad import VERSION as NAD_VERSION
 from cnispec.vfpool_api import API_VERSION, POOL_KIND, VFPoolSpec, VFPoolStatus
 from nad_controller.api import JSON, ApiFailure, Cache, NotFound, StatusWriter
 from nad_controller.events import EventRecorder
@@ -54,6 +57,11 @@ class Reconciler:
         self._backoff = 0.0  # seconds to wait after a failed status write (doubles, max 30)
         self.writes = 0  # status writes made (tests, the benchmark and /metrics read it)
         self.observe_pass: Callable[[float], None] | None = None  # seconds of each pass
+        # resourceNames some VFPool provided while this replica watched, and the NADs (uid)
+        # already told that theirs is not provided any more.
+        self._provided: set[str] = set()
+        self._orphaned: set[str] = set()
+        self._nad_lock = threading.Lock()  # a resync may run beside the loop (tests, CLI)
 
     # wiring
 
@@ -114,6 +122,45 @@ class Reconciler:
             if not self._leading.is_set():
                 return
             self.reconcile(pool, states, nodes)
+        self.check_nads(pools)
+
+    def check_nads(self, pools: list[JSON]) -> None:
+        """A Warning `ResourceNotProvided` on each NAD whose resourceName a VFPool provided and
+        none provides any more (its pool was deleted or renamed its resource): the next pod
+        asking for that network waits for a device no node will offer. Only resources seen
+        provided are judged: others (the SR-IOV device plugin's) are not ours to know. Once per
+        NAD until its resource is provided again."""
+        with self._nad_lock:
+            self._check_nads(pools)
+
+    def _check_nads(self, pools: list[JSON]) -> None:
+        now = {str((p.get("spec") or {}).get("resourceName") or "") for p in pools} - {""}
+        self._provided |= now
+        orphaned = set()
+        for obj in self.cache.nads():
+            meta = obj.get("metadata") or {}
+            resource = (meta.get("annotations") or {}).get(RESOURCE_NAME_ANNOTATION)
+            if not resource or resource in now or resource not in self._provided:
+                continue
+            uid = str(meta.get("uid"))
+            orphaned.add(uid)
+            if uid in self._orphaned:
+                continue
+            involved: dict[str, Any] = {
+                "apiVersion": f"{NAD_GROUP}/{NAD_VERSION}",
+                "kind": "NetworkAttachmentDefinition",
+                "namespace": meta.get("namespace"),
+                "name": meta.get("name"),
+                "uid": meta.get("uid"),
+            }
+            message = (
+                f"resourceName {resource} is provided by no VFPool any more: pods attaching "
+                "this network get no VF until a VFPool with that resourceName exists"
+            )
+            log.warning("nad_resource_not_provided", nad=f"{meta.get('namespace')}/"
+                        f"{meta.get('name')}", resource=resource)  # fmt: skip
+            self.events.record(involved, "Warning", "ResourceNotProvided", message)
+        self._orphaned = orphaned
 
     def _parsed_states(self) -> list[NodeState]:
         """Every node state, parsed once per resourceVersion (a big cluster's states are most

@@ -120,3 +120,38 @@ def test_unknown_pod_and_api_outage(cluster: tuple[Bed, ApiStandin]) -> None:
     out = add(bed, "c2", pod.path, "also-unknown")
     assert out.body["code"] == 11 and "Kubernetes API" in out.body["msg"]
     bed.assert_nothing_left(pod)
+
+
+def test_failed_add_is_one_event_on_the_pod_however_often_it_fails(
+    cluster: tuple[Bed, ApiStandin],
+) -> None:
+    bed, api = cluster
+    # net-fail: macvlan, then a plugin whose ADD always fails (the rollback removes the macvlan).
+    created = api.create(pod_object("crashy", {NETWORKS: "net-fail@data0"}))
+    uid = created["metadata"]["uid"]
+    pod = bed.pod("crashy")
+    out = add(bed, "c1", pod.path, "crashy", uid)
+    assert out.returncode == 1 and out.body["code"] == 101
+
+    def add_failed() -> list[dict[str, Any]]:
+        return [e for e in api.events() if e["reason"] == "AddFailed"]
+
+    first = wait_for(add_failed)[0]
+    assert first["type"] == "Warning" and first["involvedObject"]["uid"] == uid
+    assert first["message"].startswith(
+        "CNI error 101 DelegateFailed: network default/net-fail (data0): plugin failer"
+    ), first["message"]
+    assert first["count"] == 1
+
+    # A crash-looping pod: 49 more identical failures. They bump the one Event (count,
+    # lastTimestamp) up to the pod's burst of 10 API writes; the rest are dropped.
+    for _ in range(49):
+        assert add(bed, "c1", pod.path, "crashy", uid).body["code"] == 101
+    wait_for(lambda: add_failed()[0]["count"] == 10)
+    bump = add(bed, "c1", pod.path, "crashy", uid)  # one more, dropped like the 40 before it
+    assert bump.body["code"] == 101
+    events = add_failed()
+    assert len(events) == 1 and events[0]["count"] == 10
+    assert events[0]["metadata"]["name"] == first["metadata"]["name"]
+    assert events[0]["firstTimestamp"] == first["firstTimestamp"]
+    bed.assert_nothing_left(pod)

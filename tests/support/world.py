@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from cnispec.errors import InvalidConfig
+from cnispec.errors import InvalidConfig, PlexusError
 from cnispec.identity import PodInfo
 from delegates.chain import ChainRunner
 from delegates.ipam.paths import IpamPaths
@@ -59,6 +59,11 @@ class RecordingSink:
 
     def teardown_abandoned(self, pod: PodInfo, message: str) -> None:
         self.abandoned.append((pod, message))
+
+    add_failures: list[tuple[PodInfo, PlexusError]] = field(default_factory=list)
+
+    def add_failed(self, pod: PodInfo, error: PlexusError) -> None:
+        self.add_failures.append((pod, error))
 
 
 @dataclass

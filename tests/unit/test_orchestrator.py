@@ -144,6 +144,9 @@ def test_failure_of_the_third_delegate_rolls_back_in_reverse_and_leaves_nothing(
     assert world.exec.live() == {}
     assert not world.store.load("c1")
     assert world.store.container_ids() == []
+    # The pod gets the failure (its AddFailed Event): the very error the runtime got.
+    ((pod, error),) = world.sink.add_failures
+    assert pod.ref == "default/pod-c1" and error.code == 101 and error.msg == err.value.msg
 
 
 def test_rollback_failure_keeps_the_record_for_a_later_del(world: World) -> None:
