@@ -6,7 +6,7 @@ VENV     ?= .venv
 BIN      := $(VENV)/bin
 APT_PKGS := containernetworking-plugins iproute2 iptables containerd runc busybox-static \
             util-linux iputils-ping python3 python3-venv qemu-system-x86 linux-image-amd64 \
-            libudev1 graphviz \
+            libudev1 graphviz nftables \
             linux-source-6.1 linux-headers-amd64 gcc make binutils xz-utils musl-tools
 STAMP    := $(VENV)/.installed
 
