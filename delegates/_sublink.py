@@ -11,6 +11,7 @@ from cnispec import cni, failpoints
 from cnispec.builtin_conf import SubLinkConf
 from cnispec.cni import Result
 from cnispec.errors import InvalidConfig
+from delegates import _multicast
 from delegates._common import best_effort, parse
 from delegates._garp import announce_on_up
 from delegates._iface import check, configure, result_for
@@ -52,6 +53,7 @@ class SubLinkPlugin(BuiltinPlugin):
                 if self.announces and any(ip.ip.version == 4 for ip in addresses.ips):
                     announce_on_up(req.netns, link.name)  # the kernel announces at link up
                 configure(pod, link, addresses)
+                _multicast.enable(pod, link, req, conf, addresses)
             failpoints.hit("sublink_configured")
             undo.pop_all()
         return result_for(link, req.netns, addresses)
@@ -97,9 +99,11 @@ class SubLinkPlugin(BuiltinPlugin):
         best_effort(req, *steps)
 
     def check(self, req: PluginRequest, prev: Result) -> None:
-        parse(self.conf_model, req)
+        conf = parse(self.conf_model, req)
         with Netlink.open(req.netns) as pod:
-            check(pod, req.ifname, self.kind, prev)
+            link = check(pod, req.ifname, self.kind, prev)
+            if conf.multicast:
+                _multicast.check(pod, link, req)
         if Ipam.configured(req.config):
             self._ipam.check(req)
 

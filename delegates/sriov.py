@@ -23,6 +23,7 @@ from cnispec.builtin_conf import SriovConf as _SriovKeys
 from cnispec.cni import Interface, Result
 from cnispec.errors import CheckFailed, DeviceUnavailable, InvalidConfig, PlexusError
 from cnispec.identity import Holder
+from delegates import _multicast
 from delegates._common import best_effort, parse
 from delegates._garp import announce_on_up
 from delegates._iface import check as check_iface
@@ -50,7 +51,8 @@ class SriovConf(_SriovKeys):
             qos=self.vlan_qos,
             vlan_proto=self.vlan_proto,
             spoofchk=None if self.spoofchk is None else self.spoofchk == "on",
-            trust=None if self.trust is None else self.trust == "on",
+            # A multicast VF must be trusted: PF drivers filter multicast for untrusted VFs.
+            trust=(True if self.multicast else None) if self.trust is None else self.trust == "on",
             link_state=self.link_state,
             min_tx_rate=self.min_tx_rate,
             max_tx_rate=self.max_tx_rate,
@@ -231,6 +233,11 @@ class _Attach:
             pod.modify(moved.index, mac=mac, mtu=self.placement.mtu, what=f"VF {req.ifname}")
             announce_on_up(req.netns, req.ifname, ipv6=True)
             configure(pod, moved, addresses)
+            if conf.multicast:
+                # The VF's own filter passes only joined groups' MACs on some drivers; the PF
+                # lets a trusted VF receive every group instead.
+                pod.set_allmulti(moved.index)
+                _multicast.enable(pod, moved, req, conf, addresses)
             final = pod.require(req.ifname)
         result = result_for(final, req.netns, addresses)
         pod_iface = result.interfaces[-1].model_copy(update={"pci_id": vf.pci})

@@ -52,6 +52,7 @@ from cnispec.errors import KernelUnsupported, PlexusError, TryAgainLater
 from kernel.rtnl import NLMSG_HDR, LinkNotFound, Rtnl, attributes, message, translate
 
 MAIN_TABLE: Final = 254
+LOCAL_TABLE: Final = 255
 RT_SCOPE_LINK: Final = 253
 _DUMP_RETRIES: Final = 5
 IFA_F_NODAD: Final = 0x02
@@ -61,8 +62,10 @@ DAD_TIMEOUT: Final = 10.0
 NTF_SELF: Final = 0x02
 NUD_PERMANENT: Final = 0x80
 IFF_UP: Final = 0x1
+IFF_ALLMULTI: Final = 0x200
 RTPROT_STATIC: Final = 4
 RTN_UNICAST: Final = 1
+RTN_MULTICAST: Final = 5
 RTN_UNREACHABLE: Final = 7
 RTPROT_RA: Final = 9
 RT_SCOPE_UNIVERSE: Final = 0
@@ -246,6 +249,21 @@ class Netlink:
             )
         except NetlinkError as exc:
             raise translate(exc, f"setting link {index} up") from None
+
+    def set_allmulti(self, index: int, *, on: bool = True) -> None:
+        """Receive every multicast frame (IFF_ALLMULTI), not only the groups joined: for
+        devices whose driver filters multicast by the joined list too strictly (VFs)."""
+        try:
+            self._nl.request(
+                message(
+                    ifinfmsg,
+                    {"index": index, "flags": IFF_ALLMULTI if on else 0, "change": IFF_ALLMULTI},
+                    [],
+                ),
+                RTM_NEWLINK,
+            )
+        except NetlinkError as exc:
+            raise translate(exc, f"setting allmulticast on link {index}") from None
 
     def set_down(self, index: int) -> None:
         try:

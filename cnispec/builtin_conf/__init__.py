@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from cnispec.builtin_conf.links import (
     IpvlanConf,
     MacvlanConf,
+    MulticastKeys,
     RoutedConf,
     SbrConf,
     SriovConf,
@@ -38,6 +39,7 @@ __all__ = [
     "MODELS",
     "IpvlanConf",
     "MacvlanConf",
+    "MulticastKeys",
     "RoutedConf",
     "SbrConf",
     "SriovConf",

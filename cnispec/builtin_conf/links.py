@@ -13,6 +13,25 @@ _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 OnOff = Literal["on", "off"]
 
 
+class MulticastKeys(BaseModel):
+    """`multicast: true` makes an attachment the pod's way to multicast groups: group routes
+    (224.0.0.0/4, ff00::/8) through it, so a socket that joins or sends without naming an
+    interface uses this network; `igmpVersion` / `mldVersion` pin the host-side protocol
+    version (unset: the kernel's IGMPv3 / MLDv2, falling back to an older querier's)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    multicast: bool = False
+    igmp_version: Literal[2, 3] | None = Field(default=None, alias="igmpVersion")
+    mld_version: Literal[1, 2] | None = Field(default=None, alias="mldVersion")
+
+    @model_validator(mode="after")
+    def _versions_need_multicast(self) -> MulticastKeys:
+        if (self.igmp_version or self.mld_version) and not self.multicast:
+            raise ValueError('igmpVersion and mldVersion need "multicast": true')
+        return self
+
+
 class RoutedConf(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
@@ -21,9 +40,9 @@ class RoutedConf(BaseModel):
     link_in_container: bool = Field(default=False, alias="linkInContainer")
 
 
-class SubLinkConf(BaseModel):
+class SubLinkConf(MulticastKeys):
     """Keys shared with the reference macvlan/ipvlan plugins (unknown keys are ignored, as the
-    reference plugins ignore them)."""
+    reference plugins ignore them), plus the multicast keys."""
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
@@ -50,8 +69,18 @@ class IpvlanConf(SubLinkConf):
     mode: Literal["l2", "l3", "l3s"] = "l2"
     flag: Literal["bridge", "private", "vepa"] = "bridge"
 
+    @model_validator(mode="after")
+    def _multicast_needs_l2(self) -> IpvlanConf:
+        if self.multicast and self.mode != "l2":
+            raise ValueError(
+                f"ipvlan in {self.mode} mode carries no multicast (the kernel routes it as IP, "
+                "and IP multicast is not routed between ipvlan ports): use mode l2, or "
+                'plexus-macvlan, for "multicast": true'
+            )
+        return self
 
-class SriovConf(BaseModel):
+
+class SriovConf(MulticastKeys):
     """sriov-cni's keys; unknown keys are ignored, as sriov-cni ignores them. Pure: which VF,
     and what its PF can do, is looked up at ADD time (`delegates.sriov` adds the PF-side
     settings it derives)."""
@@ -94,6 +123,11 @@ class SriovConf(BaseModel):
             raise ValueError("vlanProto 802.1ad needs a vlan above 0")
         if self.max_tx_rate and (self.min_tx_rate or 0) > self.max_tx_rate:
             raise ValueError("min_tx_rate is above max_tx_rate")
+        if self.multicast and self.trust == "off":
+            raise ValueError(
+                '"multicast": true needs the VF trusted (a PF driver filters multicast for an '
+                'untrusted VF and refuses it allmulticast): drop "trust": "off"'
+            )
         return self
 
 

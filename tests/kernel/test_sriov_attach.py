@@ -146,3 +146,21 @@ def test_two_pods_get_their_nads_pf_settings_and_del_puts_them_back(node: Node) 
     for name, link in links_before.items():
         assert (links[name]["address"], links[name]["mtu"]) == (link["address"], link["mtu"])
     assert {p["resourceName"]: p["free"] for p in node.agent.membership.pools_view()} == {POOL: 4}
+
+
+def test_a_multicast_vf_is_trusted_receives_every_group_and_routes_groups(node: Node) -> None:
+    """`"multicast": true`: the PF trusts the VF (drivers filter multicast for untrusted VFs),
+    the VF's netdev takes every group (ALLMULTI), and the pod's group routes go through it."""
+    shown_before = node.nsim.shown()
+    pod = node.netns("mc")
+    vf = node.agent.vfs.allocate(POOL, Holder(container_id="mc", ifname="net1"))
+    index = node.agent.vfs.lookup(vf).vf.index
+    request = node.request(pod, "mc", vf, {"multicast": True, "mldVersion": 2})
+    result = node.run(lambda: node.plugin.add(request))
+    assert node.nsim.shown()[index]["trust"] == "on"
+    assert "ALLMULTI" in pod.links()["net1"]["flags"]
+    routes = pod.ip("-4", "route", "show", "224.0.0.0/4")
+    assert [(r["dev"], r["metric"]) for r in routes] == [("net1", 100)]
+    node.run(lambda: node.plugin.check(request, result))
+    node.run(lambda: node.plugin.delete(request))
+    assert node.nsim.shown() == shown_before  # trust put back as it was

@@ -567,3 +567,13 @@ def test_config_takes_sriov_cni_keys() -> None:
         min_tx_rate=0,
         max_tx_rate=1000,
     )
+
+
+def test_multicast_config_trusts_the_vf_unless_told_not_to() -> None:
+    base = {"type": "plexus-sriov", "deviceID": "0000:03:02.0"}
+    assert SriovConf.model_validate({**base, "multicast": True}).pf_side(None).trust is True
+    assert SriovConf.model_validate(base).pf_side(None).trust is None  # left as the VF has it
+    with pytest.raises(ValueError, match="needs the VF trusted"):
+        SriovConf.model_validate({**base, "multicast": True, "trust": "off"})
+    with pytest.raises(ValueError, match='need "multicast": true'):
+        SriovConf.model_validate({**base, "igmpVersion": 2})
