@@ -194,7 +194,10 @@ def _shared_netns_dir(bed: ContainerdBed) -> None:
     files containerd mounts there later reach the daemon's container."""
     # (rbind: a netns file already there stays visible; `mountpoint` would be fooled by the
     # host's /run/netns that the bed's /run covers)
-    script = "mkdir -p /run/netns && mount --rbind /run/netns /run/netns && mount --make-rshared /run/netns"
+    script = (
+        "mkdir -p /run/netns && mount --rbind /run/netns /run/netns"
+        " && mount --make-rshared /run/netns"
+    )
     assert bed.proc is not None
     done = subprocess.run(
         ["nsenter", f"--mount=/proc/{bed.proc.pid}/ns/mnt", "sh", "-c", script],
