@@ -7,10 +7,11 @@ BIN      := $(VENV)/bin
 APT_PKGS := containernetworking-plugins iproute2 iptables containerd runc busybox-static \
             util-linux iputils-ping python3 python3-venv qemu-system-x86 linux-image-amd64 \
             libudev1 graphviz nftables \
-            linux-source-6.1 linux-headers-amd64 gcc make binutils xz-utils musl-tools
+            linux-source-6.1 linux-headers-amd64 gcc make binutils xz-utils musl-tools \
+            mmdebstrap buildah
 STAMP    := $(VENV)/.installed
 
-.PHONY: deps apt venv lint test unit netns kernel shim bench bench-cri bench-builtins bench-burst bench-sriov \
+.PHONY: deps apt venv lint test unit netns kernel shim image print-image print-image-archive bench bench-cri bench-builtins bench-burst bench-sriov \
         bench-controller \
         protos clean demo chaos
 
@@ -54,8 +55,39 @@ $(SHIM_BIN): shim/plexus-shim.c
 	strip $@.tmp
 	mv -f $@.tmp $@
 
-# Every tier: unit, netns and e2e here, then the kernel tier inside a VM with Debian's kernel.
-test: deps lint shim
+# The DaemonSet's and the controller's image (deploy/kustomization.yaml names the same ref; a unit
+# test holds them together): Debian bookworm by mmdebstrap, the project's wheels in /opt/plexus,
+# committed by buildah to an OCI archive. No registry, no Dockerfile. image/build.sh says how.
+# Rebuilt only when what goes into it changed (the archive is its own stamp).
+IMAGE         ?= ghcr.io/plexus-cni/plexus
+IMAGE_TAG     ?= $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
+IMAGE_DIR     := build/image
+IMAGE_ARCHIVE := $(IMAGE_DIR)/plexus-$(IMAGE_TAG).oci.tar
+IMAGE_INPUTS  := pyproject.toml README.md image/build.sh $(SHIM_BIN) $(IMAGE_DIR)/ref \
+                 $(shell find cnispec kernel sriov delegates kubeapi netpolicy metaplugin nad_controller \
+                     -type f -not -path '*/__pycache__/*' 2>/dev/null)
+image: deps $(IMAGE_ARCHIVE)
+
+$(IMAGE_ARCHIVE): $(IMAGE_INPUTS) | $(STAMP)
+	image/build.sh $(BIN)/python $@ $(IMAGE):$(IMAGE_TAG)
+
+# The ref the archive carries, rewritten only when it changes: a new IMAGE rebuilds the image.
+$(IMAGE_DIR)/ref: FORCE
+	@mkdir -p $(@D)
+	@echo '$(IMAGE):$(IMAGE_TAG)' | cmp -s - $@ || echo '$(IMAGE):$(IMAGE_TAG)' >$@
+
+print-image:
+	@echo '$(IMAGE):$(IMAGE_TAG)'
+
+print-image-archive:
+	@echo '$(IMAGE_ARCHIVE)'
+
+.PHONY: FORCE
+FORCE:
+
+# Every tier: unit, netns and e2e here (tests/e2e/test_image.py runs plexusd from the image),
+# then the kernel tier inside a VM with Debian's kernel.
+test: deps lint shim image
 	$(BIN)/python -m pytest
 	$(MAKE) kernel
 

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import tomllib
 import typing
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ from cnispec.nad import network_config, parse_manifests
 from cnispec.netconf import NetworkConfigList
 from metaplugin.config import DaemonConfig
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
 
 
 def test_every_manifest_parses() -> None:
@@ -418,3 +420,54 @@ def test_example_nads_and_pods_name_resources_an_example_vfpool_provides() -> No
     assert named and requested
     assert named <= provided
     assert requested <= provided
+
+
+# --- the image: what the manifests run is what `make image` builds ----------------------------------
+
+
+def _make_print_image() -> str:
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed: the Makefile's image ref cannot be read")
+    done = subprocess.run(
+        [make, "-s", "--no-print-directory", "print-image"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_manifests_name_the_image_make_builds(rendered: list[Obj]) -> None:
+    image = _make_print_image()
+    name, _, tag = image.rpartition(":")
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert tag == version  # the Makefile's default IMAGE_TAG
+    (entry,) = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())["images"]
+    assert (entry["newName"], entry["newTag"]) == (name, tag)
+    daemonset = _one(rendered, "DaemonSet", "plexusd")["spec"]["template"]["spec"]
+    controller = _one(rendered, "Deployment", "plexus-controller")["spec"]["template"]["spec"]
+    images = [c["image"] for pod in (daemonset, controller) for c in pod["containers"]]
+    assert images == [image, image]
+    # `kubectl apply -f` of a single file, without kustomize, runs the same image
+    for path in ("daemonset.yaml", "controller.yaml"):
+        for doc in yaml.safe_load_all((DEPLOY / path).read_text()):
+            for c in doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+                assert c["image"] == image, path
+
+
+def test_daemonset_command_reads_the_configmap(rendered: list[Obj]) -> None:
+    # the command is the image's entrypoint + default arguments (tests/e2e/test_image.py checks
+    # that against the built image); the file it names is the ConfigMap's, where it is mounted
+    pod = _one(rendered, "DaemonSet", "plexusd")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    program, flag, config = container["command"]
+    assert (program, flag) == ("plexusd", "--config")
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert str(Path(config).parent) == mounts["config"]
+    configmap = _one(rendered, "ConfigMap", volumes["config"]["configMap"]["name"])
+    assert Path(config).name in configmap["data"]
