@@ -21,6 +21,7 @@ import structlog
 from cnispec import cni, logs
 from cnispec.cni import CniRequest
 from cnispec.errors import PlexusError
+from cnispec.httpserve import MetricsServer
 from cnispec.netconf import NetworkConfigList
 from delegates.builtins import builtin_plugins
 from delegates.chain import ChainRunner
@@ -32,7 +33,7 @@ from metaplugin import install
 from metaplugin.config import DaemonConfig
 from metaplugin.fabric_sync import FabricSync, config_peers, fabric_from_config
 from metaplugin.gc import Collector
-from metaplugin.metrics import DaemonMetrics, LiveSources, MetricsServer
+from metaplugin.metrics import DaemonMetrics, LiveSources
 from metaplugin.nad_source import LocalNadSource, NadSource
 from metaplugin.orchestrator import Orchestrator, PodSource
 from metaplugin.resolve import Resolver

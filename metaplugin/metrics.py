@@ -12,17 +12,13 @@ copied into gauges that could go stale.
 
 from __future__ import annotations
 
-import socket
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from cnispec import cni
@@ -205,78 +201,3 @@ def _pool_families(pools: list[dict[str, Any]]) -> Iterator[Metric]:
         for key, family in families.items():
             family.add_metric([str(pool["resourceName"])], int(pool[key]))
     yield from families.values()
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _MetricsHttpServer
-    timeout = 5.0  # a client that sends nothing ties up its own thread for 5 s, nothing else
-
-    def do_GET(self) -> None:
-        if self.path.split("?", 1)[0] != "/metrics":
-            self.send_error(404)
-            return
-        body = self.server.render()
-        self.send_response(200)
-        self.send_header("Content-Type", CONTENT_TYPE_LATEST)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # a scrape every 15 s is not worth a log line
-
-
-class _MetricsHttpServer(ThreadingHTTPServer):
-    daemon_threads = True  # a slow client's thread never keeps plexusd from exiting
-    max_connections = 8  # scrapers at once; more are hung up on at accept, not given threads
-
-    def __init__(self, address: tuple[str, int], render: Callable[[], bytes]) -> None:
-        self.render = render
-        self.connections = threading.BoundedSemaphore(self.max_connections)
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        super().__init__(address, _Handler)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.connections.acquire(blocking=False):
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.connections.release()
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    """ ":9465" -> ("", 9465) (every address), "127.0.0.1:9465", "[::1]:9465"."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"metrics address {address!r} is not [host]:port")
-    return host.strip("[]"), int(port)
-
-
-class MetricsServer:
-    """GET /metrics on TCP, on threads of its own: a slow or stuck scraper holds only its own
-    connection thread (with a socket timeout), never a CNI request or the unix socket."""
-
-    def __init__(self, address: str, render: Callable[[], bytes]) -> None:
-        host, port = parse_address(address)
-        self._server = _MetricsHttpServer((host, port), render)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="metrics-http", daemon=True
-        )
-
-    @property
-    def port(self) -> int:
-        return int(self._server.server_address[1])
-
-    def start(self) -> None:
-        self._thread.start()
-        log.info("metrics_serving", address=self._server.server_address[:2])
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()

@@ -21,9 +21,10 @@ from types import ModuleType
 from typing import Any
 
 import structlog
-from prometheus_client import start_http_server
+from prometheus_client import generate_latest
 
 from cnispec import logs
+from cnispec.httpserve import MetricsServer
 from nad_controller.controller import DEFAULT_NAMESPACE, LEASE_NAME, Controller, Settings
 from nad_controller.leader import ElectionTiming
 from nad_controller.metrics import ControllerMetrics
@@ -146,19 +147,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _serve_metrics(address: str, metrics: ControllerMetrics) -> bool:
-    """Serve /metrics on its own threads (prometheus_client's server); False if it cannot."""
+    """Serve /metrics on threads of its own, with plexusd's connection cap; False if it
+    cannot."""
     if not address:
         return True
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        log.error("controller_config_invalid", error=f"--metrics-address {address!r}: [host]:port")
-        return False
     try:
-        start_http_server(int(port), host.strip("[]") or "0.0.0.0", registry=metrics.registry)
+        server = MetricsServer(address, lambda: generate_latest(metrics.registry))
+    except ValueError as exc:
+        log.error("controller_config_invalid", error=f"--metrics-address: {exc}")
+        return False
     except OSError as exc:
         log.error("metrics_not_served", address=address, error=str(exc))
         return False
-    log.info("metrics_serving", address=address)
+    server.start()
     return True
 
 

@@ -20,20 +20,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import ssl
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Final
 
 import structlog
 
 from cnispec import jsontext
+from cnispec.httpserve import BoundedHTTPServer
 from cnispec.validation import Lookups
 from nad_controller import certs
 from nad_controller.metrics import ControllerMetrics
@@ -77,11 +77,10 @@ def add_arguments(parser: argparse.ArgumentParser, *, kubeconfig: bool = True) -
     parser.add_argument("--max-concurrent", type=int, default=32)
 
 
-class WebhookServer(ThreadingHTTPServer):
+class WebhookServer(BoundedHTTPServer):
     """One thread per connection; TLS set up in that thread (a slow handshake holds up no one),
     with the certificate source's current context."""
 
-    daemon_threads = True
     request_queue_size = 64
 
     def __init__(
@@ -103,36 +102,13 @@ class WebhookServer(ThreadingHTTPServer):
         self.slots = threading.BoundedSemaphore(max_concurrent)
         # Connections (each a thread until it is served or times out): a flood of idle ones
         # is turned away at accept instead of growing threads without bound.
-        self.connections = threading.BoundedSemaphore(max_concurrent * 4)
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        super().__init__(address, _Handler)
+        super().__init__(address, _Handler, max_connections=max_concurrent * 4)
 
     def get_request(self) -> tuple[Any, Any]:
         sock, addr = self.socket.accept()
         return self.context().wrap_socket(
             sock, server_side=True, do_handshake_on_connect=False
         ), addr
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.connections.acquire(blocking=False):
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.connections.release()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A failed TLS handshake or a client gone mid-request: no traceback on stderr.
-        log.debug("webhook connection failed", client=str(client_address), exc_info=True)
-
-    @property
-    def port(self) -> int:
-        return int(self.server_address[1])
 
 
 class _Handler(BaseHTTPRequestHandler):

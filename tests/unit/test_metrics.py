@@ -16,7 +16,8 @@ import pytest
 from kubernetes import client
 from prometheus_client.parser import text_string_to_metric_families
 
-from metaplugin.metrics import DaemonMetrics, LiveSources, MetricsServer, parse_address
+from cnispec.httpserve import MetricsServer, parse_address
+from metaplugin.metrics import DaemonMetrics, LiveSources
 from nad_controller import certs, webhook
 from nad_controller.controller import Controller
 from nad_controller.metrics import ControllerMetrics
@@ -281,3 +282,18 @@ def _scrapes(port: int) -> bool:
         return get(port, "/metrics")[0] == 200
     except OSError:
         return False
+
+
+def test_the_controller_refuses_a_bad_metrics_address_and_a_port_in_use() -> None:
+    from nad_controller.cli import _serve_metrics
+    from nad_controller.metrics import ControllerMetrics
+
+    assert _serve_metrics("nonsense", ControllerMetrics()) is False
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = taken.getsockname()[1]
+        assert _serve_metrics(f"127.0.0.1:{port}", ControllerMetrics()) is False
+    finally:
+        taken.close()
