@@ -74,7 +74,8 @@ def test_the_cache_follows_the_list_and_the_watch(
     standin: ApiStandin, informer: tuple[Informer[str], Seen]
 ) -> None:
     cache, seen = informer
-    assert cache.get("n1") == "a" and seen.changes == [None]
+    assert cache.get("n1") == "a"
+    wait(lambda: seen.changes == [None])  # told right after `synced` is set, on its thread
     assert standin.wait_for_watches(1)
     standin.create(node("n2", zone="b"))
     assert cache.wait_for("n2", lambda zone: zone == "b", 10) == "b"
