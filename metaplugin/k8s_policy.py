@@ -23,6 +23,10 @@ from cnispec.errors import InvalidConfig
 from kubeapi.informer import JSON, Informer, name_key, namespaced_key
 from metaplugin.policy_source import Callbacks, PolicyInputs
 from netpolicy.manifests import (
+    MULTI_NETWORK_POLICY,
+    NAMESPACE,
+    NETWORK_POLICY,
+    POD,
     describe,
     namespace_from_object,
     pod_from_object,
@@ -32,6 +36,7 @@ from netpolicy.model import Namespace, Pod, Policy
 
 log = structlog.get_logger(__name__)
 
+# The only version multi-networkpolicy serves (deploy/crds/multi-networkpolicies.yaml).
 MNP_GROUP: Final = "k8s.cni.cncf.io"
 MNP_VERSION: Final = "v1beta1"
 MNP_PLURAL: Final = "multi-networkpolicies"
@@ -52,19 +57,24 @@ class ClusterPolicySource:
         self._netpols: Informer[Policy] = self._informer(
             "networkpolicies",
             networking.list_network_policy_for_all_namespaces,
-            policy_from_object,
+            _typed(NETWORK_POLICY, policy_from_object),
         )
         self._mnps: Informer[Policy] = self._informer(
             "multi-networkpolicies",
             lambda **kw: custom.list_cluster_custom_object(
                 MNP_GROUP, MNP_VERSION, MNP_PLURAL, **kw
             ),
-            policy_from_object,
+            _typed(MULTI_NETWORK_POLICY, policy_from_object),
         )
         self._namespaces: Informer[Namespace] = self._informer(
-            "namespaces", core.list_namespace, namespace_from_object, key=name_key
+            "namespaces",
+            core.list_namespace,
+            _typed(NAMESPACE, namespace_from_object),
+            key=name_key,
         )
-        self._pods: Informer[Pod] = self._informer("pods", core.list_pod_for_all_namespaces, _pod)
+        self._pods: Informer[Pod] = self._informer(
+            "pods", core.list_pod_for_all_namespaces, _typed(POD, _pod)
+        )
         self._informers: tuple[Informer[Any], ...] = (
             self._netpols,
             self._mnps,
@@ -153,6 +163,19 @@ class ClusterPolicySource:
     def close(self) -> None:
         for informer in self._informers:
             informer.stop()
+
+
+def _typed(what: tuple[str, str], convert: Callable[[JSON], V]) -> Callable[[JSON], V]:
+    """The API lists built-in objects without apiVersion and kind (watch events have them):
+    the converters check both, so the informer's kind is filled in where it is missing."""
+    api_version, kind = what
+
+    def typed(obj: JSON) -> V:
+        if obj.get("kind") and obj.get("apiVersion"):
+            return convert(obj)
+        return convert({**obj, "apiVersion": api_version, "kind": kind})
+
+    return typed
 
 
 def _pod(obj: JSON) -> Pod:
