@@ -97,32 +97,38 @@ class ClusterPolicySource:
         *,
         key: Callable[[JSON], str] = namespaced_key,
     ) -> Informer[V]:
-        failed = [""]  # the object the last conversion refused (informer's thread only)
+        # What the last conversion found, for the on_change that follows it on the informer's
+        # thread: the object it refused, or the one whose model did not move.
+        last = {"refused": "", "same": ""}
 
         def checked(obj: JSON) -> V | None:
             where = f"{name} {key(obj)}"
             try:
                 item = convert(obj)
             except InvalidConfig as exc:
-                failed[0] = where
+                last["refused"] = where
                 with self._lock:
                     known = self._errors.get(where)
                     self._errors[where] = exc.msg
                 if known != exc.msg:
                     log.warning("policy_object_invalid", resource=name, error=exc.msg)
                 return None
-            failed[0] = ""
+            # Most pod updates (conditions, container statuses, heartbeats of other nodes'
+            # pods) leave labels, addresses and ports as they were: nothing to recompute.
+            last["same"] = where if informer.get(key(obj)) == item else ""
             with self._lock:
                 self._errors.pop(where, None)
             return item
 
         def changed(obj: JSON | None) -> None:
+            where = f"{name} {key(obj)}" if obj is not None else ""
+            refused, same = last["refused"], last["same"]
+            last["refused"] = last["same"] = ""
+            if obj is not None and same == where and informer.get(key(obj)) is not None:
+                return
             with self._lock:
-                if obj is not None:
-                    where = f"{name} {key(obj)}"
-                    if failed[0] != where and informer.get(key(obj)) is None:
-                        self._errors.pop(where, None)  # deleted: its error goes with it
-                failed[0] = ""
+                if obj is not None and refused != where and informer.get(key(obj)) is None:
+                    self._errors.pop(where, None)  # deleted: its error goes with it
                 self._snapshot = None
             if self.synced():
                 self._callbacks.fire()

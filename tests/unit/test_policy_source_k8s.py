@@ -303,3 +303,23 @@ def test_the_standin_lists_both_versions_of_the_cni_group(api: client.ApiClient)
     cni = next(g for g in groups if g.name == G)
     assert [v.version for v in cni.versions] == ["v1", "v1beta1"]
     assert cni.preferred_version.version == "v1"
+
+
+def test_a_pod_update_that_moves_nothing_policy_reads_announces_nothing(
+    source: ClusterPolicySource, standin: ApiStandin
+) -> None:
+    fired: list[int] = []
+    changes = Changes()
+    source.on_change(lambda: fired.append(1))
+    source.on_change(changes)
+    far = standin.get("Pod", "team-a", "far")
+    assert far is not None
+    far["status"]["conditions"] = [{"type": "Ready", "status": "True"}]  # a heartbeat
+    standin.update(far)
+    far = standin.get("Pod", "team-a", "far")
+    assert far is not None
+    far["metadata"]["labels"] = {"app": "db", "tier": "2"}
+    standin.update(far)
+    assert changes.wait()  # the label change; the heartbeat before it, in order, fired nothing
+    assert fired == [1]
+    assert source.pod_labels("team-a", "far", "") == {"app": "db", "tier": "2"}
