@@ -298,14 +298,19 @@ def runtime(tmp_path: Path) -> Iterator[tuple[FakeRuntime, str]]:
     server.stop(None)
 
 
-def test_cri_labels_are_the_sandboxs_and_none_for_an_unknown_sandbox(
+def test_cri_labels_are_the_pods_and_none_for_an_unknown_sandbox(
     runtime: tuple[FakeRuntime, str],
 ) -> None:
     fake, socket = runtime
-    fake.sandboxes["abc"] = {"app": "web", "io.kubernetes.pod.namespace": "team-a"}
+    fake.sandboxes["abc"] = {  # as kubelet makes a sandbox
+        "app": "web",
+        "io.kubernetes.pod.name": "web-0",
+        "io.kubernetes.pod.namespace": "team-a",
+        "io.kubernetes.pod.uid": "u-1",
+    }
     cri = CriLabels(socket)
     try:
-        assert cri.labels("abc") == {"app": "web", "io.kubernetes.pod.namespace": "team-a"}
+        assert cri.labels("abc") == {"app": "web"}  # kubelet's own labels are not the pod's
         assert cri.labels("nope") is None
     finally:
         cri.close()
