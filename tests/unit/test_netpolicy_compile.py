@@ -532,3 +532,28 @@ def test_compiled_rules_agree_with_the_reference(data: st.DataObject) -> None:
             443,
             eth0(rules, dst.key).trusted_sources,
         )
+
+
+def test_malformed_addresses_and_blocks_are_skipped_not_fatal() -> None:
+    odd = Pod(
+        namespace="alpha",
+        name="odd",
+        interfaces=(
+            PodInterface(
+                ifname="eth0",
+                network="cluster",
+                primary=True,
+                addresses=("10.0.0.9", "not-an-ip", "fe80::1%eth0", "10.0.0.300", "fd00::9/64"),
+            ),
+        ),
+    )
+    peers = [{"podSelector": {}}, {"ipBlock": {"cidr": "bogus"}}]
+    rules = compiled(
+        policy("alpha", "p", {"podSelector": {}, "ingress": [{"from": peers}]}), pods=(A, odd)
+    )
+    assert eth0(rules, "alpha/a").ingress.allows[0].cidrs == (
+        "10.0.0.1/32",
+        "10.0.0.9/32",
+        "fd00::1/128",
+        "fd00::9/128",
+    )
