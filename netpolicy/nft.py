@@ -7,13 +7,14 @@ never a mix, and conntrack keeps established flows across the swap.
 Inside the table, per hook (`input` for ingress, `output` for egress), only when some interface
 is isolated in that direction:
 
-    ct state established,related accept; ct state invalid drop; loopback accept;
-    ICMPv6 neighbour/router discovery accept;
+    ct state established,related accept; loopback accept;
+    ICMPv6 neighbour/router discovery and MLD, IGMP accept (link control);
     per isolated interface: iifname/oifname "X" jump to its chain,
 
-and in an interface's chain: the node's addresses (primary ingress: kubelet probes), the allows,
-then a named counter and drop. Addresses live in named interval sets (one per allow and family),
-so `nft list table` stays readable and a pod with many peers stays one rule per allow.
+and in an interface's chain: invalid conntrack state dropped, the node's addresses (primary
+ingress: kubelet probes), the allows, then a named counter and drop. Addresses live in named
+interval sets (one per allow and family), so `nft list table` stays readable and a pod with many
+peers stays one rule per allow.
 
 Names: the chains, sets and counters carry the interface name encoded as an nft identifier
 (letters and digits kept, every other byte as `_xx` hex, `_` too), so any Linux interface name
@@ -36,6 +37,11 @@ _HOOK: Final[Mapping[Direction, str]] = {"ingress": "input", "egress": "output"}
 _IFMATCH: Final[Mapping[Direction, str]] = {"ingress": "iifname", "egress": "oifname"}
 _ADDR: Final[Mapping[Direction, str]] = {"ingress": "saddr", "egress": "daddr"}
 _ND_TYPES: Final = "nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit, nd-router-advert"
+# Group membership (MLD, IGMP) is link control like neighbour discovery: a snooping bridge or
+# switch that never hears a pod's reports stops delivering its groups, so it always passes.
+_MLD_TYPES: Final = (
+    "mld-listener-query, mld-listener-report, mld-listener-done, mld2-listener-report"
+)
 _COUNTER_PREFIX: Final = "drop_"
 
 
@@ -136,9 +142,10 @@ def _base_chain(direction: Direction, isolated: Iterable[InterfaceRules]) -> str
         f"\tchain pod_{_SHORT[direction]} {{",
         f"\t\ttype filter hook {_HOOK[direction]} priority filter; policy accept;",
         "\t\tct state established,related accept",
-        "\t\tct state invalid drop",
         f'\t\t{match} "lo" accept',
         f"\t\ticmpv6 type {{ {_ND_TYPES} }} accept",
+        f"\t\ticmpv6 type {{ {_MLD_TYPES} }} accept",
+        "\t\tmeta l4proto igmp accept",
     ]
     lines += [
         f"\t\t{match} {_quoted_ifname(i.ifname)} jump {_chain_name(i.ifname, direction)}"
@@ -161,7 +168,8 @@ def _interface_chain(iface: InterfaceRules, direction: Direction) -> tuple[list[
     chain = _chain_name(iface.ifname, direction)
     addr = _ADDR[direction]
     sets: list[str] = []
-    lines = [f"\tchain {chain} {{"]
+    # Invalid packets are dropped only on isolated interfaces: the others are not touched.
+    lines = [f"\tchain {chain} {{", "\t\tct state invalid drop"]
     if direction == "ingress" and iface.trusted_sources:
         v4, v6 = _split_families(iface.trusted_sources)
         if v4:

@@ -1,5 +1,6 @@
 """The nft script for one pod: the table replaced in one transaction, the hook order the design
-fixes (established, invalid, loopback, neighbour discovery, then per isolated interface), only
+fixes (established, loopback, neighbour discovery and group membership, then per isolated
+interface: invalid dropped first), only
 isolated interfaces and directions touched, counter names valid and reversible for any Linux
 interface name, drop counters read back from `nft -j` output. (That nft accepts every script is
 checked against the kernel in tests/netns/test_policy_truth.py.)"""
@@ -65,18 +66,21 @@ def test_the_whole_table_in_order() -> None:
     assert script.startswith(removal_script() + f"table inet {TABLE} {{")
     lines = [line.strip() for line in script.splitlines()]
     base = lines.index("chain pod_in {")
-    assert lines[base + 1 : base + 8] == [
+    assert lines[base + 1 : base + 9] == [
         "type filter hook input priority filter; policy accept;",
         "ct state established,related accept",
-        "ct state invalid drop",
         'iifname "lo" accept',
         "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit, "
         "nd-router-advert } accept",
+        "icmpv6 type { mld-listener-query, mld-listener-report, mld-listener-done, "
+        "mld2-listener-report } accept",
+        "meta l4proto igmp accept",
         'iifname "eth0" jump in_eth0',
         "}",
     ]
     chain = lines.index("chain in_eth0 {")
-    assert lines[chain + 1 : chain + 3] == [
+    assert lines[chain + 1 : chain + 4] == [
+        "ct state invalid drop",  # on isolated interfaces only
         "ip saddr { 192.0.2.1 } accept",
         "ip6 saddr { 2001:db8::1 } accept",
     ]
@@ -95,7 +99,10 @@ def test_default_deny_egress_on_a_secondary() -> None:
     assert "hook output" in script and "hook input" not in script
     assert 'oifname "net1" jump out_net1' in script
     chain = script[script.index("chain out_net1 {") :]
-    assert chain.splitlines()[1].strip() == "counter name drop_out_net1 drop"
+    assert [line.strip() for line in chain.splitlines()[1:3]] == [
+        "ct state invalid drop",
+        "counter name drop_out_net1 drop",
+    ]
 
 
 def test_the_same_rules_render_the_same_script() -> None:
