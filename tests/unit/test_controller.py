@@ -42,18 +42,6 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 15.0) -> Any:
         time.sleep(0.02)
 
 
-@pytest.fixture
-def standin() -> Iterator[ApiStandin]:
-    with ApiStandin() as api:
-        yield api
-
-
-@pytest.fixture
-def kube(standin: ApiStandin) -> Iterator[client.ApiClient]:
-    with client.ApiClient(client.Configuration(host=standin.url)) as api:
-        yield api
-
-
 def replica(
     kube: client.ApiClient, identity: str, timing: ElectionTiming = FAST, **kw: Any
 ) -> Controller:

@@ -27,18 +27,6 @@ RESOURCE = "k8s.v1.cni.cncf.io/resourceName"
 
 
 @pytest.fixture
-def standin() -> Iterator[ApiStandin]:
-    with ApiStandin() as api:
-        yield api
-
-
-@pytest.fixture
-def kube(standin: ApiStandin) -> Iterator[client.ApiClient]:
-    with client.ApiClient(client.Configuration(host=standin.url)) as api:
-        yield api
-
-
-@pytest.fixture
 def controllers() -> Iterator[list[Controller]]:
     running: list[Controller] = []
     yield running

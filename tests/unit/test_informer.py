@@ -44,12 +44,6 @@ class Seen:
 
 
 @pytest.fixture
-def standin() -> Iterator[ApiStandin]:
-    with ApiStandin() as api:
-        yield api
-
-
-@pytest.fixture
 def informer(standin: ApiStandin) -> Iterator[tuple[Informer[str], Seen]]:
     standin.create(node("n1", zone="a"))
     kube = client.ApiClient(client.Configuration(host=standin.url))

@@ -12,7 +12,7 @@ import http.client
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +28,8 @@ NETWORK_STATUS = "k8s.v1.cni.cncf.io/network-status"
 
 
 @pytest.fixture
-def standin() -> Iterator[ApiStandin]:
-    with ApiStandin() as api:
-        yield api
-
-
-@pytest.fixture
-def api_client(standin: ApiStandin) -> Iterator[client.ApiClient]:
-    with client.ApiClient(client.Configuration(host=standin.url)) as api:
-        yield api
+def api_client(kube: client.ApiClient) -> client.ApiClient:
+    return kube  # the shared client (tests/unit/conftest.py) under this file's name
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ garbage collector's handling of ownerReferences."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,15 +17,8 @@ G, V = "plexus.dev", "v1alpha1"
 
 
 @pytest.fixture
-def standin() -> Iterator[ApiStandin]:
-    with ApiStandin() as api:
-        yield api
-
-
-@pytest.fixture
-def api(standin: ApiStandin) -> Iterator[client.ApiClient]:
-    with client.ApiClient(client.Configuration(host=standin.url)) as api:
-        yield api
+def api(kube: client.ApiClient) -> client.ApiClient:
+    return kube  # the shared client (tests/unit/conftest.py) under this file's name
 
 
 def _json(resp: Any) -> dict[str, Any]:

@@ -92,15 +92,8 @@ class Changes:
 
 
 @pytest.fixture
-def standin() -> Iterator[ApiStandin]:
-    with ApiStandin() as api:
-        yield api
-
-
-@pytest.fixture
-def api(standin: ApiStandin) -> Iterator[client.ApiClient]:
-    with client.ApiClient(client.Configuration(host=standin.url)) as api:
-        yield api
+def api(kube: client.ApiClient) -> client.ApiClient:
+    return kube  # the shared client (tests/unit/conftest.py) under this file's name
 
 
 @pytest.fixture
