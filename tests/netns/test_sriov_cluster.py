@@ -7,38 +7,22 @@ a pod that requested no device."""
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from kernel.netns import run_in_netns
 from metaplugin.client import get
-from testbed.manifests import host_local, nad
-from testbed.netns import Netns
-from testbed.sriov_bed import SriovBed
-from tests.k8s_standin import ApiStandin
-from tests.netns.conftest import NETWORKS, Bed, make_bed
-from tests.netns.test_cluster_mode import NODE, STATUS, add, pod_object, wait_for
-from tests.support.kubelet import KubeletStandin
+from tests.netns.conftest import NETWORKS
+from tests.netns.test_cluster_mode import STATUS, add, pod_object, wait_for
+from tests.support.sriov_world import PF, SriovWorld, sriov_world
 
 POOL = "plexus.dev/intel_vf"
-PF = "0000:03:00.0"
 
 
-@dataclass
-class World:
-    bed: Bed
-    api: ApiStandin
-    kubelet: KubeletStandin
-    hw: SriovBed
-    vfs: list[str]
-
+class World(SriovWorld):
     def advertised(self) -> dict[str, str]:
         return {pci: d.health for pci, d in self.kubelet.devices.get(POOL, {}).items()}
 
@@ -50,46 +34,13 @@ class World:
 
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[World]:
-    sockets = Path(tempfile.mkdtemp(prefix="pxc", dir="/tmp"))  # unix paths <= 107 bytes
-    kubelet = KubeletStandin(sockets / "dp", sockets / "pr").start()
     pools = tmp_path / "vf-pools.yaml"
     pools.write_text(
         yaml.safe_dump({"pools": [{"resourceName": POOL, "selectors": {"rootDevices": [PF]}}]})
     )
-    made: dict[str, Any] = {}
-
-    def api_mode(node: Netns, nads: list[dict[str, Any]]) -> dict[str, Any]:
-        hw = made["hw"] = SriovBed(tmp_path / "sys", node)
-        made["vfs"] = hw.add_pf(PF, ifname="pxpf0", num_vfs=4)
-        api = made["api"] = run_in_netns(node.path, lambda: ApiStandin().start())
-        sriov = {
-            "cniVersion": "1.0.0",
-            "name": "sriov-net",
-            "type": "plexus-sriov",
-            "ipam": host_local("10.56.219.0/24", tmp_path / "ipam"),
-        }
-        for obj in [*nads, nad("sriov-net", sriov, annotations={
-            "k8s.v1.cni.cncf.io/resourceName": POOL})]:  # fmt: skip
-            api.create(obj)
-        return {
-            "kubeconfig": api.kubeconfig(tmp_path / "kubeconfig"),
-            "nodeName": NODE,
-            "sysfsRoot": str(hw.root),
-            "vfPools": str(pools),
-            "devicePluginDir": str(kubelet.plugin_dir),
-            "podResourcesSocket": str(kubelet.pod_resources_socket),
-        }
-
-    try:
-        with make_bed(tmp_path, api_mode) as bed:
-            yield World(bed, made["api"], kubelet, made["hw"], made["vfs"])
-    finally:
-        if "api" in made:
-            made["api"].stop()
-        if "hw" in made:
-            made["hw"].cleanup()
-        kubelet.stop()
-        shutil.rmtree(sockets, ignore_errors=True)
+    config = {"vfPools": str(pools)}
+    with sriov_world(tmp_path, pool=POOL, subnet="10.56.219.0/24", config=config) as w:
+        yield World(w.bed, w.api, w.kubelet, w.hw, w.vfs)
 
 
 def test_the_pod_gets_the_vf_kubelet_granted(world: World) -> None:

@@ -8,34 +8,27 @@ problems; what a pod sees: its VF, with the API down too."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 
-from kernel.netns import run_in_netns
 from metaplugin.client import get
-from testbed.manifests import host_local, nad
-from testbed.netns import Netns
-from testbed.sriov_bed import SriovBed
+from testbed.manifests import nad
 from tests.k8s_standin import ApiStandin
-from tests.netns.conftest import NETWORKS, Bed, make_bed
+from tests.netns.conftest import NETWORKS
 from tests.netns.test_cluster_mode import NODE, add, pod_object
-from tests.support.kubelet import KubeletStandin
+from tests.support.sriov_world import PF, SriovWorld, sriov_world
 
 PLEXUSCTL = str(Path(sys.executable).with_name("plexusctl"))
 POOL = "plexus.dev/intel_vf"
 OTHER = "plexus.dev/edge_vf"
-PF = "0000:03:00.0"
 V1 = "plexus.dev/v1alpha1"
 
 
@@ -48,14 +41,7 @@ def vfpool(name: str, resource: str, pf_range: str, **spec: Any) -> dict[str, An
     }
 
 
-@dataclass
-class World:
-    bed: Bed
-    api: ApiStandin
-    kubelet: KubeletStandin
-    hw: SriovBed
-    vfs: list[str]
-
+class World(SriovWorld):
     def pools(self) -> dict[str, dict[str, Any]]:
         status, body = get(self.bed.daemon.socket, "/v1/pools")
         assert status == 200, body
@@ -85,14 +71,7 @@ def wait(check: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
 
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[World]:
-    sockets = Path(tempfile.mkdtemp(prefix="pxv", dir="/tmp"))  # unix paths <= 107 bytes
-    kubelet = KubeletStandin(sockets / "dp", sockets / "pr").start()
-    made: dict[str, Any] = {}
-
-    def api_mode(node: Netns, nads: list[dict[str, Any]]) -> dict[str, Any]:
-        hw = made["hw"] = SriovBed(tmp_path / "sys", node)
-        made["vfs"] = hw.add_pf(PF, ifname="pxpf0", num_vfs=4)
-        api = made["api"] = run_in_netns(node.path, lambda: ApiStandin().start())
+    def seed(api: ApiStandin) -> None:
         api.create(
             {"apiVersion": "v1", "kind": "Node",
              "metadata": {"name": NODE, "labels": {"plexus.dev/sriov": "true"}}}
@@ -101,36 +80,13 @@ def world(tmp_path: Path) -> Iterator[World]:
         api.create(vfpool("intel", POOL, f"{PF}#0-1", nodeSelector=sriov_selector))
         edge = {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["edge"]}]}
         api.create(vfpool("edge", OTHER, f"{PF}#2-3", nodeSelector=edge))
-        sriov = {
-            "cniVersion": "1.0.0",
-            "name": "sriov-net",
-            "type": "plexus-sriov",
-            "ipam": host_local("10.56.221.0/24", tmp_path / "ipam"),
-        }
         # The cluster network as a NAD without spec.config (its conf is in net.d): in the
         # daemon's NAD cache, so an ADD needs no API call for it (see the API-down test).
-        cluster = nad("cluster", None, namespace="kube-system")
-        for obj in [*nads, cluster, nad("sriov-net", sriov, annotations={
-            "k8s.v1.cni.cncf.io/resourceName": POOL})]:  # fmt: skip
-            api.create(obj)
-        return {  # no vfPools file: cluster mode takes the VFPools
-            "kubeconfig": api.kubeconfig(tmp_path / "kubeconfig"),
-            "nodeName": NODE,
-            "sysfsRoot": str(hw.root),
-            "devicePluginDir": str(kubelet.plugin_dir),
-            "podResourcesSocket": str(kubelet.pod_resources_socket),
-        }
+        api.create(nad("cluster", None, namespace="kube-system"))
 
-    try:
-        with make_bed(tmp_path, api_mode) as bed:
-            yield World(bed, made["api"], kubelet, made["hw"], made["vfs"])
-    finally:
-        if "api" in made:
-            made["api"].stop()
-        if "hw" in made:
-            made["hw"].cleanup()
-        kubelet.stop()
-        shutil.rmtree(sockets, ignore_errors=True)
+    # no vfPools file: cluster mode takes the VFPools
+    with sriov_world(tmp_path, pool=POOL, subnet="10.56.221.0/24", seed=seed) as w:
+        yield World(w.bed, w.api, w.kubelet, w.hw, w.vfs)
 
 
 def test_the_node_serves_the_vfpools_that_select_it(world: World) -> None:
