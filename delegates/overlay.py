@@ -36,6 +36,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 import structlog
@@ -68,7 +69,8 @@ _NAME: Final = re.compile(r"^pxv([0-9a-f]{6})$")
 
 # IGMP/MLD snooping with the bridge as querier. Intervals in centiseconds (the kernel's clock_t):
 # a query every 5 s, answers within 1 s, a membership lapses 11 s after the last report (two
-# queries missed: a pod that died), a leave is acted on after 2 group queries 0.5 s apart.
+# queries missed: a pod that died), a leave is acted on after 2 group queries 0.5 s apart;
+# after the bridge comes up, 4 startup queries 0.5 s apart.
 QUERY_INTERVAL_S: Final = 5
 SNOOPING: Final[list[tuple[str, Any]]] = [
     ("IFLA_BR_MCAST_SNOOPING", 1),
@@ -77,7 +79,8 @@ SNOOPING: Final[list[tuple[str, Any]]] = [
     ("IFLA_BR_MCAST_MLD_VERSION", 2),
     ("IFLA_BR_MCAST_QUERY_INTVL", QUERY_INTERVAL_S * 100),
     ("IFLA_BR_MCAST_QUERY_RESPONSE_INTVL", 100),
-    ("IFLA_BR_MCAST_STARTUP_QUERY_INTVL", 125),
+    ("IFLA_BR_MCAST_STARTUP_QUERY_INTVL", 50),
+    ("IFLA_BR_MCAST_STARTUP_QUERY_CNT", 4),
     ("IFLA_BR_MCAST_MEMBERSHIP_INTVL", 2 * QUERY_INTERVAL_S * 100 + 100),
     ("IFLA_BR_MCAST_QUERIER_INTVL", 2 * QUERY_INTERVAL_S * 100 + 50),
     ("IFLA_BR_MCAST_LAST_MEMBER_INTVL", 50),
@@ -364,8 +367,9 @@ class Overlay(BuiltinPlugin):
         mtu = underlay.mtu - VXLAN_OVERHEAD[family_of(local)]
         name = bridge_name(vni)
         if node.link(name) is None:
-            node.create(name, "bridge", what=f"bridge {name}", mtu=mtu, up=True, data=SNOOPING)
+            node.create(name, "bridge", what=f"bridge {name}", mtu=mtu, data=SNOOPING)
             failpoints.hit("overlay_bridge_created")
+            _no_dad(name)
         bridge = node.require(name)
         if not bridge.alias:
             node.modify(bridge.index, what=f"bridge {name}", alias=ALIAS_PREFIX + req.network_name)
@@ -383,6 +387,10 @@ class Overlay(BuiltinPlugin):
             failpoints.hit("overlay_vxlan_created")
         vxlan = node.require(vx)
         node.enslave(vxlan.index, bridge.index, what=f"{vx} into bridge {name}")
+        # Up only now, with a port (carrier) and no DAD: its link-local address is usable at
+        # once, and the MLD querier (which needs one) is on from the first startup query; till
+        # then the bridge would flood every IPv6 group to every port.
+        node.set_up(bridge.index)
         self._flood_list(node, vxlan, fabric.peers or ())
         log.info("overlay_segment", network=req.network_name, vni=vni, bridge=name)
         return _Segment(bridge, vxlan)
@@ -462,6 +470,14 @@ class Overlay(BuiltinPlugin):
             if link.alias == ALIAS_PREFIX + network and link.name.startswith("pxo"):
                 return int(link.name[3:], 16)
         return None
+
+
+def _no_dad(bridge: str) -> None:
+    """No duplicate address detection on the bridge's link-local address (derived from its own
+    MAC, on a segment of our own): the MLD querier needs that address at once."""
+    path = Path("/proc/sys/net/ipv6/conf") / bridge / "accept_dad"
+    if path.exists():  # no such directory when IPv6 is off on the node
+        path.write_text("0")
 
 
 def _recorded_vni(req: PluginRequest) -> int | None:
