@@ -76,6 +76,26 @@ print(overlay.set_group_members(network, group, sys.argv[4:]))
 """
 
 
+# The fabric's peer set changes (a node leaves, comes back): the same reconcile plexusd runs,
+# on a node, in its namespace; the overlay hears of it through the fabric.
+RECONCILE = """
+import sys
+from delegates.fabric import Fabric, FabricConfig, Peer
+from delegates.overlay import Overlay
+me, keep = int(sys.argv[1]), [int(j) for j in sys.argv[2:]]
+def cidrs(j):
+    return (f"10.244.{j}.0/24", f"fd00:244:{j}::/64")
+peers = [
+    Peer(f"node{j}", (f"192.168.100.{10 + j}", f"fd00:100::{10 + j}"), cidrs(j)) for j in keep
+]
+config = FabricConfig(mode="native", node_name=f"node{me}", pod_cidrs=cidrs(me), interface="eth0")
+fabric = Fabric(config)
+fabric.setup()
+Overlay(ipam=None, fabric=fabric)
+print(fabric.reconcile(peers))
+"""
+
+
 def _ipam(home: Path, i: int, v4: str, v6: str) -> dict[str, Any]:
     """Each node its own part of the subnet: host-local is per node."""
     return host_local(
@@ -184,11 +204,12 @@ def send(pod: Netns, family: str, count: int, marker: str) -> None:
     subprocess.run(run_in(pod, SEND, *argv), check=True, timeout=30)
 
 
-def set_members(node: Node, network: str, group: str, *addresses: str) -> str:
+def product_code(node: Node, code: str, *argv: str) -> str:
+    """Run `code` (importing this checkout's packages) in a node's namespace; its last line."""
     out = subprocess.run(
         [
             *("ip", "netns", "exec", node.ns.name, "env", f"PYTHONPATH={REPO}", sys.executable),
-            *("-c", MEMBERS, node.name, network, group, *addresses),
+            *("-c", code, *argv),
         ],
         capture_output=True,
         text=True,
@@ -196,6 +217,10 @@ def set_members(node: Node, network: str, group: str, *addresses: str) -> str:
         check=True,
     )
     return out.stdout.strip().splitlines()[-1]  # after the log lines
+
+
+def set_members(node: Node, network: str, group: str, *addresses: str) -> str:
+    return product_code(node, MEMBERS, node.name, network, group, *addresses)
 
 
 @pytest.mark.parametrize("version", [4, 6])
@@ -359,6 +384,34 @@ def test_segment_lives_while_a_pod_uses_it(clean: Cluster) -> None:
     node.runtime.delete("cc1", pods[1].path).ok()
     assert segments(node) == set()  # the last pod took it away
     node.pods.clear()
+
+
+def test_flood_list_follows_the_fabrics_nodes(clean: Cluster) -> None:
+    n1, n2, n3 = clean.nodes
+    attach(clean, n1, "p1")
+    vx = vxlan_name(_vni())
+
+    def reconcile(*keep: int) -> None:
+        problems = product_code(n1, RECONCILE, str(n1.index), *(str(j) for j in keep))
+        assert problems == "[]"
+
+    assert {e["dst"] for e in _fdb(n1, vx)} == {n2.address, n3.address}
+    try:
+        reconcile(1, 2)  # node 3 left the fabric
+        assert {e["dst"] for e in _fdb(n1, vx)} == {n2.address}
+    finally:
+        reconcile(1, 2, 3)  # and is back (as plexusd had it)
+    assert {e["dst"] for e in _fdb(n1, vx)} == {n2.address, n3.address}
+
+
+def test_del_after_the_pod_namespace_is_gone_removes_the_segment(clean: Cluster) -> None:
+    node = clean.nodes[1]
+    pod = clean.new_ns("gone")
+    node.runtime.add("gone", pod.path, annotations={NETWORKS: "ovl"}).ok()
+    pod.delete()  # the pair dies with it; the segment waits for the DEL
+    assert segments(node) == {bridge_name(_vni()), vxlan_name(_vni())}
+    node.runtime.delete("gone", "").ok()
+    assert segments(node) == set()
 
 
 def test_check_notices_a_pod_port_taken_off_the_bridge(clean: Cluster) -> None:
