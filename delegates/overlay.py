@@ -41,7 +41,6 @@ from typing import Any, Final
 
 import structlog
 
-from cnispec import failpoints
 from cnispec.builtin_conf import OverlayConf
 from cnispec.cni import Interface, Result
 from cnispec.errors import CheckFailed, InvalidConfig, PlexusError
@@ -167,9 +166,7 @@ class Overlay(BuiltinPlugin):
                 self._claim(node, req, vni, fabric)
                 undo.callback(self._detach, vni, host)
                 segment = self._build(node, req, vni, fabric)
-                failpoints.hit("overlay_segment_ready")
                 host_link = self._attach(node, segment, host, req, mtu)
-            failpoints.hit("overlay_attached")
             addresses = Result()
             if Ipam.configured(req.config):
                 addresses = self._ipam.add(req)
@@ -178,7 +175,6 @@ class Overlay(BuiltinPlugin):
                 link = pod.require(req.ifname)
                 configure(pod, link, addresses)
                 _multicast.enable(pod, link, req, conf, addresses)
-            failpoints.hit("overlay_configured")
             undo.pop_all()
         extra = [Interface(name=host_link.name, mac=host_link.mac, mtu=host_link.mtu)]
         return result_for(link, req.netns, addresses, extra=extra)
@@ -319,12 +315,12 @@ class Overlay(BuiltinPlugin):
         bridge = node.link(bridge_name(vni))
         if bridge is not None:
             owner = bridge.alias.removeprefix(ALIAS_PREFIX)
-            if bridge.kind != "bridge" or not bridge.alias.startswith(ALIAS_PREFIX):
+            if not _ours(bridge):
                 raise InvalidConfig(
                     f"network {req.network_name}: the node has a link {bridge.name} that is not "
                     f"an overlay bridge of Plexus; remove it or give the network another vni"
                 )
-            if owner != req.network_name:
+            if owner and owner != req.network_name:  # no alias: a crash right after creating
                 raise InvalidConfig(
                     f"network {req.network_name}: VNI {vni} is already the segment of overlay "
                     f"network {owner} on this node; two networks on one VNI would share one L2 "
@@ -368,7 +364,6 @@ class Overlay(BuiltinPlugin):
         name = bridge_name(vni)
         if node.link(name) is None:
             node.create(name, "bridge", what=f"bridge {name}", mtu=mtu, data=SNOOPING)
-            failpoints.hit("overlay_bridge_created")
             _no_dad(name)
         bridge = node.require(name)
         if not bridge.alias:
@@ -384,7 +379,6 @@ class Overlay(BuiltinPlugin):
                 ("IFLA_VXLAN_LEARNING", 1),
             ]
             node.create(vx, "vxlan", what=f"VXLAN device {vx}", mtu=mtu, up=True, data=data)
-            failpoints.hit("overlay_vxlan_created")
         vxlan = node.require(vx)
         node.enslave(vxlan.index, bridge.index, what=f"{vx} into bridge {name}")
         # Up only now, with a port (carrier) and no DAD: its link-local address is usable at
@@ -433,7 +427,6 @@ class Overlay(BuiltinPlugin):
             )
         link = node.require(host)
         node.enslave(link.index, segment.bridge.index, what=f"{host} into {segment.bridge.name}")
-        failpoints.hit("overlay_port_added")
         return link
 
     def _detach(self, vni: int, host: str) -> None:
@@ -455,7 +448,7 @@ class Overlay(BuiltinPlugin):
     @staticmethod
     def _remove_if_unused(node: Netlink, vni: int) -> None:
         bridge = node.link(bridge_name(vni))
-        if bridge is not None and not bridge.alias.startswith(ALIAS_PREFIX):
+        if bridge is not None and not _ours(bridge):
             return  # not ours: never touched
         if bridge is not None and any(p.name != vxlan_name(vni) for p in node.ports(bridge.index)):
             return  # a pod still uses it
@@ -470,6 +463,12 @@ class Overlay(BuiltinPlugin):
             if link.alias == ALIAS_PREFIX + network and link.name.startswith("pxo"):
                 return int(link.name[3:], 16)
         return None
+
+
+def _ours(bridge: Link) -> bool:
+    """A bridge of ours: the alias names its network (none only if plexusd stopped between
+    making it and naming it)."""
+    return bridge.kind == "bridge" and (not bridge.alias or bridge.alias.startswith(ALIAS_PREFIX))
 
 
 def _no_dad(bridge: str) -> None:
