@@ -9,6 +9,7 @@ from delegates.fabric import Fabric
 from delegates.ipam import IpamPaths
 from delegates.ipvlan import Ipvlan
 from delegates.macvlan import Macvlan
+from delegates.overlay import NetworkLister, Overlay
 from delegates.plugin import Plugin
 from delegates.routed import Routed
 from delegates.sbr import SourceRouting
@@ -24,6 +25,7 @@ def builtin_plugins(
     ipam_paths: IpamPaths,
     fabric: Fabric | None,
     vf_owner: VfOwner | None = None,
+    overlay_networks: NetworkLister | None = None,
 ) -> dict[str, Plugin]:
     ipam = Ipam(exec_=exec_, timeout=timeout, data_dir=ipam_data_dir, paths=ipam_paths)
     plugins: list[Plugin] = [
@@ -32,5 +34,7 @@ def builtin_plugins(
         Routed(ipam=ipam, fabric=fabric),
         SourceRouting(),
         Sriov(ipam=ipam, owner=vf_owner),  # without VF pools it answers with how to set them
+        # overlay_networks: every NAD the daemon knows, for the VNI collision check
+        Overlay(ipam=ipam, fabric=fabric, networks=overlay_networks),
     ]
     return {plugin.type: plugin for plugin in plugins}

@@ -20,6 +20,7 @@ import hashlib
 import ipaddress
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -105,6 +106,10 @@ class Fabric:
         self._lock = threading.Lock()
         self._underlay: Link | None = None
         self._address: str | None = None
+        # The peers of the last reconcile (None before the first), and who wants to hear of a
+        # change: the overlay networks (delegates.overlay) replicate to the same nodes.
+        self._peers: tuple[Peer, ...] | None = None
+        self._peer_watchers: list[Callable[[tuple[Peer, ...]], None]] = []
 
     @property
     def pod_cidrs(self) -> tuple[str, ...]:
@@ -188,7 +193,28 @@ class Fabric:
                     log.warning("fabric_peer_unroutable", dst=dst, peer=want.owner, error=exc.msg)
             if vtep is not None:
                 self._program_vtep(node, vtep, others)
+            self._peers = tuple(peers)
+        for watcher in self._peer_watchers:
+            try:
+                watcher(tuple(peers))
+            except PlexusError as exc:
+                problems.append(f"peer watcher: {exc.msg}")
+                log.warning("fabric_peer_watcher_failed", error=exc.msg)
         return problems
+
+    @property
+    def peers(self) -> tuple[Peer, ...] | None:
+        """Every node of the fabric (this one included) as of the last reconcile; None while
+        the set is unknown (cluster mode before the API listed the nodes)."""
+        return self._peers
+
+    def watch_peers(self, watcher: Callable[[tuple[Peer, ...]], None]) -> None:
+        """Call `watcher` with the peers after every reconcile (changes and resyncs)."""
+        self._peer_watchers.append(watcher)
+
+    def underlay(self) -> tuple[Link, str]:
+        """The underlay interface and this node's underlay address (after `setup`)."""
+        return self._require_underlay(), self._require_address()
 
     # --- internals -------------------------------------------------------------------------
 

@@ -23,21 +23,24 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final
 
-from pyroute2.netlink import NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, nla
+from pyroute2.netlink import NLM_F_APPEND, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, nla, nlmsg
 from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
 from pyroute2.netlink.rtnl import (
     RTM_DELADDR,
     RTM_DELLINK,
+    RTM_DELMDB,
     RTM_DELNEIGH,
     RTM_DELROUTE,
     RTM_DELRULE,
     RTM_GETADDR,
     RTM_GETLINK,
+    RTM_GETMDB,
     RTM_GETNEIGH,
     RTM_GETROUTE,
     RTM_GETRULE,
     RTM_NEWADDR,
     RTM_NEWLINK,
+    RTM_NEWMDB,
     RTM_NEWNEIGH,
     RTM_NEWROUTE,
     RTM_NEWRULE,
@@ -562,6 +565,81 @@ class Netlink:
             if exc.code not in (errno.ENOENT, errno.ESRCH):
                 raise translate(exc, f"deleting fdb {mac} -> {remote}") from None
 
+    # --- bridges, their ports, VXLAN flood lists and VXLAN MDB (plexus-overlay) --------------
+
+    def enslave(self, index: int, master: int, *, what: str) -> None:
+        """Make link `index` a port of the bridge `master`."""
+        try:
+            self._nl.request(
+                message(ifinfmsg, {"index": index}, [("IFLA_MASTER", master)]), RTM_NEWLINK
+            )
+        except NetlinkError as exc:
+            raise translate(exc, what, link=True) from None
+
+    def ports(self, master: int) -> list[Link]:
+        """The links enslaved to `master` (a dump the kernel filters by IFLA_MASTER; each
+        answer checked again, for a kernel that would ignore the filter)."""
+        request = message(ifinfmsg, {}, [("IFLA_MASTER", master)])
+        out = []
+        for raw in self._nl.request_raw(request, RTM_GETLINK, dump=True):
+            start = NLMSG_HDR.size + _IFINFO.size
+            values = dict(attributes(raw, start, len(raw)))
+            if _U32.unpack(values.get(IFLA_MASTER, b"\0\0\0\0")[:4])[0] != master:
+                continue
+            out.append(_fast_link(raw) or _link(_decoded(ifinfmsg, raw)))
+        return out
+
+    def flood_to(self, index: int, remote: str) -> None:
+        """One more remote VTEP in a VXLAN device's all-zeros FDB entry (head-end replication:
+        broadcast, unknown unicast and multicast without an MDB entry go to every such
+        remote)."""
+        fields = {"family": AF_BRIDGE, "ifindex": index, "state": NUD_PERMANENT, "flags": NTF_SELF}
+        attrs = [("NDA_LLADDR", ZERO_MAC), ("NDA_DST", remote)]
+        try:
+            self._nl.request(
+                message(ndmsg, fields, attrs), RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_APPEND
+            )
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise translate(exc, f"flood entry -> {remote}") from None
+
+    def mdb_add(self, dev: int, group: str, remote: str) -> None:
+        """A permanent VXLAN MDB entry: frames for `group` leave VXLAN device `dev` to the VTEP
+        at `remote` (one entry per remote; the FDB's flood list no longer applies to it)."""
+        try:
+            self._nl.request(
+                _mdb_message(dev, group, remote), RTM_NEWMDB, NLM_F_CREATE | NLM_F_EXCL
+            )
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise translate(exc, f"mdb {group} -> {remote}") from None
+
+    def mdb_delete(self, dev: int, group: str, remote: str) -> None:
+        try:
+            self._nl.request(_mdb_message(dev, group, remote), RTM_DELMDB)
+        except NetlinkError as exc:
+            if exc.code not in (errno.ENOENT, errno.ESRCH):
+                raise translate(exc, f"deleting mdb {group} -> {remote}") from None
+
+    def mdb_remotes(self, dev: int) -> set[tuple[str, str]]:
+        """The (group, remote) pairs of VXLAN device `dev`'s MDB."""
+        out: set[tuple[str, str]] = set()
+        request = message(_BrPortMsg, {"family": AF_BRIDGE, "ifindex": 0}, [])
+        for raw in self._nl.request_raw(request, RTM_GETMDB, dump=True):
+            start = NLMSG_HDR.size + _BR_PORT_MSG.size
+            if _BR_PORT_MSG.unpack_from(raw, NLMSG_HDR.size)[1] != dev:
+                continue
+            for kind, mdb in attributes(raw, start, len(raw)):
+                if kind != MDBA_MDB:
+                    continue
+                for kind2, entry in attributes(mdb, 0, len(mdb)):
+                    if kind2 != MDBA_MDB_ENTRY:
+                        continue
+                    for kind3, info in attributes(entry, 0, len(entry)):
+                        if kind3 == MDBA_MDB_ENTRY_INFO:
+                            out.update(_mdb_remote(info))
+        return out
+
     def _dump(self, cls: Any, msg_type: int, fields: dict[str, Any]) -> list[Any]:
         for attempt in range(_DUMP_RETRIES):
             try:
@@ -678,3 +756,66 @@ def _route(msg: Any) -> RouteInfo:
         priority=int(msg.get_attr("RTA_PRIORITY") or 0),
         route_type=int(msg["type"]),
     )
+
+
+# --- VXLAN MDB (RTM_*MDB): pyroute2 0.9 has no message class for it --------------------------
+IFLA_MASTER: Final = 10
+ZERO_MAC: Final = "00:00:00:00:00:00"
+MDBA_MDB: Final = 1
+MDBA_MDB_ENTRY: Final = 1
+MDBA_MDB_ENTRY_INFO: Final = 1
+MDBA_MDB_EATTR_DST: Final = 6
+MDB_PERMANENT: Final = 1
+_BR_PORT_MSG: Final = struct.Struct("=B3xI")  # struct br_port_msg: family, ifindex
+# struct br_mdb_entry: ifindex, state, flags, vid, addr (16-byte union, proto, 2 bytes padding)
+_BR_MDB_ENTRY: Final = struct.Struct("=IBBH16s2s2x")
+_ETH_P: Final = {4: b"\x08\x00", 6: b"\x86\xdd"}  # ETH_P_IP, ETH_P_IPV6, big-endian
+
+
+class _MdbEntryAttrs(nla):  # type: ignore[misc] # MDBA_SET_ENTRY_ATTRS (MDBE_ATTR_*)
+    nla_map = (
+        ("MDBE_ATTR_UNSPEC", "none"),
+        ("MDBE_ATTR_SOURCE", "cdata"),
+        ("MDBE_ATTR_SRC_LIST", "cdata"),
+        ("MDBE_ATTR_GROUP_MODE", "uint8"),
+        ("MDBE_ATTR_RTPROT", "uint8"),
+        ("MDBE_ATTR_DST", "cdata"),
+    )
+
+
+class _BrPortMsg(nlmsg):  # type: ignore[misc] # struct br_port_msg and the MDBA_SET_* attributes
+    fields = (("family", "B"), ("__pad", "3x"), ("ifindex", "I"))
+    nla_map = (
+        ("MDBA_SET_ENTRY_UNSPEC", "none"),
+        ("MDBA_SET_ENTRY", "cdata"),
+        ("MDBA_SET_ENTRY_ATTRS", "mdb_attrs | nested"),  # the kernel parses it strictly
+    )
+    mdb_attrs = _MdbEntryAttrs
+
+
+def _mdb_message(dev: int, group: str, remote: str) -> Any:
+    """`bridge mdb add dev DEV port DEV grp GROUP permanent dst REMOTE`, as a message."""
+    ip = ipaddress.ip_address(group)
+    entry = _BR_MDB_ENTRY.pack(
+        dev, MDB_PERMANENT, 0, 0, ip.packed.ljust(16, b"\0"), _ETH_P[ip.version]
+    )
+    dst = ipaddress.ip_address(remote).packed
+    attrs = [
+        ("MDBA_SET_ENTRY", entry),
+        ("MDBA_SET_ENTRY_ATTRS", {"attrs": [("MDBE_ATTR_DST", dst)]}),
+    ]
+    return message(_BrPortMsg, {"family": AF_BRIDGE, "ifindex": dev}, attrs)
+
+
+def _mdb_remote(info: bytes) -> Iterator[tuple[str, str]]:
+    """(group, remote) of one MDBA_MDB_ENTRY_INFO: a br_mdb_entry, then its attributes."""
+    if len(info) < _BR_MDB_ENTRY.size:
+        return
+    _ifindex, _state, _flags, _vid, raw, proto = _BR_MDB_ENTRY.unpack_from(info, 0)
+    version = 4 if proto == _ETH_P[4] else 6 if proto == _ETH_P[6] else 0
+    if not version:
+        return
+    group = str(ipaddress.ip_address(raw[: 4 if version == 4 else 16]))
+    for kind, value in attributes(info, _BR_MDB_ENTRY.size, len(info)):
+        if kind == MDBA_MDB_EATTR_DST and len(value) in (4, 16):
+            yield group, str(ipaddress.ip_address(value))

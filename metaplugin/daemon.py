@@ -27,6 +27,7 @@ from delegates.builtins import builtin_plugins
 from delegates.chain import ChainRunner
 from delegates.external import ChildTracker, RawExec
 from delegates.fabric import Fabric, Peer
+from delegates.overlay import nad_networks
 from delegates.registry import PluginRegistry
 from metaplugin import config as daemon_config
 from metaplugin import install
@@ -140,7 +141,8 @@ class Daemon:
         fabric, fabric_sync = self._fabric(sources)
         sriov = self._sriov(sources)
         metrics = DaemonMetrics()
-        parts = self._assemble(sources, scheduler, self._delegates(fabric, sriov), sriov, metrics)
+        delegates = self._delegates(fabric, sriov, sources.nads)
+        parts = self._assemble(sources, scheduler, delegates, sriov, metrics)
         spool = SpoolReplayer(cfg.spool_path, orchestrator=parts.orchestrator, scheduler=scheduler)
         metrics.watch(_live_sources(scheduler, spool, parts.collector, sriov, fabric_sync))
         log.info("spool_replayed", still_pending=spool.replay())  # before serving anything
@@ -213,7 +215,9 @@ class Daemon:
         pools.attach(sriov.agent)
         return sriov
 
-    def _delegates(self, fabric: Fabric | None, sriov: SriovNode | None) -> PluginRegistry:
+    def _delegates(
+        self, fabric: Fabric | None, sriov: SriovNode | None, nads: NadSource | None = None
+    ) -> PluginRegistry:
         if self._registry is not None:
             return self._registry
         tracker = ChildTracker(Path(self.cfg.state_dir) / "running")
@@ -228,6 +232,9 @@ class Daemon:
             ipam_paths=self.cfg.ipam_paths(),
             fabric=fabric,
             vf_owner=sriov.agent.vfs if sriov is not None else None,
+            overlay_networks=(lambda: nad_networks(nads.all(), self.cfg.cni_conf_dir))
+            if nads is not None
+            else None,
         )
         return PluginRegistry(builtins=builtins, exec_=exec_, timeout=self.cfg.delegate_timeout)
 

@@ -1,9 +1,10 @@
 """The config models of Plexus's built-in delegates, on the ground floor.
 
 The delegates (`delegates.routed`, `delegates.macvlan`, `delegates.ipvlan`, `delegates.sriov`,
-the in-process IPAM) parse their configs with these models at ADD; the cluster controller's
-admission webhook and `plexusctl validate` check a NAD with the same models before any pod
-uses it (`cnispec.validation`), without importing the delegates. Pure: no kernel, no files.
+`delegates.overlay`, the in-process IPAM) parse their configs with these models at ADD; the
+cluster controller's admission webhook and `plexusctl validate` check a NAD with the same
+models before any pod uses it (`cnispec.validation`), without importing the delegates. Pure:
+no kernel, no files.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from cnispec.builtin_conf.links import (
     IpvlanConf,
     MacvlanConf,
     MulticastKeys,
+    OverlayConf,
     RoutedConf,
     SbrConf,
     SriovConf,
@@ -30,6 +32,7 @@ MODELS: Final[dict[str, type[BaseModel]]] = {
     "plexus-ipvlan": IpvlanConf,
     "plexus-sriov": SriovConf,
     "plexus-sbr": SbrConf,
+    "plexus-overlay": OverlayConf,
 }
 # The IPAM types the built-ins run in-process (any other is exec'd from the CNI path).
 IPAM_TYPES: Final = ("host-local", "static")
@@ -40,6 +43,7 @@ __all__ = [
     "IpvlanConf",
     "MacvlanConf",
     "MulticastKeys",
+    "OverlayConf",
     "RoutedConf",
     "SbrConf",
     "SriovConf",

@@ -140,3 +140,16 @@ class SbrConf(BaseModel):
 
     name: str
     table: int | None = Field(default=None, ge=1, le=0xFFFFFFFF)
+
+
+class OverlayConf(MulticastKeys):
+    """`plexus-overlay`: an L2 network spanning the fabric's nodes over VXLAN. `vni` pins the
+    segment's VXLAN id (else it is derived from the network's name); `mtu` may only lower the
+    one derived from the underlay (checked at ADD, where the underlay is known)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str
+    vni: int | None = Field(default=None, ge=1, le=16777215)
+    mtu: int | None = Field(default=None, ge=68, le=65535)
+    link_in_container: bool = Field(default=False, alias="linkInContainer")
