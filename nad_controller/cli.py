@@ -136,10 +136,11 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
-    controller.start()
+    # The metrics port first: a bad or taken address fails before the replica campaigns, and a
+    # scraper finds the port as soon as the replica can lead.
     if not _serve_metrics(args.metrics_address, controller.metrics):
-        controller.stop(release=True)
         return 2
+    controller.start()
     _maybe_serve_webhook(args, controller.metrics)
     done.wait()
     controller.stop(release=True)

@@ -302,13 +302,18 @@ def test_exactly_one_replica_leads(bed: Bed) -> None:
     )
 
 
-def _leader_gauge(bed: Bed, replica: Replica) -> float:
+def _leader_gauge(bed: Bed, replica: Replica) -> float | None:
+    """The replica's plexus_controller_leader, or None while its port does not answer yet."""
+
     def scrape() -> bytes:
         url = f"http://127.0.0.1:{replica.port + METRICS_OFFSET}/metrics"
         with urllib.request.urlopen(url, timeout=10) as reply:
             return bytes(reply.read())
 
-    text = run_in_netns(bed.cp.path, scrape).decode()
+    try:
+        text = run_in_netns(bed.cp.path, scrape).decode()
+    except OSError:
+        return None
     (family,) = [
         f for f in text_string_to_metric_families(text) if f.name == "plexus_controller_leader"
     ]
