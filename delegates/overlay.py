@@ -330,30 +330,31 @@ class Overlay(BuiltinPlugin):
             self._refuse_collisions(req, vni, fabric)
 
     def _refuse_collisions(self, req: PluginRequest, vni: int, fabric: Fabric) -> None:
+        """Refuse a VNI that more than one NAD claims. Counted by NAD ("namespace/name"), not
+        by the config's `name` (which is all a delegate is told of its network): two NADs of
+        two namespaces with the same config name would otherwise share one L2 segment, and a
+        NAD in any namespace could join another's by copying its name or its `vni`."""
         if self._networks is None:
             return
-        mine: list[str] = []
-        others: list[str] = []
+        claims: set[str] = set()
         for key, config in self._networks():
             for plugin in plugin_configs(dict(config)):
                 if plugin.get("type") != TYPE:
                     continue
-                name = str(config.get("name", ""))
                 explicit = plugin.get("vni")
                 theirs = (
                     explicit
                     if isinstance(explicit, int)
-                    else derived_vni(name, avoid=fabric.config.vni)
+                    else derived_vni(str(config.get("name", "")), avoid=fabric.config.vni)
                 )
-                if theirs != vni:
-                    continue
-                (mine if name == req.network_name else others).append(key)
-        if others:
-            this = ", ".join(mine) or req.network_name
+                if theirs == vni:
+                    claims.add(key)
+        if len(claims) > 1:
             raise InvalidConfig(
-                f"network {this}: VNI {vni} is also the VNI of overlay network "
-                f"{', '.join(sorted(others))}; two networks on one VNI would share one L2 "
-                "segment: give one of them another 'vni'"
+                f"network {req.network_name}: VNI {vni} is claimed by the overlay networks "
+                f"{', '.join(sorted(claims))}; two networks on one VNI would share one L2 "
+                "segment: give each its own 'vni' (a derived VNI comes from the config's "
+                "'name', so two NADs with the same name need one)"
             )
 
     def _build(self, node: Netlink, req: PluginRequest, vni: int, fabric: Fabric) -> _Segment:

@@ -141,6 +141,19 @@ def write_nads(bed: Cluster, *extra: str) -> None:
         ]
         if "ovl-b" in extra:
             docs.append(_overlay("ovl-b", _ipam(home, i, "10.75.0", "fd00:75"), vni=5000))
+        if "twin" in extra:  # another namespace's NAD whose config has the same name as ovl-t
+            for namespace in ("default", "other"):
+                docs.append(
+                    nad(
+                        "ovl-t",
+                        {
+                            "cniVersion": "1.0.0",
+                            "type": "plexus-overlay",
+                            "ipam": _ipam(home, i, "10.77.0", "fd00:77"),
+                        },
+                        namespace=namespace,
+                    )
+                )
         (home / "nads" / "overlay.yaml").write_text(yaml.safe_dump_all(docs))
 
 
@@ -467,6 +480,23 @@ def test_two_networks_on_one_vni_are_refused(clean: Cluster) -> None:
     assert segments(n2) == set()
     # The network already on node 1 keeps working there.
     attach(clean, n1, "again", "ovl-a")
+
+
+def test_a_nad_of_another_namespace_cannot_join_a_segment_by_its_name(clean: Cluster) -> None:
+    """default/ovl-t and other/ovl-t derive the same VNI from their configs' name: neither
+    makes a segment (a tenant must not reach another namespace's L2 by copying a name)."""
+    write_nads(clean, "twin")
+    time.sleep(0.5)
+    node = clean.nodes[0]
+    for namespace in ("default", "other"):
+        pod = clean.new_ns(f"twin-{namespace}")
+        cid = f"twin-{namespace}"
+        out = node.runtime.add(cid, pod.path, annotations={NETWORKS: "ovl-t"}, pod=(namespace, cid))
+        assert out.returncode == 1 and out.body["code"] == 7, out.body
+        assert "default/ovl-t, other/ovl-t" in out.body["msg"]
+        node.runtime.delete(cid, pod.path).ok()
+    assert segments(node) == set()
+    write_nads(clean)
 
 
 def test_vni_derivation_avoids_the_fabric_vni() -> None:
