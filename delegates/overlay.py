@@ -483,3 +483,17 @@ def _no_dad(bridge: str) -> None:
 def _recorded_vni(req: PluginRequest) -> int | None:
     vni = req.config.get("vni")
     return vni if isinstance(vni, int) and not isinstance(vni, bool) else None
+
+
+def replication(vni: int) -> dict[str, list[str]] | None:
+    """Where this node sends each group of overlay segment `vni`: the VTEPs its VXLAN MDB
+    lists per group (`set_group_members`); a group not listed goes to every fabric node. None
+    when the segment is not on this node."""
+    with Netlink.open() as node:
+        vxlan = node.link(vxlan_name(vni))
+        if vxlan is None:
+            return None
+        out: dict[str, list[str]] = {}
+        for group, remote in node.mdb_remotes(vxlan.index):
+            out.setdefault(group, []).append(remote)
+    return {group: sorted(remotes) for group, remotes in out.items()}

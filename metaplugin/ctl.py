@@ -208,6 +208,28 @@ def cmd_vfs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_multicast(args: argparse.Namespace) -> int:
+    status, body = _get(_socket_path(args), "/v1/multicast")
+    if status != 200:
+        print(f"plexusctl: plexusd answered {status}: {body.decode()[:200]}", file=sys.stderr)
+        return 1
+    rows = json.loads(body)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no pod on this node has joined a group on a multicast network")
+        return 0
+    node = socket.gethostname()
+    out = [("NETWORK", "GROUP", "MEMBERS ON " + node, "SENT TO")]
+    for row in rows:
+        out.append(
+            (row["network"], row["group"], ", ".join(row["members"]), ", ".join(row["sentTo"]))
+        )
+    table(out)
+    return 0
+
+
 GRAPHVIZ_PACKAGE = "graphviz"
 
 
@@ -291,6 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("health", help="is plexusd ready (or, with --live, alive)")
     p.add_argument("--live", action="store_true", help="liveness: /healthz instead of /readyz")
     p.set_defaults(fn=cmd_health)
+    p = sub.add_parser(
+        "multicast", help="per network, the groups this node's pods joined and where they go"
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_multicast)
     p = sub.add_parser("topology", help="this node's pods, their interfaces and networks")
     p.add_argument(
         "--format",

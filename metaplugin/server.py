@@ -28,6 +28,7 @@ from cnispec.cni import CniRequest
 from cnispec.errors import DecodeFailure, NotReady, PlexusError, TryAgainLater
 from kernel import rtnl
 from kernel.netns import current_netns_inode
+from metaplugin import multicast_view
 from metaplugin.metrics import DaemonMetrics, LiveSources
 from metaplugin.orchestrator import Orchestrator
 from metaplugin.scheduler import Scheduler, request_deadline
@@ -267,6 +268,8 @@ class Api:
             if self.sriov is None:
                 return 404, b'{"error":"SR-IOV is off: the daemon config sets no vfPools"}', JSON
             rows = self.sriov.pools() if url.path == "/v1/pools" else self.sriov.vfs()
+        elif url.path == "/v1/multicast":
+            rows = multicast_view.view(r for c in self.store.all() for r in c.records)
         elif url.path == "/v1/network-status":
             query = parse_qs(url.query)
             rows = self.orchestrator.pod_network_status(

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from metaplugin.client import get
 from testbed.manifests import host_local, nad
 from testbed.netns import Netns
 from tests.netns.conftest import NETWORKS, Bed, make_bed
@@ -179,6 +180,17 @@ def test_members_receive_every_datagram_and_others_none(bed: Bed, family: str, g
     try:
         # the socket joined without naming an interface: on the multicast network, not eth0
         assert joined_on(member, family, group) == ["net1"]
+        # ...and `plexusctl multicast` shows it: the member pod, on the network's segment
+        status, body = get(bed.daemon.socket, "/v1/multicast")
+        assert status == 200
+        assert json.loads(body) == [
+            {
+                "network": "default/mc-a",
+                "group": group,
+                "members": ["default/pod (net1)"],
+                "sentTo": ["the network's own L2 segment"],
+            }
+        ]
         send(sender, family, group, n)
         assert received(joined) == n
         assert received(idle) == 0

@@ -1,0 +1,69 @@
+"""`plexusctl multicast` (GET /v1/multicast): per network, the multicast groups this node's pods
+have joined, with the member pods and where the node sends the group's traffic.
+
+Which attachments count: those of a NAD with `"multicast": true` (plexus-macvlan, -ipvlan,
+-sriov, -overlay) and every `plexus-overlay` attachment (its bridge snoops IGMP/MLD whatever
+the key says). Membership is what the pod's kernel holds on that interface (/proc/net/igmp and
+igmp6 in the pod's namespace), minus the groups every interface joins by itself. For an overlay
+network, `sentTo` is the VXLAN MDB's list of nodes for the group, or "every fabric node" when
+the group has none (local mode: flood, and each node's bridge prunes on arrival); a macvlan,
+ipvlan or VF network is one L2 segment outside Plexus (`sentTo` is the segment).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import structlog
+
+from cnispec.errors import PlexusError
+from delegates.overlay import TYPE as OVERLAY
+from delegates.overlay import replication
+from kernel.mcast import joined_groups
+from metaplugin.store import Attachment
+
+log = structlog.get_logger(__name__)
+
+EVERY_FABRIC_NODE = "every fabric node"
+THE_SEGMENT = "the network's own L2 segment"
+
+
+def _multicast_plugin(record: Attachment) -> dict[str, Any] | None:
+    for plugin in record.prepared.plugins:
+        if plugin.type == OVERLAY or plugin.config.get("multicast") is True:
+            return dict(plugin.config) | {"type": plugin.type}
+    return None
+
+
+def view(
+    records: Iterable[Attachment],
+    *,
+    groups_of: Callable[[str, str], list[str]] = joined_groups,
+    replication_of: Callable[[int], dict[str, list[str]] | None] = replication,
+) -> list[dict[str, Any]]:
+    """Rows sorted by network and group: {network, group, members, sentTo} (this node's)."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for record in records:
+        plugin = _multicast_plugin(record)
+        if plugin is None or record.state != "added" or not record.netns:
+            continue
+        try:
+            groups = groups_of(record.netns, record.ifname)
+        except (OSError, PlexusError) as exc:  # the pod's netns is gone: no members there
+            log.debug("multicast_view_skipped", pod=record.holder.pod_ref, error=str(exc))
+            continue
+        sent: dict[str, list[str]] | None = {}
+        if plugin["type"] == OVERLAY and isinstance(plugin.get("vni"), int):
+            sent = replication_of(plugin["vni"])
+        for group in groups:
+            row = rows.setdefault(
+                (record.network, group),
+                {"network": record.network, "group": group, "members": []},
+            )
+            row["members"].append(f"{record.holder.pod_ref} ({record.ifname})")
+            if plugin["type"] != OVERLAY:
+                row["sentTo"] = [THE_SEGMENT]
+            else:
+                row["sentTo"] = (sent or {}).get(group) or [EVERY_FABRIC_NODE]
+    return [rows[key] | {"members": sorted(rows[key]["members"])} for key in sorted(rows)]
