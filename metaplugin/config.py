@@ -294,6 +294,20 @@ class DaemonConfig(BaseModel):
         "defaultNetworks; a pod that asks for more is refused with code 7 before anything is "
         "made.",
     )
+    policy_enforcement: bool = Field(
+        default=True,
+        alias="policyEnforcement",
+        description="Enforce NetworkPolicy (primary), MultiNetworkPolicy (secondaries) and the "
+        "plexus.dev isolation modes with one nftables table in each local pod's netns "
+        "(docs/policy.md). Off: no table is made or changed.",
+    )
+    cri_socket: str | None = Field(
+        default=None,
+        alias="criSocket",
+        description="Local mode: the container runtime's CRI socket (e.g. "
+        "/run/containerd/containerd.sock), asked for a pod's labels (PodSandboxStatus) so "
+        "policies can select it. Unset: local pods have no labels.",
+    )
     metrics_address: str = Field(
         # 9465, and the controller 9466: clear of the common exporters' ports (docs/metrics.md).
         default=":9465",
