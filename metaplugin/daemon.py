@@ -35,6 +35,7 @@ from metaplugin.gc import Collector
 from metaplugin.metrics import DaemonMetrics, LiveSources, MetricsServer
 from metaplugin.nad_source import LocalNadSource, NadSource
 from metaplugin.orchestrator import Orchestrator, PodSource
+from metaplugin.policy_engine import PolicyEngine
 from metaplugin.resolve import Resolver
 from metaplugin.scheduler import Scheduler
 from metaplugin.server import Api, request_timeout_for
@@ -108,6 +109,7 @@ class Parts:
     resolver: Resolver
     orchestrator: Orchestrator
     collector: Collector
+    policy: PolicyEngine | None = None
 
     def handle(self, req: CniRequest) -> dict[str, Any] | None:
         if req.command == cni.GC:
@@ -141,10 +143,14 @@ class Daemon:
         metrics = DaemonMetrics()
         parts = self._assemble(sources, scheduler, self._delegates(fabric, sriov), sriov, metrics)
         spool = SpoolReplayer(cfg.spool_path, orchestrator=parts.orchestrator, scheduler=scheduler)
-        metrics.watch(_live_sources(scheduler, spool, parts.collector, sriov, fabric_sync))
+        live = _live_sources(scheduler, spool, parts.collector, sriov, fabric_sync)
+        live.policy = parts.policy.readout if parts.policy is not None else None
+        metrics.watch(live)
         log.info("spool_replayed", still_pending=spool.replay())  # before serving anything
         if sriov is not None:
             sriov.heal_and_open()  # after the spooled DELs put their VFs back themselves
+        if parts.policy is not None:
+            parts.policy.start()  # every local pod's table, once the source has synced
         api = Api(
             handle=parts.handle,
             orchestrator=parts.orchestrator,
@@ -154,6 +160,7 @@ class Daemon:
             sriov=sriov,
             request_timeout=request_timeout_for(cfg.shim_timeout),
             metrics=metrics,
+            policy=parts.policy,
         )
         server = SocketServer(cfg.socket_path, api)
         server.start()
@@ -184,6 +191,8 @@ class Daemon:
             self._node_pools.stop()
         if sriov is not None:
             sriov.stop()
+        if parts.policy is not None:
+            parts.policy.stop()
         if sources.stop is not None:
             sources.stop()
         return 0
@@ -257,6 +266,7 @@ class Daemon:
         metrics: DaemonMetrics | None = None,
     ) -> Parts:
         store = AttachmentStore(self.cfg.state_dir)
+        policy = self._policy_engine(sources, store, metrics)
         resolver = Resolver(config=self.cfg, nads=sources.nads)
         observe = metrics.delegate_observer(registry.builtin_types) if metrics else None
         runner = ChainRunner(registry=registry, observe=observe)
@@ -268,6 +278,7 @@ class Daemon:
             sink=sources.sink,
             pods=sources.pods,
             devices=sriov.devices if sriov is not None else None,
+            policy=policy,
         )
         collector = Collector(
             orchestrator=orchestrator,
@@ -277,7 +288,23 @@ class Daemon:
             lock_container=scheduler.container,
             exclusive=scheduler.exclusive,
         )
-        return Parts(store, resolver, orchestrator, collector)
+        return Parts(store, resolver, orchestrator, collector, policy)
+
+    def _policy_engine(
+        self, sources: Sources, store: AttachmentStore, metrics: DaemonMetrics | None
+    ) -> PolicyEngine | None:
+        if not self.cfg.policy_enforcement:
+            log.info("policy_enforcement_off")
+            return None
+        # The source's import is here: cluster mode's watches cost only a daemon that enforces.
+        from metaplugin.policy_source import open_policy_source
+
+        source = open_policy_source(self.cfg, sources.api)
+        return PolicyEngine(
+            source=source,
+            store=store,
+            observe_apply=metrics.policy_apply_seconds.observe if metrics else None,
+        )
 
     def _write_conf_when_ready(self, resolver: Resolver) -> None:
         """Write the conflist only once the cluster network resolves and any readiness file

@@ -32,7 +32,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final, Literal, NamedTuple, Protocol
 
 import structlog
@@ -40,6 +40,7 @@ import structlog
 from cnispec.errors import PlexusError
 from kernel import nftables
 from kernel.netlink import Netlink
+from metaplugin.metrics import PolicyReadout
 from metaplugin.status import entry
 from metaplugin.store import Attachment, ContainerRecords
 from netpolicy.compile import compile_world
@@ -78,6 +79,8 @@ class Source(Protocol):
 
     def synced(self) -> bool: ...
 
+    def close(self) -> None: ...
+
 
 class Records(Protocol):
     """The attachment store (metaplugin.store.AttachmentStore), read only."""
@@ -110,7 +113,6 @@ class PolicyStats:
 
     applies: int = 0
     apply_failures: int = 0
-    apply_seconds: list[float] = field(default_factory=list)  # drained by the metrics
     enforced: int = 0
 
 
@@ -143,12 +145,14 @@ class PolicyEngine:
         kernel: Kernel | None = None,
         node_addresses: Callable[[], tuple[str, ...]] = node_addresses,
         debounce: float = DEBOUNCE,
+        observe_apply: Callable[[float], None] | None = None,
     ) -> None:
         self._source = source
         self._store = store
         self._kernel: Kernel = kernel or _Nft()
         self._node_addresses = node_addresses
         self._debounce = debounce
+        self._observe_apply = observe_apply
         self.stats = PolicyStats()
         self._lock = threading.Lock()  # _applied, _rules, counters: the worker vs ADD hooks
         self._applied: dict[str, str] = {}  # netns -> the script last applied there
@@ -173,6 +177,7 @@ class PolicyEngine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(5.0)
+        self._source.close()
 
     def changed(self) -> None:
         """Something the rules depend on changed: recompute soon (any thread, never blocks)."""
@@ -306,8 +311,8 @@ class PolicyEngine:
                 self._applied.pop(rules.netns, None)  # unknown now: apply again next time
                 raise
             self.stats.applies += 1
-            self.stats.apply_seconds.append(time.monotonic() - started)
-            del self.stats.apply_seconds[:-1000]
+            if self._observe_apply is not None:
+                self._observe_apply(time.monotonic() - started)
             self._applied[rules.netns] = script
             self._rules[rules.netns] = rules
         log.info(
@@ -410,6 +415,15 @@ class PolicyEngine:
         with self._lock:
             totals.update(self._drop_retired)
         return dict(totals)
+
+    def readout(self) -> PolicyReadout:
+        """What a metrics scrape reads (the drop counters are read from the tables now)."""
+        dropped = {(k.namespace, k.policy_kind, k.direction): v for k, v in self.dropped().items()}
+        return PolicyReadout(
+            enforced=self.stats.enforced,
+            apply_failures=self.stats.apply_failures,
+            dropped=dropped,
+        )
 
     def pod_view(self, namespace: str, name: str) -> dict[str, Any] | None:
         """What `plexusctl policy POD` shows: per interface and direction, the policies that

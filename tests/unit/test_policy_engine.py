@@ -81,6 +81,9 @@ class Source:
     def synced(self) -> bool:
         return self.is_synced
 
+    def close(self) -> None:
+        self.callbacks.clear()
+
 
 class Kernel:
     def __init__(self) -> None:
