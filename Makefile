@@ -11,7 +11,7 @@ APT_PKGS := containernetworking-plugins iproute2 iptables containerd runc busybo
 STAMP    := $(VENV)/.installed
 
 .PHONY: deps apt venv lint test unit netns kernel shim bench bench-cri bench-builtins bench-burst bench-sriov \
-        bench-controller \
+        bench-controller bench-policy \
         protos clean demo chaos
 
 deps: apt venv
@@ -103,6 +103,10 @@ bench-sriov: deps
 # Controller: VFPoolNodeState marks VFs unhealthy -> VFPool Degraded, 20 runs (median, p90).
 bench-controller: venv
 	$(BIN)/python -m bench.controller_latency --runs 20
+
+# Policy compiler: 10/100/1,000 policies x 110 local pods + 2,000 peers, compile_world and render.
+bench-policy: venv
+	$(BIN)/python -m bench.policy_compile --runs 15
 
 # Regenerate the kubelet API stubs from the .proto files (written from the public API reference).
 protos: venv

@@ -25,8 +25,9 @@ see `isolation_policies`) governs every interface, peers on the same network.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -59,7 +60,9 @@ NAMESPACE_NAME_LABEL: Final = "kubernetes.io/metadata.name"
 PRIMARY: Final = ""  # the network key of primary interfaces (their NAD name varies by node)
 
 Direction = Literal["ingress", "egress"]
-Net = ipaddress.IPv4Network | ipaddress.IPv6Network
+# An address range: (IP version, first, last), integers, inclusive. Integer ranges keep the set
+# arithmetic (excepts, merging thousands of peers) cheap; prefixes come back only at the end.
+Net = tuple[int, int, int]
 Nets = frozenset[Net]
 PortKey = tuple[tuple[str, int, int], ...]  # (protocol, first, last), merged and sorted
 # One allowed slice before merging: peer networks (None: any), ports (None: any), policy ref.
@@ -107,29 +110,35 @@ def policy_types(spec: PolicySpec) -> tuple[str, ...]:
 
 
 def ip_block_nets(block: IPBlock) -> Nets:
-    """The cidr minus every `except` inside it, as plain prefixes."""
+    """The cidr minus every `except` inside it (`collapse` turns the result into prefixes)."""
     try:
-        base = ipaddress.ip_network(block.cidr, strict=False)
+        base = _net(block.cidr)
     except ValueError:
         return frozenset()
-    nets: list[Net] = [base]
+    ranges = [base]
     for text in block.except_:
         try:
-            hole = ipaddress.ip_network(text, strict=False)
+            hole_v, hole_first, hole_last = _net(text)
         except ValueError:
             continue
-        if hole.version != base.version:
+        if hole_v != base[0]:
             continue
         kept: list[Net] = []
-        for n in nets:
-            if not n.overlaps(hole):
-                kept.append(n)
-            elif hole.supernet_of(n):  # type: ignore[arg-type]
+        for v, first, last in ranges:
+            if hole_last < first or hole_first > last:
+                kept.append((v, first, last))
                 continue
-            else:
-                kept.extend(n.address_exclude(hole))  # type: ignore[arg-type]
-        nets = kept
-    return frozenset(nets)
+            if first < hole_first:
+                kept.append((v, first, hole_first - 1))
+            if hole_last < last:
+                kept.append((v, hole_last + 1, last))
+        ranges = kept
+    return frozenset(ranges)
+
+
+def _net(text: str) -> Net:
+    n = ipaddress.ip_network(text, strict=False)
+    return (n.version, int(n.network_address), int(n.broadcast_address))
 
 
 def governs(policy: Policy, iface: PodInterface) -> bool:
@@ -157,7 +166,8 @@ def _parse_addresses(addresses: Iterable[str]) -> tuple[Net, ...]:
     out: list[Net] = []
     for a in addresses:
         try:
-            out.append(ipaddress.ip_network(a.split("/", 1)[0]))
+            ip = ipaddress.ip_address(a.split("/", 1)[0])
+            out.append((ip.version, int(ip), int(ip)))
         except ValueError:
             continue  # a malformed address in an annotation must not stop the rest
     return tuple(out)
@@ -200,11 +210,9 @@ def _named_port(pod: Pod, port: PolicyPort) -> int | None:
     return None
 
 
-def _contains(nets: Nets, addr: Net) -> bool:
-    return addr in nets or any(
-        n.version == addr.version and addr.subnet_of(n)  # type: ignore[arg-type]
-        for n in nets
-    )
+def _contains(nets: Iterable[Net], addr: Net) -> bool:
+    version, first, last = addr
+    return any(v == version and f <= first and last <= la for v, f, la in nets)
 
 
 @dataclass
@@ -276,18 +284,26 @@ class _Compiler:
         key = (pi, direction, ri, net)
         if key in self._peer_cache:
             return self._peer_cache[key]
-        policy = self.world_policies[pi]
+        pods, blocks = self._peer_parts(pi, peers)
         addrs = self._addrs.get(net, {})
-        out: set[Net] = set()
-        for peer in peers:
-            if peer.ip_block is not None:
-                out |= ip_block_nets(peer.ip_block)
-                continue
-            for i in self._peer_pods(policy, peer):
-                out.update(addrs.get(i, ()))
+        out: set[Net] = set(blocks)
+        for i in pods:
+            out.update(addrs.get(i, ()))
         result = frozenset(out)
         self._peer_cache[key] = result
         return result
+
+    def _peer_parts(self, pi: int, peers: Sequence[PolicyPeer]) -> tuple[frozenset[int], Nets]:
+        """A rule's peers as the pods its selectors pick and the ranges its ipBlocks cover."""
+        policy = self.world_policies[pi]
+        pods: set[int] = set()
+        blocks: set[Net] = set()
+        for peer in peers:
+            if peer.ip_block is not None:
+                blocks |= ip_block_nets(peer.ip_block)
+            else:
+                pods |= self._peer_pods(policy, peer)
+        return frozenset(pods), frozenset(blocks)
 
     # ---- rules ------------------------------------------------------------------------------
 
@@ -320,7 +336,8 @@ class _Compiler:
                     if number is not None:
                         ranges.append((p.protocol, number, number))
             else:
-                out.extend(self._egress_named(named, nets, net, policy.ref))
+                parts = self._peer_parts(pi, peers) if peers else None
+                out.extend(self._egress_named(named, parts, net, policy.ref))
             if ranges:
                 out.append((nets, _merge_ranges(ranges), policy.ref))
         if not per_pod:
@@ -328,7 +345,11 @@ class _Compiler:
         return out
 
     def _egress_named(
-        self, named: Sequence[PolicyPort], nets: Nets | None, net: str, ref: str
+        self,
+        named: Sequence[PolicyPort],
+        peers: tuple[frozenset[int], Nets] | None,
+        net: str,
+        ref: str,
     ) -> list[Piece]:
         """Egress to a named port: each destination pod's own port of that name, towards that
         pod's addresses (those the rule's peers cover)."""
@@ -341,7 +362,7 @@ class _Compiler:
                 if number is None:
                     continue
                 for a in pod_addrs:
-                    if nets is None or _contains(nets, a):
+                    if peers is None or i in peers[0] or _contains(peers[1], a):
                         by_number[number].add(a)
             for number, dests in sorted(by_number.items()):
                 out.append((frozenset(dests), ((port.protocol, number, number),), ref))
@@ -435,8 +456,26 @@ def _allow_order(a: Allow) -> tuple[bool, tuple[tuple[str, int, int], ...], bool
 
 def collapse(nets: Iterable[Net]) -> tuple[str, ...]:
     """The fewest prefixes covering exactly `nets`, IPv4 first, in address order."""
-    v4 = [n for n in nets if isinstance(n, ipaddress.IPv4Network)]
-    v6 = [n for n in nets if isinstance(n, ipaddress.IPv6Network)]
-    out = [str(n) for n in ipaddress.collapse_addresses(v4)]
-    out += [str(n) for n in ipaddress.collapse_addresses(v6)]
+    out: list[str] = []
+    for version, bits, family in ((4, 32, socket.AF_INET), (6, 128, socket.AF_INET6)):
+        spans = sorted((f, la) for v, f, la in nets if v == version)
+        merged: list[list[int]] = []
+        for first, last in spans:
+            if merged and first <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], last)
+            else:
+                merged.append([first, last])
+        for first, last in merged:
+            out.extend(_prefixes(family, bits, first, last))
     return tuple(out)
+
+
+def _prefixes(family: int, bits: int, first: int, last: int) -> Iterator[str]:
+    """[first, last] as aligned prefixes, largest first."""
+    while first <= last:
+        size = (first & -first) if first else 1 << bits
+        while size > last - first + 1:
+            size >>= 1
+        text = socket.inet_ntop(family, first.to_bytes(bits // 8, "big"))
+        yield f"{text}/{bits - size.bit_length() + 1}"
+        first += size
