@@ -25,6 +25,11 @@ from cri_api.v1 import api_pb2_grpc as rpc
 log = structlog.get_logger(__name__)
 
 TIMEOUT: Final = 2.0  # seconds for one PodSandboxStatus; a local socket answers in ms
+# kubelet adds these to every sandbox's labels (its pod's identity); the pod in the API has none
+# of them, and a selector must see the labels the API shows.
+KUBELET_LABELS: Final = frozenset(
+    {"io.kubernetes.pod.name", "io.kubernetes.pod.namespace", "io.kubernetes.pod.uid"}
+)
 
 
 class CriUnavailable(Exception):
@@ -42,8 +47,8 @@ class CriLabels:
         self._stub: rpc.RuntimeServiceStub | None = None
 
     def labels(self, sandbox_id: str) -> dict[str, str] | None:
-        """The sandbox's labels; None when the runtime does not know the sandbox (yet, or any
-        more). CriUnavailable when the runtime cannot be asked."""
+        """The sandbox's labels (the pod's, as the API shows them); None when the runtime does
+        not know the sandbox (yet, or any more). CriUnavailable when it cannot be asked."""
         try:
             reply = self._runtime().PodSandboxStatus(
                 pb.PodSandboxStatusRequest(pod_sandbox_id=sandbox_id), timeout=self._timeout
@@ -57,7 +62,7 @@ class CriLabels:
                 f"container runtime at {self.socket}: PodSandboxStatus {sandbox_id[:12]}: "
                 f"{code.name if code else 'failed'}: {details}"
             ) from None
-        return dict(reply.status.labels)
+        return {k: v for k, v in reply.status.labels.items() if k not in KUBELET_LABELS}
 
     def _runtime(self) -> rpc.RuntimeServiceStub:
         with self._lock:

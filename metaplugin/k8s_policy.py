@@ -23,6 +23,10 @@ from cnispec.errors import InvalidConfig
 from kubeapi.informer import JSON, Informer, name_key, namespaced_key
 from metaplugin.policy_source import Callbacks, PolicyInputs
 from netpolicy.manifests import (
+    MULTI_NETWORK_POLICY,
+    NAMESPACE,
+    NETWORK_POLICY,
+    POD,
     describe,
     namespace_from_object,
     pod_from_object,
@@ -32,6 +36,7 @@ from netpolicy.model import Namespace, Pod, Policy
 
 log = structlog.get_logger(__name__)
 
+# The only version multi-networkpolicy serves (deploy/crds/multi-networkpolicies.yaml).
 MNP_GROUP: Final = "k8s.cni.cncf.io"
 MNP_VERSION: Final = "v1beta1"
 MNP_PLURAL: Final = "multi-networkpolicies"
@@ -52,19 +57,24 @@ class ClusterPolicySource:
         self._netpols: Informer[Policy] = self._informer(
             "networkpolicies",
             networking.list_network_policy_for_all_namespaces,
-            policy_from_object,
+            _typed(NETWORK_POLICY, policy_from_object),
         )
         self._mnps: Informer[Policy] = self._informer(
             "multi-networkpolicies",
             lambda **kw: custom.list_cluster_custom_object(
                 MNP_GROUP, MNP_VERSION, MNP_PLURAL, **kw
             ),
-            policy_from_object,
+            _typed(MULTI_NETWORK_POLICY, policy_from_object),
         )
         self._namespaces: Informer[Namespace] = self._informer(
-            "namespaces", core.list_namespace, namespace_from_object, key=name_key
+            "namespaces",
+            core.list_namespace,
+            _typed(NAMESPACE, namespace_from_object),
+            key=name_key,
         )
-        self._pods: Informer[Pod] = self._informer("pods", core.list_pod_for_all_namespaces, _pod)
+        self._pods: Informer[Pod] = self._informer(
+            "pods", core.list_pod_for_all_namespaces, _typed(POD, _pod)
+        )
         self._informers: tuple[Informer[Any], ...] = (
             self._netpols,
             self._mnps,
@@ -87,32 +97,38 @@ class ClusterPolicySource:
         *,
         key: Callable[[JSON], str] = namespaced_key,
     ) -> Informer[V]:
-        failed = [""]  # the object the last conversion refused (informer's thread only)
+        # What the last conversion found, for the on_change that follows it on the informer's
+        # thread: the object it refused, or the one whose model did not move.
+        last = {"refused": "", "same": ""}
 
         def checked(obj: JSON) -> V | None:
             where = f"{name} {key(obj)}"
             try:
                 item = convert(obj)
             except InvalidConfig as exc:
-                failed[0] = where
+                last["refused"] = where
                 with self._lock:
                     known = self._errors.get(where)
                     self._errors[where] = exc.msg
                 if known != exc.msg:
                     log.warning("policy_object_invalid", resource=name, error=exc.msg)
                 return None
-            failed[0] = ""
+            # Most pod updates (conditions, container statuses, heartbeats of other nodes'
+            # pods) leave labels, addresses and ports as they were: nothing to recompute.
+            last["same"] = where if informer.get(key(obj)) == item else ""
             with self._lock:
                 self._errors.pop(where, None)
             return item
 
         def changed(obj: JSON | None) -> None:
+            where = f"{name} {key(obj)}" if obj is not None else ""
+            refused, same = last["refused"], last["same"]
+            last["refused"] = last["same"] = ""
+            if obj is not None and same == where and informer.get(key(obj)) is not None:
+                return
             with self._lock:
-                if obj is not None:
-                    where = f"{name} {key(obj)}"
-                    if failed[0] != where and informer.get(key(obj)) is None:
-                        self._errors.pop(where, None)  # deleted: its error goes with it
-                failed[0] = ""
+                if obj is not None and refused != where and informer.get(key(obj)) is None:
+                    self._errors.pop(where, None)  # deleted: its error goes with it
                 self._snapshot = None
             if self.synced():
                 self._callbacks.fire()
@@ -153,6 +169,19 @@ class ClusterPolicySource:
     def close(self) -> None:
         for informer in self._informers:
             informer.stop()
+
+
+def _typed(what: tuple[str, str], convert: Callable[[JSON], V]) -> Callable[[JSON], V]:
+    """The API lists built-in objects without apiVersion and kind (watch events have them):
+    the converters check both, so the informer's kind is filled in where it is missing."""
+    api_version, kind = what
+
+    def typed(obj: JSON) -> V:
+        if obj.get("kind") and obj.get("apiVersion"):
+            return convert(obj)
+        return convert({**obj, "apiVersion": api_version, "kind": kind})
+
+    return typed
 
 
 def _pod(obj: JSON) -> Pod:

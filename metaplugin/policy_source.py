@@ -402,6 +402,11 @@ class SandboxLabels:
         self._wake.set()
         return None
 
+    def waiting(self) -> list[str]:
+        """The sandboxes still asked for (the engine's status, tests)."""
+        with self._lock:
+            return sorted(self._pending)
+
     def close(self) -> None:
         self._stop.set()
         self._wake.set()

@@ -4,8 +4,9 @@ No kube-apiserver can run on the test machines, so code that talks to the API (m
 nad_controller, ...) is tested with the real ``kubernetes`` Python client pointed at this
 server. It speaks HTTP/1.1 + JSON on 127.0.0.1 (ephemeral port) and serves Pods (with the
 ``status`` subresource), Events, Nodes, NetworkAttachmentDefinitions
-(``k8s.cni.cncf.io/v1``), Leases (``coordination.k8s.io/v1``), CustomResourceDefinitions
-(``apiextensions.k8s.io/v1``) and Plexus's VFPools and
+(``k8s.cni.cncf.io/v1``), NetworkPolicies (``networking.k8s.io/v1``), MultiNetworkPolicies
+(``k8s.cni.cncf.io/v1beta1``, a second version of the NADs' group), Leases
+(``coordination.k8s.io/v1``), CustomResourceDefinitions (``apiextensions.k8s.io/v1``) and Plexus's VFPools and
 VFPoolNodeStates (``plexus.dev/v1alpha1``, cluster-scoped, ``status`` subresource), following the real server's semantics where tests can observe them:
 one global resourceVersion, list/watch with field and label selectors, chunked watch streams
 that replay retained history and answer a compacted resourceVersion with an ``ERROR`` event
@@ -86,8 +87,11 @@ _EVENT_FIELDS = (
 
 
 _BUILTIN_GROUPS = frozenset(
-    {"", "coordination.k8s.io", "apiextensions.k8s.io", "admissionregistration.k8s.io"}
-)
+    {
+        "", "coordination.k8s.io", "apiextensions.k8s.io", "admissionregistration.k8s.io",
+        "networking.k8s.io",
+    }
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,7 @@ class Resource:
     namespaced: bool = True
     has_status: bool = False
     fields: tuple[str, ...] = ()
+    generation: bool = False  # a built-in whose strategy keeps metadata.generation (CRs all do)
 
     @property
     def api_version(self) -> str:
@@ -132,6 +137,9 @@ RESOURCES = (
              False, True),
     Resource("VFPool", "vfpools", "plexus.dev", "v1alpha1", False, True),
     Resource("VFPoolNodeState", "vfpoolnodestates", "plexus.dev", "v1alpha1", False, True),
+    # network policy (issue 14): the built-in, and the CRD multi-networkpolicy serves (v1beta1)
+    Resource("NetworkPolicy", "networkpolicies", "networking.k8s.io", "v1", generation=True),
+    Resource("MultiNetworkPolicy", "multi-networkpolicies", "k8s.cni.cncf.io", "v1beta1"),
     # admission (see "admission webhooks" below)
     Resource("Namespace", "namespaces", "", "v1", False),
     Resource(
@@ -489,7 +497,7 @@ class ObjectStore:
                 msg = f'{res.qualified} "{meta["name"]}" already exists'
                 raise ApiError(409, msg, "AlreadyExists", res.details(meta["name"]))
             meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now())
-            if res.custom:
+            if res.custom or res.generation:
                 meta["generation"] = 1
             return self._commit(key, "ADDED", obj, None)
 
@@ -526,7 +534,7 @@ class ObjectStore:
             new.update(kind=old["kind"], apiVersion=old["apiVersion"])
             if _without_rv(_normalized(new)) == _without_rv(old):
                 return copy.deepcopy(old)
-            if res.custom and _spec_changed(old, new):
+            if (res.custom or res.generation) and _spec_changed(old, new):
                 meta["generation"] = old["metadata"].get("generation", 0) + 1
             finalizing = meta.get("deletionTimestamp") and old["metadata"].get("finalizers")
             if finalizing and not meta.get("finalizers"):
@@ -967,15 +975,18 @@ def discovery(path: str, served: Callable[[Resource], bool] | None = None) -> JS
     resources ``served`` accepts, all by default)."""
     path = path.rstrip("/")
     resources = [r for r in RESOURCES if served is None or served(r)]
-    versions = {r.group: r.version for r in resources if r.group}  # one version per group
+    versions: dict[str, list[str]] = {}  # a group's versions, the preferred (first) first
+    for r in resources:
+        if r.group and r.version not in versions.setdefault(r.group, []):
+            versions[r.group].append(r.version)
     groups = sorted(versions)
-    gv = {g: {"groupVersion": f"{g}/{versions[g]}", "version": versions[g]} for g in groups}
+    gv = {g: [{"groupVersion": f"{g}/{v}", "version": v} for v in versions[g]] for g in groups}
     if path == "/version":
         return dict(_VERSION)
     if path == "/api":
         cidr = {"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}
         return {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [cidr]}
-    group_docs = {g: {"name": g, "versions": [gv[g]], "preferredVersion": gv[g]} for g in groups}
+    group_docs = {g: {"name": g, "versions": gv[g], "preferredVersion": gv[g][0]} for g in groups}
     if path == "/apis":
         return {"kind": "APIGroupList", "apiVersion": "v1", "groups": list(group_docs.values())}
     if path.startswith("/apis/") and path[6:] in group_docs:

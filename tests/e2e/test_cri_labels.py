@@ -11,7 +11,9 @@ from typing import Any
 
 import yaml
 
+from metaplugin.config import DaemonConfig
 from metaplugin.cri_labels import CriLabels
+from metaplugin.policy_source import open_policy_source
 from testbed.cri import Pod
 from testbed.manifests import macvlan, nad
 from tests.e2e.conftest import NETWORKS, CriBed
@@ -55,6 +57,11 @@ def test_the_runtime_knows_a_sandboxs_labels_only_once_its_network_setup_returne
     (cri.nad_dir / "gated.yaml").write_text(yaml.safe_dump(gated))
     cri.start_plexus()
     labels = CriLabels(cri.containerd.socket)
+    # What the policy engine uses: the local source, asking the same runtime.
+    config = {"localDir": str(cri.nad_dir), "criSocket": cri.containerd.socket}
+    source = open_policy_source(DaemonConfig.model_validate(config), None)
+    known = threading.Event()
+    source.on_change(known.set)
     made: dict[str, Any] = {}
 
     def run() -> None:
@@ -69,6 +76,7 @@ def test_the_runtime_knows_a_sandboxs_labels_only_once_its_network_setup_returne
         sandbox_id = _wait_for(gate / "reached")
         during = labels.labels(sandbox_id)  # the ADD is held inside RunPodSandbox right now
         listed = [s.id for s in cri.containerd.sandboxes()]
+        engine_during = source.pod_labels("default", "web", sandbox_id)
     finally:
         (gate / "release").touch()
         runner.join(120)
@@ -81,6 +89,11 @@ def test_the_runtime_knows_a_sandboxs_labels_only_once_its_network_setup_returne
     assert during is None  # containerd 1.6 stores the sandbox after setupPodNetwork returns
     assert sandbox_id not in listed
     assert after == {"app": "plexus-e2e"}
+    # the source asked again on its own, and told the engine once it knew
+    assert engine_during is None
+    assert known.wait(30)
+    assert source.pod_labels("default", "web", sandbox_id) == {"app": "plexus-e2e"}
+    source.close()
 
     cri.containerd.stop_pod(pod)
     cri.containerd.remove_pod(pod)

@@ -145,6 +145,7 @@ def test_kustomize_renders_every_object_named(rendered: list[Obj]) -> None:
         "network-attachment-definitions.k8s.cni.cncf.io",
         "vfpools.plexus.dev",
         "vfpoolnodestates.plexus.dev",
+        "multi-networkpolicies.k8s.cni.cncf.io",
     }
 
 

@@ -173,6 +173,7 @@ def test_discovery_and_version(api_client: client.ApiClient) -> None:
         ("apiextensions.k8s.io", "v1"),
         ("coordination.k8s.io", "v1"),
         ("k8s.cni.cncf.io", "v1"),
+        ("networking.k8s.io", "v1"),
         ("plexus.dev", "v1alpha1"),
     ]
     plexus = client.CustomObjectsApi(api_client).get_api_resources("plexus.dev", "v1alpha1")
