@@ -262,9 +262,16 @@ class PolicyEngine:
             container_id=container_id,
         )
 
-    def compile(self) -> dict[str, PodRules]:
-        """netns -> the rules its table must hold, for every local pod."""
-        return {r.netns: r for r in compile_world(self.world()).values() if r.netns}
+    def compile(self, only: str | None = None) -> dict[str, PodRules]:
+        """netns -> the rules its table must hold, for every local pod (or for the one in the
+        netns `only`: the others are then peers only, which the compiler does not compile)."""
+        world = self.world()
+        if only is not None:
+            pods = tuple(
+                p if p.netns == only else p.model_copy(update={"netns": ""}) for p in world.pods
+            )
+            world = world.model_copy(update={"pods": pods})
+        return {r.netns: r for r in compile_world(world).values() if r.netns}
 
     # --- applying -------------------------------------------------------------------------------
 
@@ -347,7 +354,7 @@ class PolicyEngine:
         """After a successful ADD, before it answers: this pod's table, now. Raises a
         PlexusError when it cannot be applied (the ADD then fails and rolls back)."""
         try:
-            wanted = self.compile()
+            wanted = self.compile(only=netns)  # the ADD waits for one pod's rules, not all
         except Exception as exc:
             log.exception("policy_compile_failed", netns=netns)
             raise PlexusError(f"network policy: cannot compute the pod's rules: {exc!r}") from None

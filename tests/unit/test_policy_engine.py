@@ -13,6 +13,7 @@ from cnispec.errors import PlexusError
 from cnispec.identity import Holder
 from cnispec.netconf import PreparedNetwork, PreparedPlugin
 from kernel.nftables import NftablesError
+from metaplugin.metrics import DaemonMetrics, LiveSources
 from metaplugin.policy_engine import DropLabel, PolicyEngine
 from metaplugin.store import Attachment, ContainerRecords
 from netpolicy.model import Namespace, Pod, Policy, PolicySpec
@@ -300,3 +301,60 @@ def test_the_view_says_which_policies_select_each_interface(
     assert allow["by"] == ["MultiNetworkPolicy:default/net-a-web"]
     assert net1["ingress"]["droppedPackets"] == 4
     assert net1["egress"]["isolated"] is False
+
+
+def test_the_add_hook_compiles_the_new_pod_as_the_full_pass_would(
+    parts: tuple[PolicyEngine, Store, Source, Kernel],
+) -> None:
+    engine, store, source, _kernel = parts
+    source.policies = (
+        deny_ingress(app="web"),
+        allow_from("10.0.0.0/30"),
+        Policy(
+            kind="NetworkPolicy",
+            namespace="default",
+            name="from-db",
+            spec=PolicySpec.model_validate(
+                {
+                    "podSelector": {},
+                    "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "db"}}}]}],
+                }
+            ),
+        ),
+    )
+    source.labels = {"default/a": {"app": "web"}, "default/b": {"app": "db"}, "default/c": {}}
+    netns = [
+        store.add("a", "default/a", "10.0.0.2"),
+        store.add("b", "default/b", "10.0.0.3"),
+        store.add("c", "default/c", "10.0.0.4"),
+    ]
+    full = engine.compile()
+    for one in netns:
+        assert engine.compile(only=one) == {one: full[one]}
+
+
+def test_the_metrics_a_scrape_reads(parts: tuple[PolicyEngine, Store, Source, Kernel]) -> None:
+    _engine, store, source, kernel = parts
+    metrics = DaemonMetrics()
+    engine = PolicyEngine(
+        source=source,
+        store=store,
+        kernel=kernel,
+        node_addresses=lambda: (),
+        observe_apply=metrics.policy_apply_seconds.observe,
+    )
+    metrics.watch(LiveSources(admitted=lambda: 0, policy=engine.readout))
+    source.policies = (deny_ingress(),)
+    a = store.add("a", "default/a", "10.0.0.2")
+    store.add("b", "default/b", "10.0.0.3")
+    kernel.fail.add("/run/netns/b")
+    engine.recompute()
+    kernel.drops[a][drop_counter_name("eth0", "ingress")] = 5
+    text = metrics.render().decode()
+    assert "plexus_policy_pods_enforced 1.0" in text
+    assert "plexus_policy_apply_failures_total 1.0" in text
+    assert "plexus_policy_apply_seconds_count 1.0" in text
+    assert (
+        'plexus_policy_dropped_packets_total{direction="ingress",namespace="default",'
+        'policy_kind="NetworkPolicy"} 5.0'
+    ) in text
