@@ -25,6 +25,7 @@ Run as root: `sudo make bench-policy-apply` (or `.venv/bin/python -m bench.polic
 from __future__ import annotations
 
 import argparse
+import functools
 import random
 import socket
 import statistics
@@ -372,7 +373,9 @@ def pod_adds(bed: Node, opts: argparse.Namespace, out: Results) -> None:
         extra = make_pod(bed.made, bed.node, opts.pods + n, name=f"extra{n}")
         bed.source.labels[extra.key] = extra.labels
         bed.store.put(extra)
-        out.hook_ms.append(timed(lambda e=extra: bed.engine.pod_added(e.netns.path, [])))  # type: ignore[misc]
+        records = list(bed.store.containers[extra.name].records)
+        hook = functools.partial(bed.engine.pod_added, extra.netns.path, records)
+        out.hook_ms.append(timed(hook))
         before = bed.engine.stats.applies
         out.converge_ms.append(out.hook_ms[-1] + timed(bed.engine.recompute))
         out.add_reapplied.append(bed.engine.stats.applies - before)

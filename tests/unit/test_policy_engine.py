@@ -60,6 +60,9 @@ class Store:
     def all(self) -> Iterable[ContainerRecords]:
         return list(self.pods.values())
 
+    def records(self, netns: str) -> list[Attachment]:
+        return list(self.pods[netns.rsplit("/", 1)[-1]].records)
+
 
 class Source:
     def __init__(self) -> None:
@@ -145,9 +148,10 @@ def test_a_pass_applies_every_pod_then_only_the_ones_that_changed(
     a = store.add("a", "default/a", "10.0.0.2")
     b = store.add("b", "default/b", "10.0.0.3")
     source.labels = {"default/a": {"app": "a"}, "default/b": {"app": "b"}}
+    kernel.tables[b] = f"table inet {TABLE} {{\n}}"  # left by an earlier daemon
     engine.recompute()
-    assert sorted(kernel.netns_applied()) == [a, b]  # at start: whatever a table held before
-    assert f"delete table inet {TABLE}" in kernel.tables[a]
+    assert kernel.netns_applied() == [b]  # at start: only a table that must go is touched
+    assert kernel.tables[b] == f"table inet {TABLE} {{}}\ndelete table inet {TABLE}\n"
     engine.recompute()
     assert kernel.netns_applied() == []
     source.policies = (deny_ingress(app="a"),)
@@ -174,7 +178,7 @@ def test_the_add_hook_protects_the_new_pod_before_it_returns(
     source.policies = (deny_ingress(),)
     engine.recompute()
     netns = store.add("new", "default/new", "10.0.0.9")
-    engine.pod_added(netns, [])
+    engine.pod_added(netns, store.records(netns))
     assert kernel.netns_applied() == [netns]
     assert "drop" in kernel.tables[netns]
     engine.recompute()
@@ -187,7 +191,7 @@ def test_a_new_pod_no_policy_selects_costs_no_apply(
     engine, store, _source, kernel = parts
     engine.recompute()
     netns = store.add("new", "default/new", "10.0.0.9")
-    engine.pod_added(netns, [])
+    engine.pod_added(netns, store.records(netns))
     engine.recompute()
     assert kernel.applied == []
 
@@ -200,7 +204,7 @@ def test_a_failed_apply_fails_the_add_with_the_pod_and_nfts_message(
     netns = store.add("new", "default/new", "10.0.0.9")
     kernel.fail.add(netns)
     with pytest.raises(PlexusError) as caught:
-        engine.pod_added(netns, [])
+        engine.pod_added(netns, store.records(netns))
     assert "cannot protect pod default/new" in caught.value.msg
     assert "Error: no" in caught.value.msg
     assert engine.stats.apply_failures == 1
