@@ -362,3 +362,24 @@ def test_the_metrics_a_scrape_reads(parts: tuple[PolicyEngine, Store, Source, Ke
         'plexus_policy_dropped_packets_total{direction="ingress",namespace="default",'
         'policy_kind="NetworkPolicy"} 5.0'
     ) in text
+
+
+def test_a_node_without_policies_compiles_nothing(
+    parts: tuple[PolicyEngine, Store, Source, Kernel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine, store, source, kernel = parts
+    compiled: list[int] = []
+    monkeypatch.setattr(
+        "metaplugin.policy_engine.compile_world", lambda world: compiled.append(1) or {}
+    )
+    netns = store.add("a", "default/a", "10.0.0.2")
+    engine.pod_added(netns, store.records(netns))
+    engine.recompute()
+    assert compiled == []
+    assert kernel.applied == []
+    view = engine.pod_view("default", "a")
+    assert view is not None and view["enforcing"] is False
+    # the app-isolation label alone makes a policy: then the world is compiled
+    source.labels = {"default/a": {"plexus.dev/app": "x"}}
+    engine.recompute()
+    assert compiled == [1]
