@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -13,6 +14,7 @@ from cnispec.errors import PlexusError
 from cnispec.identity import Holder
 from cnispec.netconf import PreparedNetwork, PreparedPlugin
 from kernel.nftables import NftablesError
+from metaplugin import ctl
 from metaplugin.metrics import DaemonMetrics, LiveSources
 from metaplugin.policy_engine import DropLabel, PolicyEngine
 from metaplugin.store import Attachment, ContainerRecords
@@ -383,3 +385,31 @@ def test_a_node_without_policies_compiles_nothing(
     source.labels = {"default/a": {"plexus.dev/app": "x"}}
     engine.recompute()
     assert compiled == [1]
+
+
+def test_plexusctl_policy_prints_what_is_in_force(
+    parts: tuple[PolicyEngine, Store, Source, Kernel],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    engine, store, source, kernel = parts
+    source.policies = (deny_ingress(), allow_from("10.7.0.0/16"))
+    a = store.add("a", "default/a", "10.0.0.2")
+    engine.recompute()
+    kernel.drops[a][drop_counter_name("eth0", "ingress")] = 3
+    view = engine.pod_view("default", "a")
+    capsys.readouterr()  # the engine's log lines
+    monkeypatch.setattr(ctl, "_get", lambda sock, url: (200, json.dumps(view).encode()))
+    assert ctl.main(["--socket", "/nowhere", "policy", "default/a"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"pod default/a  netns {a}  table inet {TABLE} (enforcing)"
+    assert out[1] == "eth0 (cluster, primary)"
+    assert out[2] == (
+        "  ingress: isolated by NetworkPolicy:default/allow, NetworkPolicy:default/deny; "
+        "dropped 3 packets"
+    )
+    assert out[3] == "    allow from 192.0.2.1 (the node: health checks)"
+    assert out[4] == "    allow from 10.7.0.0/16 on every port  [NetworkPolicy:default/allow]"
+    assert out[5] == "  egress: open (no policy selects it)"
+    monkeypatch.setattr(ctl, "_get", lambda sock, url: (404, b'{"error":"no policy state"}'))
+    assert ctl.main(["--socket", "/nowhere", "policy", "default/b"]) == 1
