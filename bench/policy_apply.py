@@ -16,7 +16,8 @@ Measured (each a table row, samples in the PNG):
 - policy change: one policy's port changes; the recompute pass that re-applies the pods whose
   table changed;
 - TCP connection setup (connect() until established) from a client pod to a server pod through
-  the full rule set, against the same pods with no table, in the same run, and the ratio.
+  the full rule set, against the same pods with no table (half before the rules go in, half
+  after they are all removed), in the same run, and the ratio.
 
 Run as root: `sudo make bench-policy-apply` (or `.venv/bin/python -m bench.policy_apply
 [--pods 110] [--policies 1000] [--changes 20] [--connects 500] [--plot DIR]`).
@@ -350,7 +351,7 @@ def measure(opts: argparse.Namespace) -> Results:
         listener = serve(server)
         try:
             run_in_netns(client.netns.path, lambda: None)  # a warm worker
-            out.baseline = connect_ms(client.netns, server, opts.connects)  # no table at all
+            out.baseline = connect_ms(client.netns, server, opts.connects // 2)  # no table yet
             out.compile_ms = timed(engine.compile)
             out.full_ms = timed(engine.recompute)
             wanted = engine.compile().values()
@@ -361,6 +362,11 @@ def measure(opts: argparse.Namespace) -> Results:
             out.through = connect_ms(client.netns, server, opts.connects)
             pod_adds(bed, opts, out)
             policy_changes(bed, opts, rng, out)
+            # no policy again (every table removed): the other half of the baseline, so both
+            # rows see the same warm caches and the same noise of a shared machine
+            source.policies = ()
+            engine.recompute()
+            out.baseline += connect_ms(client.netns, server, opts.connects - opts.connects // 2)
         finally:
             listener.close()
             engine.stop()
