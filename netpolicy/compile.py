@@ -24,6 +24,7 @@ see `isolation_policies`) governs every interface, peers on the same network.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from collections import defaultdict
@@ -163,14 +164,21 @@ def _net_key(policy: Policy, iface: PodInterface) -> str:
 
 
 def _parse_addresses(addresses: Iterable[str]) -> tuple[Net, ...]:
-    out: list[Net] = []
-    for a in addresses:
+    return tuple(n for n in map(_parse_address, addresses) if n is not None)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _parse_address(text: str) -> Net | None:
+    """A pod address as a one-address range; None for a malformed one (an annotation's typo
+    must not stop the rest). Cached: the same pods come back on every recompute."""
+    bare = text.split("/", 1)[0]
+    for version, family in ((4, socket.AF_INET), (6, socket.AF_INET6)):
         try:
-            ip = ipaddress.ip_address(a.split("/", 1)[0])
-            out.append((ip.version, int(ip), int(ip)))
-        except ValueError:
-            continue  # a malformed address in an annotation must not stop the rest
-    return tuple(out)
+            value = int.from_bytes(socket.inet_pton(family, bare), "big")
+        except OSError:
+            continue
+        return (version, value, value)
+    return None
 
 
 def _merge_ranges(ranges: Iterable[tuple[str, int, int]]) -> PortKey:

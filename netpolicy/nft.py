@@ -110,7 +110,7 @@ def render(rules: PodRules) -> str:
             body.extend(sets)
             body.append(f"\tcounter {drop_counter_name(iface.ifname, direction)} {{\n\t}}")
             chains.append(chain)
-    lines = [removal_script(), f"table {FAMILY} {TABLE} {{", *body, *chains, "}", ""]
+    lines = [removal_script().rstrip("\n"), f"table {FAMILY} {TABLE} {{", *body, *chains, "}", ""]
     return "\n".join(lines)
 
 
@@ -178,12 +178,13 @@ def _interface_chain(iface: InterfaceRules, direction: Direction) -> tuple[list[
 
 
 def _comment(allow: Allow) -> str:
-    # nft comments are at most 128 bytes and have no escapes: the refs, clipped, quote-free.
-    text = " ".join(allow.by).replace('"', "'")
+    # nft comments are at most 128 bytes and have no escapes: the refs, clipped, printable
+    # ASCII without quotes (refs are API names: anything else is replaced, never passed on).
+    text = "".join(c if " " <= c <= "~" and c != '"' else "?" for c in " ".join(allow.by))
     if not text:
         return ""
-    if len(text.encode()) > 120:
-        text = text.encode()[:117].decode(errors="ignore") + "..."
+    if len(text) > 120:
+        text = text[:117] + "..."
     return f' comment "{text}"'
 
 

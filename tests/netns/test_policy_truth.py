@@ -31,18 +31,25 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kernel.netns import run_in_netns
-from netpolicy.compile import compile_world
+from netpolicy.compile import _merge_ranges, _net, collapse, compile_world
 from netpolicy.model import (
     APP_LABEL,
     ISOLATION_ANNOTATION,
+    Allow,
     ContainerPort,
+    DirectionRules,
+    InterfaceRules,
     Namespace,
     Pod,
     PodInterface,
+    PodRules,
     Policy,
     PolicyWorld,
+    PortRange,
 )
 from netpolicy.nft import TABLE, parse_drop_counters, removal_script, render
 from testbed.netns import Netns, namespaces
@@ -909,3 +916,109 @@ def test_established_connection_survives_policy_updates(bed: Bed) -> None:
     finally:
         for s in conns:
             s.close()
+
+
+# ---- every script nft accepts ------------------------------------------------------------------
+
+_IFNAME = st.text(
+    alphabet=st.characters(min_codepoint=33, max_codepoint=126, blacklist_characters='/:"'),
+    min_size=1,
+    max_size=15,
+).filter(lambda s: not s.endswith("*"))
+_V4 = st.builds(
+    lambda a, n: str(ipaddress.ip_network((a, n), strict=False)),
+    st.integers(0, 2**32 - 1),
+    st.integers(8, 32),
+)
+_V6 = st.builds(
+    lambda a, n: str(ipaddress.ip_network((a, n), strict=False)),
+    st.integers(0, 2**128 - 1),
+    st.integers(16, 128),
+)
+_PORTS = st.builds(
+    lambda proto, a, b: PortRange(protocol=proto, first=min(a, b), last=max(a, b)),
+    st.sampled_from(["TCP", "UDP", "SCTP"]),
+    st.integers(0, 65535),
+    st.integers(0, 65535),
+)
+
+
+@st.composite
+def _direction(draw: st.DrawFn) -> DirectionRules:
+    if not draw(st.booleans()):
+        return DirectionRules()
+    allows = []
+    for _ in range(draw(st.integers(0, 3))):
+        cidrs = None
+        if draw(st.booleans()):
+            cidrs = collapse(
+                _net(c) for c in draw(st.lists(st.one_of(_V4, _V6), min_size=1, max_size=6))
+            )
+        ports = None
+        if draw(st.booleans()):
+            merged = _merge_ranges(
+                (p.protocol, p.first, p.last)
+                for p in draw(st.lists(_PORTS, min_size=1, max_size=4))
+            )
+            ports = tuple(PortRange(protocol=p, first=f, last=la) for p, f, la in merged)  # type: ignore[arg-type]
+        allows.append(Allow(cidrs=cidrs, ports=ports, by=(draw(st.text(max_size=200)),)))
+    return DirectionRules(isolated=True, allows=tuple(allows), selected_by=("x",))
+
+
+@st.composite
+def _pod_rules(draw: st.DrawFn) -> PodRules:
+    names = draw(st.lists(_IFNAME, min_size=1, max_size=3, unique=True))
+    ifaces = tuple(
+        InterfaceRules(
+            ifname=name,
+            network="n",
+            primary=n == 0,
+            ingress=draw(_direction()),
+            egress=draw(_direction()),
+            trusted_sources=tuple(
+                draw(st.lists(st.sampled_from(["192.0.2.1", "2001:db8::1"]), unique=True))
+            ),
+        )
+        for n, name in enumerate(names)
+    )
+    return PodRules(pod="a/p", netns="x", interfaces=ifaces)
+
+
+def _nft(ns: Netns, script: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ip", "netns", "exec", ns.name, "nft", *flags, "-f", "-"],
+        input=script, text=True, capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rules=_pod_rules())
+def test_nft_accepts_every_rendered_script(bed: Bed, rules: PodRules) -> None:
+    script = render(rules)
+    checked = _nft(bed.node, script, "-c")
+    assert checked.returncode == 0, f"{checked.stderr}\n{script}"
+
+
+def test_a_full_node_of_rules_applies_and_replaces_atomically(bed: Bed) -> None:
+    from bench.policy_compile import make_world
+
+    rules = compile_world(make_world(1000))
+    biggest = max(rules.values(), key=lambda r: len(render(r)))
+    target = bed.node
+    for _ in range(2):  # the second run replaces the table the first made
+        done = _nft(target, render(biggest))
+        assert done.returncode == 0, done.stderr
+    listed = subprocess.run(
+        ["ip", "netns", "exec", target.name, "nft", "-j", "list", "table", "inet", TABLE],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    counters = parse_drop_counters(json.loads(listed))
+    expected = {
+        (i.ifname, d)
+        for i in biggest.interfaces
+        for d, rules_ in (("ingress", i.ingress), ("egress", i.egress))
+        if rules_.isolated
+    }
+    assert set(counters) == expected
+    assert _nft(target, removal_script()).returncode == 0
+    assert _nft(target, removal_script()).returncode == 0  # removing what is gone is fine
