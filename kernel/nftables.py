@@ -3,11 +3,12 @@
 `apply(netns, script)` runs an nft script there as ONE transaction: libnftables parses the whole
 buffer and sends it to the kernel as a single netlink batch, so either every command in it takes
 effect or none does (a table replaced this way is never seen half-made). `list_table_json(netns,
-family, table)` reads a table back as nft's JSON (`nft -j list table ...`), None when it does not
-exist. Each call runs on a pooled worker thread that has entered the namespace
-(`kernel.netns.run_in_netns`) and makes its own nft context there: the context opens its netlink
-socket in the namespace the thread is in, so it must never be made outside and reused (the rules
-would land in the node's own netns), and it is freed before the worker goes home.
+family, table)` reads a table back as nft's JSON (`nft -j list table ...`), `list_counters_json`
+only its named counters; None when the table does not exist. Each call runs on a pooled worker
+thread that has entered the namespace (`kernel.netns.run_in_netns`) and makes its own nft context
+there: the context opens its netlink socket in the namespace the thread is in, so it must never
+be made outside and reused (the rules would land in the node's own netns), and it is freed
+before the worker goes home.
 NOTE: ctypes rather than `nsenter --net=PATH nft -f -` per pod: measured here, a no-op script
 costs ~0.25 ms through a context against ~7 ms through an exec'd nft (fork, exec, the library's
 own start). A commit that changes something costs ~12 ms more either way: the kernel's wait (an
@@ -20,6 +21,7 @@ import ctypes
 import ctypes.util
 import functools
 import json
+import threading
 from typing import Any, Final
 
 from cnispec.errors import InternalError
@@ -27,7 +29,8 @@ from kernel.netns import run_in_netns
 
 NFT_CTX_DEFAULT: Final = 0
 NFT_CTX_OUTPUT_JSON: Final = 1 << 4
-LIBRARY: Final = "libnftables.so.1"  # Debian: libnftables1 (pulled in by the nftables package)
+LIBRARY: Final = "libnftables.so.1"
+_LISTING = threading.Lock()  # Debian: libnftables1 (pulled in by the nftables package)
 
 
 class NftablesError(InternalError):
@@ -110,17 +113,30 @@ def apply(netns: str, script: str) -> None:
 
 def list_table_json(netns: str, family: str, table: str) -> dict[str, Any] | None:
     """`nft -j list table FAMILY TABLE` in the namespace at `netns`; None when no such table."""
+    return _list_json(netns, f"list table {family} {table}", f"{family} {table}")
 
+
+def list_counters_json(netns: str, family: str, table: str) -> dict[str, Any] | None:
+    """`nft -j list counters table FAMILY TABLE`: only the table's named counters (no sets or
+    rules to print: cheaper, whatever the table's size); None when no such table."""
+    return _list_json(netns, f"list counters table {family} {table}", f"{family} {table}")
+
+
+def _list_json(netns: str, command: str, what: str) -> dict[str, Any] | None:
     def work() -> dict[str, Any] | None:
-        rc, out, err = run(f"list table {family} {table}", json_output=True)
+        # NOTE: one listing at a time in the process: libnftables 1.0.6's JSON printer keeps
+        # state in a static (strtok in set_dtype_json); two threads listing tables with sets
+        # at once made it assert and abort the whole daemon. Applying needs no such lock.
+        with _LISTING:
+            rc, out, err = run(command, json_output=True)
         if rc != 0:
             if "No such file or directory" in err:
                 return None
-            raise NftablesError(f"nft cannot list {family} {table} in {netns}: {_first_lines(err)}")
+            raise NftablesError(f"nft cannot list {what} in {netns}: {_first_lines(err)}")
         try:
             listed = json.loads(out)
         except ValueError:
-            raise NftablesError(f"nft listed {family} {table} as invalid JSON") from None
+            raise NftablesError(f"nft listed {what} as invalid JSON") from None
         return listed if isinstance(listed, dict) else None
 
     return run_in_netns(netns, work)

@@ -107,12 +107,12 @@ class Kernel(Protocol):
 
     def apply(self, netns: str, script: str) -> None: ...
 
-    def list_table_json(self, netns: str, family: str, table: str) -> dict[str, Any] | None: ...
+    def list_counters_json(self, netns: str, family: str, table: str) -> dict[str, Any] | None: ...
 
 
 class _Nft:
     apply = staticmethod(nftables.apply)
-    list_table_json = staticmethod(nftables.list_table_json)
+    list_counters_json = staticmethod(nftables.list_counters_json)
 
 
 class DropLabel(NamedTuple):
@@ -487,12 +487,12 @@ class PolicyEngine:
     # --- what is in force (plexusctl, metrics) --------------------------------------------------
 
     def _read_drops(self, netns: str) -> dict[tuple[str, str], int]:
-        listed = self._kernel.list_table_json(netns, "inet", TABLE)
+        listed = self._kernel.list_counters_json(netns, "inet", TABLE)
         return parse_drop_counters(listed) if listed is not None else {}
 
     def _no_table(self, netns: str) -> bool:
         try:
-            return self._kernel.list_table_json(netns, "inet", TABLE) is None
+            return self._kernel.list_counters_json(netns, "inet", TABLE) is None
         except Exception:  # noqa: BLE001 - cannot tell: the removal is applied, to be sure
             return False
 

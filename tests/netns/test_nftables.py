@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from kernel import nftables
 from kernel.nftables import NftablesError
+from netpolicy import nft
+from netpolicy.model import Allow, DirectionRules, InterfaceRules, PodRules, PortRange
+from netpolicy.nft import render
 from testbed.netns import Netns, namespaces
 
 TABLE = """
@@ -75,3 +79,53 @@ def test_replace_in_one_transaction(two: tuple[Netns, Netns]) -> None:
 def test_a_namespace_that_is_gone_is_an_error(tmp_path: object) -> None:
     with pytest.raises(OSError):
         nftables.apply("/run/netns/px-no-such-namespace", TABLE)
+
+
+def test_counters_alone(two: tuple[Netns, Netns]) -> None:
+    a, b = two
+    nftables.apply(a.path, TABLE)
+    listed = nftables.list_counters_json(a.path, "inet", "t1")
+    assert listed is not None
+    items = [e for e in listed["nftables"] if "metainfo" not in e]
+    assert [e["counter"]["name"] for e in items] == ["c_drop"]
+    assert nftables.list_counters_json(b.path, "inet", "t1") is None
+
+
+def test_listings_from_many_threads_at_once() -> None:
+    """libnftables 1.0.6 prints a set's type as JSON through a static strtok: threads listing
+    tables with sets at once (while others applied) aborted the process (json.c:
+    set_dtype_json: Assertion failed). Listings are serialised; this would die without that."""
+    allows = tuple(
+        Allow(
+            cidrs=(f"10.{k}.0.0/24", f"10.{k}.1.7/32", "fd00::/64"),
+            ports=(PortRange(protocol="TCP", first=80 + k, last=81 + k),),
+            by=(f"NetworkPolicy:a/p{k}",),
+        )
+        for k in range(6)
+    )
+    side = DirectionRules(isolated=True, allows=allows, selected_by=("NetworkPolicy:a/p0",))
+    rules = PodRules(
+        pod="a/b",
+        netns="-",
+        interfaces=(
+            InterfaceRules(ifname="eth0", network="c", primary=True, ingress=side, egress=side),
+        ),
+    )
+    script = render(rules)
+    with namespaces() as made:
+        paths = []
+        for i in range(16):
+            ns = Netns(f"nftl{i}")
+            made.append(ns)
+            paths.append(ns.path)
+            nftables.apply(ns.path, script)
+
+        def work(path: str) -> bool:
+            for _ in range(30):
+                if nftables.list_table_json(path, "inet", nft.TABLE) is None:
+                    return False
+                nftables.apply(path, script)
+            return True
+
+        with ThreadPoolExecutor(len(paths)) as pool:
+            assert all(pool.map(work, paths))

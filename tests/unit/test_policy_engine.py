@@ -105,7 +105,7 @@ class Kernel:
         self.tables[netns] = script
         self.drops[netns] = {}  # a replaced table's counters start at 0
 
-    def list_table_json(self, netns: str, family: str, table: str) -> dict[str, Any] | None:
+    def list_counters_json(self, netns: str, family: str, table: str) -> dict[str, Any] | None:
         if f"table inet {TABLE} {{\n" not in self.tables.get(netns, ""):
             return None
         counters = [
