@@ -4,10 +4,13 @@ message that names it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cnispec.errors import InvalidConfig
 from netpolicy.manifests import (
@@ -282,3 +285,65 @@ def test_a_named_port_with_a_bad_number_names_the_container_port() -> None:
     obj["spec"]["containers"][0]["ports"] = [{"name": "http", "containerPort": "x"}]
     with pytest.raises(InvalidConfig, match=r"spec.containers\[0\].ports\[0\].port"):
         pod_from_object(obj)
+
+
+# ---- whatever an object holds, the answer is a model or InvalidConfig, never a crash -----------
+
+_scalars = st.none() | st.booleans() | st.integers() | st.text(max_size=8)
+_json = st.recursive(
+    _scalars,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+_keys = st.sampled_from(
+    ["podSelector", "ingress", "egress", "policyTypes", "from", "to", "ports", "ipBlock",
+     "matchLabels", "matchExpressions", "port", "endPort", "protocol", "cidr", "except",
+     "containers", "name", "containerPort", "podIPs", "podIP", "ip", "interface", "ips",
+     "default", "key", "operator", "values"]
+)  # fmt: skip
+_specs = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_keys, inner, max_size=4),
+    max_leaves=16,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(spec=_specs, meta=_json, annotation=_json)
+def test_fuzz_any_policy_object_is_a_model_or_invalid_config(
+    spec: Any, meta: Any, annotation: Any
+) -> None:
+    for obj in (
+        {**netpol({}), "spec": spec},
+        {**mnp(json.dumps(annotation)), "spec": spec},
+        {**mnp("net"), "metadata": meta},
+    ):
+        with contextlib.suppress(InvalidConfig):
+            policy_from_object(obj)
+
+
+_pod_specs = _specs | st.fixed_dictionaries(
+    {"containers": st.lists(_specs | st.fixed_dictionaries({"ports": _specs}), max_size=2)}
+)
+_pod_statuses = _specs | st.fixed_dictionaries({"podIPs": _specs, "podIP": _scalars})
+_network_status = _specs | st.lists(
+    st.fixed_dictionaries(
+        {"name": _scalars, "interface": _scalars, "ips": _specs, "default": _scalars}
+    ),
+    max_size=2,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(status=_network_status, pod_spec=_pod_specs, pod_status=_pod_statuses)
+def test_fuzz_any_pod_object_is_a_model_or_invalid_config(
+    status: Any, pod_spec: Any, pod_status: Any
+) -> None:
+    for obj in (
+        pod({"k8s.v1.cni.cncf.io/network-status": json.dumps(status)}),
+        {**pod(), "spec": pod_spec, "status": pod_status},
+    ):
+        with contextlib.suppress(InvalidConfig):
+            pod_from_object(obj)
