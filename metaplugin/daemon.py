@@ -150,7 +150,7 @@ class Daemon:
         if sriov is not None:
             sriov.heal_and_open()  # after the spooled DELs put their VFs back themselves
         if parts.policy is not None:
-            parts.policy.start()  # every local pod's table, once the source has synced
+            self._start_policy(parts.policy, sources)
         api = Api(
             handle=parts.handle,
             orchestrator=parts.orchestrator,
@@ -266,7 +266,7 @@ class Daemon:
         metrics: DaemonMetrics | None = None,
     ) -> Parts:
         store = AttachmentStore(self.cfg.state_dir)
-        policy = self._policy_engine(sources, store, metrics)
+        policy = self._policy_engine(store, metrics)
         resolver = Resolver(config=self.cfg, nads=sources.nads)
         observe = metrics.delegate_observer(registry.builtin_types) if metrics else None
         runner = ChainRunner(registry=registry, observe=observe)
@@ -290,18 +290,22 @@ class Daemon:
         )
         return Parts(store, resolver, orchestrator, collector, policy)
 
+    def _start_policy(self, engine: PolicyEngine, sources: Sources) -> None:
+        """Open the policy source and start the engine: every local pod's table, once the
+        source has synced. NOTE: after the spool replay and the VF audit: the source's imports
+        (gRPC for the CRI) and watches took ~200 ms, and a VFPoolNodeState was published
+        before the audit had verified its VFs."""
+        from metaplugin.policy_source import open_policy_source
+
+        engine.start(open_policy_source(self.cfg, sources.api))
+
     def _policy_engine(
-        self, sources: Sources, store: AttachmentStore, metrics: DaemonMetrics | None
+        self, store: AttachmentStore, metrics: DaemonMetrics | None
     ) -> PolicyEngine | None:
         if not self.cfg.policy_enforcement:
             log.info("policy_enforcement_off")
             return None
-        # The source's import is here: cluster mode's watches cost only a daemon that enforces.
-        from metaplugin.policy_source import open_policy_source
-
-        source = open_policy_source(self.cfg, sources.api)
-        return PolicyEngine(
-            source=source,
+        return PolicyEngine(  # its source is opened at start (`_start_policy`)
             store=store,
             observe_apply=metrics.policy_apply_seconds.observe if metrics else None,
         )

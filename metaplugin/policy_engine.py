@@ -96,6 +96,29 @@ class Source(Protocol):
     def close(self) -> None: ...
 
 
+class _Nothing:
+    """The source before `start` gives the real one: knows nothing, not synced."""
+
+    policies: tuple[Policy, ...] = ()
+    namespaces: dict[str, Namespace] = {}  # never written
+    pods: tuple[Pod, ...] = ()
+
+    def snapshot(self) -> _Nothing:
+        return self
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        return None
+
+    def pod_labels(self, namespace: str, name: str, container_id: str) -> dict[str, str] | None:
+        return None
+
+    def synced(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        return None
+
+
 class Records(Protocol):
     """The attachment store (metaplugin.store.AttachmentStore), read only."""
 
@@ -168,14 +191,14 @@ class PolicyEngine:
     def __init__(
         self,
         *,
-        source: Source,
+        source: Source | None = None,
         store: Records,
         kernel: Kernel | None = None,
         node_addresses: Callable[[], tuple[str, ...]] = node_addresses,
         debounce: float = DEBOUNCE,
         observe_apply: Callable[[float], None] | None = None,
     ) -> None:
-        self._source = source
+        self._source: Source = source or _Nothing()
         self._store = store
         self._kernel: Kernel = kernel or _Nft()
         self._node_addresses = node_addresses
@@ -198,7 +221,12 @@ class PolicyEngine:
 
     # --- life ---------------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, source: Source | None = None) -> None:
+        """Run: the worker thread, and a first pass over every local pod. `source`: the policy
+        source, when it was not given at construction (plexusd opens it only here, after the
+        start-up steps that must not wait for its imports and watches)."""
+        if source is not None:
+            self._source = source
         self._source.on_change(self.changed)
         self._thread = threading.Thread(target=self._loop, name="policy-engine", daemon=True)
         self._thread.start()
