@@ -10,15 +10,19 @@ import ipaddress
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
+from metaplugin import dirwatch
 from metaplugin.client import get
+from metaplugin.policy_source import LocalPolicySource
 from testbed.netns import Netns
 from tests.netns.conftest import NETWORKS, Bed
 
@@ -321,3 +325,25 @@ def test_an_add_that_cannot_be_protected_fails_and_rolls_back(bed: Bed) -> None:
     # the runtime's retry, once nft can work there, protects it
     bed.runtime.add("c-doomed", pod.path, pod=("default", "doomed")).ok()
     assert "counter drop_in_eth0" in (table(pod) or "")
+
+
+def test_a_manifest_whose_notice_another_reader_took_is_still_seen(tmp_path: Path) -> None:
+    """The NAD source's lookups drain the process's one inotify queue and settle only their
+    own listener; a policy manifest noticed that way must still reach the engine (on_change)
+    within the poll interval, not the 60 s safety audit."""
+    watcher = dirwatch.shared()
+    if watcher is None:
+        pytest.skip("no inotify here")
+    changed = threading.Event()
+    source = LocalPolicySource(str(tmp_path), poll_interval=0.2)
+    source.on_change(changed.set)
+    try:
+        with watcher._lock:  # the watcher's own thread cannot read the event first
+            tmp = tmp_path / ".p.tmp"
+            tmp.write_text(yaml.safe_dump(SAME_NAMESPACE_ON_8080))
+            tmp.rename(tmp_path / "policy.yaml")
+            watcher._read_into(set())  # what drain() does for the NAD source
+        wait_until("on_change", changed.is_set, timeout=5.0)
+        assert [p.name for p in source.snapshot().policies] == ["same-ns-8080"]
+    finally:
+        source.close()
