@@ -12,7 +12,7 @@ APT_PKGS := containernetworking-plugins iproute2 iptables containerd runc busybo
 STAMP    := $(VENV)/.installed
 
 .PHONY: deps apt venv lint test unit netns kernel shim image print-image print-image-archive bench bench-cri bench-builtins bench-burst bench-sriov \
-        bench-controller bench-policy \
+        bench-controller bench-policy bench-policy-apply \
         protos clean demo chaos
 
 deps: apt venv
@@ -139,6 +139,11 @@ bench-controller: venv
 # Policy compiler: 10/100/1,000 policies x 110 local pods + 2,000 peers, compile_world and render.
 bench-policy: venv
 	$(BIN)/python -m bench.policy_compile --runs 15
+
+# Policy engine: 1,000 policies x 110 pods (netns + veth each) with real nftables: full apply,
+# pod add and policy change latency (median, p99), TCP connection setup with vs without rules.
+bench-policy-apply: deps
+	$(BIN)/python -m bench.policy_apply
 
 # Regenerate the kubelet API stubs from the .proto files (written from the public API reference).
 protos: venv

@@ -382,6 +382,10 @@ class Netlink:
             if m["index"] == index
         ]
 
+    def all_addresses(self) -> list[str]:
+        """Every address of every link in the namespace, bare (no prefix length), one dump."""
+        return [str(m.get_attr("IFA_ADDRESS")) for m in self._dump(ifaddrmsg, RTM_GETADDR, {})]
+
     def add_route(
         self,
         dst: str,

@@ -3,6 +3,8 @@
     plexusctl version                       CNI versions Plexus speaks
     plexusctl attachments [--json]          what the node daemon has attached, per container
     plexusctl network-status NS/POD         the pod's network-status JSON (local mode's source)
+    plexusctl policy NS/POD [--json]        the network policy in force on the pod, per
+                                            interface and direction, with its drop counters
     plexusctl validate FILE...              the admission webhook's checks on manifest files
     plexusctl health [--live]               the daemon's /readyz (or /healthz)
     plexusctl topology [--format F]         this node's pods, interfaces and networks: a text
@@ -23,6 +25,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from cnispec import cni, confdir
 from cnispec.errors import PlexusError
@@ -96,6 +99,51 @@ def cmd_network_status(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(json.loads(body), indent=2))
     return 0
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    namespace, _, name = args.pod.rpartition("/")
+    query = urlencode({"namespace": namespace or "default", "name": name})
+    status, body = _get(_socket_path(args), f"/v1/policy?{query}")
+    if status != 200:
+        print(f"plexusctl: {json.loads(body).get('error', body.decode())}", file=sys.stderr)
+        return 1
+    view: dict[str, Any] = json.loads(body)
+    if args.json:
+        print(json.dumps(view, indent=2))
+        return 0
+    state = "enforcing" if view["enforcing"] else "no policy selects it: open"
+    print(f"pod {view['pod']}  netns {view['netns']}  table {view['table']} ({state})")
+    for itf in view["interfaces"]:
+        role = "primary" if itf["primary"] else "secondary"
+        print(f"{itf['ifname']} ({itf['network']}, {role})")
+        for direction in ("ingress", "egress"):
+            _print_direction(direction, itf[direction], itf["trustedSources"])
+    return 0
+
+
+def _port_range(p: dict[str, Any]) -> str:
+    last = f"-{p['last']}" if p["last"] != p["first"] else ""
+    return f"{p['protocol']}/{p['first']}{last}"
+
+
+def _print_direction(direction: str, side: dict[str, Any], trusted: list[str]) -> None:
+    if not side["isolated"]:
+        print(f"  {direction}: open (no policy selects it)")
+        return
+    print(
+        f"  {direction}: isolated by {', '.join(side['selectedBy'])}; "
+        f"dropped {side['droppedPackets']} packets"
+    )
+    if direction == "ingress" and trusted:
+        print(f"    allow from {', '.join(trusted)} (the node: health checks)")
+    word = "from" if direction == "ingress" else "to"
+    for allow in side["allows"]:
+        peers = ", ".join(allow["cidrs"]) if allow["cidrs"] is not None else "anywhere"
+        ports = ", ".join(map(_port_range, allow["ports"])) if allow["ports"] else "every port"
+        print(f"    allow {word} {peers or 'nobody'} on {ports}  [{', '.join(allow['by'])}]")
+    if not side["allows"]:
+        print("    (no allows: everything else is dropped)")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -294,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("network-status", help="a pod's network-status JSON")
     p.add_argument("pod", metavar="NAMESPACE/NAME")
     p.set_defaults(fn=cmd_network_status)
+    p = sub.add_parser("policy", help="the network policy in force on a pod of this node")
+    p.add_argument("pod", metavar="NAMESPACE/NAME")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_policy)
     p = sub.add_parser("pools", help="SR-IOV VF pools of this node and how full they are")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_pools)

@@ -37,6 +37,7 @@ from metaplugin.gc import Collector
 from metaplugin.metrics import DaemonMetrics, LiveSources
 from metaplugin.nad_source import LocalNadSource, NadSource
 from metaplugin.orchestrator import Orchestrator, PodSource
+from metaplugin.policy_engine import PolicyEngine
 from metaplugin.resolve import Resolver
 from metaplugin.scheduler import Scheduler
 from metaplugin.server import Api, request_timeout_for
@@ -110,6 +111,7 @@ class Parts:
     resolver: Resolver
     orchestrator: Orchestrator
     collector: Collector
+    policy: PolicyEngine | None = None
 
     def handle(self, req: CniRequest) -> dict[str, Any] | None:
         if req.command == cni.GC:
@@ -144,10 +146,14 @@ class Daemon:
         delegates = self._delegates(fabric, sriov, sources.nads)
         parts = self._assemble(sources, scheduler, delegates, sriov, metrics)
         spool = SpoolReplayer(cfg.spool_path, orchestrator=parts.orchestrator, scheduler=scheduler)
-        metrics.watch(_live_sources(scheduler, spool, parts.collector, sriov, fabric_sync))
+        live = _live_sources(scheduler, spool, parts.collector, sriov, fabric_sync)
+        live.policy = parts.policy.readout if parts.policy is not None else None
+        metrics.watch(live)
         log.info("spool_replayed", still_pending=spool.replay())  # before serving anything
         if sriov is not None:
             sriov.heal_and_open()  # after the spooled DELs put their VFs back themselves
+        if parts.policy is not None:
+            self._start_policy(parts.policy, sources)
         api = Api(
             handle=parts.handle,
             orchestrator=parts.orchestrator,
@@ -157,6 +163,7 @@ class Daemon:
             sriov=sriov,
             request_timeout=request_timeout_for(cfg.shim_timeout),
             metrics=metrics,
+            policy=parts.policy,
         )
         server = SocketServer(cfg.socket_path, api)
         server.start()
@@ -187,6 +194,8 @@ class Daemon:
             self._node_pools.stop()
         if sriov is not None:
             sriov.stop()
+        if parts.policy is not None:
+            parts.policy.stop()
         if sources.stop is not None:
             sources.stop()
         return 0
@@ -265,6 +274,7 @@ class Daemon:
         metrics: DaemonMetrics | None = None,
     ) -> Parts:
         store = AttachmentStore(self.cfg.state_dir)
+        policy = self._policy_engine(store, metrics)
         resolver = Resolver(config=self.cfg, nads=sources.nads)
         observe = metrics.delegate_observer(registry.builtin_types) if metrics else None
         runner = ChainRunner(registry=registry, observe=observe)
@@ -276,6 +286,7 @@ class Daemon:
             sink=sources.sink,
             pods=sources.pods,
             devices=sriov.devices if sriov is not None else None,
+            policy=policy,
         )
         collector = Collector(
             orchestrator=orchestrator,
@@ -285,7 +296,27 @@ class Daemon:
             lock_container=scheduler.container,
             exclusive=scheduler.exclusive,
         )
-        return Parts(store, resolver, orchestrator, collector)
+        return Parts(store, resolver, orchestrator, collector, policy)
+
+    def _start_policy(self, engine: PolicyEngine, sources: Sources) -> None:
+        """Open the policy source and start the engine: every local pod's table, once the
+        source has synced. NOTE: after the spool replay and the VF audit: the source's imports
+        (gRPC for the CRI) and watches took ~200 ms, and a VFPoolNodeState was published
+        before the audit had verified its VFs."""
+        from metaplugin.policy_source import open_policy_source
+
+        engine.start(open_policy_source(self.cfg, sources.api))
+
+    def _policy_engine(
+        self, store: AttachmentStore, metrics: DaemonMetrics | None
+    ) -> PolicyEngine | None:
+        if not self.cfg.policy_enforcement:
+            log.info("policy_enforcement_off")
+            return None
+        return PolicyEngine(  # its source is opened at start (`_start_policy`)
+            store=store,
+            observe_apply=metrics.policy_apply_seconds.observe if metrics else None,
+        )
 
     def _write_conf_when_ready(self, resolver: Resolver) -> None:
         """Write the conflist only once the cluster network resolves and any readiness file

@@ -34,6 +34,11 @@ BUCKETS = (
 )  # fmt: skip
 MAX_CODE = 999  # CNI codes are small integers; reserved ranges go up to 999
 MAX_POOLS = 256  # VF pools exported per node (a node configures a handful)
+MAX_NAMESPACES = 256  # pod namespaces a node's drop counters are exported for; more: "other"
+# Applying one pod's nft table: ~1 ms for a small one, tens of ms for thousands of rules.
+APPLY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+)  # fmt: skip
 
 
 def verb_label(command: str) -> str:
@@ -76,6 +81,14 @@ class DaemonMetrics:
             "plexus_queue_refusals",
             "CNI requests refused at once with code 11 because maxConcurrent + maxQueue "
             "requests were already admitted.",
+            registry=r,
+        )
+
+        self.policy_apply_seconds = Histogram(
+            "plexus_policy_apply_seconds",
+            "Time one pod's network policy table took to apply (one nft transaction in the "
+            "pod's netns).",
+            buckets=APPLY_BUCKETS,
             registry=r,
         )
 
@@ -123,6 +136,17 @@ class LiveSources:
     vf_pools: Callable[[], list[dict[str, Any]]] | None = None
     vf_healed: Callable[[], dict[str, int]] | None = None
     fabric_peers: Callable[[], int | None] | None = None
+    policy: Callable[[], PolicyReadout] | None = None
+
+
+@dataclass(frozen=True)
+class PolicyReadout:
+    """The policy engine's numbers at scrape time (metaplugin.policy_engine)."""
+
+    enforced: int  # local pods with at least one isolated interface direction
+    apply_failures: int
+    # (pod namespace, policy kinds, direction) -> packets dropped; see docs/metrics.md
+    dropped: dict[tuple[str, str, str], int]
 
 
 class LiveCollector(Collector):
@@ -161,6 +185,8 @@ class LiveCollector(Collector):
             yield healed
         if s.vf_pools is not None:
             yield from _pool_families(s.vf_pools())
+        if s.policy is not None:
+            yield from _policy_families(s.policy())
         if s.fabric_peers is not None and (peers := s.fabric_peers()) is not None:
             yield GaugeMetricFamily(
                 "plexus_fabric_peers", "Fabric peers this node routes to.", value=peers
@@ -185,6 +211,39 @@ def _gc_families(stats: dict[str, int]) -> Iterator[Metric]:
     failures.add_metric(["container"], stats["container_failures"])
     failures.add_metric(["network"], stats["network_failures"])
     yield failures
+
+
+def _policy_families(readout: PolicyReadout) -> Iterator[Metric]:
+    yield GaugeMetricFamily(
+        "plexus_policy_pods_enforced",
+        "Local pods whose network policy table isolates at least one interface direction.",
+        value=readout.enforced,
+    )
+    yield CounterMetricFamily(
+        "plexus_policy_apply_failures",
+        "Pod policy tables nft refused or could not apply (retried; an ADD's own fails it).",
+        value=readout.apply_failures,
+    )
+    dropped = CounterMetricFamily(
+        "plexus_policy_dropped_packets",
+        "Packets the network policy dropped, by the pod's namespace, the kinds of the "
+        "policies selecting that interface direction (NetworkPolicy, MultiNetworkPolicy, "
+        "Isolation, or several joined by +) and direction (ingress, egress).",
+        labels=["namespace", "policy_kind", "direction"],
+    )
+    totals: dict[tuple[str, str, str], int] = {}
+    namespaces: set[str] = set()
+    for (pod_namespace, kind, direction), packets in sorted(readout.dropped.items()):
+        namespace = pod_namespace
+        if namespace not in namespaces and len(namespaces) >= MAX_NAMESPACES:
+            namespace = "other"
+        else:
+            namespaces.add(namespace)
+        key = (namespace, kind, direction)
+        totals[key] = totals.get(key, 0) + packets
+    for key, packets in totals.items():
+        dropped.add_metric(list(key), packets)
+    yield dropped
 
 
 def _pool_families(pools: list[dict[str, Any]]) -> Iterator[Metric]:

@@ -62,6 +62,17 @@ class PodSource(Protocol):
     def get(self, namespace: str, name: str, uid: str) -> PodInfo | None: ...
 
 
+class PolicyHook(Protocol):
+    """The policy engine (metaplugin.policy_engine): told of each pod that got its interfaces
+    and of each that lost them."""
+
+    def pod_added(self, netns: str, added: list[Attachment]) -> None:
+        """Apply the new pod's rules; raising fails (and rolls back) the ADD."""
+        ...
+
+    def pod_removed(self, netns: str) -> None: ...
+
+
 class _Undo:
     """ADD's one undo stack. Each undo is registered right after the step it undoes succeeded
     (an attachment's before it runs: a failed delegate may have half-made it); on failure they
@@ -105,6 +116,7 @@ class Orchestrator:
         pod_steps: tuple[PodStep, ...] = (DefaultRoute(),),
         reap_links: Callable[[str], None] = podlinks.reap,
         salvage: Salvage | None = None,
+        policy: PolicyHook | None = None,
     ) -> None:
         self._cfg = config
         self._resolver = resolver
@@ -116,6 +128,7 @@ class Orchestrator:
         self._existing = existing
         self._pod_steps = pod_steps
         self._reap_links = reap_links
+        self._policy = policy
         self._salvage = salvage or Salvage(
             host_local_data_dir=config.host_local_data_dir, paths=config.ipam_paths()
         )
@@ -160,6 +173,7 @@ class Orchestrator:
             planned = self._record_plan(req, pod, plan, undo)
             added = [self._attach(att, req.netns, undo) for att in planned]
             added = self._finish_pod(req.netns, added, undo)
+            self._protect(req.netns, added, undo)
         except Exception as exc:  # noqa: BLE001 - everything is undone, then re-raised
             undo.rollback()
             raise _add_error(undo.culprit, exc, undo.failures) from None
@@ -331,6 +345,14 @@ class Orchestrator:
             ]
         return added
 
+    def _protect(self, netns: str, added: list[Attachment], undo: _Undo) -> None:
+        """Last step: the pod's network policy in force before the ADD answers, so a pod a
+        policy selects never runs unprotected (docs/policy.md)."""
+        if self._policy is None:
+            return
+        undo.push("forgetting the pod's policy failed", self._policy.pod_removed, netns)
+        self._policy.pod_added(netns, added)
+
     def _publish(self, pod: PodInfo, added: list[Attachment]) -> None:
         # network-status is informational (NPWG §5): a failure to publish it must never fail,
         # or half-undo, a pod whose interfaces are all in place.
@@ -420,6 +442,8 @@ class Orchestrator:
                 "they stay recorded and the next DEL or GC retries them: " + "; ".join(failures),
             )
         self._store.remove_container(loaded.container_id)
+        if self._policy is not None:
+            self._policy.pod_removed(loaded.netns)
         log.info("attachments_deleted", count=len(loaded.records))
 
     def detach(self, record: Attachment, netns: str) -> None:

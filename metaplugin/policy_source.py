@@ -222,6 +222,10 @@ class LocalPolicySource:
                 with self._pending_lock:
                     self._rescan = True
                 self.settle()
+            elif self._dirty:
+                # Noticed by another reader's drain() (the NAD source's lookups read the same
+                # inotify queue), which settles only its own listener: nobody else settles this.
+                self.settle()
 
     def _apply(self) -> bool:
         """Apply what was noticed; True when a file's content may have changed."""

@@ -4,7 +4,8 @@ over the socket with its bounds, is `metaplugin.transport`).
 Endpoints: `POST /cni` (one CNI request: `{"env": {CNI_*}, "config": "<stdin>"}`; the reply body
 is exactly what the shim prints, status 200 for success and 400 for a CNI error), `GET /healthz`,
 `GET /readyz`, `GET /metrics`, and read-only views for plexusctl (`/v1/attachments`,
-`/v1/network-status?namespace=&name=`). The socket lives in a 0700 directory with mode 0600.
+`/v1/network-status?namespace=&name=`, `/v1/policy?namespace=&name=`). The socket lives in a
+0700 directory with mode 0600.
 A connection that opens and closes without a request (a probe) is harmless.
 """
 
@@ -18,7 +19,7 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any, Protocol
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import SplitResult, parse_qs, urlsplit
 
 import structlog
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -49,6 +50,12 @@ class SriovView(Protocol):
     def vfs(self) -> list[dict[str, Any]]: ...
 
 
+class PolicyView(Protocol):
+    """What `plexusctl policy POD` reads (metaplugin.policy_engine.PolicyEngine)."""
+
+    def pod_view(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+
+
 class Api:
     """Request handling, independent of the transport (tests call `cni()` directly)."""
 
@@ -63,8 +70,10 @@ class Api:
         sriov: SriovView | None = None,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         metrics: DaemonMetrics | None = None,
+        policy: PolicyView | None = None,
     ) -> None:
         self.handle = handle
+        self.policy = policy
         self.orchestrator = orchestrator
         self.scheduler = scheduler
         self.store = store
@@ -259,6 +268,12 @@ class Api:
             return code, text.encode(), "text/plain"
         if url.path == "/metrics":
             return 200, self.metrics.render(), CONTENT_TYPE_LATEST
+        if url.path == "/v1/policy":
+            return self._policy_view(url.query)
+        return self._rows_view(url)
+
+    def _rows_view(self, url: SplitResult) -> tuple[int, bytes, str]:
+        """The JSON views of the daemon's state (plexusctl)."""
         rows: Any
         if url.path == "/v1/attachments":
             rows = self.attachments()
@@ -280,6 +295,17 @@ class Api:
         else:
             return 404, b'{"error":"not found"}', JSON
         return 200, json.dumps(rows).encode(), JSON
+
+    def _policy_view(self, query_text: str) -> tuple[int, bytes, str]:
+        if self.policy is None:
+            return 404, b'{"error":"policy enforcement is off (policyEnforcement)"}', JSON
+        query = parse_qs(query_text)
+        view = self.policy.pod_view(
+            query.get("namespace", ["default"])[0], query.get("name", [""])[0]
+        )
+        if view is None:
+            return 404, b'{"error":"no policy state for that pod on this node"}', JSON
+        return 200, json.dumps(view).encode(), JSON
 
     def attachments(self) -> list[dict[str, Any]]:
         out = []

@@ -11,7 +11,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from metaplugin.metrics import DaemonMetrics, LiveSources
+from metaplugin.metrics import DaemonMetrics, LiveSources, PolicyReadout
 from nad_controller.metrics import ControllerMetrics
 
 DASHBOARD = Path(__file__).parents[2] / "deploy" / "grafana" / "plexus-dashboard.json"
@@ -50,12 +50,16 @@ def registries() -> dict[str, set[str]]:
             vf_pools=lambda: [pool],
             vf_healed=lambda: {"healed": 0},
             fabric_peers=lambda: 0,
+            policy=lambda: PolicyReadout(
+                enforced=0, apply_failures=0, dropped={("ns", "NetworkPolicy", "ingress"): 0}
+            ),
         )
     )
     # one observation per labelled metric, so its label names show
     daemon.observe_request("ADD", "ok", 0.01)
     daemon.observe_error("ADD", 7)
     daemon.delegate_observer(frozenset())("x", True, "ADD", 0.01)
+    daemon.policy_apply_seconds.observe(0.01)
     controller = ControllerMetrics()
     controller.watch(leader=lambda: True, writes=lambda: 0)
     controller.reconcile_seconds.observe(0.01)
@@ -123,6 +127,7 @@ def test_every_query_names_an_exported_metric_and_its_labels() -> None:
         "plexus_queue_refusals_total",
         "plexus_controller_leader",
         "plexus_webhook_admission_requests_total",
+        "plexus_policy_dropped_packets_total",
     ):
         assert needed in used
 
