@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any, Final, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol
 
 import structlog
 
@@ -30,11 +30,13 @@ from cnispec.errors import InvalidConfig
 from cnispec.nad import load_yaml_documents
 from metaplugin import dirwatch
 from metaplugin.config import DaemonConfig
-from metaplugin.cri_labels import CriLabels, CriUnavailable
 from metaplugin.nad_source import _MANIFEST_SUFFIXES, Signature, _changed, _identity, _listing
 from metaplugin.nad_source import _signature as signature_of
 from netpolicy.manifests import POLICY_KINDS, namespace_from_object, policy_from_object
 from netpolicy.model import Namespace, Pod, Policy
+
+if TYPE_CHECKING:  # the CRI client (gRPC, ~12 MiB) loads only when criSocket is set
+    from metaplugin.cri_labels import CriLabels
 
 log = structlog.get_logger(__name__)
 
@@ -72,7 +74,11 @@ def open_policy_source(config: DaemonConfig, api: Any | None) -> PolicySource:
     """The source for the daemon's mode: `api` is cluster mode's kubernetes ApiClient (the
     daemon's `Sources.api`), None in local mode."""
     if config.local_dir is not None:
-        labels = CriLabels(config.cri_socket) if config.cri_socket else None
+        labels = None
+        if config.cri_socket:
+            from metaplugin.cri_labels import CriLabels  # gRPC loads only when used
+
+            labels = CriLabels(config.cri_socket)
         if labels is None:
             log.warning(
                 "policy_no_pod_labels",
@@ -418,6 +424,8 @@ class SandboxLabels:
             self._cri.close()
 
     def _ask(self, sandbox_id: str, pod: str) -> dict[str, str] | None:
+        from metaplugin.cri_labels import CriUnavailable  # loaded with the client
+
         try:
             labels = self._cri.labels(sandbox_id)
         except CriUnavailable as exc:
