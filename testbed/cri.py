@@ -264,6 +264,7 @@ class ContainerdBed:
         *,
         namespace: str = "default",
         annotations: dict[str, str] | None = None,
+        labels: dict[str, str] | None = None,
         port_mappings: list[tuple[int, int]] | None = None,
         timeout: float = 120,
     ) -> Pod:
@@ -274,7 +275,7 @@ class ContainerdBed:
             metadata=pb.PodSandboxMetadata(name=name, uid=uid, namespace=namespace, attempt=0),
             hostname=name,
             log_directory=str(logdir),
-            labels={"app": "plexus-e2e"},
+            labels=labels if labels is not None else {"app": "plexus-e2e"},
             annotations=annotations or {},
             port_mappings=[
                 pb.PortMapping(protocol=pb.TCP, container_port=c, host_port=h, host_ip="127.0.0.1")
@@ -345,11 +346,22 @@ class ContainerdBed:
         self, netns: str, *argv: str, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
         """Run a host command in a pod's (or, with netns="", containerd's) network namespace."""
+        return subprocess.run(
+            [*self._enter(netns), *argv], capture_output=True, text=True, check=check, timeout=60
+        )
+
+    def spawn_in_netns(self, netns: str, *argv: str) -> subprocess.Popen[str]:
+        """`in_netns` without waiting: a server the test stops itself."""
+        return subprocess.Popen(
+            [*self._enter(netns), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    def _enter(self, netns: str) -> list[str]:
         assert self.proc is not None
         pid = self.proc.pid
         # nsenter opens every namespace path before it enters any: the pod's netns file exists
         # only in containerd's mount namespace, so enter that first, then the netns.
-        enter = [
+        return [
             "nsenter",
             f"--mount=/proc/{pid}/ns/mnt",
             "--",
@@ -357,9 +369,6 @@ class ContainerdBed:
             f"--net={netns or f'/proc/{pid}/ns/net'}",
             "--",
         ]
-        return subprocess.run(
-            [*enter, *argv], capture_output=True, text=True, check=check, timeout=60
-        )
 
     def links(self, netns: str) -> dict[str, dict[str, Any]]:
         out = self.in_netns(netns, "ip", "-j", "-d", "link", "show").stdout
