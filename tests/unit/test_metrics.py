@@ -182,18 +182,6 @@ def test_a_scraper_that_never_sends_its_request_does_not_block_the_next(
 
 
 @pytest.fixture
-def standin() -> Iterator[ApiStandin]:
-    with ApiStandin() as api:
-        yield api
-
-
-@pytest.fixture
-def kube(standin: ApiStandin) -> Iterator[client.ApiClient]:
-    with client.ApiClient(client.Configuration(host=standin.url)) as api:
-        yield api
-
-
-@pytest.fixture
 def controllers() -> Iterator[list[Controller]]:
     running: list[Controller] = []
     yield running
