@@ -28,10 +28,8 @@ import structlog
 
 from cnispec.errors import InvalidConfig
 from cnispec.nad import load_yaml_documents
-from metaplugin import dirwatch
+from metaplugin import dirwatch, manifest_dir
 from metaplugin.config import DaemonConfig
-from metaplugin.nad_source import _MANIFEST_SUFFIXES, Signature, _changed, _identity, _listing
-from metaplugin.nad_source import _signature as signature_of
 from netpolicy.manifests import POLICY_KINDS, namespace_from_object, policy_from_object
 from netpolicy.model import Namespace, Pod, Policy
 
@@ -121,7 +119,7 @@ class Callbacks:
 
 @dataclass(frozen=True, slots=True)
 class _File:
-    signature: Signature
+    signature: manifest_dir.Signature
     policies: tuple[Policy, ...]
     namespaces: tuple[Namespace, ...]
     errors: tuple[str, ...]
@@ -201,7 +199,7 @@ class LocalPolicySource:
 
     def notice(self, names: set[str], *, rescan: bool, lost: bool) -> None:
         with self._pending_lock:
-            self._dirty |= {n for n in names if n.endswith(_MANIFEST_SUFFIXES)}
+            self._dirty |= {n for n in names if n.endswith(manifest_dir.MANIFEST_SUFFIXES)}
             self._rescan |= rescan or any(n.startswith("..") for n in names)  # ConfigMap swap
             if lost:
                 self._watched = False
@@ -213,8 +211,8 @@ class LocalPolicySource:
     def audit(self) -> None:
         with self._lock:
             known = {n: f.signature for n, f in self._files.items()}
-        seen = _listing(self._dir)
-        suspects = _changed(seen, known) | (known.keys() - seen.keys())
+        seen = manifest_dir.listing(self._dir)
+        suspects = manifest_dir.changed(seen, known) | (known.keys() - seen.keys())
         if suspects:
             with self._pending_lock:
                 self._dirty |= suspects
@@ -236,7 +234,7 @@ class LocalPolicySource:
     def _apply(self) -> bool:
         """Apply what was noticed; True when a file's content may have changed."""
         with self._lock:
-            if self._watched and _identity(self._dir) != self._watched_dir:
+            if self._watched and manifest_dir.identity(self._dir) != self._watched_dir:
                 with self._pending_lock:  # another directory swapped in: nothing watches it
                     self._watched, self._rescan = False, True
             if not self._watched:
@@ -245,8 +243,8 @@ class LocalPolicySource:
                 dirty, rescan = self._dirty, self._rescan
                 self._dirty, self._rescan = set(), self._watcher is None
             if rescan:
-                seen = _listing(self._dir)
-                dirty = _changed(seen, {n: f.signature for n, f in self._files.items()})
+                seen = manifest_dir.listing(self._dir)
+                dirty = manifest_dir.changed(seen, {n: f.signature for n, f in self._files.items()})
                 dirty |= self._files.keys() - seen.keys()
             changed = False
             for name in sorted(dirty):
@@ -264,7 +262,7 @@ class LocalPolicySource:
     def _watch(self) -> None:
         if self._watcher is None:
             return
-        identity = _identity(self._dir)
+        identity = manifest_dir.identity(self._dir)
         try:
             self._watcher.watch(self._dir, self)
         except OSError as exc:
@@ -282,7 +280,7 @@ class LocalPolicySource:
 
     def _reload(self, name: str) -> bool:
         path = os.path.join(self._dir, name)
-        signature = signature_of(path)
+        signature = manifest_dir.signature(path)
         old = self._files.pop(name, None)
         if signature is None:
             return old is not None and bool(old.policies or old.namespaces or old.errors)
@@ -332,7 +330,7 @@ def _twice(directory: str, file: str, first: str, ref: str) -> str:
     )
 
 
-def _read(path: str, signature: Signature) -> _File:
+def _read(path: str, signature: manifest_dir.Signature) -> _File:
     """The policies and namespaces of one manifest file; each bad document is an error of its
     own and the file's other documents still count."""
     try:

@@ -16,7 +16,7 @@ import yaml
 from cnispec.errors import NetworkNotFound
 from delegates.ipam import HostLocalIpam, IpamPaths
 from delegates.plugin import PluginRequest
-from metaplugin import dirwatch, nad_source
+from metaplugin import dirwatch, manifest_dir, nad_source
 from metaplugin.nad_source import LocalNadSource
 from tests.support.world import World, nad_manifest, simple_net
 from tests.unit.test_orchestrator import request
@@ -201,7 +201,7 @@ def test_a_lookup_with_nothing_changed_looks_at_no_file(
     me = threading.get_ident()  # the watcher's thread settles changes too, and rescans
     looked: list[str] = []
     listed: list[str] = []
-    signature, scandir = nad_source._signature, os.scandir
+    signature, scandir = manifest_dir.signature, os.scandir
 
     def looking(path: str) -> Any:
         if threading.get_ident() == me:
@@ -213,8 +213,8 @@ def test_a_lookup_with_nothing_changed_looks_at_no_file(
             listed.append(path)
         return scandir(path)
 
-    monkeypatch.setattr(nad_source, "_signature", looking)
-    monkeypatch.setattr(nad_source.os, "scandir", listing)
+    monkeypatch.setattr(manifest_dir, "signature", looking)
+    monkeypatch.setattr(manifest_dir.os, "scandir", listing)
     for i in range(200):
         assert src.get("default", f"net-{i}") is not None
     assert (looked, listed) == ([], [])
