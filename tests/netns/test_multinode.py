@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.cluster import (
+from testbed.cluster import (
     Cluster,
     cluster,
     observed_source,

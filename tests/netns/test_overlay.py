@@ -21,10 +21,10 @@ import yaml
 
 from delegates.overlay import QUERY_INTERVAL_S, bridge_name, derived_vni, vxlan_name
 from metaplugin.client import get
+from testbed.cluster import Cluster, Node, cluster, ping
 from testbed.manifests import host_local, nad
 from testbed.netns import Netns
 from tests.netns.test_multicast_attach import received, receiver
-from tests.support.cluster import Cluster, Node, cluster, ping
 from tests.support.require import missing
 
 REFERENCE_PLUGINS = Path("/usr/lib/cni")
