@@ -27,7 +27,8 @@ from delegates.builtins import builtin_plugins
 from delegates.chain import ChainRunner
 from delegates.external import ChildTracker, RawExec
 from delegates.fabric import Fabric, Peer
-from delegates.overlay import nad_networks
+from delegates.overlay import TYPE as OVERLAY_TYPE
+from delegates.overlay import Overlay, nad_networks
 from delegates.registry import PluginRegistry
 from metaplugin import config as daemon_config
 from metaplugin import install
@@ -49,6 +50,7 @@ from sriov.node import SriovNode, SriovSettings
 
 if TYPE_CHECKING:
     from metaplugin.k8s_pools import NodePools
+    from metaplugin.mcast_sync import MembershipSource, MembershipSync, Replicator
 
 log = structlog.get_logger(__name__)
 CONF_CHECK_INTERVAL = 2.0  # how soon a removed conf comes back, or an uninstall is honoured
@@ -127,6 +129,12 @@ class Daemon:
         self._stop = threading.Event()
         self._served = threading.Event()
         self._node_pools: NodePools | None = None
+        # Multicast membership across nodes (cluster mode, `_membership_sync`): the node's
+        # local membership (metaplugin.mcast_members.LocalMembership) and the replicators of
+        # the domains other than the overlays' (the routed primary's: "fabric"). Set them
+        # before `_run` reaches `_membership_sync`; without a membership nothing is synced.
+        self.membership: MembershipSource | None = None
+        self.replicators: dict[str, Replicator] = {}
 
     def run(self) -> int:
         lock = StateLock(self.cfg.state_dir)
@@ -145,6 +153,7 @@ class Daemon:
         metrics = DaemonMetrics()
         delegates = self._delegates(fabric, sriov, sources.nads)
         parts = self._assemble(sources, scheduler, delegates, sriov, metrics)
+        mcast_sync = self._membership_sync(sources, fabric, delegates)
         spool = SpoolReplayer(cfg.spool_path, orchestrator=parts.orchestrator, scheduler=scheduler)
         live = _live_sources(scheduler, spool, parts.collector, sriov, fabric_sync)
         live.policy = parts.policy.readout if parts.policy is not None else None
@@ -188,6 +197,8 @@ class Daemon:
         if scrape is not None:
             scrape.stop()
         spool.stop()
+        if mcast_sync is not None:
+            mcast_sync.stop()
         if fabric_sync is not None:
             fabric_sync.stop()
         if self._node_pools is not None:
@@ -264,6 +275,39 @@ class Daemon:
         sync.sync_once()  # never fatal: what failed is logged and retried by the loop
         sync.start()
         return fabric, sync
+
+    # --- multicast membership across nodes (issue 13, cluster mode) -------------------------
+
+    def _membership_sync(
+        self, sources: Sources, fabric: Fabric | None, registry: PluginRegistry
+    ) -> MembershipSync | None:
+        """Cluster mode with a fabric: this node's multicast groups (`self.membership`) go to
+        its MulticastNodeState, and the controller's replication lists come back to the
+        replicators: the overlay segments' and `self.replicators` (metaplugin.mcast_sync)."""
+        if self.cfg.local or fabric is None or sources.api is None or self.membership is None:
+            return None
+        from cnispec.mcast_api import OVERLAY_PREFIX
+        from kernel.netlink import family_of
+        from metaplugin.mcast_sync import MembershipSync, overlay_replicators
+
+        sync = MembershipSync(
+            sources.api,
+            self.cfg.node_name,
+            self.membership,
+            peers=lambda: fabric.peers,
+            family=lambda: family_of(fabric.underlay()[1]),
+        )
+        if OVERLAY_TYPE in registry.builtin_types:
+            overlay = registry.resolve(OVERLAY_TYPE, ())
+            if isinstance(overlay, Overlay):
+                sync.register(OVERLAY_PREFIX, overlay_replicators(overlay))
+        for domain, replicator in self.replicators.items():
+            sync.register_domain(domain, replicator)
+        fabric.watch_peers(lambda _peers: sync.resync_now())
+        sync.start()
+        return sync
+
+    # ------------------------------------------------------------------------------------------
 
     def _assemble(
         self,
