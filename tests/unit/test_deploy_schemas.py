@@ -686,7 +686,11 @@ def test_policy_covers_the_object_and_its_status() -> None:
     (rule,) = POLICY["spec"]["matchConstraints"]["resourceRules"]
     assert rule["apiGroups"] == [vfpool_api.GROUP]
     assert rule["apiVersions"] == [vfpool_api.VERSION]
-    assert set(rule["resources"]) == {"vfpoolnodestates", "vfpoolnodestates/status"}
+    assert set(rule["resources"]) == {
+        "vfpoolnodestates",
+        "vfpoolnodestates/status",
+        "multicastnodestates",  # its spec; its status is the controller's
+    }
     assert set(rule["operations"]) == {"CREATE", "UPDATE"}
     binding = _render_doc("node-state-policy.yaml", "ValidatingAdmissionPolicyBinding")
     assert binding["spec"] == {
