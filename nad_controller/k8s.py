@@ -118,19 +118,19 @@ class ClusterApi:
             )
         )
 
-    def patch_multicast_status(self, name: str, replicate_to: JSON) -> JSON:
-        """Set a MulticastNodeState's `status.replicateTo` to exactly `replicate_to`, through
-        the status subresource. A JSON patch, not a merge patch: a merge patch would keep the
-        domains and groups the new value no longer has (it merges maps key by key)."""
-        ops = [{"op": "add", "path": "/status", "value": {"replicateTo": replicate_to}}]
+    def patch_multicast_status(self, name: str, changes: JSON) -> JSON:
+        """Merge-patch a MulticastNodeState's `status.replicateTo` through the status
+        subresource with `changes` (`nad_controller.multicast.status_patch`: the groups whose
+        list changed, null for the ones and the domains gone): one join costs every other node
+        a write, and on a big cluster each list is long, so only the change is sent."""
         return _call(
             lambda: self._custom.patch_cluster_custom_object_status(
                 mcast_api.GROUP,
                 mcast_api.VERSION,
                 mcast_api.PLURAL,
                 name,
-                ops,
-                _content_type="application/json-patch+json",
+                {"status": {"replicateTo": changes}},
+                _content_type="application/merge-patch+json",
                 **_raw(),
             )
         )

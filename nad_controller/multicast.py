@@ -24,6 +24,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import structlog
@@ -33,6 +34,29 @@ from nad_controller.api import JSON, ApiFailure, NotFound
 
 log = structlog.get_logger(__name__)
 
+# Status writes in flight at once: one join changes the list of every other node, and on a big
+# cluster those writes one after the other would add up past the 2 s budget.
+WRITERS = 8
+
+
+def status_patch(current: JSON, want: JSON) -> JSON:
+    """The JSON merge patch (RFC 7386) that turns `replicateTo` from `current` into `want`:
+    per domain the groups whose list changed (lists are replaced whole), null for a group or a
+    domain that is gone."""
+    patch: JSON = {}
+    for domain in sorted(current.keys() | want.keys()):
+        have, new = current.get(domain), want.get(domain)
+        if new is None:
+            patch[domain] = None
+        elif not isinstance(have, dict):
+            patch[domain] = new
+        else:
+            groups = {g: nodes for g, nodes in new.items() if have.get(g) != nodes}
+            groups |= {g: None for g in have if g not in new}
+            if groups:
+                patch[domain] = groups
+    return patch
+
 
 class MembershipCache(Protocol):
     def nodes(self) -> list[JSON]: ...
@@ -41,7 +65,7 @@ class MembershipCache(Protocol):
 
 
 class MembershipWriter(Protocol):
-    def patch_multicast_status(self, name: str, replicate_to: JSON) -> JSON: ...
+    def patch_multicast_status(self, name: str, changes: JSON) -> JSON: ...
 
 
 def _meta(obj: JSON) -> JSON:
@@ -69,6 +93,8 @@ class MembershipReconciler:
         # name -> (resourceVersion, groups): each spec is read (and validated) once per version
         self._parsed: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {}
         self._backoff = 0.0
+        self._lock = threading.Lock()  # the writers' shared bookkeeping
+        self._pool = ThreadPoolExecutor(WRITERS, thread_name_prefix="mcast-status")
         self._thread = threading.Thread(target=self._run, name="mcast-reconciler", daemon=True)
         self.writes = 0  # status writes made (tests, the benchmark, /metrics)
         self.groups = 0  # (domain, group) pairs with a member somewhere, as of the last pass
@@ -84,6 +110,7 @@ class MembershipReconciler:
         self._stop.set()
         self._dirty.set()
         self._thread.join(timeout=10)
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def notify(self, kind: str, obj: JSON | None) -> None:
         """A MulticastNodeState or a Node changed (None: an informer listed again)."""
@@ -128,14 +155,21 @@ class MembershipReconciler:
         membership = aggregate(per_node)
         self.groups = sum(len(g) for g in membership.values())
         self.members = len(per_node)
-        for name in set(self._written) - per_node.keys():
-            del self._written[name]
+        with self._lock:
+            for name in set(self._written) - per_node.keys():
+                del self._written[name]
         names = {str(_meta(s).get("name")) for s in self.cache.multicast_states()}
         self._parsed = {k: v for k, v in self._parsed.items() if k in names}
-        for state in states:
-            if not self._leading.is_set():
-                return
-            self._write(state, replicate_to(membership, str(_meta(state)["name"])))
+        writes = [
+            (state, want, current)
+            for state in states
+            if (want := replicate_to(membership, str(_meta(state)["name"])))
+            != (current := self._current(state))
+        ]
+        if len(writes) == 1:
+            self._write(*writes[0])
+        else:  # concurrently, and the pass ends when all are done
+            list(self._pool.map(lambda w: self._write(*w), writes))
 
     @staticmethod
     def _counts(state: JSON, live: set[str]) -> bool:
@@ -159,29 +193,37 @@ class MembershipReconciler:
         self._parsed[name] = (rv, groups)
         return groups
 
-    def _write(self, state: JSON, want: JSON) -> None:
+    def _current(self, state: JSON) -> JSON:
+        """The node's list as the API has it: our last write until the cache has caught up."""
         meta = _meta(state)
         name, rv = str(meta.get("name")), str(meta.get("resourceVersion"))
-        written = self._written.get(name)
+        with self._lock:
+            written = self._written.get(name)
         if written is not None and written[1] == rv:
-            current = written[0]
-        else:
-            status = state.get("status")
-            current = (status.get("replicateTo") if isinstance(status, dict) else None) or {}
-        if current == want:
+            return written[0]
+        status = state.get("status")
+        current = status.get("replicateTo") if isinstance(status, dict) else None
+        return current if isinstance(current, dict) else {}
+
+    def _write(self, state: JSON, want: JSON, current: JSON) -> None:
+        meta = _meta(state)
+        name, rv = str(meta.get("name")), str(meta.get("resourceVersion"))
+        if not self._leading.is_set():
             return
         try:
-            self.writer.patch_multicast_status(name, want)
+            self.writer.patch_multicast_status(name, status_patch(current, want))
         except NotFound:
             return  # deleted meanwhile (its Node went)
         except ApiFailure as exc:
-            self._backoff = min(self._backoff * 2 or 0.5, 30.0)
+            with self._lock:
+                self._backoff = min(self._backoff * 2 or 0.5, 30.0)
             log.warning("multicast_status_write_failed", state=name, error=str(exc)[:200],
                         retry_in=self._backoff)  # fmt: skip
             self._dirty.set()
             return
-        self._backoff = 0.0
-        self.writes += 1
-        self._written[name] = (want, rv)
+        with self._lock:
+            self._backoff = 0.0
+            self.writes += 1
+            self._written[name] = (want, rv)
         log.info("multicast_status_written", node=name,
                  groups=sum(len(g) for g in want.values()))  # fmt: skip

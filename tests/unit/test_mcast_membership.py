@@ -489,3 +489,19 @@ def test_membership_travels_from_one_node_to_the_others_through_the_controller(
     members["node-1"].set(OVL)  # node-1's last member leaves
     assert wait_until(lambda: replicators["node-2"].last("239.1.1.1") == ("192.0.2.3",))
     assert wait_until(lambda: replicators["node-3"].last("239.1.1.1") == ())
+
+
+def test_status_patch_sends_only_what_changed() -> None:
+    from nad_controller.multicast import status_patch
+
+    current = {OVL: {"239.1.1.1": ["a"], "239.2.2.2": ["a", "b"]}, "fabric": {"ff05::1": ["b"]}}
+    want = {OVL: {"239.1.1.1": ["a"], "239.2.2.2": ["b"], "239.3.3.3": ["c"]}, "overlay/9": {
+        "239.9.9.9": ["a"]}}  # fmt: skip
+    patch = status_patch(current, want)
+    assert patch == {
+        OVL: {"239.2.2.2": ["b"], "239.3.3.3": ["c"]},
+        "fabric": None,
+        "overlay/9": {"239.9.9.9": ["a"]},
+    }
+    assert status_patch(want, want) == {}
+    assert status_patch(current, {})["fabric"] is None
