@@ -505,3 +505,58 @@ def test_status_patch_sends_only_what_changed() -> None:
     }
     assert status_patch(want, want) == {}
     assert status_patch(current, {})["fabric"] is None
+
+
+# --- the daemon's hook --------------------------------------------------------------------------
+
+
+class FakeFabric:
+    """What the daemon's hook reads of `delegates.fabric.Fabric`."""
+
+    def __init__(self) -> None:
+        self.peers = tuple(PEERS)
+        self.watchers: list[Callable[[tuple[Peer, ...]], None]] = []
+
+    def underlay(self) -> tuple[object, str]:
+        return object(), "192.0.2.1"
+
+    def watch_peers(self, watcher: Callable[[tuple[Peer, ...]], None]) -> None:
+        self.watchers.append(watcher)
+
+
+def test_the_daemon_wires_the_sync_in_cluster_mode_with_a_fabric(
+    standin: ApiStandin, kube: client.ApiClient
+) -> None:
+    from delegates.overlay import TYPE, Overlay
+    from delegates.registry import PluginRegistry
+    from metaplugin.config import DaemonConfig
+    from metaplugin.daemon import Daemon, Sources
+    from metaplugin.status import NullSink
+
+    node(standin, "node-1")
+    fabric: Any = FakeFabric()
+    registry = PluginRegistry(builtins={TYPE: Overlay(ipam=None, fabric=fabric)})  # type: ignore[arg-type]
+    sources = Sources(nads=None, pods=None, sink=NullSink(), synced=threading.Event(), api=kube)  # type: ignore[arg-type]
+    daemon = Daemon(DaemonConfig(node_name="node-1"))
+    assert daemon._membership_sync(sources, fabric, registry) is None  # no membership yet
+    # the lead's two lines: the node's LocalMembership, and the routed primary's replicator
+    membership, routed = FakeMembership(), FakeReplicator()
+    daemon.membership = membership
+    daemon.replicators["fabric"] = routed
+    membership.set("fabric", "239.4.4.4")
+    sync = daemon._membership_sync(sources, fabric, registry)
+    assert sync is not None
+    try:
+        assert wait_until(lambda: (standin.get("MulticastNodeState", None, "node-1") or {}).get(
+            "spec", {}).get("groups") == {"fabric": ["239.4.4.4"]})  # fmt: skip
+        assert len(fabric.watchers) == 2  # the overlay's and the sync's (peers changed -> resync)
+        client.CustomObjectsApi(kube).patch_cluster_custom_object_status(
+            G, V, PLURAL, "node-1", {"status": {"replicateTo": {"fabric": {"239.4.4.4": [
+                "node-2", "node-3"]}}}}, _content_type="application/merge-patch+json",
+        )  # fmt: skip
+        assert wait_until(lambda: routed.last("239.4.4.4") == ("192.0.2.2", "192.0.2.3"))
+    finally:
+        sync.stop()
+    local = Daemon(DaemonConfig(node_name="node-1", local_dir="/nads"))
+    local.membership = membership
+    assert local._membership_sync(sources, fabric, registry) is None  # local mode: flood
