@@ -65,6 +65,7 @@ def _crd(name: str) -> Json:
 
 POOL_CRD = _crd("vfpools.yaml")
 STATE_CRD = _crd("vfpoolnodestates.yaml")
+MCAST_CRD = _crd("multicastnodestates.yaml")
 
 
 def _schema(crd: Json) -> Json:
@@ -199,7 +200,11 @@ def _nodes(node: Json, path: str = "") -> Iterator[tuple[str, Json]]:
         yield from _nodes(node["items"], f"{path}[]")
 
 
-@pytest.mark.parametrize("crd", [POOL_CRD, STATE_CRD], ids=["vfpools", "vfpoolnodestates"])
+@pytest.mark.parametrize(
+    "crd",
+    [POOL_CRD, STATE_CRD, MCAST_CRD],
+    ids=["vfpools", "vfpoolnodestates", "multicastnodestates"],
+)
 def test_crd_is_structural_cluster_scoped_with_status(crd: Json) -> None:
     spec = crd["spec"]
     assert spec["group"] == vfpool_api.GROUP

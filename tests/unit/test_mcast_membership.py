@@ -560,3 +560,29 @@ def test_the_daemon_wires_the_sync_in_cluster_mode_with_a_fabric(
     local = Daemon(DaemonConfig(node_name="node-1", local_dir="/nads"))
     local.membership = membership
     assert local._membership_sync(sources, fabric, registry) is None  # local mode: flood
+
+
+def test_every_canonical_group_the_model_admits_the_crd_admits() -> None:
+    import ipaddress
+    import re
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    crd = yaml.safe_load(
+        (Path(__file__).resolve().parents[2] / "deploy/crds/multicastnodestates.yaml").read_text()
+    )
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    item = spec["properties"]["groups"]["additionalProperties"]["items"]
+    pattern = re.compile(item["pattern"])
+    v4 = st.integers(0xE0000000, 0xEFFFFFFF).map(ipaddress.IPv4Address)
+    v6 = st.integers(0xFF << 120, (1 << 128) - 1).map(ipaddress.IPv6Address)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.one_of(v4, v6))
+    def check(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+        group = canonical_group(str(address).upper())
+        assert pattern.match(group) and len(group) <= item["maxLength"], group
+
+    check()
+    assert not pattern.match("10.0.0.1") and not pattern.match("2001:db8::1")
