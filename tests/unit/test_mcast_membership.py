@@ -317,8 +317,11 @@ def test_only_the_leader_writes_membership(
     state_object(standin, "node-2", {})
     a, b = controller(kube, controllers, "ctl-a"), controller(kube, controllers, "ctl-b")
     assert wait_until(lambda: replicate(standin, "node-2") == {OVL: {"239.1.1.1": ["node-1"]}})
+    assert wait_until(lambda: a.is_leader or b.is_leader)
     leader, follower = (a, b) if a.is_leader else (b, a)
-    assert leader.multicast.writes >= 1 and follower.multicast.writes == 0
+    # the counter moves once the write has returned, after the stand-in already serves it
+    assert wait_until(lambda: leader.multicast.writes >= 1)
+    assert follower.multicast.writes == 0
 
 
 # --- the node -------------------------------------------------------------------------------------
@@ -353,12 +356,15 @@ def test_node_publishes_its_groups_in_an_object_its_node_owns(
     # someone deletes the object: it is made again
     standin.delete(f"{G}/{V}", "MulticastNodeState", None, "node-1")
     assert wait_until(lambda: (spec() or {}).get("groups") == {"fabric": ["239.5.5.5"]})
+    assert wait_until(lambda: not sync.publish_once())  # its watch has caught up
     writes = sync.stats.spec_writes
     # a status write (the controller's) or a resync is no reason to write the spec
     client.CustomObjectsApi(kube).patch_cluster_custom_object_status(
         G, V, PLURAL, "node-1", {"status": {"replicateTo": {}}},
         _content_type="application/merge-patch+json",
     )  # fmt: skip
+    assert replicate(standin, "node-1") == {}
+    time.sleep(0.2)  # the publisher has looked at the object again (its debounce is 20 ms)
     assert not sync.publish_once()
     assert sync.stats.spec_writes == writes
 
