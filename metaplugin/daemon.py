@@ -27,13 +27,16 @@ from delegates.builtins import builtin_plugins
 from delegates.chain import ChainRunner
 from delegates.external import ChildTracker, RawExec
 from delegates.fabric import Fabric, Peer
+from delegates.fabric_mcast import FabricMulticast
 from delegates.overlay import nad_networks
 from delegates.registry import PluginRegistry
+from kernel.mcast_reports import ReportWatch
 from metaplugin import config as daemon_config
 from metaplugin import install
 from metaplugin.config import DaemonConfig
 from metaplugin.fabric_sync import FabricSync, config_peers, fabric_from_config
 from metaplugin.gc import Collector
+from metaplugin.mcast_members import FABRIC, LocalMembership, Port, ports_of
 from metaplugin.metrics import DaemonMetrics, LiveSources
 from metaplugin.nad_source import LocalNadSource, NadSource
 from metaplugin.orchestrator import Orchestrator, PodSource
@@ -112,6 +115,7 @@ class Parts:
     orchestrator: Orchestrator
     collector: Collector
     policy: PolicyEngine | None = None
+    membership: LocalMembership | None = None
 
     def handle(self, req: CniRequest) -> dict[str, Any] | None:
         if req.command == cni.GC:
@@ -127,6 +131,7 @@ class Daemon:
         self._stop = threading.Event()
         self._served = threading.Event()
         self._node_pools: NodePools | None = None
+        self._fabric_multicast: FabricMulticast | None = None
 
     def run(self) -> int:
         lock = StateLock(self.cfg.state_dir)
@@ -154,6 +159,7 @@ class Daemon:
             sriov.heal_and_open()  # after the spooled DELs put their VFs back themselves
         if parts.policy is not None:
             self._start_policy(parts.policy, sources)
+        self._start_multicast(parts, fabric)
         api = Api(
             handle=parts.handle,
             orchestrator=parts.orchestrator,
@@ -196,6 +202,8 @@ class Daemon:
             sriov.stop()
         if parts.policy is not None:
             parts.policy.stop()
+        if parts.membership is not None:
+            parts.membership.stop()
         if sources.stop is not None:
             sources.stop()
         return 0
@@ -275,6 +283,7 @@ class Daemon:
     ) -> Parts:
         store = AttachmentStore(self.cfg.state_dir)
         policy = self._policy_engine(store, metrics)
+        membership = self._membership(store)
         resolver = Resolver(config=self.cfg, nads=sources.nads)
         observe = metrics.delegate_observer(registry.builtin_types) if metrics else None
         runner = ChainRunner(registry=registry, observe=observe)
@@ -287,6 +296,7 @@ class Daemon:
             pods=sources.pods,
             devices=sriov.devices if sriov is not None else None,
             policy=policy,
+            pods_changed=membership.refresh if membership is not None else None,
         )
         collector = Collector(
             orchestrator=orchestrator,
@@ -296,7 +306,33 @@ class Daemon:
             lock_container=scheduler.container,
             exclusive=scheduler.exclusive,
         )
-        return Parts(store, resolver, orchestrator, collector, policy)
+        return Parts(store, resolver, orchestrator, collector, policy, membership)
+
+    def _membership(self, store: AttachmentStore) -> LocalMembership | None:
+        """Multicast membership of this node's pods: only with a fabric (the routed primary's
+        multicast and every overlay network stand on it)."""
+        fabric = self.cfg.fabric
+        if fabric is None:
+            return None
+        multicast = fabric.multicast
+
+        def ports() -> list[Port]:
+            records = [r for c in store.all() for r in c.records]
+            return ports_of(records, fabric_multicast=multicast)
+
+        return LocalMembership(ports, watch=ReportWatch)
+
+    def _start_multicast(self, parts: Parts, fabric: Fabric | None) -> None:
+        membership = parts.membership
+        if membership is None:
+            return
+        if fabric is not None and fabric.multicast_device() is not None:
+            replicator = FabricMulticast(fabric, listed=not self.cfg.local)
+            membership.subscribe(
+                lambda _: replicator.set_local(membership.members(FABRIC), membership.ports(FABRIC))
+            )
+            self._fabric_multicast = replicator
+        membership.start()
 
     def _start_policy(self, engine: PolicyEngine, sources: Sources) -> None:
         """Open the policy source and start the engine: every local pod's table, once the
