@@ -96,6 +96,11 @@ class FabricMulticast:
         self._programmed: dict[tuple[str, int], dict[FilterKey, Filter]] = {}
 
     @property
+    def listed(self) -> bool:
+        """Cluster mode: groups go to the nodes `set_group_members` lists, not to all."""
+        return self._listed
+
+    @property
     def device(self) -> str:
         name = self._fabric.multicast_device()
         if name is None:

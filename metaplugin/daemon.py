@@ -170,6 +170,7 @@ class Daemon:
             request_timeout=request_timeout_for(cfg.shim_timeout),
             metrics=metrics,
             policy=parts.policy,
+            fabric_multicast=self._fabric_multicast,
         )
         server = SocketServer(cfg.socket_path, api)
         server.start()

@@ -8,6 +8,7 @@ themselves once."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import pytest
 
 from delegates.fabric import MULTICAST_DEVICE, VXLAN_DEVICE
 from delegates.routed import host_veth_name
+from metaplugin.client import get
 from testbed.cluster import Cluster, Node, cluster
 from testbed.netns import Netns
 from tests.netns.test_multicast_attach import received, receiver
@@ -101,6 +103,17 @@ def test_members_on_every_node_get_every_datagram_others_none(clean: Cluster, fa
     marker = f"rmc{family}-a"
     idle = [sniffer(p, "eth0", marker, 4) for p in bystanders]
     try:
+        # `plexusctl multicast` on node 2: its member on the primary, flooded (local mode)
+        status, body = get(n2.daemon.socket, "/v1/multicast")
+        assert status == 200
+        assert json.loads(body) == [
+            {
+                "network": "pods",
+                "group": GROUP[family],
+                "members": ["default/m2 (eth0)"],
+                "sentTo": ["every fabric node"],
+            }
+        ]
         send(sender, family, n, marker)
         assert [received(proc) for proc in joined] == [n, n, n]
         assert [received(proc) for proc in idle] == [0, 0]
@@ -135,6 +148,21 @@ def test_ttl_one_stays_in_the_pod_and_a_leave_stops_delivery(clean: Cluster, fam
     finally:
         for proc in gone:
             proc.kill()
+
+
+def test_a_deleted_member_pod_drops_out(clean: Cluster) -> None:
+    """A member whose pod is deleted while its socket is still joined: its DEL takes it out."""
+    n2 = clean.nodes[1]
+    member = pod(clean, n2, "doomed")
+    proc = receiver(member, "4", GROUP["4"], 1000)
+    try:
+        wait_for_members(n2, 1)
+        cid, path = n2.pods.pop()
+        n2.runtime.delete(cid, path.path).ok()
+        wait_for_members(n2, 0)
+    finally:
+        proc.kill()
+        proc.communicate()
 
 
 def test_the_filters_are_the_pods_and_go_with_them(clean: Cluster) -> None:
