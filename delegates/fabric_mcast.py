@@ -49,6 +49,20 @@ _PRIO_FLOOD: Final = {4: 65000, 6: 65001}
 _PROTO: Final = {4: ETH_P_IP, 6: ETH_P_IPV6}
 _FULL: Final = 0xFFFFFFFF
 
+
+def clear(hosts: Iterable[str]) -> int:
+    """Multicast turned off: the replication filters on these pod veths go (a filter left
+    would copy group traffic to a device that is no longer there). The number cleared."""
+    cleared = 0
+    with Netlink.open() as node, Tc.open() as tc:
+        index = {link.name: link.index for link in node.links()}
+        for host in hosts:
+            if host in index and tc.filters(index[host], "ingress"):
+                tc.delete_clsact(index[host])
+                cleared += 1
+    return cleared
+
+
 # What is never forwarded: (priority, protocol, keys).
 _LOCAL_ONLY: Final = (
     (1, ETH_P_IP, (u32_key(0, 0xFE000000, 8),)),  # TTL 0 or 1

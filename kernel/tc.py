@@ -19,7 +19,13 @@ from typing import Any, Final, Literal
 
 from pyroute2.netlink import NLM_F_CREATE, NLM_F_EXCL
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl import RTM_DELTFILTER, RTM_GETTFILTER, RTM_NEWQDISC, RTM_NEWTFILTER
+from pyroute2.netlink.rtnl import (
+    RTM_DELQDISC,
+    RTM_DELTFILTER,
+    RTM_GETTFILTER,
+    RTM_NEWQDISC,
+    RTM_NEWTFILTER,
+)
 from pyroute2.netlink.rtnl.tcmsg import cls_u32, tcmsg
 
 from kernel.rtnl import NLMSG_HDR, Rtnl, message, translate
@@ -79,6 +85,15 @@ class Tc:
         except NetlinkError as exc:
             if exc.code != errno.EEXIST:
                 raise translate(exc, f"clsact qdisc on interface #{ifindex}") from None
+
+    def delete_clsact(self, ifindex: int) -> None:
+        """The device's clsact qdisc and every filter on it gone (idempotent)."""
+        fields = {"index": ifindex, "handle": _CLSACT_HANDLE, "parent": _TC_H_CLSACT}
+        try:
+            self._nl.request(message(tcmsg, fields, [("TCA_KIND", "clsact")]), RTM_DELQDISC)
+        except NetlinkError as exc:
+            if exc.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
+                raise translate(exc, f"deleting clsact on #{ifindex}") from None
 
     def set_filter(
         self,

@@ -28,6 +28,7 @@ from delegates.chain import ChainRunner
 from delegates.external import ChildTracker, RawExec
 from delegates.fabric import Fabric, Peer
 from delegates.fabric_mcast import FabricMulticast
+from delegates.fabric_mcast import clear as clear_replication
 from delegates.overlay import nad_networks
 from delegates.registry import PluginRegistry
 from kernel.mcast_reports import ReportWatch
@@ -333,7 +334,23 @@ class Daemon:
                 lambda _: replicator.set_local(membership.members(FABRIC), membership.ports(FABRIC))
             )
             self._fabric_multicast = replicator
+        elif fabric is not None:
+            self._clear_replication(parts.store)
         membership.start()
+
+    @staticmethod
+    def _clear_replication(store: AttachmentStore) -> None:
+        """`fabric.multicast` is off: a previous run's replication filters on the routed pods'
+        veths go with it."""
+        records = [r for c in store.all() for r in c.records]
+        hosts = [p.host for p in ports_of(records, fabric_multicast=True) if p.domain == FABRIC]
+        try:
+            cleared = clear_replication(hosts)
+        except PlexusError as exc:
+            log.warning("fabric_multicast_clear_failed", error=exc.msg)
+            return
+        if cleared:
+            log.info("fabric_multicast_cleared", veths=cleared)
 
     def _start_policy(self, engine: PolicyEngine, sources: Sources) -> None:
         """Open the policy source and start the engine: every local pod's table, once the

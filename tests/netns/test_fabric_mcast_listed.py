@@ -2,7 +2,7 @@
 controller's aggregate through `set_group_members`), on three node namespaces of our own with
 the fabric in native mode: a group goes to exactly the nodes listed — the node without a
 member sees none of it on its underlay link — and to no node at all once the list is empty.
-The pods are plain veth pairs named as plexus-routed names them."""
+The pods are plain veth pairs named as plexus-routed names them. Native and VXLAN fabric."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 
 from delegates.fabric import Fabric, FabricConfig, Peer
-from delegates.fabric_mcast import FabricMulticast
+from delegates.fabric_mcast import FabricMulticast, clear
 from delegates.routed import host_veth_name
 from kernel.netns import run_in_netns
 from testbed.netns import Netns, namespaces
@@ -53,8 +53,8 @@ class BedNode:
         return run_in_netns(self.ns.path, fn)
 
 
-@pytest.fixture
-def bed() -> Iterator[list[BedNode]]:
+@pytest.fixture(params=["native", "vxlan"])
+def bed(request: pytest.FixtureRequest) -> Iterator[list[BedNode]]:
     with namespaces() as made:
         lan = Netns("lan")
         made.append(lan)
@@ -166,3 +166,15 @@ def test_a_group_goes_to_the_listed_nodes_only(bed: list[BedNode]) -> None:
         for proc in [*on_wire, local]:
             proc.kill()
             proc.communicate()
+
+
+def test_clear_takes_the_filters_off(bed: list[BedNode]) -> None:
+    """Multicast turned off (plexusd starts without it): the pods' veths carry no filter."""
+    n1 = bed[0]
+    hosts = [host(p) for p in n1.pods.values()]
+    n1.run(lambda: n1.mcast.set_local({GROUP: frozenset(hosts[:1])}, hosts))
+    assert "mirred" in n1.ns.run("tc", "filter", "show", "dev", hosts[1], "ingress").stdout
+    assert n1.run(lambda: clear([*hosts, "nosuchveth0"])) == 2
+    for name in hosts:
+        assert n1.ns.run("tc", "filter", "show", "dev", name, "ingress").stdout == ""
+        assert "clsact" not in n1.ns.run("tc", "qdisc", "show", "dev", name).stdout
