@@ -447,7 +447,7 @@ def report(data: dict[str, Any]) -> None:
     )
     print(
         f"{'member nodes in the MDB':28} {'wall med':>9} {'p90':>7} {'cpu med':>8} {'x0':>6} "
-        f"{'copies':>7}"
+        f"{'copies':>7} {'members got':>11}"
     )
     base = statistics.median(rep["wall_ms_per_1000"][0])
     for m in MEMBER_COUNTS:
@@ -455,9 +455,10 @@ def report(data: dict[str, Any]) -> None:
         med, p90, _ = stats(w)
         copies = data["underlay"][f"replication/{m}"]["node1_out"]
         what = f"{m}" + (" (stand-ins beyond 2)" if m > 2 else "")
+        got = ",".join(f"{x:.2f}" for x in rep["delivered_to_real_members"][m]) or "-"
         print(
             f"{what:28} {med:9.2f} {p90:7.2f} {statistics.median(c):8.2f} {med / base:6.2f} "
-            f"{copies:7.2f}"
+            f"{copies:7.2f} {got:>11}"
         )
     marginal = rep["marginal_ms_per_1000"]
     print(
