@@ -58,10 +58,13 @@ class Sender:
         self.socks: dict[str, socket.socket] = {}
         for family in ("4", "6"):
             s = socket.socket(_family(family), socket.SOCK_DGRAM)
+            # TTL 4: what leaves a pod on the routed primary (an L2 overlay ignores it)
             if family == "4":
                 s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
+                s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 4)
             else:
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 0)
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 4)
             self.socks[family] = s
         self.target: tuple[str, str] | None = None  # (family, group) of the stream
         self.period = 0.001

@@ -28,9 +28,14 @@ node1, receiver pods on node2 and node3, a bystander pod (never joins) on node2.
    Multus + bridge or OVN-Kubernetes' layer-2 topology does: broadcast). Also the frames that
    reached the bystander pod, and what each member received.
 
+Then the same three on the routed primary (`fabric.multicast: true`), a bed of its own per fabric
+mode (native, VXLAN), local mode only (the bed's daemons have no API; cluster mode's listed
+replication is not measured here): pods with the primary alone, membership from plexusd reading
+a pod's groups when its report arrives, flood to every other node, delivery to members only.
+
 Run as root: `sudo make bench-multicast` (or `.venv/bin/python -m bench.multicast [--joins N]`).
 Tables are printed, every sample goes to build/bench/multicast.json, the join latency CDFs to
-a PNG (bench/plots.py). About a minute.
+a PNG (bench/plots.py). About two minutes.
 """
 
 from __future__ import annotations
@@ -299,28 +304,33 @@ def join_latency(
 
 def replication_cost(
     sender: Agent,
-    members: Agent,
+    members: Agent | None,
     receivers: Sequence[tuple[Agent, Node]],
+    counts: Sequence[int],
+    *,
     burst: int,
     rounds: int,
 ) -> dict[str, Any]:
+    """Bursts to one group per member count: the real receivers (node2, node3) hold the group
+    for counts 1 and 2 and up; with `members` (the overlay's MDB) the group's MDB lists the
+    member nodes, stand-in VTEPs beyond 2."""
     (_, n2), (_, n3) = receivers
-    groups = {m: group("4", 10, m) for m in MEMBER_COUNTS}
+    groups = {m: group("4", 10, m) for m in counts}
     for m, g in groups.items():
-        remotes = [n2.address, n3.address, *STAND_INS][:m]
         for receiver, _ in list(receivers)[: min(m, 2)]:
             assert receiver.ask("hold", "4", g) == "ok"
-        if remotes:
+        remotes = [n2.address, n3.address, *STAND_INS][:m]
+        if members is not None and remotes:
             assert members.ask("set", NETWORK, g, *remotes)["ok"]
-    time.sleep(0.5)  # the members' reports reach node1's bridge
+    time.sleep(1.0)  # the members' reports have been acted on (bridges, plexusd)
     for g in groups.values():  # ARP for every VTEP; queues warm
         sender.ask("burst", "4", g, "500")
     time.sleep(0.3)
-    wall: dict[int, list[float]] = {m: [] for m in MEMBER_COUNTS}
-    cpu: dict[int, list[float]] = {m: [] for m in MEMBER_COUNTS}
-    errors = dict.fromkeys(MEMBER_COUNTS, 0)
+    wall: dict[int, list[float]] = {m: [] for m in counts}
+    cpu: dict[int, list[float]] = {m: [] for m in counts}
+    errors = dict.fromkeys(counts, 0)
     for r in range(rounds):
-        order = MEMBER_COUNTS if r % 2 == 0 else MEMBER_COUNTS[::-1]  # drift hits all alike
+        order = counts if r % 2 == 0 else counts[::-1]  # drift hits all alike
         for m in order:
             out = sender.ask("burst", "4", groups[m], str(burst))
             wall[m].append(out["wall_ns"] / burst / 1e3)  # us per datagram = ms per 1,000
@@ -375,26 +385,46 @@ def underlay_counts(
     cases += [(f"replication/{name}", "mdb", "4", g) for name, g in extra_groups.items()]
     for i, (key, kind, family, g) in enumerate(cases):
         side = side_of(kind)
-        marker = f"mcbench{i:03d}x"
-        watchers = [*sniffers.values(), *bystanders[side]]
-        for agent in watchers:
-            assert agent.ask("start", marker) == "ok"
-        senders[side].ask("paced", family, g, str(PACED), "1000", marker)
-        for agent in watchers:
-            agent.send("stop")  # in parallel: each waits out its queue
-        names = [*sniffers, "bystander2", "bystander3"]
-        counts = dict(zip(names, [a.receive() for a in watchers], strict=True))
-        results[key] = {
-            "node1_out": counts["node1"]["out"] / PACED,
-            "node2_in": counts["node2"]["in"] / PACED,
-            "node3_in": counts["node3"]["in"] / PACED,
-            "bystander2_in": counts["bystander2"]["in"] / PACED,
-            "bystander3_in": counts["bystander3"]["in"] / PACED,
-        }
+        results[key] = count_frames(
+            senders[side],
+            family,
+            g,
+            marker=f"mcbench{i:03d}x",
+            sniffers=sniffers,
+            bystanders=bystanders[side],
+        )
     for (kind, family, m), g in plan.items():
         got = [receiver.ask("drop", g) for receiver in receivers[side_of(kind)][:m]]
         results[f"{kind}/{family}/{m}"]["member_received"] = [x / PACED for x in got]
     return results
+
+
+def count_frames(
+    sender: Agent,
+    family: str,
+    g: str,
+    *,
+    marker: str,
+    sniffers: dict[str, Agent],
+    bystanders: Sequence[Agent],
+) -> dict[str, float]:
+    """PACED datagrams to `g`: frames per datagram out of node1's underlay, into node2's and
+    node3's, and into the bystander pods (node2's, node3's)."""
+    watchers = [*sniffers.values(), *bystanders]
+    for agent in watchers:
+        assert agent.ask("start", marker) == "ok"
+    sender.ask("paced", family, g, str(PACED), "1000", marker)
+    for agent in watchers:
+        agent.send("stop")  # in parallel: each waits out its queue
+    names = [*sniffers, "bystander2", "bystander3"]
+    counts = dict(zip(names, [a.receive() for a in watchers], strict=True))
+    return {
+        "node1_out": counts["node1"]["out"] / PACED,
+        "node2_in": counts["node2"]["in"] / PACED,
+        "node3_in": counts["node3"]["in"] / PACED,
+        "bystander2_in": counts["bystander2"]["in"] / PACED,
+        "bystander3_in": counts["bystander3"]["in"] / PACED,
+    }
 
 
 def side_of(kind: str) -> str:
@@ -509,6 +539,121 @@ def plot(opts: argparse.Namespace, data: dict[str, Any]) -> None:
     plots.emit(opts, "multicast", "plexus-overlay multicast: join to first packet", panels)
 
 
+# --- the routed primary (fabric.multicast: true) ----------------------------------------------
+
+ROUTED_COUNTS = (0, 1, 2)
+
+
+def primary_pod(bed: Cluster, node: Node, role: str) -> Netns:
+    """A pod with the routed primary only: its sockets join and send on eth0."""
+    pod, out = node.add_pod(bed, role)
+    out.ok()
+    return pod
+
+
+def run_routed(opts: argparse.Namespace, mode: str) -> dict[str, Any]:
+    """The same three measurements for the routed primary in local mode (each node floods its
+    pods' groups to every other node, which deliver to their own members only), on a bed of its
+    own with `fabric.multicast: true`. Membership is plexusd's: it reads a pod's groups when the
+    pod's report arrives, so a join's latency includes that."""
+    data: dict[str, Any] = {}
+    with (
+        tempfile.TemporaryDirectory(prefix="plexus-bench-multicast-") as tmp,
+        cluster(Path(tmp), mode, fabric_keys={"multicast": True}) as bed,
+        agents() as started,
+    ):
+        n1, n2, n3 = bed.nodes
+        where = {"snd": n1, "r1": n1, "r2": n2, "by2": n2, "r3": n3, "by3": n3}
+        pods = {role: primary_pod(bed, node, role) for role, node in where.items()}
+        sender = start(started, pods["snd"], "sender")
+        r1, r2, r3 = (start(started, pods[r], "receiver") for r in ("r1", "r2", "r3"))
+        for agent in started:
+            agent.ready()
+        time.sleep(1.0)  # the pods' first refresh after their ADDs
+        receivers = [(r2, n2), (r3, n3)]
+        data["join"] = {}
+        for fi, family in enumerate(opts.families):
+            data["join"][family] = {
+                kind: join_latency(
+                    sender,
+                    receivers=who,
+                    members=None,
+                    family=family,
+                    block=3 * fi + ki,
+                    n=opts.joins,
+                )
+                for ki, (kind, who) in enumerate((("flood", receivers), ("local", [(r1, n1)])))
+            }
+        data["replication"] = replication_cost(
+            sender, None, receivers, ROUTED_COUNTS, burst=opts.burst, rounds=opts.rounds
+        )
+        sniffers = {node.name: start(started, node.ns, "sniffer", "eth0") for node in bed.nodes}
+        bystanders = [start(started, pods[r], "sniffer", "eth0") for r in ("by2", "by3")]
+        for agent in [*sniffers.values(), *bystanders]:
+            agent.ready()
+        plan = {
+            (family, m): group(family, 30 + fi, m)
+            for fi, family in enumerate(opts.families)
+            for m in ROUTED_COUNTS
+        }
+        for (family, m), g in plan.items():
+            for receiver, _ in receivers[:m]:
+                assert receiver.ask("hold", family, g) == "ok"
+        time.sleep(1.0)
+        data["underlay"] = {}
+        for i, ((family, m), g) in enumerate(plan.items()):
+            row = count_frames(
+                sender,
+                family,
+                g,
+                marker=f"rtbench{i:03d}x",
+                sniffers=sniffers,
+                bystanders=bystanders,
+            )
+            got = [receiver.ask("drop", g) for receiver, _ in receivers[:m]]
+            data["underlay"][f"{family}/{m}"] = row | {"member_received": [x / PACED for x in got]}
+    return data
+
+
+def report_routed(mode: str, data: dict[str, Any]) -> None:
+    print(f"\n--- routed primary, fabric.multicast: true, {mode} fabric, local mode ---")
+    print("1r. join to first packet, ms")
+    for family, rows in data["join"].items():
+        base = stats(rows["flood"]["samples_ms"])[0]
+        for kind, label in (
+            ("flood", "receiver on another node"),
+            ("local", "receiver on the sender's node"),
+        ):
+            row = rows[kind]
+            med, p90, p99 = stats(row["samples_ms"])
+            print(
+                f"{label:40} {'v' + family:>4} {len(row['samples_ms']):4d} {med:8.2f} {p90:8.2f} "
+                f"{p99:8.2f} {row['misses']:5d} {med / base:7.2f}"
+            )
+    rep = data["replication"]
+    print("2r. replication cost at the sender (IPv4), ms per 1,000 group datagrams")
+    base = statistics.median(rep["wall_ms_per_1000"][0])
+    for m in ROUTED_COUNTS:
+        med, p90, _ = stats(rep["wall_ms_per_1000"][m])
+        cpu = statistics.median(rep["cpu_ms_per_1000"][m])
+        copies = data["underlay"][f"4/{m}"]["node1_out"]
+        got = ",".join(f"{x:.2f}" for x in rep["delivered_to_real_members"][m]) or "-"
+        print(
+            f"{f'{m} member nodes':28} {med:9.2f} {p90:7.2f} {cpu:8.2f} {med / base:6.2f} "
+            f"{copies:7.2f} {got:>11}"
+        )
+    print("3r. underlay frames per group datagram")
+    for key, row in data["underlay"].items():
+        family, m = key.split("/")
+        got = ",".join(f"{x:.2f}" for x in row["member_received"]) or "-"
+        bystanders = f"{row['bystander2_in']:.2f}/{row['bystander3_in']:.2f}"
+        print(
+            f"{'routed primary, local mode':38} {'v' + family:>3} {int(m):7d} "
+            f"{row['node1_out']:9.2f} {row['node2_in']:8.2f} {row['node3_in']:8.2f} {'':6} "
+            f"{bystanders:>15} {got:>11}"
+        )
+
+
 # --- main -------------------------------------------------------------------------------------
 
 
@@ -566,7 +711,9 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
                 for ki, (kind, (who, mdb)) in enumerate(rows.items())
             }
         data["router_ports"] = router_ports(n1)
-        rep = replication_cost(sender, members, receivers, opts.burst, opts.rounds)
+        rep = replication_cost(
+            sender, members, receivers, MEMBER_COUNTS, burst=opts.burst, rounds=opts.rounds
+        )
         wall = {m: statistics.median(v) for m, v in rep["wall_ms_per_1000"].items()}
         cpu = {m: statistics.median(v) for m, v in rep["cpu_ms_per_1000"].items()}
         listed = [m for m in MEMBER_COUNTS if m]  # 0: no MDB entry, the flood list's
@@ -606,18 +753,27 @@ def main() -> int:
     parser.add_argument("--families", default="4,6", help="IP families of the joins (4,6)")
     parser.add_argument("--burst", type=int, default=4000, help="datagrams per burst")
     parser.add_argument("--rounds", type=int, default=7, help="bursts per member count")
+    parser.add_argument(
+        "--routed",
+        default="native,vxlan",
+        help="fabric modes of the routed primary's beds (default native,vxlan; '' for none)",
+    )
     plots.add_arguments(parser)
     opts = parser.parse_args()
     opts.families = opts.families.split(",")
+    opts.routed = [m for m in opts.routed.split(",") if m]
     if opts.joins < 30:
         print("bench.multicast: --joins must be at least 30 for a p99", file=sys.stderr)
         return 2
     started = time.monotonic()
     data = run(opts)
+    data["routed"] = {mode: run_routed(opts, mode) for mode in opts.routed}
     data["runtime_s"] = time.monotonic() - started
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(data, indent=1, default=str))
     report(data)
+    for mode, routed in data["routed"].items():
+        report_routed(mode, routed)
     print(f"\nsamples: {OUT} (whole run {data['runtime_s']:.0f} s)")
     plot(opts, data)
     return 0
