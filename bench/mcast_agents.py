@@ -7,6 +7,7 @@ measurement never includes a Python start-up or an `ip netns exec`.
   sniffer   (anywhere)   count frames carrying a marker on one interface, in and out
   members   (in a node)  `Overlay.set_group_members`, as cluster mode's controller calls it
   sink      (anywhere)   a bound, never-read UDP port: stand-in VTEPs that take VXLAN quietly
+  replicator (in a node) the routed primary's cluster-mode replicator, fed as plexusd would
 
 Times are CLOCK_MONOTONIC: every namespace shares the machine's clock.
 
@@ -265,6 +266,62 @@ class Members:
         raise ValueError(f"members: unknown command {words}")
 
 
+class Replicator:
+    """The routed primary's replicator of one node in cluster mode (`FabricMulticast`, listed),
+    driven as plexusd and the controller drive it: this node's members, the member nodes. For a
+    bed without plexusd (its daemons have no API, so no cluster mode): node i of `count` at
+    192.168.160.(10+i), pods in 10.160.i.0/24, native fabric with multicast."""
+
+    def __init__(self, index: str, count: str) -> None:
+        import structlog
+
+        from delegates.fabric import Fabric, FabricConfig, Peer
+        from delegates.fabric_mcast import FabricMulticast
+
+        structlog.configure(
+            logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+            wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        )
+        nodes = range(1, int(count) + 1)
+        peers = [Peer(f"n{j}", (listed_underlay(j),), (listed_cidr(j),)) for j in nodes]
+        config = FabricConfig(
+            mode="native",
+            node_name=f"n{index}",
+            pod_cidrs=(listed_cidr(int(index)),),
+            interface="eth0",
+            multicast=True,
+        )
+        fabric = Fabric(config)
+        fabric.setup()
+        fabric.reconcile(peers)
+        self.mcast = FabricMulticast(fabric, listed=True)
+        self.ports: list[str] = []
+        self.members: dict[str, frozenset[str]] = {}
+
+    def handle(self, words: list[str]) -> Any:
+        started = time.perf_counter_ns()
+        match words:
+            case ["ports", *hosts]:
+                self.ports = hosts
+                self.mcast.set_local(self.members, self.ports)
+            case ["local", group, *hosts]:
+                self.members[group] = frozenset(hosts)
+                self.mcast.set_local(self.members, self.ports)
+            case ["remote", group, *addresses]:
+                self.mcast.set_group_members(group, addresses)
+            case _:
+                raise ValueError(f"replicator: unknown command {words}")
+        return {"ms": (time.perf_counter_ns() - started) / 1e6}
+
+
+def listed_underlay(i: int) -> str:
+    return f"192.168.160.{10 + i}"
+
+
+def listed_cidr(i: int) -> str:
+    return f"10.160.{i}.0/24"
+
+
 class Sink:
     """Binds the VXLAN port on the stand-in VTEPs' namespace and never reads: what arrives is
     dropped when the buffer is full, and no ICMP port-unreachable goes back."""
@@ -285,6 +342,7 @@ def main(argv: list[str]) -> None:
         "sniffer": lambda: Sniffer(args[0]).handle,
         "members": lambda: Members(args[0]).handle,
         "sink": lambda: Sink(args[0]).handle,
+        "replicator": lambda: Replicator(args[0], args[1]).handle,
     }
     _serve(handlers[role]())
 

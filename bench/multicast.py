@@ -47,7 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -55,10 +55,12 @@ from typing import Any
 import yaml
 
 from bench import plots
+from bench.mcast_agents import listed_underlay
 from delegates.overlay import QUERY_INTERVAL_S
+from delegates.routed import host_veth_name
 from testbed.cluster import Cluster, Node, cluster
 from testbed.manifests import host_local, nad
-from testbed.netns import Netns
+from testbed.netns import Netns, namespaces
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "build" / "bench" / "multicast.json"
@@ -304,24 +306,22 @@ def join_latency(
 
 def replication_cost(
     sender: Agent,
-    members: Agent | None,
-    receivers: Sequence[tuple[Agent, Node]],
+    receivers: Sequence[Agent],
     counts: Sequence[int],
     *,
+    program: Callable[[int, str], None] | None,
     burst: int,
     rounds: int,
 ) -> dict[str, Any]:
-    """Bursts to one group per member count: the real receivers (node2, node3) hold the group
-    for counts 1 and 2 and up; with `members` (the overlay's MDB) the group's MDB lists the
-    member nodes, stand-in VTEPs beyond 2."""
-    (_, n2), (_, n3) = receivers
+    """Bursts to one group per member count: the real receivers (node2's, node3's) hold the
+    group for counts 1 and 2 and up; `program` tells the replication where it goes (the
+    overlay's MDB, the routed replicator's member nodes), stand-in VTEPs beyond 2."""
     groups = {m: group("4", 10, m) for m in counts}
     for m, g in groups.items():
-        for receiver, _ in list(receivers)[: min(m, 2)]:
+        for receiver in receivers[: min(m, 2)]:
             assert receiver.ask("hold", "4", g) == "ok"
-        remotes = [n2.address, n3.address, *STAND_INS][:m]
-        if members is not None and remotes:
-            assert members.ask("set", NETWORK, g, *remotes)["ok"]
+        if program is not None:
+            program(m, g)
     time.sleep(1.0)  # the members' reports have been acted on (bridges, plexusd)
     for g in groups.values():  # ARP for every VTEP; queues warm
         sender.ask("burst", "4", g, "500")
@@ -339,8 +339,7 @@ def replication_cost(
             time.sleep(0.05)
     delivered = {}
     for m, g in groups.items():
-        got = [receiver.ask("drop", g) for receiver, _ in list(receivers)[: min(m, 2)]]
-        delivered[m] = got
+        delivered[m] = [receiver.ask("drop", g) for receiver in receivers[: min(m, 2)]]
     sent = burst * rounds + 500
     return {
         "groups": groups,
@@ -501,10 +500,7 @@ def report(data: dict[str, Any]) -> None:
         "node1's underlay carried per datagram)"
     )
     print("\n3. underlay frames per group datagram (3 nodes, sender on node1; members on node2, 3)")
-    print(
-        f"{'':38} {'fam':>3} {'members':>7} {'node1 out':>9} {'node2 in':>8} {'node3 in':>8} "
-        f"{'x base':>6} {'bystander n2/n3':>15} {'members got':>11}"
-    )
+    underlay_header()
     under = data["underlay"]
     for kind, family in (("mdb", "4"), ("mdb", "6"), ("flood", "4"), ("flood", "6")):
         for m in (0, 1, 2):
@@ -512,6 +508,13 @@ def report(data: dict[str, Any]) -> None:
     for m in (0, 1, 2):
         underlay_row("baseline", "4", m, under[f"baseline/4/{m}"], under[f"baseline/4/{m}"])
     print("node1's multicast router ports: " + ("; ".join(data["router_ports"]) or "none"))
+
+
+def underlay_header() -> None:
+    print(
+        f"{'':38} {'fam':>3} {'members':>7} {'node1 out':>9} {'node2 in':>8} {'node3 in':>8} "
+        f"{'x base':>6} {'bystander n2/n3':>15} {'members got':>11}"
+    )
 
 
 def underlay_row(kind: str, family: str, m: int, row: dict[str, Any], ref: dict[str, Any]) -> None:
@@ -585,7 +588,7 @@ def run_routed(opts: argparse.Namespace, mode: str) -> dict[str, Any]:
                 for ki, (kind, who) in enumerate((("flood", receivers), ("local", [(r1, n1)])))
             }
         data["replication"] = replication_cost(
-            sender, None, receivers, ROUTED_COUNTS, burst=opts.burst, rounds=opts.rounds
+            sender, [r2, r3], ROUTED_COUNTS, program=None, burst=opts.burst, rounds=opts.rounds
         )
         sniffers = {node.name: start(started, node.ns, "sniffer", "eth0") for node in bed.nodes}
         bystanders = [start(started, pods[r], "sniffer", "eth0") for r in ("by2", "by3")]
@@ -618,6 +621,10 @@ def run_routed(opts: argparse.Namespace, mode: str) -> dict[str, Any]:
 def report_routed(mode: str, data: dict[str, Any]) -> None:
     print(f"\n--- routed primary, fabric.multicast: true, {mode} fabric, local mode ---")
     print("1r. join to first packet, ms")
+    print(
+        f"{'':40} {'fam':>4} {'n':>4} {'median':>8} {'p90':>8} {'p99':>8} {'miss':>5} "
+        f"{'x other':>7}"
+    )
     for family, rows in data["join"].items():
         base = stats(rows["flood"]["samples_ms"])[0]
         for kind, label in (
@@ -632,17 +639,19 @@ def report_routed(mode: str, data: dict[str, Any]) -> None:
             )
     rep = data["replication"]
     print("2r. replication cost at the sender (IPv4), ms per 1,000 group datagrams")
+    print(
+        f"{'member nodes':28} {'wall med':>9} {'p90':>7} {'cpu med':>8} {'x0':>6} "
+        f"{'copies':>7} {'members got':>11}"
+    )
     base = statistics.median(rep["wall_ms_per_1000"][0])
     for m in ROUTED_COUNTS:
         med, p90, _ = stats(rep["wall_ms_per_1000"][m])
         cpu = statistics.median(rep["cpu_ms_per_1000"][m])
         copies = data["underlay"][f"4/{m}"]["node1_out"]
         got = ",".join(f"{x:.2f}" for x in rep["delivered_to_real_members"][m]) or "-"
-        print(
-            f"{f'{m} member nodes':28} {med:9.2f} {p90:7.2f} {cpu:8.2f} {med / base:6.2f} "
-            f"{copies:7.2f} {got:>11}"
-        )
+        print(f"{m:<28} {med:9.2f} {p90:7.2f} {cpu:8.2f} {med / base:6.2f} {copies:7.2f} {got:>11}")
     print("3r. underlay frames per group datagram")
+    underlay_header()
     for key, row in data["underlay"].items():
         family, m = key.split("/")
         got = ",".join(f"{x:.2f}" for x in row["member_received"]) or "-"
@@ -651,6 +660,151 @@ def report_routed(mode: str, data: dict[str, Any]) -> None:
             f"{'routed primary, local mode':38} {'v' + family:>3} {int(m):7d} "
             f"{row['node1_out']:9.2f} {row['node2_in']:8.2f} {row['node3_in']:8.2f} {'':6} "
             f"{bystanders:>15} {got:>11}"
+        )
+
+
+LISTED_ROLES = {1: ["snd"], 2: ["r2", "by2"], 3: ["r3", "by3"]}
+
+
+def listed_bed(
+    made: list[Netns], stand_ins: Sequence[str]
+) -> tuple[Netns, dict[int, Netns], dict[str, Netns], dict[str, str]]:
+    """A LAN bridge, three nodes and a namespace holding the stand-in VTEPs on it; pods by veth
+    (the node's end named as plexus-routed names it, a /32 route to the pod). Returns the
+    stand-ins' namespace, the nodes, the pods and their node-side veths."""
+
+    def ns(role: str) -> Netns:
+        made.append(Netns(role))
+        return made[-1]
+
+    lan = ns("mc-lan")
+    lan.run("ip", "link", "add", "br0", "type", "bridge")
+    lan.run("ip", "link", "set", "br0", "up")
+
+    def wire(node: Netns, i: int, addresses: Sequence[str]) -> None:
+        lan.run(
+            *("ip", "link", "add", f"l{i}", "type", "veth", "peer", "name", "eth0"),
+            *("netns", node.name),
+        )
+        lan.run("ip", "link", "set", f"l{i}", "master", "br0", "up")
+        node.run("ip", "link", "set", "eth0", "up")
+        for address in addresses:
+            node.run("ip", "addr", "add", f"{address}/24", "dev", "eth0")
+
+    ext = ns("mc-ext")
+    wire(ext, 0, stand_ins)
+    nodes: dict[int, Netns] = {}
+    pods: dict[str, Netns] = {}
+    hosts: dict[str, str] = {}
+    for i, names in LISTED_ROLES.items():
+        nodes[i] = ns(f"mc-node{i}")
+        wire(nodes[i], i, [listed_underlay(i)])
+        for k, role in enumerate(names):
+            pod = ns(f"mc-{role}")
+            host = hosts[role] = host_veth_name(pod.name, "eth0")
+            address = f"10.160.{i}.{10 + k}"
+            nodes[i].run(
+                *("ip", "link", "add", host, "type", "veth", "peer", "name", "eth0"),
+                *("netns", pod.name),
+            )
+            nodes[i].run("ip", "link", "set", host, "up")
+            nodes[i].run("ip", "route", "add", f"{address}/32", "dev", host)
+            pod.run("ip", "link", "set", "eth0", "up")
+            pod.run("ip", "addr", "add", f"{address}/32", "dev", "eth0")
+            pod.run("ip", "route", "add", "default", "dev", "eth0")
+            pods[role] = pod
+    return ext, nodes, pods, hosts
+
+
+def run_routed_listed(opts: argparse.Namespace) -> dict[str, Any]:
+    """The routed primary in cluster mode (native fabric, IPv4): no plexusd (the bed's daemons
+    have no API, and a second replicator would fight theirs over the same filters), so each
+    node's `FabricMulticast(listed=True)` runs in an agent in the node's namespace, fed what
+    plexusd and the controller would feed it: the node's member pod veths, the member nodes.
+    Pods are veth pairs named as plexus-routed names them. Join latency is not measured here:
+    with the filters programmed by hand it is the send period; a real join's is the node's
+    membership reaction (local mode's rows) plus the controller's publish."""
+    data: dict[str, Any] = {}
+    stand_ins = [s.replace("192.168.100.", "192.168.160.") for s in STAND_INS]
+    with namespaces() as made, agents() as started:
+        ext, nodes, pods, hosts = listed_bed(made, stand_ins)
+        replicators = {i: start(started, nodes[i], "replicator", str(i), "3") for i in nodes}
+        sender = start(started, pods["snd"], "sender")
+        r2, r3 = start(started, pods["r2"], "receiver"), start(started, pods["r3"], "receiver")
+        start(started, ext, "sink", "4789")
+        for agent in started:
+            agent.ready()
+        for i, names in LISTED_ROLES.items():
+            replicators[i].ask("ports", *(hosts[r] for r in names))
+        remotes = [listed_underlay(2), listed_underlay(3), *stand_ins]
+
+        def program(m: int, g: str) -> None:
+            """What the node's membership and the controller's aggregate would say."""
+            for i, role in ((2, "r2"), (3, "r3"))[: min(m, 2)]:
+                replicators[i].ask("local", g, hosts[role])
+            replicators[1].ask("remote", g, *remotes[:m])
+
+        data["replication"] = replication_cost(
+            sender,
+            [r2, r3],
+            MEMBER_COUNTS,
+            program=program,
+            burst=opts.burst,
+            rounds=opts.rounds,
+        )
+        sniffers = {f"node{i}": start(started, nodes[i], "sniffer", "eth0") for i in nodes}
+        bystanders = [start(started, pods[r], "sniffer", "eth0") for r in ("by2", "by3")]
+        for agent in [*sniffers.values(), *bystanders]:
+            agent.ready()
+        data["underlay"] = {}
+        plan = {m: group("4", 40, m) for m in ROUTED_COUNTS}
+        for m, g in plan.items():
+            for receiver in (r2, r3)[:m]:
+                assert receiver.ask("hold", "4", g) == "ok"
+            program(m, g)
+        cases = [(str(m), g) for m, g in plan.items()]
+        cases += [(f"replication/{m}", g) for m, g in data["replication"]["groups"].items()]
+        for i, (key, g) in enumerate(cases):
+            data["underlay"][key] = count_frames(
+                sender, "4", g, marker=f"clbench{i:03d}x", sniffers=sniffers, bystanders=bystanders
+            )
+        for m, g in plan.items():
+            got = [receiver.ask("drop", g) for receiver in (r2, r3)[:m]]
+            data["underlay"][str(m)]["member_received"] = [x / PACED for x in got]
+    return data
+
+
+def report_routed_listed(data: dict[str, Any]) -> None:
+    print("\n--- routed primary, fabric.multicast: true, native fabric, cluster mode (listed) ---")
+    rep = data["replication"]
+    print("2c. replication cost at the sender (IPv4), ms per 1,000 group datagrams")
+    print(
+        f"{'member nodes listed':28} {'wall med':>9} {'p90':>7} {'cpu med':>8} {'x0':>6} "
+        f"{'copies':>7} {'members got':>11}"
+    )
+    base = statistics.median(rep["wall_ms_per_1000"][0])
+    for m in MEMBER_COUNTS:
+        med, p90, _ = stats(rep["wall_ms_per_1000"][m])
+        cpu = statistics.median(rep["cpu_ms_per_1000"][m])
+        copies = data["underlay"][f"replication/{m}"]["node1_out"]
+        got = ",".join(f"{x:.2f}" for x in rep["delivered_to_real_members"][m]) or "-"
+        what = f"{m}" + (" (stand-ins beyond 2)" if m > 2 else "")
+        print(
+            f"{what:28} {med:9.2f} {p90:7.2f} {cpu:8.2f} {med / base:6.2f} {copies:7.2f} {got:>11}"
+        )
+    print(
+        f"marginal cost per extra member node: {rep['marginal_ms_per_1000']['wall']:.2f} ms wall "
+        "per 1,000 (least squares over 0-8; 0 listed: the group leaves node1 for no one)"
+    )
+    print("3c. underlay frames per group datagram")
+    underlay_header()
+    for m in ROUTED_COUNTS:
+        row = data["underlay"][str(m)]
+        got = ",".join(f"{x:.2f}" for x in row["member_received"]) or "-"
+        bystanders = f"{row['bystander2_in']:.2f}/{row['bystander3_in']:.2f}"
+        print(
+            f"{'routed primary, cluster mode':38} {'v4':>3} {m:7d} {row['node1_out']:9.2f} "
+            f"{row['node2_in']:8.2f} {row['node3_in']:8.2f} {'':6} {bystanders:>15} {got:>11}"
         )
 
 
@@ -711,8 +865,19 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
                 for ki, (kind, (who, mdb)) in enumerate(rows.items())
             }
         data["router_ports"] = router_ports(n1)
+        remotes = [n2.address, n3.address, *STAND_INS]
+
+        def program(m: int, g: str) -> None:
+            if m:
+                assert members.ask("set", NETWORK, g, *remotes[:m])["ok"]
+
         rep = replication_cost(
-            sender, members, receivers, MEMBER_COUNTS, burst=opts.burst, rounds=opts.rounds
+            sender,
+            [r2, r3],
+            MEMBER_COUNTS,
+            program=program,
+            burst=opts.burst,
+            rounds=opts.rounds,
         )
         wall = {m: statistics.median(v) for m, v in rep["wall_ms_per_1000"].items()}
         cpu = {m: statistics.median(v) for m, v in rep["cpu_ms_per_1000"].items()}
@@ -768,12 +933,23 @@ def main() -> int:
     started = time.monotonic()
     data = run(opts)
     data["routed"] = {mode: run_routed(opts, mode) for mode in opts.routed}
+    if opts.routed:
+        listed = run_routed_listed(opts)
+        wall = {
+            m: statistics.median(v) for m, v in listed["replication"]["wall_ms_per_1000"].items()
+        }
+        listed["replication"]["marginal_ms_per_1000"] = {
+            "wall": slope(list(wall), list(wall.values()))
+        }
+        data["routed_listed"] = listed
     data["runtime_s"] = time.monotonic() - started
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(data, indent=1, default=str))
     report(data)
     for mode, routed in data["routed"].items():
         report_routed(mode, routed)
+    if "routed_listed" in data:
+        report_routed_listed(data["routed_listed"])
     print(f"\nsamples: {OUT} (whole run {data['runtime_s']:.0f} s)")
     plot(opts, data)
     return 0
