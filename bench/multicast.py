@@ -28,10 +28,12 @@ node1, receiver pods on node2 and node3, a bystander pod (never joins) on node2.
    Multus + bridge or OVN-Kubernetes' layer-2 topology does: broadcast). Also the frames that
    reached the bystander pod, and what each member received.
 
-Then the same three on the routed primary (`fabric.multicast: true`), a bed of its own per fabric
-mode (native, VXLAN), local mode only (the bed's daemons have no API; cluster mode's listed
-replication is not measured here): pods with the primary alone, membership from plexusd reading
-a pod's groups when its report arrives, flood to every other node, delivery to members only.
+Then the same three on the routed primary (`fabric.multicast: true`): in local mode on a bed of
+its own per fabric mode (native, VXLAN), pods with the primary alone, membership from plexusd
+reading a pod's groups when its report arrives, flood to every other node, delivery to members
+only; and in cluster mode (listed replication, native fabric) on three node namespaces without
+plexusd, each node's replicator fed what plexusd and the controller would feed it (replication
+cost and underlay frames; no join latency there, see `run_routed_listed`).
 
 Run as root: `sudo make bench-multicast` (or `.venv/bin/python -m bench.multicast [--joins N]`).
 Tables are printed, every sample goes to build/bench/multicast.json, the join latency CDFs to
