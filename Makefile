@@ -148,7 +148,8 @@ bench-policy-apply: deps
 # Multicast across nodes on the three-node bed (plexus-overlay): join-to-first-packet latency
 # (local mode's flood and cluster mode's MDB), replication cost per member node, underlay
 # frames per group packet against a plain bridge + VXLAN flood of the same run; then the routed
-# primary's multicast (fabric.multicast, native and VXLAN fabric, local mode). About two minutes.
+# primary's (fabric.multicast): local mode on both fabric modes, cluster mode's listed replication.
+# About two minutes.
 bench-multicast: deps shim
 	$(BIN)/python -m bench.multicast
 
