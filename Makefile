@@ -12,7 +12,7 @@ APT_PKGS := containernetworking-plugins iproute2 iptables containerd runc busybo
 STAMP    := $(VENV)/.installed
 
 .PHONY: deps apt venv lint test unit netns kernel shim image print-image print-image-archive bench bench-cri bench-builtins bench-burst bench-sriov \
-        bench-controller bench-policy bench-policy-apply bench-mcast-membership \
+        bench-controller bench-policy bench-policy-apply bench-multicast bench-mcast-membership \
         protos clean demo chaos
 
 deps: apt venv
@@ -149,6 +149,14 @@ bench-policy: venv
 # pod add and policy change latency (median, p99), TCP connection setup with vs without rules.
 bench-policy-apply: deps
 	$(BIN)/python -m bench.policy_apply
+
+# Multicast across nodes on the three-node bed (plexus-overlay): join-to-first-packet latency
+# (local mode's flood and cluster mode's MDB), replication cost per member node, underlay
+# frames per group packet against a plain bridge + VXLAN flood of the same run; then the routed
+# primary's (fabric.multicast): local mode on both fabric modes, cluster mode's listed replication.
+# About two minutes.
+bench-multicast: deps shim
+	$(BIN)/python -m bench.multicast
 
 # Regenerate the kubelet API stubs from the .proto files (written from the public API reference).
 protos: venv

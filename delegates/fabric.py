@@ -22,15 +22,27 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final, Literal
 
 import structlog
 
 from cnispec.errors import InvalidConfig, PlexusError
 from delegates.forwarding import ensure_forwarding
-from kernel.netlink import RTN_UNICAST, RTN_UNREACHABLE, Link, Netlink, RouteInfo, family_of
+from kernel.netlink import (
+    RTN_UNICAST,
+    RTN_UNREACHABLE,
+    ZERO_MAC,
+    Link,
+    Netlink,
+    RouteInfo,
+    family_of,
+)
 
 VXLAN_DEVICE: Final = "plexus.vxlan"
+# Native mode with multicast: a VXLAN device that carries only group traffic between nodes, so
+# the underlay needs no multicast routing (VXLAN mode carries it on VXLAN_DEVICE).
+MULTICAST_DEVICE: Final = "plexus.mcast"
 RTPROT_PLEXUS: Final = 0x50  # our routes' rtm_protocol ("P"), unused by the kernel and daemons
 VXLAN_OVERHEAD: Final[dict[int, int]] = {socket.AF_INET: 50, socket.AF_INET6: 70}
 
@@ -63,6 +75,8 @@ class FabricConfig:
     vni: int = 4242
     port: int = 4789
     peers: tuple[Peer, ...] = field(default_factory=tuple)
+    multicast: bool = False  # group traffic between nodes (delegates.fabric_mcast)
+    multicast_vni: int = 4243  # native mode: the VNI of MULTICAST_DEVICE
 
 
 def vtep_mac(node_name: str) -> str:
@@ -123,6 +137,7 @@ class Fabric:
             self._address = self.config.address or self._first_address(node, self._underlay)
             if self.config.mode == "vxlan":
                 self._ensure_vtep(node)
+            self._ensure_multicast_device(node)
         self._enable_forwarding()
         log.info(
             "fabric_ready",
@@ -193,6 +208,8 @@ class Fabric:
                     log.warning("fabric_peer_unroutable", dst=dst, peer=want.owner, error=exc.msg)
             if vtep is not None:
                 self._program_vtep(node, vtep, others)
+            elif (device := self._ensure_multicast_device(node)) is not None:
+                self._program_flood_list(node, device, others)
             self._peers = tuple(peers)
         for watcher in self._peer_watchers:
             try:
@@ -211,6 +228,12 @@ class Fabric:
     def watch_peers(self, watcher: Callable[[tuple[Peer, ...]], None]) -> None:
         """Call `watcher` with the peers after every reconcile (changes and resyncs)."""
         self._peer_watchers.append(watcher)
+
+    def multicast_device(self) -> str | None:
+        """The VXLAN device group traffic leaves and arrives on (None: multicast is off)."""
+        if not self.config.multicast:
+            return None
+        return VXLAN_DEVICE if self.config.mode == "vxlan" else MULTICAST_DEVICE
 
     def underlay(self) -> tuple[Link, str]:
         """The underlay interface and this node's underlay address (after `setup`)."""
@@ -287,9 +310,57 @@ class Fabric:
             node.add_address(vtep.index, cidr)
         return vtep
 
+    def _ensure_multicast_device(self, node: Netlink) -> Link | None:
+        """Native mode with multicast: MULTICAST_DEVICE as configured (made again when its
+        settings differ); without multicast, or in VXLAN mode, none (an old one removed)."""
+        device = node.link(MULTICAST_DEVICE)
+        if not (self.config.multicast and self.config.mode == "native"):
+            if device is not None and device.kind == "vxlan":
+                node.delete(MULTICAST_DEVICE)
+            return None
+        underlay = self._require_underlay()
+        address = self._require_address()
+        local = "IFLA_VXLAN_LOCAL" if family_of(address) == socket.AF_INET else "IFLA_VXLAN_LOCAL6"
+        if device is not None and not (
+            device.kind == "vxlan"
+            and device.data.get("IFLA_VXLAN_ID") == self.config.multicast_vni
+            and device.data.get("IFLA_VXLAN_PORT") == self.config.port
+            and _same_ip(device.data.get(local), address)
+        ):
+            log.warning("fabric_multicast_device_recreated", reason="settings differ")
+            node.delete(MULTICAST_DEVICE)
+            device = None
+        if device is None:
+            data = [
+                ("IFLA_VXLAN_ID", self.config.multicast_vni),
+                ("IFLA_VXLAN_PORT", self.config.port),
+                ("IFLA_VXLAN_LINK", underlay.index),
+                ("IFLA_VXLAN_LEARNING", 0),
+                (local, address),
+            ]
+            mtu = underlay.mtu - VXLAN_OVERHEAD[family_of(address)]
+            what = f"VXLAN device {MULTICAST_DEVICE}"
+            node.create(MULTICAST_DEVICE, "vxlan", what=what, mtu=mtu, up=True, data=data)
+            device = node.require(MULTICAST_DEVICE)
+            _quiet_ipv6(MULTICAST_DEVICE)
+        return device
+
+    def _program_flood_list(self, node: Netlink, device: Link, peers: list[Peer]) -> None:
+        """The multicast device's all-zeros FDB entry: every other node (head-end flooding of
+        groups without an MDB entry; see delegates.fabric_mcast for which ones are sent)."""
+        want = {(ZERO_MAC, p.address) for p in peers if p.address}
+        have = {(mac, remote) for mac, remote in node.fdb_entries(device.index) if mac == ZERO_MAC}
+        for mac, remote in have - want:
+            node.delete_fdb(device.index, mac, remote)
+        for _mac, remote in want - have:
+            node.flood_to(device.index, remote)
+
     def _program_vtep(self, node: Netlink, vtep: Link, peers: list[Peer]) -> None:
-        """FDB and neighbour entries: one per peer VTEP, the departed ones removed."""
+        """FDB and neighbour entries: one per peer VTEP, the departed ones removed; with
+        multicast, the all-zeros entry lists every peer too (group traffic is flooded)."""
         fdb = {(vtep_mac(p.name), p.address) for p in peers if p.address}
+        if self.config.multicast:
+            fdb |= {(ZERO_MAC, p.address) for p in peers if p.address}
         neighbours = {
             vtep_address(cidr): vtep_mac(p.name) for p in peers if p.address for cidr in p.pod_cidrs
         }
@@ -297,7 +368,10 @@ class Fabric:
         for mac, remote in have_fdb - fdb:
             node.delete_fdb(vtep.index, mac, remote)
         for mac, remote in fdb - have_fdb:
-            node.fdb(vtep.index, mac, remote)
+            if mac == ZERO_MAC:
+                node.flood_to(vtep.index, remote)
+            else:
+                node.fdb(vtep.index, mac, remote)
         have_neighbours = node.neighbours(vtep.index)
         for address in have_neighbours.keys() - neighbours.keys():
             node.delete_neighbour(vtep.index, address)
@@ -333,3 +407,11 @@ class Fabric:
         if self._address is None:
             raise InvalidConfig("the fabric is not set up yet")
         return self._address
+
+
+def _quiet_ipv6(device: str) -> None:
+    """No IPv6 on a device that only carries pods' group traffic: the node would otherwise send
+    its own MLD reports and router solicitations to every node through it."""
+    path = Path("/proc/sys/net/ipv6/conf") / device / "disable_ipv6"
+    if path.exists():
+        path.write_text("1")

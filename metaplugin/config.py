@@ -79,6 +79,25 @@ class FabricSettings(BaseModel):
         default_factory=list,
         description="Local mode: every node of the fabric (cluster mode: the Node objects).",
     )
+    multicast: bool = Field(
+        default=False,
+        description="Multicast on the primary: the node replicates its pods' group traffic to "
+        "the pods and nodes with members (docs/multicast.md).",
+    )
+    multicast_vni: int = Field(
+        default=4243,
+        ge=1,
+        le=16777215,
+        alias="multicastVni",
+        description="Native mode with multicast: the VNI of the VXLAN device that carries group "
+        "traffic between nodes (VXLAN mode uses the fabric's own).",
+    )
+
+    @model_validator(mode="after")
+    def _distinct_vnis(self) -> FabricSettings:
+        if self.multicast and self.mode == "native" and self.multicast_vni == self.vni:
+            raise ValueError("fabric.multicastVni must differ from fabric.vni")
+        return self
 
 
 class DaemonConfig(BaseModel):

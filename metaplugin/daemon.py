@@ -27,14 +27,18 @@ from delegates.builtins import builtin_plugins
 from delegates.chain import ChainRunner
 from delegates.external import ChildTracker, RawExec
 from delegates.fabric import Fabric, Peer
+from delegates.fabric_mcast import FabricMulticast
+from delegates.fabric_mcast import clear as clear_replication
 from delegates.overlay import TYPE as OVERLAY_TYPE
 from delegates.overlay import Overlay, nad_networks
 from delegates.registry import PluginRegistry
+from kernel.mcast_reports import ReportWatch
 from metaplugin import config as daemon_config
 from metaplugin import install
 from metaplugin.config import DaemonConfig
 from metaplugin.fabric_sync import FabricSync, config_peers, fabric_from_config
 from metaplugin.gc import Collector
+from metaplugin.mcast_members import FABRIC, LocalMembership, Port, ports_of
 from metaplugin.metrics import DaemonMetrics, LiveSources
 from metaplugin.nad_source import LocalNadSource, NadSource
 from metaplugin.orchestrator import Orchestrator, PodSource
@@ -50,7 +54,7 @@ from sriov.node import SriovNode, SriovSettings
 
 if TYPE_CHECKING:
     from metaplugin.k8s_pools import NodePools
-    from metaplugin.mcast_sync import MembershipSource, MembershipSync, Replicator
+    from metaplugin.mcast_sync import MembershipSource, MembershipSync
 
 log = structlog.get_logger(__name__)
 CONF_CHECK_INTERVAL = 2.0  # how soon a removed conf comes back, or an uninstall is honoured
@@ -114,6 +118,7 @@ class Parts:
     orchestrator: Orchestrator
     collector: Collector
     policy: PolicyEngine | None = None
+    membership: LocalMembership | None = None
 
     def handle(self, req: CniRequest) -> dict[str, Any] | None:
         if req.command == cni.GC:
@@ -129,12 +134,8 @@ class Daemon:
         self._stop = threading.Event()
         self._served = threading.Event()
         self._node_pools: NodePools | None = None
-        # Multicast membership across nodes (cluster mode, `_membership_sync`): the node's
-        # local membership (metaplugin.mcast_members.LocalMembership) and the replicators of
-        # the domains other than the overlays' (the routed primary's: "fabric"). Set them
-        # before `_run` reaches `_membership_sync`; without a membership nothing is synced.
-        self.membership: MembershipSource | None = None
-        self.replicators: dict[str, Replicator] = {}
+        self._fabric_multicast: FabricMulticast | None = None
+        self._mcast_sync: MembershipSync | None = None  # cluster mode: `_membership_sync`
 
     def run(self) -> int:
         lock = StateLock(self.cfg.state_dir)
@@ -153,7 +154,6 @@ class Daemon:
         metrics = DaemonMetrics()
         delegates = self._delegates(fabric, sriov, sources.nads)
         parts = self._assemble(sources, scheduler, delegates, sriov, metrics)
-        mcast_sync = self._membership_sync(sources, fabric, delegates)
         spool = SpoolReplayer(cfg.spool_path, orchestrator=parts.orchestrator, scheduler=scheduler)
         live = _live_sources(scheduler, spool, parts.collector, sriov, fabric_sync)
         live.policy = parts.policy.readout if parts.policy is not None else None
@@ -163,6 +163,8 @@ class Daemon:
             sriov.heal_and_open()  # after the spooled DELs put their VFs back themselves
         if parts.policy is not None:
             self._start_policy(parts.policy, sources)
+        self._start_multicast(parts, fabric)
+        self._mcast_sync = self._membership_sync(sources, fabric, delegates, parts.membership)
         api = Api(
             handle=parts.handle,
             orchestrator=parts.orchestrator,
@@ -173,6 +175,7 @@ class Daemon:
             request_timeout=request_timeout_for(cfg.shim_timeout),
             metrics=metrics,
             policy=parts.policy,
+            fabric_multicast=self._fabric_multicast,
         )
         server = SocketServer(cfg.socket_path, api)
         server.start()
@@ -197,8 +200,6 @@ class Daemon:
         if scrape is not None:
             scrape.stop()
         spool.stop()
-        if mcast_sync is not None:
-            mcast_sync.stop()
         if fabric_sync is not None:
             fabric_sync.stop()
         if self._node_pools is not None:
@@ -207,6 +208,7 @@ class Daemon:
             sriov.stop()
         if parts.policy is not None:
             parts.policy.stop()
+        self._stop_multicast(parts)
         if sources.stop is not None:
             sources.stop()
         return 0
@@ -279,12 +281,18 @@ class Daemon:
     # --- multicast membership across nodes (issue 13, cluster mode) -------------------------
 
     def _membership_sync(
-        self, sources: Sources, fabric: Fabric | None, registry: PluginRegistry
+        self,
+        sources: Sources,
+        fabric: Fabric | None,
+        registry: PluginRegistry,
+        membership: MembershipSource | None,
     ) -> MembershipSync | None:
-        """Cluster mode with a fabric: this node's multicast groups (`self.membership`) go to
-        its MulticastNodeState, and the controller's replication lists come back to the
-        replicators: the overlay segments' and `self.replicators` (metaplugin.mcast_sync)."""
-        if self.cfg.local or fabric is None or sources.api is None or self.membership is None:
+        """Cluster mode with a fabric: this node's multicast groups (`membership`) go to its
+        MulticastNodeState, and the controller's replication lists come back to the
+        replicators: the overlay segments' (`overlay/<vni>`) and, with `fabric.multicast`,
+        the routed primary's (`fabric`) (metaplugin.mcast_sync). After `_start_multicast`,
+        which makes the routed primary's replicator."""
+        if self.cfg.local or fabric is None or sources.api is None or membership is None:
             return None
         from cnispec.mcast_api import OVERLAY_PREFIX
         from kernel.netlink import family_of
@@ -293,7 +301,7 @@ class Daemon:
         sync = MembershipSync(
             sources.api,
             self.cfg.node_name,
-            self.membership,
+            membership,
             peers=lambda: fabric.peers,
             family=lambda: family_of(fabric.underlay()[1]),
         )
@@ -301,11 +309,17 @@ class Daemon:
             overlay = registry.resolve(OVERLAY_TYPE, ())
             if isinstance(overlay, Overlay):
                 sync.register(OVERLAY_PREFIX, overlay_replicators(overlay))
-        for domain, replicator in self.replicators.items():
-            sync.register_domain(domain, replicator)
+        if self._fabric_multicast is not None:
+            sync.register_domain(FABRIC, self._fabric_multicast)
         fabric.watch_peers(lambda _peers: sync.resync_now())
         sync.start()
         return sync
+
+    def _stop_multicast(self, parts: Parts) -> None:
+        if self._mcast_sync is not None:
+            self._mcast_sync.stop()
+        if parts.membership is not None:
+            parts.membership.stop()
 
     # ------------------------------------------------------------------------------------------
 
@@ -319,6 +333,7 @@ class Daemon:
     ) -> Parts:
         store = AttachmentStore(self.cfg.state_dir)
         policy = self._policy_engine(store, metrics)
+        membership = self._membership(store)
         resolver = Resolver(config=self.cfg, nads=sources.nads)
         observe = metrics.delegate_observer(registry.builtin_types) if metrics else None
         runner = ChainRunner(registry=registry, observe=observe)
@@ -331,6 +346,7 @@ class Daemon:
             pods=sources.pods,
             devices=sriov.devices if sriov is not None else None,
             policy=policy,
+            pods_changed=membership.refresh if membership is not None else None,
         )
         collector = Collector(
             orchestrator=orchestrator,
@@ -340,7 +356,49 @@ class Daemon:
             lock_container=scheduler.container,
             exclusive=scheduler.exclusive,
         )
-        return Parts(store, resolver, orchestrator, collector, policy)
+        return Parts(store, resolver, orchestrator, collector, policy, membership)
+
+    def _membership(self, store: AttachmentStore) -> LocalMembership | None:
+        """Multicast membership of this node's pods: only with a fabric (the routed primary's
+        multicast and every overlay network stand on it)."""
+        fabric = self.cfg.fabric
+        if fabric is None:
+            return None
+        multicast = fabric.multicast
+
+        def ports() -> list[Port]:
+            records = [r for c in store.all() for r in c.records]
+            return ports_of(records, fabric_multicast=multicast)
+
+        return LocalMembership(ports, watch=ReportWatch)
+
+    def _start_multicast(self, parts: Parts, fabric: Fabric | None) -> None:
+        membership = parts.membership
+        if membership is None:
+            return
+        if fabric is not None and fabric.multicast_device() is not None:
+            replicator = FabricMulticast(fabric, listed=not self.cfg.local)
+            membership.subscribe(
+                lambda _: replicator.set_local(membership.members(FABRIC), membership.ports(FABRIC))
+            )
+            self._fabric_multicast = replicator
+        elif fabric is not None:
+            self._clear_replication(parts.store)
+        membership.start()
+
+    @staticmethod
+    def _clear_replication(store: AttachmentStore) -> None:
+        """`fabric.multicast` is off: a previous run's replication filters on the routed pods'
+        veths go with it."""
+        records = [r for c in store.all() for r in c.records]
+        hosts = [p.host for p in ports_of(records, fabric_multicast=True) if p.domain == FABRIC]
+        try:
+            cleared = clear_replication(hosts)
+        except PlexusError as exc:
+            log.warning("fabric_multicast_clear_failed", error=exc.msg)
+            return
+        if cleared:
+            log.info("fabric_multicast_cleared", veths=cleared)
 
     def _start_policy(self, engine: PolicyEngine, sources: Sources) -> None:
         """Open the policy source and start the engine: every local pod's table, once the

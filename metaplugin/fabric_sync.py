@@ -34,6 +34,8 @@ def fabric_from_config(cfg: DaemonConfig, pod_cidrs: list[str]) -> Fabric:
             address=settings.address,
             vni=settings.vni,
             port=settings.port,
+            multicast=settings.multicast,
+            multicast_vni=settings.multicast_vni,
         )
     )
 

@@ -7,13 +7,15 @@ the key says). Membership is what the pod's kernel holds on that interface (/pro
 igmp6 in the pod's namespace), minus the groups every interface joins by itself. For an overlay
 network, `sentTo` is the VXLAN MDB's list of nodes for the group, or "every fabric node" when
 the group has none (local mode: flood, and each node's bridge prunes on arrival); a macvlan,
-ipvlan or VF network is one L2 segment outside Plexus (`sentTo` is the segment).
+ipvlan or VF network is one L2 segment outside Plexus (`sentTo` is the segment). The routed
+primary with `fabric.multicast` (docs/multicast.md): every fabric node in local mode, the nodes
+the controller listed in cluster mode.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -27,13 +29,43 @@ log = structlog.get_logger(__name__)
 
 EVERY_FABRIC_NODE = "every fabric node"
 THE_SEGMENT = "the network's own L2 segment"
+NO_OTHER_NODE = "no other node"
+ROUTED = "plexus-routed"
 
 
-def _multicast_plugin(record: Attachment) -> dict[str, Any] | None:
+class FabricReplication(Protocol):
+    """The routed primary's replicator (delegates.fabric_mcast.FabricMulticast)."""
+
+    @property
+    def listed(self) -> bool: ...
+
+    def replication(self) -> dict[str, list[str]]: ...
+
+
+def _multicast_plugin(record: Attachment, *, routed: bool) -> dict[str, Any] | None:
     for plugin in record.prepared.plugins:
-        if plugin.type == OVERLAY or plugin.config.get("multicast") is True:
+        if (
+            plugin.type == OVERLAY
+            or plugin.config.get("multicast") is True
+            or (routed and plugin.type == ROUTED)
+        ):
             return dict(plugin.config) | {"type": plugin.type}
     return None
+
+
+def _sent_to(
+    plugin: dict[str, Any],
+    group: str,
+    overlay: dict[str, list[str]] | None,
+    fabric: FabricReplication | None,
+) -> list[str]:
+    if plugin["type"] == OVERLAY:
+        return (overlay or {}).get(group) or [EVERY_FABRIC_NODE]
+    if plugin["type"] == ROUTED and fabric is not None:
+        if not fabric.listed:
+            return [EVERY_FABRIC_NODE]
+        return fabric.replication().get(group) or [NO_OTHER_NODE]
+    return [THE_SEGMENT]
 
 
 def view(
@@ -41,11 +73,13 @@ def view(
     *,
     groups_of: Callable[[str, str], list[str]] = joined_groups,
     replication_of: Callable[[int], dict[str, list[str]] | None] = replication,
+    fabric: FabricReplication | None = None,
 ) -> list[dict[str, Any]]:
-    """Rows sorted by network and group: {network, group, members, sentTo} (this node's)."""
+    """Rows sorted by network and group: {network, group, members, sentTo} (this node's).
+    `fabric`: the routed primary's replicator when `fabric.multicast` is on."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for record in records:
-        plugin = _multicast_plugin(record)
+        plugin = _multicast_plugin(record, routed=fabric is not None)
         if plugin is None or record.state != "added" or not record.netns:
             continue
         try:
@@ -62,8 +96,5 @@ def view(
                 {"network": record.network, "group": group, "members": []},
             )
             row["members"].append(f"{record.holder.pod_ref} ({record.ifname})")
-            if plugin["type"] != OVERLAY:
-                row["sentTo"] = [THE_SEGMENT]
-            else:
-                row["sentTo"] = (sent or {}).get(group) or [EVERY_FABRIC_NODE]
+            row["sentTo"] = _sent_to(plugin, group, sent, fabric)
     return [rows[key] | {"members": sorted(rows[key]["members"])} for key in sorted(rows)]

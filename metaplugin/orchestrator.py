@@ -117,6 +117,7 @@ class Orchestrator:
         reap_links: Callable[[str], None] = podlinks.reap,
         salvage: Salvage | None = None,
         policy: PolicyHook | None = None,
+        pods_changed: Callable[[], None] | None = None,
     ) -> None:
         self._cfg = config
         self._resolver = resolver
@@ -129,6 +130,8 @@ class Orchestrator:
         self._pod_steps = pod_steps
         self._reap_links = reap_links
         self._policy = policy
+        # Told (never blocking) after a pod got or lost its interfaces: multicast membership.
+        self._pods_changed = pods_changed or (lambda: None)
         self._salvage = salvage or Salvage(
             host_local_data_dir=config.host_local_data_dir, paths=config.ipam_paths()
         )
@@ -178,6 +181,7 @@ class Orchestrator:
             undo.rollback()
             raise _add_error(undo.culprit, exc, undo.failures) from None
         undo.commit()
+        self._pods_changed()
         if pod is not None:
             self._publish(pod, added)
         primary = added[0].result
@@ -444,6 +448,7 @@ class Orchestrator:
         self._store.remove_container(loaded.container_id)
         if self._policy is not None:
             self._policy.pod_removed(loaded.netns)
+        self._pods_changed()
         log.info("attachments_deleted", count=len(loaded.records))
 
     def detach(self, record: Attachment, netns: str) -> None:

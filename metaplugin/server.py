@@ -71,8 +71,10 @@ class Api:
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         metrics: DaemonMetrics | None = None,
         policy: PolicyView | None = None,
+        fabric_multicast: multicast_view.FabricReplication | None = None,
     ) -> None:
         self.handle = handle
+        self.fabric_multicast = fabric_multicast
         self.policy = policy
         self.orchestrator = orchestrator
         self.scheduler = scheduler
@@ -284,7 +286,9 @@ class Api:
                 return 404, b'{"error":"SR-IOV is off: the daemon config sets no vfPools"}', JSON
             rows = self.sriov.pools() if url.path == "/v1/pools" else self.sriov.vfs()
         elif url.path == "/v1/multicast":
-            rows = multicast_view.view(r for c in self.store.all() for r in c.records)
+            rows = multicast_view.view(
+                (r for c in self.store.all() for r in c.records), fabric=self.fabric_multicast
+            )
         elif url.path == "/v1/network-status":
             query = parse_qs(url.query)
             rows = self.orchestrator.pod_network_status(

@@ -114,7 +114,9 @@ def _address(ns: Netns, ifname: str, host: int) -> None:
     ns.run("ip", "addr", "add", f"{UNDERLAY_V6.format(host)}/64", "dev", ifname, "nodad")
 
 
-def _node_config(root: Path, i: int, mode: str) -> dict[str, Any]:
+def _node_config(
+    root: Path, i: int, mode: str, fabric: dict[str, Any] | None = None
+) -> dict[str, Any]:
     home = root / f"node{i}"
     (home / "net.d").mkdir(parents=True)
     (home / "nads").mkdir()
@@ -196,12 +198,16 @@ def _node_config(root: Path, i: int, mode: str) -> dict[str, Any]:
         "localDir": str(home / "nads"),
         "clusterNetwork": "pods",
         "hostLocalDataDir": str(home / "leases"),
-        "fabric": {"mode": mode, "interface": "eth0", "podCIDRs": pod_cidrs(i), "nodes": nodes},
+        "fabric": {"mode": mode, "interface": "eth0", "podCIDRs": pod_cidrs(i), "nodes": nodes}
+        | (fabric or {}),
     }
 
 
 @contextmanager
-def cluster(root: Path, mode: str) -> Iterator[Cluster]:
+def cluster(
+    root: Path, mode: str, *, fabric_keys: dict[str, Any] | None = None
+) -> Iterator[Cluster]:
+    """The bed; `fabric_keys`: more keys for every node's fabric section (e.g. multicast)."""
     with namespaces() as made:
         fabric = Netns("fabric")
         made.append(fabric)
@@ -224,7 +230,7 @@ def cluster(root: Path, mode: str) -> Iterator[Cluster]:
                 for cidr, via in zip(pod_cidrs(i), (UNDERLAY_V4, UNDERLAY_V6), strict=True):
                     external.run("ip", "route", "add", cidr, "via", via.format(10 + i))
                 daemon = DaemonProcess(
-                    root / f"node{i}", _node_config(root, i, mode), netns=ns.name
+                    root / f"node{i}", _node_config(root, i, mode, fabric_keys), netns=ns.name
                 )
                 daemons.append(daemon)  # before it starts: one that fails is stopped too
                 daemon.start()

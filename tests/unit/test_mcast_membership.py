@@ -49,7 +49,7 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 15.0) -> Any:
         time.sleep(0.02)
 
 
-# --- fakes: the lead's LocalMembership and a domain's replicator -------------------------------
+# --- fakes: metaplugin.mcast_members.LocalMembership and a domain's replicator ------------------
 
 
 class FakeMembership:
@@ -544,13 +544,12 @@ def test_the_daemon_wires_the_sync_in_cluster_mode_with_a_fabric(
     registry = PluginRegistry(builtins={TYPE: Overlay(ipam=None, fabric=fabric)})  # type: ignore[arg-type]
     sources = Sources(nads=None, pods=None, sink=NullSink(), synced=threading.Event(), api=kube)  # type: ignore[arg-type]
     daemon = Daemon(DaemonConfig(node_name="node-1"))
-    assert daemon._membership_sync(sources, fabric, registry) is None  # no membership yet
-    # the lead's two lines: the node's LocalMembership, and the routed primary's replicator
+    assert daemon._membership_sync(sources, fabric, registry, None) is None  # no membership
+    # the node's LocalMembership, and the routed primary's replicator (`_start_multicast`)
     membership, routed = FakeMembership(), FakeReplicator()
-    daemon.membership = membership
-    daemon.replicators["fabric"] = routed
+    daemon._fabric_multicast = routed  # type: ignore[assignment]
     membership.set("fabric", "239.4.4.4")
-    sync = daemon._membership_sync(sources, fabric, registry)
+    sync = daemon._membership_sync(sources, fabric, registry, membership)
     assert sync is not None
     try:
         assert wait_until(lambda: (standin.get("MulticastNodeState", None, "node-1") or {}).get(
@@ -564,8 +563,7 @@ def test_the_daemon_wires_the_sync_in_cluster_mode_with_a_fabric(
     finally:
         sync.stop()
     local = Daemon(DaemonConfig(node_name="node-1", local_dir="/nads"))
-    local.membership = membership
-    assert local._membership_sync(sources, fabric, registry) is None  # local mode: flood
+    assert local._membership_sync(sources, fabric, registry, membership) is None  # local mode
 
 
 def test_every_canonical_group_the_model_admits_the_crd_admits() -> None:
