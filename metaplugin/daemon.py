@@ -296,7 +296,7 @@ class Daemon:
             return None
         from cnispec.mcast_api import OVERLAY_PREFIX
         from kernel.netlink import family_of
-        from metaplugin.mcast_sync import MembershipSync, overlay_replicators
+        from metaplugin.mcast_sync import MembershipSync, overlay_programmed, overlay_replicators
 
         sync = MembershipSync(
             sources.api,
@@ -308,7 +308,9 @@ class Daemon:
         if OVERLAY_TYPE in registry.builtin_types:
             overlay = registry.resolve(OVERLAY_TYPE, ())
             if isinstance(overlay, Overlay):
-                sync.register(OVERLAY_PREFIX, overlay_replicators(overlay))
+                sync.register(
+                    OVERLAY_PREFIX, overlay_replicators(overlay), programmed=overlay_programmed
+                )
         if self._fabric_multicast is not None:
             sync.register_domain(FABRIC, self._fabric_multicast)
         fabric.watch_peers(lambda _peers: sync.resync_now())

@@ -25,6 +25,7 @@ this node yet) is asked again every `PENDING_RETRY` seconds, and every group aga
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -45,8 +46,11 @@ from cnispec.mcast_api import (
     clean_groups,
     clean_replicate_to,
     domain_vni,
+    overlay_domain,
 )
 from delegates.fabric import Peer
+from delegates.overlay import replication
+from kernel.netlink import Netlink
 from kubeapi.informer import REQUEST_TIMEOUT, Informer, name_key
 
 log = structlog.get_logger(__name__)
@@ -102,6 +106,23 @@ def overlay_replicators(overlay: _VniGroups) -> ReplicatorFor:
         return None if vni is None else _OverlayVni(overlay, vni)
 
     return resolve
+
+
+_VXLAN_PORT: Final = re.compile(r"^pxv([0-9a-f]{6})$")  # delegates.overlay.vxlan_name
+
+
+def overlay_programmed() -> Targets:
+    """What this node's overlay segments replicate now (their VXLAN MDBs), per domain: a
+    restarted plexusd starts from the kernel's entries, not from nothing, so an entry whose
+    member node left while it was down is removed."""
+    with Netlink.open() as node:
+        vnis = [int(m.group(1), 16) for link in node.links() if (m := _VXLAN_PORT.match(link.name))]
+    out: Targets = {}
+    for vni in vnis:
+        groups = replication(vni)
+        if groups:
+            out[overlay_domain(vni)] = {g: tuple(sorted(a)) for g, a in groups.items()}
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,11 +203,12 @@ class MembershipSync:
         )
         self._lock = threading.Lock()
         self._replicators: list[tuple[str, ReplicatorFor]] = []
+        self._inventories: list[tuple[str, Callable[[], Targets]]] = []
         self._stop = threading.Event()
         self._publish = threading.Event()
         self._retry = threading.Event()
         self._apply = threading.Event()
-        self._force = False  # the next apply pass hands every group over again
+        self._force = True  # the next apply pass hands every group over again
         self._missing_object = False  # a write said 404: create it, whatever the cache says
         self._applied: Targets = {}  # domain -> group -> addresses, as the replicators have it
         self.stats = _Stats()
@@ -197,11 +219,21 @@ class MembershipSync:
 
     # --- wiring --------------------------------------------------------------------------------
 
-    def register(self, prefix: str, resolve: ReplicatorFor) -> None:
+    def register(
+        self,
+        prefix: str,
+        resolve: ReplicatorFor,
+        *,
+        programmed: Callable[[], Targets] | None = None,
+    ) -> None:
         """Serve the domains starting with `prefix` (`"overlay/"`) through `resolve(domain)`
-        (None: that domain is not served here)."""
+        (None: that domain is not served here). `programmed()`: what those domains' replicators
+        hold now (domain -> group -> addresses), read at every full pass so that what the
+        status no longer lists is taken away even if this process never gave it."""
         with self._lock:
             self._replicators.append((prefix, resolve))
+            if programmed is not None:
+                self._inventories.append((prefix, programmed))
         self.resync_now()
 
     def register_domain(self, domain: str, replicator: Replicator) -> None:
@@ -338,11 +370,12 @@ class MembershipSync:
     def apply_once(self, *, force: bool = False) -> bool:
         """Hand each group whose replication list changed to its replicator (`force`: every
         group). True while some group could not be programmed (try again soon)."""
-        if not self._informer.synced.is_set():
-            return False  # the status is unknown: change nothing
-        peers = self._peers()
+        peers = self._peers() if self._informer.synced.is_set() else None
         if peers is None:
-            return False  # who is where is unknown: change nothing (peers_changed pokes us)
+            # The status or who is where is unknown: change nothing; the full pass asked for
+            # is still owed (the watch's list, or the peers changing, wakes the loop).
+            self._force = self._force or force
+            return False
         own = self._informer.get(self._node)
         targets = own.replicate_to if own is not None else {}
         wanted, missing = addresses_for(targets, peers, self._family())
@@ -351,6 +384,8 @@ class MembershipSync:
                         why="not in the fabric's peers, or no underlay address of this "
                         "node's family: not replicated to")  # fmt: skip
         self.stats.missing = missing
+        if force:
+            self._take_inventory()
         pending = False
         for domain in sorted(self._applied.keys() | wanted.keys()):
             pending |= self._apply_domain(domain, wanted.get(domain, {}), force=force)
@@ -382,6 +417,22 @@ class MembershipSync:
         if not have:
             del self._applied[domain]
         return pending
+
+    def _take_inventory(self) -> None:
+        with self._lock:
+            inventories = list(self._inventories)
+        for prefix, programmed in inventories:
+            try:
+                found = programmed()
+            except (PlexusError, OSError) as exc:
+                log.warning("multicast_inventory_failed", prefix=prefix, error=str(exc)[:200])
+                continue
+            for domain in [d for d in self._applied if d.startswith(prefix)]:
+                if domain not in found:
+                    del self._applied[domain]
+            for domain, groups in found.items():
+                if domain.startswith(prefix):
+                    self._applied[domain] = dict(groups)
 
     def _resolve(self, domain: str) -> Replicator | None:
         with self._lock:

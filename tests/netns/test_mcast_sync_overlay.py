@@ -2,8 +2,9 @@
 standing for node-1 (an overlay segment on its underlay eth0), node-1's `MembershipSync` with
 the real `Overlay` as the `overlay/<vni>` replicator, node-2's sync with a local membership of
 its own, and the controller, all against the API stand-in (run inside the namespace, on its
-loopback). node-2 joins a group: node-1's MDB sends the group to node-2's underlay address
-only; node-2 leaves: the entry goes (the group is flooded again)."""
+loopback). An entry a previous plexusd left (its node gone) is removed at start; node-2 joins a
+group: node-1's MDB sends the group to node-2's underlay address only; node-2 leaves: the entry
+goes (the group is flooded again)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import json, socket, sys, time
 from kubernetes import client
 from delegates.fabric import Fabric, FabricConfig, Peer
 from delegates.overlay import Overlay, replication
-from metaplugin.mcast_sync import MembershipSync, overlay_replicators
+from metaplugin.mcast_sync import MembershipSync, overlay_programmed, overlay_replicators
 from nad_controller.controller import Controller, Settings
 from nad_controller.k8s import ClusterApi
 from nad_controller.leader import ElectionTiming
@@ -63,7 +64,9 @@ def wait(predicate, timeout=15.0):
 fabric = Fabric(FabricConfig(mode="native", node_name="node-1", pod_cidrs=(), interface="eth0"))
 fabric.setup()
 overlay = Overlay(ipam=None, fabric=fabric)
-out = {}
+# a previous plexusd's entry, for a node that left while it was down
+overlay.set_vni_group_members(VNI, "239.9.9.9", ["10.99.0.3"])
+out = {"seeded": replication(VNI)}
 with ApiStandin() as api:
     for name in ("node-1", "node-2"):
         api.create({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}})
@@ -77,7 +80,7 @@ with ApiStandin() as api:
         sync = MembershipSync(kube, name, members[name], peers=lambda: peers,
                               family=lambda: socket.AF_INET, debounce=0.02)
         if name == "node-1":
-            sync.register("overlay/", overlay_replicators(overlay))
+            sync.register("overlay/", overlay_replicators(overlay), programmed=overlay_programmed)
         sync.start()
         syncs.append(sync)
     members["node-2"].set("239.1.1.1", "ff05::1")
@@ -127,6 +130,7 @@ def test_membership_sync_programs_the_overlay_segments_vxlan_mdb(node: Netns) ->
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["seeded"] == {"239.9.9.9": ["10.99.0.3"]}
     assert result["after_join"] == {"239.1.1.1": ["10.99.0.2"], "ff05::1": ["10.99.0.2"]}
     assert result["after_leave"] == {"ff05::1": ["10.99.0.2"]}
     assert result["at_end"] == {}

@@ -590,3 +590,22 @@ def test_every_canonical_group_the_model_admits_the_crd_admits() -> None:
 
     check()
     assert not pattern.match("10.0.0.1") and not pattern.match("2001:db8::1")
+
+
+def test_what_a_previous_life_programmed_and_the_status_no_longer_lists_is_taken_away(
+    standin: ApiStandin, kube: client.ApiClient, syncs: list[MembershipSync]
+) -> None:
+    state_object(standin, "node-1", {})
+    client.CustomObjectsApi(kube).patch_cluster_custom_object_status(
+        G, V, PLURAL, "node-1", {"status": {"replicateTo": {OVL: {"239.1.1.1": ["node-2"]}}}},
+        _content_type="application/merge-patch+json",
+    )  # fmt: skip
+    replicator = FakeReplicator()
+    kernel = {OVL: {"239.1.1.1": ("192.0.2.2",), "239.8.8.8": ("192.0.2.3",)}}
+    sync = MembershipSync(kube, "node-1", FakeMembership(), peers=lambda: PEERS,
+                          family=lambda: socket.AF_INET, debounce=0.02)  # fmt: skip
+    sync.register("overlay/", lambda d: replicator if d == OVL else None, programmed=lambda: kernel)
+    syncs.append(sync)
+    sync.start()
+    assert wait_until(lambda: replicator.last("239.8.8.8") == ())
+    assert wait_until(lambda: sync.applied == {OVL: {"239.1.1.1": ("192.0.2.2",)}})
