@@ -12,7 +12,7 @@ APT_PKGS := containernetworking-plugins iproute2 iptables containerd runc busybo
 STAMP    := $(VENV)/.installed
 
 .PHONY: deps apt venv lint test unit netns kernel shim image print-image print-image-archive bench bench-cri bench-builtins bench-burst bench-sriov \
-        bench-controller bench-policy bench-policy-apply bench-multicast \
+        bench-controller bench-policy bench-policy-apply bench-multicast bench-mcast-membership \
         protos clean demo chaos
 
 deps: apt venv
@@ -135,6 +135,11 @@ bench-sriov: deps
 # Controller: VFPoolNodeState marks VFs unhealthy -> VFPool Degraded, 20 runs (median, p90).
 bench-controller: venv
 	$(BIN)/python -m bench.controller_latency --runs 20
+
+# Multicast membership, cluster mode: a join/leave on one node -> the other nodes' replicators
+# called, through the API stand-in and the controller; 20 joins + 20 leaves (median, p99).
+bench-mcast-membership: venv
+	$(BIN)/python -m bench.mcast_membership --changes 40
 
 # Policy compiler: 10/100/1,000 policies x 110 local pods + 2,000 peers, compile_world and render.
 bench-policy: venv

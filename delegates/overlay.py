@@ -240,15 +240,21 @@ class Overlay(BuiltinPlugin):
     # --- multicast replication (cluster mode's controller feeds it) ---------------------------
 
     def set_group_members(self, network: str, group: str, node_addresses: Iterable[str]) -> bool:
-        """Send `group`'s traffic of overlay `network` from this node to exactly the VTEPs at
-        `node_addresses` (VXLAN MDB entries), instead of to every node of the fabric. An empty
-        list removes the group's entries: it is flooded to every node again. False when the
-        network has no segment on this node (nothing to program)."""
-        group = str(ipaddress.ip_address(group))
+        """`set_vni_group_members` for the segment of overlay `network` (found by its bridge's
+        alias). False when the network has no segment on this node."""
         with Netlink.open() as node:
             vni = self._vni_of(node, network)
         if vni is None:
             return False
+        return self.set_vni_group_members(vni, group, node_addresses)
+
+    def set_vni_group_members(self, vni: int, group: str, node_addresses: Iterable[str]) -> bool:
+        """Send `group`'s traffic of overlay segment `vni` from this node to exactly the VTEPs
+        at `node_addresses` (VXLAN MDB entries), instead of to every node of the fabric. An
+        empty list removes the group's entries: it is flooded to every node again. False when
+        the segment is not on this node (nothing to program; cluster mode's membership sync
+        calls again once it is)."""
+        group = str(ipaddress.ip_address(group))
         with self._lock(vni), Netlink.open() as node:
             segment = self._segment(node, vni)
             if segment is None:
@@ -260,7 +266,7 @@ class Overlay(BuiltinPlugin):
                 node.mdb_delete(segment.vxlan.index, group, remote)
             for remote in want - have:
                 node.mdb_add(segment.vxlan.index, group, remote)
-            log.info("overlay_group_members", network=network, group=group, nodes=sorted(want))
+            log.info("overlay_group_members", vni=vni, group=group, nodes=sorted(want))
         return True
 
     # --- the segment ---------------------------------------------------------------------

@@ -29,7 +29,8 @@ from delegates.external import ChildTracker, RawExec
 from delegates.fabric import Fabric, Peer
 from delegates.fabric_mcast import FabricMulticast
 from delegates.fabric_mcast import clear as clear_replication
-from delegates.overlay import nad_networks
+from delegates.overlay import TYPE as OVERLAY_TYPE
+from delegates.overlay import Overlay, nad_networks
 from delegates.registry import PluginRegistry
 from kernel.mcast_reports import ReportWatch
 from metaplugin import config as daemon_config
@@ -53,6 +54,7 @@ from sriov.node import SriovNode, SriovSettings
 
 if TYPE_CHECKING:
     from metaplugin.k8s_pools import NodePools
+    from metaplugin.mcast_sync import MembershipSource, MembershipSync
 
 log = structlog.get_logger(__name__)
 CONF_CHECK_INTERVAL = 2.0  # how soon a removed conf comes back, or an uninstall is honoured
@@ -133,6 +135,7 @@ class Daemon:
         self._served = threading.Event()
         self._node_pools: NodePools | None = None
         self._fabric_multicast: FabricMulticast | None = None
+        self._mcast_sync: MembershipSync | None = None  # cluster mode: `_membership_sync`
 
     def run(self) -> int:
         lock = StateLock(self.cfg.state_dir)
@@ -161,6 +164,7 @@ class Daemon:
         if parts.policy is not None:
             self._start_policy(parts.policy, sources)
         self._start_multicast(parts, fabric)
+        self._mcast_sync = self._membership_sync(sources, fabric, delegates, parts.membership)
         api = Api(
             handle=parts.handle,
             orchestrator=parts.orchestrator,
@@ -204,8 +208,7 @@ class Daemon:
             sriov.stop()
         if parts.policy is not None:
             parts.policy.stop()
-        if parts.membership is not None:
-            parts.membership.stop()
+        self._stop_multicast(parts)
         if sources.stop is not None:
             sources.stop()
         return 0
@@ -274,6 +277,51 @@ class Daemon:
         sync.sync_once()  # never fatal: what failed is logged and retried by the loop
         sync.start()
         return fabric, sync
+
+    # --- multicast membership across nodes (issue 13, cluster mode) -------------------------
+
+    def _membership_sync(
+        self,
+        sources: Sources,
+        fabric: Fabric | None,
+        registry: PluginRegistry,
+        membership: MembershipSource | None,
+    ) -> MembershipSync | None:
+        """Cluster mode with a fabric: this node's multicast groups (`membership`) go to its
+        MulticastNodeState, and the controller's replication lists come back to the
+        replicators: the overlay segments' (`overlay/<vni>`) and, with `fabric.multicast`,
+        the routed primary's (`fabric`) (metaplugin.mcast_sync). After `_start_multicast`,
+        which makes the routed primary's replicator."""
+        if self.cfg.local or fabric is None or sources.api is None or membership is None:
+            return None
+        from cnispec.mcast_api import OVERLAY_PREFIX
+        from kernel.netlink import family_of
+        from metaplugin.mcast_sync import MembershipSync, overlay_replicators
+
+        sync = MembershipSync(
+            sources.api,
+            self.cfg.node_name,
+            membership,
+            peers=lambda: fabric.peers,
+            family=lambda: family_of(fabric.underlay()[1]),
+        )
+        if OVERLAY_TYPE in registry.builtin_types:
+            overlay = registry.resolve(OVERLAY_TYPE, ())
+            if isinstance(overlay, Overlay):
+                sync.register(OVERLAY_PREFIX, overlay_replicators(overlay))
+        if self._fabric_multicast is not None:
+            sync.register_domain(FABRIC, self._fabric_multicast)
+        fabric.watch_peers(lambda _peers: sync.resync_now())
+        sync.start()
+        return sync
+
+    def _stop_multicast(self, parts: Parts) -> None:
+        if self._mcast_sync is not None:
+            self._mcast_sync.stop()
+        if parts.membership is not None:
+            parts.membership.stop()
+
+    # ------------------------------------------------------------------------------------------
 
     def _assemble(
         self,

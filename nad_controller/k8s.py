@@ -1,9 +1,9 @@
 """The controller's one adaptor to the Kubernetes API (the only nad_controller module that
 imports `kubernetes`, enforced by import-linter): configuration, the Lease calls the elector
-makes, list+watch informers (`kubeapi.informer`) for VFPools, VFPoolNodeStates and Nodes, and
-the VFPool status and Event writes. Objects cross this boundary as plain JSON dicts
-(`_preload_content=False`): the controller reads the CRs through `cnispec.vfpool_api`'s
-models, not the client's."""
+makes, list+watch informers (`kubeapi.informer`) for VFPools, VFPoolNodeStates,
+MulticastNodeStates, Nodes and NADs, and the VFPool and MulticastNodeState status and Event
+writes. Objects cross this boundary as plain JSON dicts (`_preload_content=False`): the
+controller reads the CRs through `cnispec`'s models, not the client's."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from kubernetes import config as kconfig
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
+from cnispec import mcast_api
 from cnispec import nad as nadmod
 from cnispec import vfpool_api as v
 from kubeapi.informer import REQUEST_TIMEOUT, Informer, name_key
@@ -26,6 +27,7 @@ from nad_controller.api import JSON, ApiFailure, Conflict, Gone, Handler, NotFou
 log = structlog.get_logger(__name__)
 
 POOL, STATE, NODE = "VFPool", "VFPoolNodeState", "Node"
+MCAST = mcast_api.KIND
 NAD = "NetworkAttachmentDefinition"
 
 
@@ -116,6 +118,23 @@ class ClusterApi:
             )
         )
 
+    def patch_multicast_status(self, name: str, changes: JSON) -> JSON:
+        """Merge-patch a MulticastNodeState's `status.replicateTo` through the status
+        subresource with `changes` (`nad_controller.multicast.status_patch`: the groups whose
+        list changed, null for the ones and the domains gone): one join costs every other node
+        a write, and on a big cluster each list is long, so only the change is sent."""
+        return _call(
+            lambda: self._custom.patch_cluster_custom_object_status(
+                mcast_api.GROUP,
+                mcast_api.VERSION,
+                mcast_api.PLURAL,
+                name,
+                {"status": {"replicateTo": changes}},
+                _content_type="application/merge-patch+json",
+                **_raw(),
+            )
+        )
+
     def create_event(self, namespace: str, body: JSON) -> JSON:
         return _call(lambda: self._core.create_namespaced_event(namespace, _any(body), **_raw()))
 
@@ -138,6 +157,10 @@ class ClusterApi:
         if kind == NAD:
             return lambda **kw: self._custom.list_cluster_custom_object(
                 nadmod.GROUP, nadmod.VERSION, nadmod.PLURAL, **kw
+            )
+        if kind == MCAST:
+            return lambda **kw: self._custom.list_cluster_custom_object(
+                mcast_api.GROUP, mcast_api.VERSION, mcast_api.PLURAL, **kw
             )
         plural = v.POOL_PLURAL if kind == POOL else v.STATE_PLURAL
         return lambda **kw: self._custom.list_cluster_custom_object(
@@ -196,7 +219,7 @@ class Informers:
     """The informers the reconciler reads (`nad_controller.api.Cache`)."""
 
     def __init__(self, api: ClusterApi, on_change: Handler) -> None:
-        kinds = (POOL, STATE, NODE, NAD)
+        kinds = (POOL, STATE, NODE, NAD, MCAST)
         self._by_kind = {k: _informer(k, api, on_change) for k in kinds}
 
     def start(self) -> None:
@@ -221,3 +244,6 @@ class Informers:
 
     def nads(self) -> list[JSON]:
         return self._by_kind[NAD].values()
+
+    def multicast_states(self) -> list[JSON]:
+        return self._by_kind[MCAST].values()

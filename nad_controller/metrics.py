@@ -10,6 +10,7 @@ the reconciler's write count) is read at scrape time, never copied.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -61,6 +62,19 @@ class ControllerMetrics:
         """Read leadership and the status write count at every scrape."""
         self.registry.register(_Live(leader, writes))
 
+    def watch_multicast(self, reconciler: _MulticastFigures) -> None:
+        """The membership reconciler's pass time (observed) and, read at every scrape, its
+        status write count and what it last aggregated."""
+        self.multicast_reconcile_seconds = Histogram(
+            "plexus_controller_multicast_reconcile_duration_seconds",
+            "Time one multicast membership pass over every MulticastNodeState took (on the "
+            "leader).",
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
+        reconciler.observe_pass = self.multicast_reconcile_seconds.observe
+        self.registry.register(_MulticastLive(reconciler))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -82,4 +96,38 @@ class _Live(Collector):
             "plexus_controller_status_writes",
             "VFPool status writes made by this replica.",
             value=self._writes(),
+        )
+
+
+class _MulticastFigures(Protocol):
+    writes: int
+    groups: int
+    members: int
+    observe_pass: Callable[[float], None] | None
+
+
+class _MulticastLive(Collector):
+    def __init__(self, reconciler: _MulticastFigures) -> None:
+        self._r = reconciler
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "plexus_controller_multicast_status_writes",
+            "MulticastNodeState status (replicateTo) writes made by this replica.",
+            value=self._r.writes,
+        )
+        yield GaugeMetricFamily(
+            "plexus_controller_multicast_groups",
+            "Multicast groups (per replication domain) with a member pod on some node, as of "
+            "the last membership pass on this replica (0 on a replica that does not lead).",
+            value=self._r.groups,
+        )
+        yield GaugeMetricFamily(
+            "plexus_controller_multicast_member_nodes",
+            "Nodes whose MulticastNodeState counted in the last membership pass (their Node "
+            "exists).",
+            value=self._r.members,
         )

@@ -6,8 +6,8 @@ server. It speaks HTTP/1.1 + JSON on 127.0.0.1 (ephemeral port) and serves Pods 
 ``status`` subresource), Events, Nodes, NetworkAttachmentDefinitions
 (``k8s.cni.cncf.io/v1``), NetworkPolicies (``networking.k8s.io/v1``), MultiNetworkPolicies
 (``k8s.cni.cncf.io/v1beta1``, a second version of the NADs' group), Leases
-(``coordination.k8s.io/v1``), CustomResourceDefinitions (``apiextensions.k8s.io/v1``) and Plexus's VFPools and
-VFPoolNodeStates (``plexus.dev/v1alpha1``, cluster-scoped, ``status`` subresource), following the real server's semantics where tests can observe them:
+(``coordination.k8s.io/v1``), CustomResourceDefinitions (``apiextensions.k8s.io/v1``) and Plexus's VFPools,
+VFPoolNodeStates and MulticastNodeStates (``plexus.dev/v1alpha1``, cluster-scoped, ``status`` subresource), following the real server's semantics where tests can observe them:
 one global resourceVersion, list/watch with field and label selectors, chunked watch streams
 that replay retained history and answer a compacted resourceVersion with an ``ERROR`` event
 (410 Expired), merge / strategic-merge / JSON patches with resourceVersion and UID
@@ -137,6 +137,7 @@ RESOURCES = (
              False, True),
     Resource("VFPool", "vfpools", "plexus.dev", "v1alpha1", False, True),
     Resource("VFPoolNodeState", "vfpoolnodestates", "plexus.dev", "v1alpha1", False, True),
+    Resource("MulticastNodeState", "multicastnodestates", "plexus.dev", "v1alpha1", False, True),
     # network policy (issue 14): the built-in, and the CRD multi-networkpolicy serves (v1beta1)
     Resource("NetworkPolicy", "networkpolicies", "networking.k8s.io", "v1", generation=True),
     Resource("MultiNetworkPolicy", "multi-networkpolicies", "k8s.cni.cncf.io", "v1beta1"),

@@ -147,6 +147,7 @@ def test_kustomize_renders_every_object_named(rendered: list[Obj]) -> None:
         "network-attachment-definitions.k8s.cni.cncf.io",
         "vfpools.plexus.dev",
         "vfpoolnodestates.plexus.dev",
+        "multicastnodestates.plexus.dev",
         "multi-networkpolicies.k8s.cni.cncf.io",
     }
 
@@ -252,6 +253,8 @@ def test_controller_rbac_is_exactly_what_it_needs(rendered: list[Obj]) -> None:
     assert _rules(rendered, "ClusterRole", "plexus-controller") == _grants(
         ("plexus.dev", "vfpools vfpoolnodestates", "get list watch", ""),
         ("plexus.dev", "vfpools/status", "get patch update", ""),
+        ("plexus.dev", "multicastnodestates", "get list watch", ""),
+        ("plexus.dev", "multicastnodestates/status", "get patch", ""),
         ("", "nodes namespaces", "get list watch", ""),
         ("k8s.cni.cncf.io", "network-attachment-definitions", "get list watch", ""),
         ("", "events", "create patch", ""),
@@ -281,10 +284,13 @@ def test_node_agent_may_write_node_states_but_delete_nothing(rendered: list[Obj]
             ("plexus.dev", "vfpools", "get list watch", ""),
             ("plexus.dev", "vfpoolnodestates", "get create patch update", ""),
             ("plexus.dev", "vfpoolnodestates/status", "get patch update", ""),
+            ("plexus.dev", "multicastnodestates", "get list watch create patch", ""),
             ("", "nodes", "get watch", ""),
         )
         <= grants
     )
+    # the node agent never writes a MulticastNodeState's status (the controller's)
+    assert not [g for g in grants if g[1] == "multicastnodestates/status"]
     assert not [g for g in grants if g[2] in ("delete", "deletecollection")]
     assert not [g for g in grants if g[1] == "secrets"]
     # the controller never writes a node's state object

@@ -65,6 +65,7 @@ def _crd(name: str) -> Json:
 
 POOL_CRD = _crd("vfpools.yaml")
 STATE_CRD = _crd("vfpoolnodestates.yaml")
+MCAST_CRD = _crd("multicastnodestates.yaml")
 
 
 def _schema(crd: Json) -> Json:
@@ -199,7 +200,11 @@ def _nodes(node: Json, path: str = "") -> Iterator[tuple[str, Json]]:
         yield from _nodes(node["items"], f"{path}[]")
 
 
-@pytest.mark.parametrize("crd", [POOL_CRD, STATE_CRD], ids=["vfpools", "vfpoolnodestates"])
+@pytest.mark.parametrize(
+    "crd",
+    [POOL_CRD, STATE_CRD, MCAST_CRD],
+    ids=["vfpools", "vfpoolnodestates", "multicastnodestates"],
+)
 def test_crd_is_structural_cluster_scoped_with_status(crd: Json) -> None:
     spec = crd["spec"]
     assert spec["group"] == vfpool_api.GROUP
@@ -686,7 +691,11 @@ def test_policy_covers_the_object_and_its_status() -> None:
     (rule,) = POLICY["spec"]["matchConstraints"]["resourceRules"]
     assert rule["apiGroups"] == [vfpool_api.GROUP]
     assert rule["apiVersions"] == [vfpool_api.VERSION]
-    assert set(rule["resources"]) == {"vfpoolnodestates", "vfpoolnodestates/status"}
+    assert set(rule["resources"]) == {
+        "vfpoolnodestates",
+        "vfpoolnodestates/status",
+        "multicastnodestates",  # its spec; its status is the controller's
+    }
     assert set(rule["operations"]) == {"CREATE", "UPDATE"}
     binding = _render_doc("node-state-policy.yaml", "ValidatingAdmissionPolicyBinding")
     assert binding["spec"] == {

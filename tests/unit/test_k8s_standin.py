@@ -173,6 +173,7 @@ def test_discovery_and_version(api_client: client.ApiClient) -> None:
     assert {r.name: r.namespaced for r in plexus.resources} == {
         "vfpools": False, "vfpools/status": False,
         "vfpoolnodestates": False, "vfpoolnodestates/status": False,
+        "multicastnodestates": False, "multicastnodestates/status": False,
     }  # fmt: skip
 
 
