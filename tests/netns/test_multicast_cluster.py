@@ -86,6 +86,19 @@ class ControlPlane:
             api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
         # An overlay network without IPAM: multicast needs no address on it.
         api.create(nad("ovl", {"cniVersion": "1.0.0", "type": "plexus-overlay", "multicast": True}))
+        # IGMPv2: a report goes to the bridge's router ports only, so no other node's bridge
+        # hears it; the controller's list alone must make node 1 send the group.
+        api.create(
+            nad(
+                "ovl2",
+                {
+                    "cniVersion": "1.0.0",
+                    "type": "plexus-overlay",
+                    "multicast": True,
+                    "igmpVersion": 2,
+                },
+            )
+        )
         kubeconfig = api.kubeconfig(self.root / "kubeconfig")
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
         with (self.root / "controller.log").open("w") as log:
@@ -178,14 +191,21 @@ def send(sender: Netns, family: str, count: int, marker: str) -> None:
 
 
 def check_replication(
-    bed: Cluster, plane: ControlPlane, family: str, device: str, networks: str = ""
+    bed: Cluster,
+    plane: ControlPlane,
+    family: str,
+    device: str,
+    networks: str = "",
+    *,
+    settle: float = 0.0,
 ) -> None:
     n1, n2, n3 = bed.nodes
     group, third = GROUP[family], UNDERLAY_V4.format(13)
-    kind = "ovl" if networks else "rt"
+    kind = networks or "rt"
     sender = pod(bed, plane, n1, f"{kind}-snd{family}", networks)
     member = pod(bed, plane, n3, f"{kind}-mem{family}", networks)
     pod(bed, plane, n2, f"{kind}-bys{family}", networks)  # node 2 hosts the network, no member
+    time.sleep(settle)
     n = 20
     joined = receiver(member, family, group, n)
     try:
@@ -220,3 +240,35 @@ def test_overlay_replicates_to_member_nodes_only(
     clean: tuple[Cluster, ControlPlane], family: str
 ) -> None:
     check_replication(*clean, family, vxlan_name(derived_vni("ovl", avoid=4242)), "ovl")
+
+
+def test_overlay_with_igmpv2_members_is_served_by_the_controllers_list(
+    clean: tuple[Cluster, ControlPlane],
+) -> None:
+    # after the segments' querier election (test_overlay.settle): no bridge floods then
+    device = vxlan_name(derived_vni("ovl2", avoid=4242))
+    check_replication(*clean, "4", device, "ovl2", settle=3.0)
+
+
+@pytest.mark.parametrize("networks", ["", "ovl"], ids=["routed", "overlay"])
+def test_a_group_nobody_joined_leaves_no_node(
+    clean: tuple[Cluster, ControlPlane], networks: str
+) -> None:
+    """Cluster mode: without members anywhere a group is sent to no other node (local mode
+    floods it)."""
+    bed, plane = clean
+    n1, n2, n3 = bed.nodes
+    kind = "ovl" if networks else "rt"
+    sender = pod(bed, plane, n1, f"{kind}-lonely", networks)
+    for node in (n2, n3):  # both host the network: a segment, a querier, no member
+        pod(bed, plane, node, f"{kind}-idle{node.index}", networks)
+    time.sleep(3)  # past the overlay's querier election (see test_overlay.settle)
+    marker = f"mcn{kind}"
+    wires = [sniffer(node.ns, "eth0", marker, 4) for node in (n2, n3)]
+    try:
+        send(sender, "4", 20, marker)
+        assert [received(w) for w in wires] == [0, 0]
+    finally:
+        for proc in wires:
+            proc.kill()
+            proc.communicate()
