@@ -263,6 +263,9 @@ class Members:
                 started = time.perf_counter_ns()
                 done = self.overlay.set_group_members(network, group, addresses)
                 return {"ok": done, "ms": (time.perf_counter_ns() - started) / 1e6}
+            case ["follow"]:  # cluster mode: the VXLAN port is no router port from now on
+                self.overlay.follow_controller()
+                return "ok"
         raise ValueError(f"members: unknown command {words}")
 
 

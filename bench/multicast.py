@@ -384,7 +384,15 @@ def underlay_counts(
     results: dict[str, Any] = {}
     cases = [(f"{kind}/{family}/{m}", kind, family, g) for (kind, family, m), g in plan.items()]
     cases += [(f"replication/{name}", "mdb", "4", g) for name, g in extra_groups.items()]
+    # Local mode's rows first; then node1 follows the controller as plexusd does in cluster
+    # mode (Overlay.follow_controller: its VXLAN port never a multicast router port) for the
+    # MDB rows.
+    cases.sort(key=lambda case: case[1] == "mdb")
+    following = False
     for i, (key, kind, family, g) in enumerate(cases):
+        if kind == "mdb" and not following:
+            assert members.ask("follow") == "ok"
+            following = True
         side = side_of(kind)
         results[key] = count_frames(
             senders[side],

@@ -142,6 +142,9 @@ class Overlay(BuiltinPlugin):
         self._networks = networks
         self._guard = threading.Lock()
         self._locks: dict[int, threading.RLock] = {}
+        # Cluster mode (`follow_controller`): which nodes a group goes to is the controller's
+        # list, never the bridge's guess.
+        self._listed = False
         if fabric is not None:
             fabric.watch_peers(self._peers_changed)
 
@@ -266,8 +269,35 @@ class Overlay(BuiltinPlugin):
                 node.mdb_delete(segment.vxlan.index, group, remote)
             for remote in want - have:
                 node.mdb_add(segment.vxlan.index, group, remote)
+            if self._listed:
+                self._port_membership(node, segment, group, remote_members=bool(want))
             log.info("overlay_group_members", vni=vni, group=group, nodes=sorted(want))
         return True
+
+    def follow_controller(self) -> None:
+        """Cluster mode: the VXLAN port of every segment (those here now and those made later)
+        is never a multicast router port — otherwise the bridge sends it every group nobody
+        joined, as soon as it hears another node's querier through it — and is a member of a
+        group exactly when `set_vni_group_members` lists other nodes for it (whatever IGMP/MLD
+        version the pods speak: IGMPv2/MLDv1 reports go to router ports only)."""
+        self._listed = True
+        with Netlink.open() as node:
+            vnis = [int(m.group(1), 16) for link in node.links() if (m := _NAME.match(link.name))]
+        for vni in vnis:
+            with self._lock(vni), Netlink.open() as node:
+                segment = self._segment(node, vni)
+                if segment is not None:
+                    node.set_multicast_router(segment.vxlan.index, 0)
+
+    @staticmethod
+    def _port_membership(
+        node: Netlink, segment: _Segment, group: str, *, remote_members: bool
+    ) -> None:
+        bridge, port = segment.bridge.index, segment.vxlan.index
+        if remote_members:
+            node.port_mdb_add(bridge, port, group)
+        elif group in node.port_mdb_groups(bridge, port):
+            node.port_mdb_delete(bridge, port, group)
 
     # --- the segment ---------------------------------------------------------------------
 
@@ -388,6 +418,8 @@ class Overlay(BuiltinPlugin):
             node.create(vx, "vxlan", what=f"VXLAN device {vx}", mtu=mtu, up=True, data=data)
         vxlan = node.require(vx)
         node.enslave(vxlan.index, bridge.index, what=f"{vx} into bridge {name}")
+        if self._listed:
+            node.set_multicast_router(vxlan.index, 0)
         # Up only now, with a port (carrier) and no DAD: its link-local address is usable at
         # once, and the MLD querier (which needs one) is on from the first startup query; till
         # then the bridge would flood every IPv6 group to every port.

@@ -73,10 +73,10 @@ class ReportWatch:
             self._sock.close()
             raise
 
-    def wait(self, timeout: float, *, linger: float = 0.02) -> set[str]:
+    def wait(self, timeout: float, *, linger: float = 0.002) -> set[str]:
         """The interfaces with a report within `timeout` seconds (empty when none); after the
-        first one, `linger` more seconds gather the rest of a burst (a join is reported on
-        several groups and, for IGMPv3/MLDv2, repeated)."""
+        first one, `linger` more seconds gather what arrived with it (several pods joining at
+        once); short, since the caller's reaction is what a joining pod waits for."""
         ready, _, _ = select.select([self._sock], [], [], max(timeout, 0.0))
         if not ready:
             return set()

@@ -23,7 +23,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final
 
-from pyroute2.netlink import NLM_F_APPEND, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, nla, nlmsg
+from pyroute2.netlink import (
+    NLA_F_NESTED,
+    NLM_F_APPEND,
+    NLM_F_CREATE,
+    NLM_F_EXCL,
+    NLM_F_REPLACE,
+    nla,
+    nlmsg,
+)
 from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
 from pyroute2.netlink.rtnl import (
     RTM_DELADDR,
@@ -44,6 +52,7 @@ from pyroute2.netlink.rtnl import (
     RTM_NEWNEIGH,
     RTM_NEWROUTE,
     RTM_NEWRULE,
+    RTM_SETLINK,
 )
 from pyroute2.netlink.rtnl.fibmsg import fibmsg
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
@@ -625,6 +634,59 @@ class Netlink:
             if exc.code not in (errno.ENOENT, errno.ESRCH):
                 raise translate(exc, f"deleting mdb {group} -> {remote}") from None
 
+    def port_mdb_add(self, bridge: int, port: int, group: str) -> None:
+        """A permanent bridge MDB entry: `group`'s frames leave `bridge` through `port` (as
+        if a member behind it had reported), whatever snooping has heard."""
+        try:
+            self._nl.request(
+                _mdb_message(bridge, group, None, port=port), RTM_NEWMDB, NLM_F_CREATE | NLM_F_EXCL
+            )
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise translate(exc, f"mdb {group} -> port #{port}") from None
+
+    def port_mdb_delete(self, bridge: int, port: int, group: str) -> None:
+        try:
+            self._nl.request(_mdb_message(bridge, group, None, port=port), RTM_DELMDB)
+        except NetlinkError as exc:
+            if exc.code not in (errno.ENOENT, errno.ESRCH, errno.EINVAL):
+                raise translate(exc, f"deleting mdb {group} -> port #{port}") from None
+
+    def port_mdb_groups(self, bridge: int, port: int) -> set[str]:
+        """The groups with a permanent MDB entry for `port` on `bridge`."""
+        out: set[str] = set()
+        request = message(_BrPortMsg, {"family": AF_BRIDGE, "ifindex": 0}, [])
+        for raw in self._nl.request_raw(request, RTM_GETMDB, dump=True):
+            if _BR_PORT_MSG.unpack_from(raw, NLMSG_HDR.size)[1] != bridge:
+                continue
+            for kind, mdb in attributes(raw, NLMSG_HDR.size + _BR_PORT_MSG.size, len(raw)):
+                if kind != MDBA_MDB:
+                    continue
+                for kind2, entry in attributes(mdb, 0, len(mdb)):
+                    if kind2 != MDBA_MDB_ENTRY:
+                        continue
+                    for kind3, info in attributes(entry, 0, len(entry)):
+                        if kind3 == MDBA_MDB_ENTRY_INFO and len(info) >= _BR_MDB_ENTRY.size:
+                            index, state, _f, _v, raw_ip, proto = _BR_MDB_ENTRY.unpack_from(info)
+                            version = 4 if proto == _ETH_P[4] else 6 if proto == _ETH_P[6] else 0
+                            if index == port and state == MDB_PERMANENT and version:
+                                size = 4 if version == 4 else 16
+                                out.add(str(ipaddress.ip_address(raw_ip[:size])))
+        return out
+
+    def set_multicast_router(self, port: int, mode: int) -> None:
+        """A bridge port's multicast router mode: 0 never a router port (groups nobody joined
+        are not sent through it), 1 learned from queries (the kernel's default), 2 always."""
+        msg = message(
+            _BridgePortSetLink,
+            {"family": AF_BRIDGE, "index": port},
+            [("IFLA_PROTINFO", {"attrs": [("IFLA_BRPORT_MULTICAST_ROUTER", mode)]})],
+        )
+        try:
+            self._nl.request(msg, RTM_SETLINK)
+        except NetlinkError as exc:
+            raise translate(exc, f"multicast_router of port #{port}", link=True) from None
+
     def mdb_remotes(self, dev: int) -> set[tuple[str, str]]:
         """The (group, remote) pairs of VXLAN device `dev`'s MDB."""
         out: set[tuple[str, str]] = set()
@@ -787,6 +849,25 @@ class _MdbEntryAttrs(nla):  # type: ignore[misc] # MDBA_SET_ENTRY_ATTRS (MDBE_AT
     )
 
 
+class _BridgePortSetLink(nlmsg):  # type: ignore[misc] # ifinfomsg + a nested IFLA_PROTINFO
+    """RTM_SETLINK of a bridge port's options: pyroute2's ifinfmsg sends IFLA_PROTINFO without
+    NLA_F_NESTED, which the bridge reads as the legacy one-byte STP state."""
+
+    fields = (
+        ("family", "B"),
+        ("__align", "x"),
+        ("ifi_type", "H"),
+        ("index", "i"),
+        ("flags", "I"),
+        ("change", "I"),
+    )
+    nla_map = ((12, "IFLA_PROTINFO", "protinfo"),)
+
+    class protinfo(nla):  # type: ignore[misc]
+        nla_flags = NLA_F_NESTED
+        nla_map = ((25, "IFLA_BRPORT_MULTICAST_ROUTER", "uint8"),)
+
+
 class _BrPortMsg(nlmsg):  # type: ignore[misc] # struct br_port_msg and the MDBA_SET_* attributes
     fields = (("family", "B"), ("__pad", "3x"), ("ifindex", "I"))
     nla_map = (
@@ -797,17 +878,22 @@ class _BrPortMsg(nlmsg):  # type: ignore[misc] # struct br_port_msg and the MDBA
     mdb_attrs = _MdbEntryAttrs
 
 
-def _mdb_message(dev: int, group: str, remote: str) -> Any:
-    """`bridge mdb add dev DEV port DEV grp GROUP permanent dst REMOTE`, as a message."""
+def _mdb_message(dev: int, group: str, remote: str | None, *, port: int | None = None) -> Any:
+    """`bridge mdb add dev DEV port DEV grp GROUP permanent dst REMOTE` (a VXLAN device's
+    entry), or without `remote`, `... port PORT grp GROUP permanent` (a bridge port's)."""
     ip = ipaddress.ip_address(group)
     entry = _BR_MDB_ENTRY.pack(
-        dev, MDB_PERMANENT, 0, 0, ip.packed.ljust(16, b"\0"), _ETH_P[ip.version]
+        dev if port is None else port,
+        MDB_PERMANENT,
+        0,
+        0,
+        ip.packed.ljust(16, b"\0"),
+        _ETH_P[ip.version],
     )
-    dst = ipaddress.ip_address(remote).packed
-    attrs = [
-        ("MDBA_SET_ENTRY", entry),
-        ("MDBA_SET_ENTRY_ATTRS", {"attrs": [("MDBE_ATTR_DST", dst)]}),
-    ]
+    attrs: list[tuple[str, Any]] = [("MDBA_SET_ENTRY", entry)]
+    if remote is not None:
+        dst = ipaddress.ip_address(remote).packed
+        attrs.append(("MDBA_SET_ENTRY_ATTRS", {"attrs": [("MDBE_ATTR_DST", dst)]}))
     return message(_BrPortMsg, {"family": AF_BRIDGE, "ifindex": dev}, attrs)
 
 

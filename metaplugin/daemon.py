@@ -308,6 +308,7 @@ class Daemon:
         if OVERLAY_TYPE in registry.builtin_types:
             overlay = registry.resolve(OVERLAY_TYPE, ())
             if isinstance(overlay, Overlay):
+                overlay.follow_controller()
                 sync.register(
                     OVERLAY_PREFIX, overlay_replicators(overlay), programmed=overlay_programmed
                 )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,9 +205,17 @@ def _node_config(
 
 @contextmanager
 def cluster(
-    root: Path, mode: str, *, fabric_keys: dict[str, Any] | None = None
+    root: Path,
+    mode: str,
+    *,
+    fabric_keys: dict[str, Any] | None = None,
+    api: Callable[[Netns], dict[str, Any]] | None = None,
 ) -> Iterator[Cluster]:
-    """The bed; `fabric_keys`: more keys for every node's fabric section (e.g. multicast)."""
+    """The bed; `fabric_keys`: more keys for every node's fabric section (e.g. multicast).
+    `api`: cluster mode — called with the external namespace (on the underlay, at
+    UNDERLAY_V4 .100) before any node starts, it serves the API there and answers the keys
+    every node's config gets (its kubeconfig); the nodes then take NADs and their peers from
+    the API (no localDir, no fabric.nodes)."""
     with namespaces() as made:
         fabric = Netns("fabric")
         made.append(fabric)
@@ -218,6 +226,7 @@ def cluster(
         made.append(external)
         _link_to_fabric(fabric, external, "eth0", "fx", "fab0")
         _address(external, "eth0", EXTERNAL)
+        api_keys = api(external) if api is not None else None
         nodes: list[Node] = []
         daemons: list[DaemonProcess] = []
         try:
@@ -229,9 +238,12 @@ def cluster(
                 _address(ns, "eth0", 10 + i)
                 for cidr, via in zip(pod_cidrs(i), (UNDERLAY_V4, UNDERLAY_V6), strict=True):
                     external.run("ip", "route", "add", cidr, "via", via.format(10 + i))
-                daemon = DaemonProcess(
-                    root / f"node{i}", _node_config(root, i, mode, fabric_keys), netns=ns.name
-                )
+                config = _node_config(root, i, mode, fabric_keys)
+                if api_keys is not None:
+                    del config["localDir"]
+                    del config["fabric"]["nodes"]
+                    config |= api_keys
+                daemon = DaemonProcess(root / f"node{i}", config, netns=ns.name)
                 daemons.append(daemon)  # before it starts: one that fails is stopped too
                 daemon.start()
                 nodes.append(

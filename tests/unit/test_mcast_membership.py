@@ -248,11 +248,12 @@ def test_controller_writes_each_node_the_other_nodes_with_members(
     assert wait_until(lambda: replicate(standin, "node-1") == {
         OVL: {"239.1.1.1": ["node-2"], "239.2.2.2": ["node-2"]}, "fabric": {"ff05::1": ["node-2"]}
     })  # fmt: skip
-    assert replicate(standin, "node-2") == {OVL: {"239.1.1.1": ["node-1"]}}
-    assert replicate(standin, "node-3") == {
+    # the nodes' statuses are written concurrently: each is waited for
+    assert wait_until(lambda: replicate(standin, "node-2") == {OVL: {"239.1.1.1": ["node-1"]}})
+    assert wait_until(lambda: replicate(standin, "node-3") == {
         OVL: {"239.1.1.1": ["node-1", "node-2"], "239.2.2.2": ["node-2"]},
         "fabric": {"ff05::1": ["node-2"]},
-    }
+    })  # fmt: skip
     # node-2 leaves 239.2.2.2 and the fabric group: the lists shrink (keys removed, not kept)
     set_groups(kube, "node-2", {OVL: ["239.1.1.1"]})
     assert wait_until(lambda: replicate(standin, "node-3") == {
