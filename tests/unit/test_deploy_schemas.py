@@ -639,11 +639,17 @@ NODE_AGENT = "system:serviceaccount:kube-system:plexus"
 NODE_NAME_KEY = "authentication.kubernetes.io/node-name"
 
 
-def _policy_verdict(username: str, extra: dict[str, list[str]] | None, name: str) -> str | None:
+def _policy_verdict(
+    username: str,
+    extra: dict[str, list[str]] | None,
+    name: str,
+    kind: str = "VFPoolNodeState",
+) -> str | None:
     """None when the policy does not apply (matchConditions), '' when it admits, else its
     message: as the API server evaluates a ValidatingAdmissionPolicy."""
     user: Json = {"username": username} | ({"extra": extra} if extra is not None else {})
-    request = {"userInfo": user, "operation": "UPDATE"}
+    gvk = {"group": "plexus.dev", "version": "v1alpha1", "kind": kind}
+    request = {"userInfo": user, "operation": "UPDATE", "kind": gvk}
     obj = {"metadata": {"name": name}, "spec": {"nodeName": name}}
     spec = POLICY["spec"]
     if not all(
@@ -667,9 +673,10 @@ def test_policy_admits_a_node_agent_writing_its_own_node_state() -> None:
     assert _policy_verdict(NODE_AGENT, {NODE_NAME_KEY: ["node-1"]}, "node-1") == ""
 
 
-def test_policy_refuses_a_node_agent_writing_another_nodes_state() -> None:
-    verdict = _policy_verdict(NODE_AGENT, {NODE_NAME_KEY: ["node-1"]}, "node-2")
-    assert verdict == "the node agent on node-1 may write only VFPoolNodeState node-1, not node-2"
+@pytest.mark.parametrize("kind", ["VFPoolNodeState", "MulticastNodeState"])
+def test_policy_refuses_a_node_agent_writing_another_nodes_state(kind: str) -> None:
+    verdict = _policy_verdict(NODE_AGENT, {NODE_NAME_KEY: ["node-1"]}, "node-2", kind)
+    assert verdict == f"the node agent on node-1 may write only {kind} node-1, not node-2"
 
 
 @pytest.mark.parametrize(
