@@ -108,6 +108,9 @@ class FabricMulticast:
         self._prio: dict[str, int] = {}
         # What is on each device now, by (name, ifindex): a device made again is new.
         self._programmed: dict[tuple[str, int], dict[FilterKey, Filter]] = {}
+        # Cluster mode: the MDB is read back once, so a restarted plexusd goes on replicating
+        # as before until the controller's lists arrive (they correct it).
+        self._mdb_loaded = False
 
     @property
     def listed(self) -> bool:
@@ -159,6 +162,8 @@ class FabricMulticast:
                 log.warning("fabric_multicast_no_device", device=self.device)
                 return
             if self._listed:
+                if not self._mdb_loaded:
+                    self._load_mdb(node, tunnel)
                 self._program_mdb(node, tunnel)
             wanted = self._wanted(index, tunnel)
             for key in list(self._programmed):
@@ -224,6 +229,14 @@ class FabricMulticast:
             if have.get(key) != (keys, copies):
                 tc.set_filter(ifindex, "ingress", *key, keys=keys, copy_to=copies)
         self._programmed[(name, ifindex)] = dict(filters)
+
+    def _load_mdb(self, node: Netlink, tunnel: int) -> None:
+        remote: dict[str, set[str]] = {}
+        for group, address in node.mdb_remotes(tunnel):
+            remote.setdefault(group, set()).add(address)
+        for group, addresses in remote.items():
+            self._state.remote.setdefault(group, frozenset(addresses))
+        self._mdb_loaded = True
 
     def _program_mdb(self, node: Netlink, tunnel: int) -> None:
         want = {(g, r) for g, remotes in self._state.remote.items() for r in remotes}

@@ -265,12 +265,14 @@ class Overlay(BuiltinPlugin):
             local = self._local_address()
             want = {str(ipaddress.ip_address(a)) for a in node_addresses} - {local}
             have = {r for g, r in node.mdb_remotes(segment.vxlan.index) if g == group}
+            if self._listed and not want:  # first: else the group is flooded in between
+                self._port_membership(node, segment, group, remote_members=False)
             for remote in have - want:
                 node.mdb_delete(segment.vxlan.index, group, remote)
             for remote in want - have:
                 node.mdb_add(segment.vxlan.index, group, remote)
-            if self._listed:
-                self._port_membership(node, segment, group, remote_members=bool(want))
+            if self._listed and want:
+                self._port_membership(node, segment, group, remote_members=True)
             log.info("overlay_group_members", vni=vni, group=group, nodes=sorted(want))
         return True
 
@@ -296,7 +298,10 @@ class Overlay(BuiltinPlugin):
         bridge, port = segment.bridge.index, segment.vxlan.index
         if remote_members:
             node.port_mdb_add(bridge, port, group)
-        elif group in node.port_mdb_groups(bridge, port):
+        else:
+            # Permanent or learned: other nodes' reports (IGMPv3/MLDv2 cross the segment) make
+            # the port a member for a membership interval; with no member node left, the group
+            # would go out of the port to every node (no MDB entry: the flood list) till then.
             node.port_mdb_delete(bridge, port, group)
 
     # --- the segment ---------------------------------------------------------------------

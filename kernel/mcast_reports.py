@@ -17,6 +17,8 @@ from typing import Final
 
 ETH_P_ALL: Final = 0x0003
 _SO_ATTACH_FILTER: Final = 26
+_SOL_PACKET: Final = 263
+_PACKET_IGNORE_OUTGOING: Final = 23  # Linux 4.20
 _PACKET_OUTGOING: Final = 4
 _SKF_AD_PKTTYPE: Final = 0xFFFFF000 + 4
 
@@ -66,6 +68,9 @@ class ReportWatch:
         # is read and dropped once.
         self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         try:
+            # Outgoing packets are not even copied to this socket (an ETH_P_ALL tap clones
+            # every transmitted packet before any filter runs); the filter checks it again.
+            self._sock.setsockopt(_SOL_PACKET, _PACKET_IGNORE_OUTGOING, 1)
             _attach(self._sock)
             self._sock.setblocking(False)
             self._drain()

@@ -652,28 +652,6 @@ class Netlink:
             if exc.code not in (errno.ENOENT, errno.ESRCH, errno.EINVAL):
                 raise translate(exc, f"deleting mdb {group} -> port #{port}") from None
 
-    def port_mdb_groups(self, bridge: int, port: int) -> set[str]:
-        """The groups with a permanent MDB entry for `port` on `bridge`."""
-        out: set[str] = set()
-        request = message(_BrPortMsg, {"family": AF_BRIDGE, "ifindex": 0}, [])
-        for raw in self._nl.request_raw(request, RTM_GETMDB, dump=True):
-            if _BR_PORT_MSG.unpack_from(raw, NLMSG_HDR.size)[1] != bridge:
-                continue
-            for kind, mdb in attributes(raw, NLMSG_HDR.size + _BR_PORT_MSG.size, len(raw)):
-                if kind != MDBA_MDB:
-                    continue
-                for kind2, entry in attributes(mdb, 0, len(mdb)):
-                    if kind2 != MDBA_MDB_ENTRY:
-                        continue
-                    for kind3, info in attributes(entry, 0, len(entry)):
-                        if kind3 == MDBA_MDB_ENTRY_INFO and len(info) >= _BR_MDB_ENTRY.size:
-                            index, state, _f, _v, raw_ip, proto = _BR_MDB_ENTRY.unpack_from(info)
-                            version = 4 if proto == _ETH_P[4] else 6 if proto == _ETH_P[6] else 0
-                            if index == port and state == MDB_PERMANENT and version:
-                                size = 4 if version == 4 else 16
-                                out.add(str(ipaddress.ip_address(raw_ip[:size])))
-        return out
-
     def set_multicast_router(self, port: int, mode: int) -> None:
         """A bridge port's multicast router mode: 0 never a router port (groups nobody joined
         are not sent through it), 1 learned from queries (the kernel's default), 2 always."""

@@ -176,6 +176,7 @@ class Daemon:
             metrics=metrics,
             policy=parts.policy,
             fabric_multicast=self._fabric_multicast,
+            overlay_listed=self._mcast_sync is not None,
         )
         server = SocketServer(cfg.socket_path, api)
         server.start()
@@ -312,8 +313,12 @@ class Daemon:
                 sync.register(
                     OVERLAY_PREFIX, overlay_replicators(overlay), programmed=overlay_programmed
                 )
-        if self._fabric_multicast is not None:
-            sync.register_domain(FABRIC, self._fabric_multicast)
+        if (fm := self._fabric_multicast) is not None:
+            sync.register(
+                FABRIC,
+                lambda d: fm if d == FABRIC else None,
+                programmed=lambda: {FABRIC: {g: tuple(a) for g, a in fm.replication().items()}},
+            )
         fabric.watch_peers(lambda _peers: sync.resync_now())
         sync.start()
         return sync
@@ -385,6 +390,8 @@ class Daemon:
                 lambda _: replicator.set_local(membership.members(FABRIC), membership.ports(FABRIC))
             )
             self._fabric_multicast = replicator
+            # After each fabric pass (a multicast device made again has a new index)
+            fabric.watch_peers(lambda _peers: replicator.reconcile())
         elif fabric is not None:
             self._clear_replication(parts.store)
         membership.start()

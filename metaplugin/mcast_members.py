@@ -17,6 +17,7 @@ tells the controller.
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -36,6 +37,7 @@ log = structlog.get_logger(__name__)
 FABRIC: Final = "fabric"
 ROUTED: Final = "plexus-routed"
 RESYNC_S: Final = 10.0
+_LINK_LOCAL_V4: Final = ipaddress.ip_network("224.0.0.0/24")
 
 Snapshot = dict[str, frozenset[str]]  # domain -> groups with a member on this node
 
@@ -83,6 +85,15 @@ def _domain(record: Attachment, *, fabric_multicast: bool) -> str | None:
         if plugin.type == ROUTED and fabric_multicast:
             return FABRIC
     return None
+
+
+def _routable(group: str) -> bool:
+    """Not link-local scope: only such groups ever leave a node (the overlay's bridges flood
+    link-local groups to every port anyway; the routed primary never forwards them)."""
+    ip = ipaddress.ip_address(group)
+    if ip.version == 4:
+        return ip not in _LINK_LOCAL_V4
+    return (ip.packed[1] & 0x0F) > 2
 
 
 class LocalMembership:
@@ -175,7 +186,7 @@ class LocalMembership:
 
     def _groups_of(self, port: Port) -> frozenset[str]:
         try:
-            return frozenset(self._read(port.netns, port.ifname))
+            return frozenset(g for g in self._read(port.netns, port.ifname) if _routable(g))
         except (OSError, PlexusError) as exc:  # the pod's netns went with its pod
             log.debug("mcast_members_unreadable", pod=port.pod, error=str(exc))
             return frozenset()
@@ -205,10 +216,14 @@ class LocalMembership:
                 elif not has_ports and watch is not None:
                     watch.close()
                     watch = None
-                if watch is not None:
-                    hosts = watch.wait(0.25)
-                else:
-                    hosts = set()
+                try:
+                    hosts = watch.wait(0.25) if watch is not None else set()
+                except OSError as exc:  # the socket broke: a new one at the next turn
+                    log.warning("mcast_reports_failed", error=str(exc))
+                    assert watch is not None
+                    watch.close()
+                    watch, hosts = None, set()
+                if watch is None:
                     self._stopping.wait(0.25)
                 now = time.monotonic()
                 try:

@@ -5,8 +5,9 @@ Which attachments count: those of a NAD with `"multicast": true` (plexus-macvlan
 -sriov, -overlay) and every `plexus-overlay` attachment (its bridge snoops IGMP/MLD whatever
 the key says). Membership is what the pod's kernel holds on that interface (/proc/net/igmp and
 igmp6 in the pod's namespace), minus the groups every interface joins by itself. For an overlay
-network, `sentTo` is the VXLAN MDB's list of nodes for the group, or "every fabric node" when
-the group has none (local mode: flood, and each node's bridge prunes on arrival); a macvlan,
+network, `sentTo` is the VXLAN MDB's list of nodes for the group; without one, "every fabric
+node" in local mode (flood, each node's bridge prunes on arrival) and "no other node" in
+cluster mode (the controller lists none); a macvlan,
 ipvlan or VF network is one L2 segment outside Plexus (`sentTo` is the segment). The routed
 primary with `fabric.multicast` (docs/multicast.md): every fabric node in local mode, the nodes
 the controller listed in cluster mode.
@@ -58,9 +59,12 @@ def _sent_to(
     group: str,
     overlay: dict[str, list[str]] | None,
     fabric: FabricReplication | None,
+    *,
+    overlay_listed: bool,
 ) -> list[str]:
     if plugin["type"] == OVERLAY:
-        return (overlay or {}).get(group) or [EVERY_FABRIC_NODE]
+        unlisted = NO_OTHER_NODE if overlay_listed else EVERY_FABRIC_NODE
+        return (overlay or {}).get(group) or [unlisted]
     if plugin["type"] == ROUTED and fabric is not None:
         if not fabric.listed:
             return [EVERY_FABRIC_NODE]
@@ -74,9 +78,11 @@ def view(
     groups_of: Callable[[str, str], list[str]] = joined_groups,
     replication_of: Callable[[int], dict[str, list[str]] | None] = replication,
     fabric: FabricReplication | None = None,
+    overlay_listed: bool = False,
 ) -> list[dict[str, Any]]:
     """Rows sorted by network and group: {network, group, members, sentTo} (this node's).
-    `fabric`: the routed primary's replicator when `fabric.multicast` is on."""
+    `fabric`: the routed primary's replicator when `fabric.multicast` is on; `overlay_listed`:
+    cluster mode, where an overlay group without MDB entries goes to no other node."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for record in records:
         plugin = _multicast_plugin(record, routed=fabric is not None)
@@ -96,5 +102,5 @@ def view(
                 {"network": record.network, "group": group, "members": []},
             )
             row["members"].append(f"{record.holder.pod_ref} ({record.ifname})")
-            row["sentTo"] = _sent_to(plugin, group, sent, fabric)
+            row["sentTo"] = _sent_to(plugin, group, sent, fabric, overlay_listed=overlay_listed)
     return [rows[key] | {"members": sorted(rows[key]["members"])} for key in sorted(rows)]

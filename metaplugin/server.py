@@ -72,8 +72,10 @@ class Api:
         metrics: DaemonMetrics | None = None,
         policy: PolicyView | None = None,
         fabric_multicast: multicast_view.FabricReplication | None = None,
+        overlay_listed: bool = False,
     ) -> None:
         self.handle = handle
+        self.overlay_listed = overlay_listed
         self.fabric_multicast = fabric_multicast
         self.policy = policy
         self.orchestrator = orchestrator
@@ -287,7 +289,9 @@ class Api:
             rows = self.sriov.pools() if url.path == "/v1/pools" else self.sriov.vfs()
         elif url.path == "/v1/multicast":
             rows = multicast_view.view(
-                (r for c in self.store.all() for r in c.records), fabric=self.fabric_multicast
+                (r for c in self.store.all() for r in c.records),
+                fabric=self.fabric_multicast,
+                overlay_listed=self.overlay_listed,
             )
         elif url.path == "/v1/network-status":
             query = parse_qs(url.query)

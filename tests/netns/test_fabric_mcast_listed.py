@@ -178,3 +178,17 @@ def test_clear_takes_the_filters_off(bed: list[BedNode]) -> None:
     for name in hosts:
         assert n1.ns.run("tc", "filter", "show", "dev", name, "ingress").stdout == ""
         assert "clsact" not in n1.ns.run("tc", "qdisc", "show", "dev", name).stdout
+
+
+def test_a_restarted_replicator_keeps_the_lists_it_finds(bed: list[BedNode]) -> None:
+    """plexusd restarted in cluster mode: until the controller's lists arrive, node 1 goes on
+    sending the group where the MDB says (a fresh replicator reads the MDB back)."""
+    n1 = bed[0]
+    hosts = [host(p) for p in n1.pods.values()]
+    n1.run(lambda: n1.mcast.set_local({}, hosts))
+    assert n1.run(lambda: n1.mcast.set_group_members(GROUP, [underlay(3)]))
+    fresh = FabricMulticast(n1.fabric, listed=True)
+    n1.run(lambda: fresh.set_local({}, hosts))
+    assert fresh.replication() == {GROUP: [underlay(3)]}
+    out = n1.ns.run("tc", "filter", "show", "dev", hosts[0], "ingress").stdout
+    assert "Egress Redirect to device" in out  # the group still goes to the VXLAN device

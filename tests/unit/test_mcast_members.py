@@ -113,3 +113,11 @@ def test_the_thread_follows_reports_and_refreshes() -> None:
         assert watch.closed
     finally:
         membership.stop()
+
+
+def test_link_local_groups_are_not_published() -> None:
+    """They never leave a node: the overlay floods them, the routed primary never forwards."""
+    groups = ["239.1.1.1", "224.0.0.251", "ff02::fb", "ff12::1", "ff05::2", "ff3e::1"]
+    membership = LocalMembership(lambda: ports()[:1], read=lambda ns, ifn: groups)
+    membership.pass_once()
+    assert membership.snapshot() == {FABRIC: frozenset({"239.1.1.1", "ff05::2", "ff3e::1"})}

@@ -90,6 +90,14 @@ class FakeReplicator:
             found = [a for g, a in self.calls if g == group]
         return found[-1] if found else None
 
+    def replication(self) -> dict[str, list[str]]:
+        """What it holds now, as FabricMulticast answers it (the sync's inventory)."""
+        with self.lock:
+            held: dict[str, list[str]] = {}
+            for group, addresses in self.calls:
+                held[group] = list(addresses)
+        return {g: a for g, a in held.items() if a}
+
 
 # --- fixtures ------------------------------------------------------------------------------------
 
@@ -548,6 +556,8 @@ def test_the_daemon_wires_the_sync_in_cluster_mode_with_a_fabric(
     assert daemon._membership_sync(sources, fabric, registry, None) is None  # no membership
     # the node's LocalMembership, and the routed primary's replicator (`_start_multicast`)
     membership, routed = FakeMembership(), FakeReplicator()
+    # a restarted plexusd's replicator read an entry back that no status lists any more
+    routed.set_group_members("239.5.5.5", ["192.0.2.9"])
     daemon._fabric_multicast = routed  # type: ignore[assignment]
     membership.set("fabric", "239.4.4.4")
     sync = daemon._membership_sync(sources, fabric, registry, membership)
@@ -561,6 +571,7 @@ def test_the_daemon_wires_the_sync_in_cluster_mode_with_a_fabric(
                 "node-2", "node-3"]}}}}, _content_type="application/merge-patch+json",
         )  # fmt: skip
         assert wait_until(lambda: routed.last("239.4.4.4") == ("192.0.2.2", "192.0.2.3"))
+        assert wait_until(lambda: routed.last("239.5.5.5") == ())  # taken away
     finally:
         sync.stop()
     local = Daemon(DaemonConfig(node_name="node-1", local_dir="/nads"))

@@ -8,7 +8,7 @@ from typing import Any
 
 from cnispec.identity import Holder
 from cnispec.netconf import PreparedNetwork, PreparedPlugin
-from metaplugin.multicast_view import EVERY_FABRIC_NODE, THE_SEGMENT, view
+from metaplugin.multicast_view import EVERY_FABRIC_NODE, NO_OTHER_NODE, THE_SEGMENT, view
 from metaplugin.store import Attachment
 
 
@@ -64,3 +64,40 @@ def test_rows_per_network_and_group_with_members_and_where_they_go() -> None:
         {"network": "default/ovl", "group": "ff3e::1", "members": ["default/a (net1)"],
          "sentTo": [EVERY_FABRIC_NODE]},
     ]  # fmt: skip
+
+
+class Replicator:
+    def __init__(self, listed: bool, lists: dict[str, list[str]]) -> None:
+        self.listed, self._lists = listed, lists
+
+    def replication(self) -> dict[str, list[str]]:
+        return self._lists
+
+
+def test_cluster_mode_sends_unlisted_groups_to_no_other_node() -> None:
+    """Overlay and routed primary in cluster mode: a group without a list stays on the node."""
+    records = [
+        record("a", "default/ovl", "plexus-overlay", {"vni": 70000}),
+        record("c", "pods", "plexus-routed", {}),
+    ]
+    fabric = Replicator(True, {"239.9.9.9": ["192.0.2.7"]})
+    rows = view(
+        records,
+        groups_of=groups_of,
+        replication_of=lambda vni: {},
+        fabric=fabric,
+        overlay_listed=True,
+    )
+    assert [(r["network"], r["group"], r["sentTo"]) for r in rows] == [
+        ("default/ovl", "239.1.1.1", [NO_OTHER_NODE]),
+        ("default/ovl", "ff3e::1", [NO_OTHER_NODE]),
+        ("pods", "239.9.9.9", ["192.0.2.7"]),
+    ]
+    local = view(
+        records, groups_of=groups_of, replication_of=lambda vni: {}, fabric=Replicator(False, {})
+    )
+    assert {r["group"]: r["sentTo"] for r in local} == {
+        "239.1.1.1": [EVERY_FABRIC_NODE],
+        "ff3e::1": [EVERY_FABRIC_NODE],
+        "239.9.9.9": [EVERY_FABRIC_NODE],
+    }
