@@ -283,13 +283,7 @@ class Overlay(BuiltinPlugin):
         group exactly when `set_vni_group_members` lists other nodes for it (whatever IGMP/MLD
         version the pods speak: IGMPv2/MLDv1 reports go to router ports only)."""
         self._listed = True
-        with Netlink.open() as node:
-            vnis = [int(m.group(1), 16) for link in node.links() if (m := _NAME.match(link.name))]
-        for vni in vnis:
-            with self._lock(vni), Netlink.open() as node:
-                segment = self._segment(node, vni)
-                if segment is not None:
-                    node.set_multicast_router(segment.vxlan.index, 0)
+        self._each_segment(lambda node, segment: node.set_multicast_router(segment.vxlan.index, 0))
 
     @staticmethod
     def _port_membership(
@@ -452,13 +446,17 @@ class Overlay(BuiltinPlugin):
             node.flood_to(vxlan.index, remote)
 
     def _peers_changed(self, peers: tuple[Peer, ...]) -> None:
+        self._each_segment(lambda node, segment: self._flood_list(node, segment.vxlan, peers))
+
+    def _each_segment(self, change: Callable[[Netlink, _Segment], object]) -> None:
+        """`change` every segment on this node, each under its VNI's lock."""
         with Netlink.open() as node:
             vnis = [int(m.group(1), 16) for link in node.links() if (m := _NAME.match(link.name))]
         for vni in vnis:
             with self._lock(vni), Netlink.open() as node:
                 segment = self._segment(node, vni)
                 if segment is not None:
-                    self._flood_list(node, segment.vxlan, peers)
+                    change(node, segment)
 
     @staticmethod
     def _attach(node: Netlink, segment: _Segment, host: str, req: PluginRequest, mtu: int) -> Link:

@@ -22,8 +22,6 @@ leader converges to the same statuses from a list.
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -31,6 +29,7 @@ import structlog
 
 from cnispec.mcast_api import aggregate, clean_groups, replicate_to
 from nad_controller.api import JSON, ApiFailure, NotFound
+from nad_controller.loop import LeaderLoop
 
 log = structlog.get_logger(__name__)
 
@@ -73,7 +72,7 @@ def _meta(obj: JSON) -> JSON:
     return meta if isinstance(meta, dict) else {}
 
 
-class MembershipReconciler:
+class MembershipReconciler(LeaderLoop):
     def __init__(
         self,
         cache: MembershipCache,
@@ -82,69 +81,27 @@ class MembershipReconciler:
         debounce: float = 0.05,
         resync: float = 30.0,
     ) -> None:
+        super().__init__(
+            name="mcast-reconciler",
+            debounce=debounce,
+            resync=resync,
+            failure_event="multicast_reconcile_failed",
+        )
         self.cache, self.writer = cache, writer
-        self.debounce, self.resync = debounce, resync
-        self._dirty = threading.Event()
-        self._leading = threading.Event()
-        self._stop = threading.Event()
         # node -> (replicateTo we wrote, the object's resourceVersion before the write): until
         # the cache moves past it, our write is the truth (no second write of the same list).
         self._written: dict[str, tuple[JSON, str]] = {}
         # name -> (resourceVersion, groups): each spec is read (and validated) once per version
         self._parsed: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {}
-        self._backoff = 0.0
         self._lock = threading.Lock()  # the writers' shared bookkeeping
         self._pool = ThreadPoolExecutor(WRITERS, thread_name_prefix="mcast-status")
-        self._thread = threading.Thread(target=self._run, name="mcast-reconciler", daemon=True)
         self.writes = 0  # status writes made (tests, the benchmark, /metrics)
         self.groups = 0  # (domain, group) pairs with a member somewhere, as of the last pass
         self.members = 0  # nodes counted, as of the last pass
-        self.observe_pass: Callable[[float], None] | None = None
-
-    # wiring (as `nad_controller.reconciler.Reconciler`)
-
-    def start(self) -> None:
-        self._thread.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._dirty.set()
-        self._thread.join(timeout=10)
+        super().stop()
         self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def notify(self, kind: str, obj: JSON | None) -> None:
-        """A MulticastNodeState or a Node changed (None: an informer listed again)."""
-        self._dirty.set()
-
-    def started_leading(self) -> None:
-        self._written.clear()
-        self._leading.set()
-        self._dirty.set()
-
-    def stopped_leading(self) -> None:
-        self._leading.clear()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            if not self._dirty.wait(self.resync):
-                self._dirty.set()  # resync: converge even if an event was lost
-                continue
-            if self._stop.is_set():
-                return
-            if not self._leading.is_set():
-                self._leading.wait(self.resync)
-                continue
-            self._stop.wait(max(self.debounce, self._backoff))
-            self._dirty.clear()
-            started = time.monotonic()
-            try:
-                self.reconcile_all()
-                if self.observe_pass is not None:
-                    self.observe_pass(time.monotonic() - started)
-            except Exception:  # the loop must survive a bad object or a bug
-                log.exception("multicast_reconcile_failed")
-                self._dirty.set()
-                self._stop.wait(1.0)
 
     # one pass
 
@@ -216,7 +173,7 @@ class MembershipReconciler:
             return  # deleted meanwhile (its Node went)
         except ApiFailure as exc:
             with self._lock:
-                self._backoff = min(self._backoff * 2 or 0.5, 30.0)
+                self._failed_write()
             log.warning("multicast_status_write_failed", state=name, error=str(exc)[:200],
                         retry_in=self._backoff)  # fmt: skip
             self._dirty.set()

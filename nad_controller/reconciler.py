@@ -12,7 +12,6 @@ everything and converges to the same status.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -26,12 +25,13 @@ from cnispec.nad import VERSION as NAD_VERSION
 from cnispec.vfpool_api import API_VERSION, POOL_KIND, VFPoolSpec, VFPoolStatus
 from nad_controller.api import JSON, ApiFailure, Cache, NotFound, StatusWriter
 from nad_controller.events import EventRecorder
+from nad_controller.loop import LeaderLoop
 from nad_controller.status import NodeState, invalid_status, pool_status, status_json
 
 log = structlog.get_logger(__name__)
 
 
-class Reconciler:
+class Reconciler(LeaderLoop):
     def __init__(
         self,
         cache: Cache,
@@ -43,73 +43,22 @@ class Reconciler:
         resync: float = 30.0,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
+        super().__init__(
+            name="reconciler", debounce=debounce, resync=resync, failure_event="reconcile_failed"
+        )
         self.cache, self.writer, self.events = cache, writer, events
-        self.stale_after, self.debounce, self.resync = stale_after, debounce, resync
+        self.stale_after = stale_after
         self._now = now
-        self._dirty = threading.Event()
-        self._leading = threading.Event()
-        self._stop = threading.Event()
         # pool uid -> (status we wrote, the resourceVersion the cache had before): until the
         # cache moves past that version, our own write is the truth (no rewrite loop).
         self._written: dict[str, tuple[JSON, str]] = {}
         self._states: dict[str, tuple[str, NodeState]] = {}  # name -> (rv, parsed)
-        self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
-        self._backoff = 0.0  # seconds to wait after a failed status write (doubles, max 30)
         self.writes = 0  # status writes made (tests, the benchmark and /metrics read it)
-        self.observe_pass: Callable[[float], None] | None = None  # seconds of each pass
         # resourceNames some VFPool provided while this replica watched, and the NADs (uid)
         # already told that theirs is not provided any more.
         self._provided: set[str] = set()
         self._orphaned: set[str] = set()
         self._nad_lock = threading.Lock()  # a resync may run beside the loop (tests, CLI)
-
-    # wiring
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._dirty.set()
-        self._thread.join(timeout=10)
-
-    def notify(self, kind: str, obj: JSON | None) -> None:
-        """An informer saw a change (`obj` None: it listed again). Every pool is recomputed:
-        there are few pools, and a node state can concern any of them."""
-        self._dirty.set()
-
-    def started_leading(self) -> None:
-        self._written.clear()
-        self._leading.set()
-        self._dirty.set()  # converge from whatever the previous leader left
-
-    def stopped_leading(self) -> None:
-        self._leading.clear()
-
-    # the loop
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            if not self._dirty.wait(self.resync):
-                self._dirty.set()  # resync: time alone can make a node state stale
-                continue
-            if self._stop.is_set():
-                return
-            if not self._leading.is_set():
-                self._leading.wait(self.resync)
-                continue
-            # Coalesce a burst of node-state writes; after a failed write, back off instead.
-            self._stop.wait(max(self.debounce, self._backoff))
-            self._dirty.clear()
-            started = time.monotonic()
-            try:
-                self.reconcile_all()
-                if self.observe_pass is not None:
-                    self.observe_pass(time.monotonic() - started)
-            except Exception:  # the loop must survive a bad object or a bug
-                log.exception("reconcile_failed")
-                self._dirty.set()
-                self._stop.wait(1.0)
 
     def reconcile_all(self) -> None:
         states = self._parsed_states()
@@ -225,7 +174,7 @@ class Reconciler:
         except NotFound:
             return  # deleted meanwhile
         except ApiFailure as exc:
-            self._backoff = min(self._backoff * 2 or 0.5, 30.0)
+            self._failed_write()
             log.warning("status_write_failed", pool=name, error=str(exc)[:200],
                         retry_in=self._backoff)  # fmt: skip
             self._dirty.set()
