@@ -619,38 +619,33 @@ class Netlink:
     def mdb_add(self, dev: int, group: str, remote: str) -> None:
         """A permanent VXLAN MDB entry: frames for `group` leave VXLAN device `dev` to the VTEP
         at `remote` (one entry per remote; the FDB's flood list no longer applies to it)."""
-        try:
-            self._nl.request(
-                _mdb_message(dev, group, remote), RTM_NEWMDB, NLM_F_CREATE | NLM_F_EXCL
-            )
-        except NetlinkError as exc:
-            if exc.code != errno.EEXIST:
-                raise translate(exc, f"mdb {group} -> {remote}") from None
+        self._mdb_change(_mdb_message(dev, group, remote), add=True, what=f"{group} -> {remote}")
 
     def mdb_delete(self, dev: int, group: str, remote: str) -> None:
-        try:
-            self._nl.request(_mdb_message(dev, group, remote), RTM_DELMDB)
-        except NetlinkError as exc:
-            if exc.code not in (errno.ENOENT, errno.ESRCH):
-                raise translate(exc, f"deleting mdb {group} -> {remote}") from None
+        self._mdb_change(_mdb_message(dev, group, remote), add=False, what=f"{group} -> {remote}")
 
     def port_mdb_add(self, bridge: int, port: int, group: str) -> None:
         """A permanent bridge MDB entry: `group`'s frames leave `bridge` through `port` (as
         if a member behind it had reported), whatever snooping has heard."""
-        try:
-            self._nl.request(
-                _mdb_message(bridge, group, None, port=port), RTM_NEWMDB, NLM_F_CREATE | NLM_F_EXCL
-            )
-        except NetlinkError as exc:
-            if exc.code != errno.EEXIST:
-                raise translate(exc, f"mdb {group} -> port #{port}") from None
+        msg = _mdb_message(bridge, group, None, port=port)
+        self._mdb_change(msg, add=True, what=f"{group} -> port #{port}")
 
     def port_mdb_delete(self, bridge: int, port: int, group: str) -> None:
+        """The port's entry for `group`, permanent or learned from reports (gone already: fine)."""
+        msg = _mdb_message(bridge, group, None, port=port)
+        self._mdb_change(msg, add=False, what=f"{group} -> port #{port}")
+
+    def _mdb_change(self, msg: Any, *, add: bool, what: str) -> None:
+        """One MDB entry added (there already: fine) or deleted (not there: fine)."""
         try:
-            self._nl.request(_mdb_message(bridge, group, None, port=port), RTM_DELMDB)
+            if add:
+                self._nl.request(msg, RTM_NEWMDB, NLM_F_CREATE | NLM_F_EXCL)
+            else:
+                self._nl.request(msg, RTM_DELMDB)
         except NetlinkError as exc:
-            if exc.code not in (errno.ENOENT, errno.ESRCH, errno.EINVAL):
-                raise translate(exc, f"deleting mdb {group} -> port #{port}") from None
+            fine = (errno.EEXIST,) if add else (errno.ENOENT, errno.ESRCH, errno.EINVAL)
+            if exc.code not in fine:
+                raise translate(exc, f"{'' if add else 'deleting '}mdb {what}") from None
 
     def set_multicast_router(self, port: int, mode: int) -> None:
         """A bridge port's multicast router mode: 0 never a router port (groups nobody joined
