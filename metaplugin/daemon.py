@@ -367,10 +367,12 @@ class Daemon:
         return Parts(store, resolver, orchestrator, collector, policy, membership)
 
     def _membership(self, store: AttachmentStore) -> LocalMembership | None:
-        """Multicast membership of this node's pods: only with a fabric (the routed primary's
-        multicast and every overlay network stand on it)."""
+        """Multicast membership of this node's pods, where someone uses it: the routed primary's
+        multicast, and in cluster mode the controller (overlay segments too). Local mode without
+        `fabric.multicast` has no reader (each overlay bridge snoops for itself), so no reads
+        of the store and the pods' netns after every ADD and DEL."""
         fabric = self.cfg.fabric
-        if fabric is None:
+        if fabric is None or not (fabric.multicast or not self.cfg.local):
             return None
         multicast = fabric.multicast
 
@@ -381,6 +383,8 @@ class Daemon:
         return LocalMembership(ports, watch=ReportWatch)
 
     def _start_multicast(self, parts: Parts, fabric: Fabric | None) -> None:
+        if fabric is not None and fabric.multicast_device() is None:
+            self._clear_replication(parts.store)
         membership = parts.membership
         if membership is None:
             return
@@ -392,8 +396,6 @@ class Daemon:
             self._fabric_multicast = replicator
             # After each fabric pass (a multicast device made again has a new index)
             fabric.watch_peers(lambda _peers: replicator.reconcile())
-        elif fabric is not None:
-            self._clear_replication(parts.store)
         membership.start()
 
     @staticmethod
