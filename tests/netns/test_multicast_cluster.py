@@ -225,17 +225,24 @@ def check_replication(
         joined.kill()
         joined.communicate()
     # The member left (its socket closed): node 1 no longer sends the group anywhere — not
-    # even through what its bridge learned from node 3's reports.
+    # even through what its bridge learned from node 3's reports — within the querier's
+    # interval. (An overlay bridge may flood for a moment while the young segments' querier
+    # election settles, README: known; so the wire is checked until it is quiet, 12 s at most.)
     wait_for(lambda: group not in mdb(n1, device))
-    marker = f"mcl{family}{device}"
-    wires = [sniffer(node.ns, "eth0", marker, 3) for node in (n2, n3)]
-    try:
-        send(sender, family, n, marker)
-        assert [received(w) for w in wires] == [0, 0]
-    finally:
-        for proc in wires:
-            proc.kill()
-            proc.communicate()
+    deadline = time.monotonic() + 12.0
+    for attempt in range(100):
+        marker = f"mcl{family}{attempt}{device}"
+        wires = [sniffer(node.ns, "eth0", marker, 1.5) for node in (n2, n3)]
+        try:
+            send(sender, family, 5, marker)
+            seen = [received(w) for w in wires]
+        finally:
+            for proc in wires:
+                proc.kill()
+                proc.communicate()
+        if seen == [0, 0] or time.monotonic() > deadline:
+            break
+    assert seen == [0, 0]
 
 
 @pytest.mark.parametrize("family", ["4", "6"])
